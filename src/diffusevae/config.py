@@ -1,0 +1,492 @@
+"""Typed configuration: frozen dataclasses, the preset registry, files and overrides.
+
+One dataclass per concern (data, VAE, UNet, diffusion, training, sampling); a `Preset` bundles
+them. Presets follow SPEC.md §8 (the official code's numbers, with its faults fixed). Every CLI
+flag maps to one field; `--set section.field=value` reaches any field; a YAML/JSON file can give
+any subset of sections. The resolved config is what a run folder records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "folder")
+FORMS = ("uncond", "form1", "form2", "form2-official")
+SAMPLERS = ("ddpm", "ddim")
+SPACINGS = ("uniform", "trailing", "quad")
+VAR_TYPES = ("fixedlarge", "fixedsmall")
+PRECISIONS = ("no", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """A configuration a user gave cannot be used; the message says what to change."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images to train on, and their shape."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None  # where the files are; each dataset has a documented default
+    image_size: int = 16
+    channels: int = 1  # 1 = grayscale, 3 = RGB (folders are converted to this)
+    hflip: bool = False  # random horizontal flips during training
+    download: bool = False  # fetch the files if missing (only when asked)
+
+    def validate(self) -> None:
+        _check_choice("data.dataset", self.dataset, DATASETS)
+        _check_positive("data.image_size", self.image_size)
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3; got {self.channels}")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Stage 1: the single-stochastic-layer ResNet VAE of SPEC.md §3, as block strings.
+
+    Block grammar (comma separated): ``RxN`` N residual blocks at resolution R; ``RdK`` one block
+    at R, then average-pool by K; ``RuK`` nearest upsample by K; ``RtS`` 1x1 conv from the width
+    of resolution R to the width of resolution S. ``channels`` maps resolution to width, as
+    ``"32:64,16:128,..."``. The encoder must end at 1x1, where 1x1 convs give mu and log sigma^2.
+    """
+
+    image_size: int = 16
+    channels: int = 1
+    z_dim: int = 16
+    enc_blocks: str = "16x2,16d2,16t8,8x2,8d2,8t4,4x2,4d4,4t1,1x1"
+    dec_blocks: str = "1x1,1u4,1t4,4x2,4u2,4t8,8x2,8u2,8t16,16x2"
+    widths: str = "16:32,8:64,4:64,1:64"
+    kl_weight: float = 1.0
+
+    def width_map(self) -> dict[int, int]:
+        try:
+            pairs = [item.split(":") for item in self.widths.split(",")]
+            return {int(r): int(c) for r, c in pairs}
+        except ValueError:
+            raise ConfigError(
+                f"vae.widths must read like '32:64,16:128,1:512'; got {self.widths!r}"
+            ) from None
+
+    def validate(self) -> None:
+        _check_positive("vae.z_dim", self.z_dim)
+        _check_positive("vae.kl_weight", self.kl_weight, allow_zero=True)
+        if self.image_size not in self.width_map() or 1 not in self.width_map():
+            raise ConfigError(
+                f"vae.widths must give a width for the image size {self.image_size} and for 1; "
+                f"got {self.widths!r}"
+            )
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Stage 2: the refiner UNet (DDPM / improved-diffusion family).
+
+    ``channels`` is the image's channel count C; the network sees 2C channels when conditioned
+    on x_hat (``cond=True``) and C otherwise. ``z_dim > 0`` adds an MLP of z to the time
+    embedding (``z_cond``). Attention is placed by *resolution* (``attn_resolutions``), plus the
+    middle block always.
+    """
+
+    image_size: int = 16
+    channels: int = 1
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    dropout: float = 0.0
+    attn_resolutions: tuple[int, ...] = ()
+    num_heads: int = 1
+    cond: bool = True
+    z_dim: int = 0
+
+    def validate(self) -> None:
+        _check_positive("unet.base_channels", self.base_channels)
+        _check_positive("unet.num_res_blocks", self.num_res_blocks)
+        if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
+            raise ConfigError(f"unet.channel_mults must be positive; got {self.channel_mults}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"unet.dropout must be in [0, 1); got {self.dropout}")
+        if self.image_size % (2 ** (len(self.channel_mults) - 1)):
+            raise ConfigError(
+                f"unet.image_size {self.image_size} cannot be halved "
+                f"{len(self.channel_mults) - 1} times (one per channel_mults entry after the "
+                "first); use fewer channel_mults or another image size"
+            )
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The noise schedule (linear, SPEC.md §2) and the formulation (SPEC.md §4)."""
+
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    form: str = "form2"
+    p_uncond: float = 0.0  # per-sample conditioning dropout, for classifier-free guidance
+
+    def validate(self) -> None:
+        _check_positive("diffusion.timesteps", self.timesteps)
+        _check_choice("diffusion.form", self.form, FORMS)
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ConfigError("diffusion needs 0 < beta_start < beta_end < 1")
+        if not 0.0 <= self.p_uncond < 1.0:
+            raise ConfigError(f"diffusion.p_uncond must be in [0, 1); got {self.p_uncond}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training stage's optimisation and bookkeeping."""
+
+    lr: float = 1e-3
+    batch_size: int = 128
+    steps: int = 2000  # optimiser steps; `epochs` overrides it when set
+    epochs: int | None = None
+    warmup_steps: int = 0  # linear lr warm-up
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    ema_decay: float = 0.0  # 0 = no EMA
+    log_every: int = 50
+    sample_every: int = 500  # sample / reconstruction grids
+    ckpt_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPUs)
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        _check_positive("train.lr", self.lr)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.steps", self.steps)
+        if self.epochs is not None:
+            _check_positive("train.epochs", self.epochs)
+        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1); got {self.ema_decay}")
+        for name in ("log_every", "sample_every", "ckpt_every"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        _check_choice("train.device", self.device, DEVICES)
+        _check_choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to draw samples (SPEC.md §5)."""
+
+    n: int = 64
+    steps: int = 10
+    sampler: str = "ddim"
+    eta: float = 0.0
+    spacing: str = "uniform"
+    var_type: str = "fixedlarge"
+    clip: bool = True
+    temperature: float = 1.0
+    guidance: float = 0.0
+    seed: int = 0
+    batch_size: int = 64
+    use_ema: bool = True
+
+    def validate(self, timesteps: int = 1000) -> None:
+        _check_positive("sample.n", self.n)
+        _check_positive("sample.batch_size", self.batch_size)
+        if not 1 <= self.steps <= timesteps:
+            raise ConfigError(f"sample.steps must be in 1..{timesteps}; got {self.steps}")
+        _check_choice("sample.sampler", self.sampler, SAMPLERS)
+        _check_choice("sample.spacing", self.spacing, SPACINGS)
+        _check_choice("sample.var_type", self.var_type, VAR_TYPES)
+        _check_positive("sample.eta", self.eta, allow_zero=True)
+        _check_positive("sample.temperature", self.temperature, allow_zero=True)
+        _check_positive("sample.guidance", self.guidance, allow_zero=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; one section per concern."""
+
+    preset: str = "digits"
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train_vae: TrainConfig = field(default_factory=TrainConfig)
+    train_refiner: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> "Config":
+        """Check every section and their agreement; return self so calls chain."""
+        for section in (self.data, self.vae, self.unet, self.diffusion,
+                        self.train_vae, self.train_refiner):
+            section.validate()
+        self.sample.validate(self.diffusion.timesteps)
+        shape = (self.data.image_size, self.data.channels)
+        for name, sec in (("vae", self.vae), ("unet", self.unet)):
+            if (sec.image_size, sec.channels) != shape:
+                raise ConfigError(
+                    f"{name} is built for {sec.image_size}x{sec.image_size}x{sec.channels} "
+                    f"images but the data are {shape[0]}x{shape[0]}x{shape[1]}; pick a preset "
+                    "made for this image size or set both sizes"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Presets (SPEC.md §8)
+# --------------------------------------------------------------------------------------------
+
+def _preset(name: str, size: int, ch: int, dataset: str, vae: dict, unet: dict,
+            vae_train: dict, ref_train: dict, hflip: bool = False) -> Config:
+    return Config(
+        preset=name,
+        data=DataConfig(dataset=dataset, image_size=size, channels=ch, hflip=hflip),
+        vae=VAEConfig(image_size=size, channels=ch, **vae),
+        unet=UNetConfig(image_size=size, channels=ch, **unet),
+        diffusion=DiffusionConfig(),
+        train_vae=TrainConfig(**vae_train),
+        train_refiner=TrainConfig(**ref_train),
+        sample=SampleConfig(),
+    )
+
+
+_PAPER_REFINER = dict(warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999,
+                      log_every=100, sample_every=5000, ckpt_every=5000)
+_PAPER_VAE = dict(lr=1e-4, log_every=100, sample_every=5000, ckpt_every=5000)
+
+PRESETS: dict[str, Config] = {
+    "cifar10": _preset(
+        "cifar10", 32, 3, "cifar10", hflip=True,
+        vae=dict(z_dim=512, widths="32:64,16:128,8:256,4:256,1:512",
+                 enc_blocks="32x7,32d2,32t16,16x4,16d2,16t8,8x4,8d2,8t4,4x3,4d4,4t1,1x3",
+                 dec_blocks="1x1,1u4,1t4,4x2,4u2,4t8,8x3,8u2,8t16,16x7,16u2,16t32,32x15"),
+        unet=dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                  dropout=0.3, attn_resolutions=(16,)),
+        vae_train=dict(_PAPER_VAE, batch_size=128, steps=400_000),
+        ref_train=dict(_PAPER_REFINER, lr=2e-4, batch_size=128, steps=800_000),
+    ),
+    "celeba64": _preset(
+        "celeba64", 64, 3, "folder", hflip=True,
+        vae=dict(z_dim=512, widths="64:64,32:128,16:256,8:256,4:256,1:512",
+                 enc_blocks="64x3,64d2,64t32,32x3,32d2,32t16,16x7,16d2,16t8,8x3,8d2,8t4,"
+                            "4x3,4d4,4t1,1x2",
+                 dec_blocks="1x1,1u4,1t4,4x2,4u2,4t8,8x2,8u2,8t16,16x6,16u2,16t32,32x2,"
+                            "32u2,32t64,64x2"),
+        unet=dict(base_channels=128, channel_mults=(1, 2, 2, 2, 4), num_res_blocks=2,
+                  dropout=0.1, attn_resolutions=(16,)),
+        vae_train=dict(_PAPER_VAE, batch_size=64, steps=500_000),
+        ref_train=dict(_PAPER_REFINER, lr=2e-4, batch_size=64, steps=500_000),
+    ),
+    "celebahq256": _preset(
+        "celebahq256", 256, 3, "folder", hflip=True,
+        vae=dict(z_dim=1024, widths="256:64,128:64,64:64,32:128,16:128,8:256,4:512,1:1024",
+                 enc_blocks="256x3,256d2,256t128,128x3,128d2,128t64,64x3,64d2,64t32,32x3,"
+                            "32d2,32t16,16x3,16d2,16t8,8x3,8d2,8t4,4x3,4d4,4t1,1x2",
+                 dec_blocks="1x1,1u4,1t4,4x2,4u2,4t8,8x2,8u2,8t16,16x2,16u2,16t32,32x2,32u2,"
+                            "32t64,64x2,64u2,64t128,128x1,128u2,128t256,256x1"),
+        unet=dict(base_channels=128, channel_mults=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                  dropout=0.0, attn_resolutions=(16,)),
+        vae_train=dict(_PAPER_VAE, batch_size=64, steps=500_000),
+        ref_train=dict(_PAPER_REFINER, lr=2e-5, batch_size=64, steps=500_000),
+    ),
+    # Ours: 28x28 grayscale; 28 -> 14 -> 7 -> 1 in the VAE, 28 -> 14 -> 7 in the UNet.
+    "fashion-mnist": _preset(
+        "fashion-mnist", 28, 1, "fashion-mnist",
+        vae=dict(z_dim=32, widths="28:32,14:64,7:128,1:128",
+                 enc_blocks="28x2,28d2,28t14,14x3,14d2,14t7,7x3,7d7,7t1,1x2",
+                 dec_blocks="1x1,1u7,1t7,7x3,7u2,7t14,14x3,14u2,14t28,28x2"),
+        unet=dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=2,
+                  dropout=0.1, attn_resolutions=(7,)),
+        vae_train=dict(lr=5e-4, batch_size=64, steps=20_000, log_every=50,
+                       sample_every=1000, ckpt_every=1000),
+        ref_train=dict(lr=2e-4, batch_size=64, steps=50_000, warmup_steps=1000,
+                       grad_clip=1.0, ema_decay=0.999, log_every=50, sample_every=2000,
+                       ckpt_every=1000),
+    ),
+    # Ours, for the tests and the demo: tiny, trains in seconds to minutes on a CPU.
+    "digits": _preset(
+        "digits", 16, 1, "digits",
+        vae=dict(),
+        unet=dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, dropout=0.0,
+                  attn_resolutions=()),
+        vae_train=dict(lr=1e-3, batch_size=128, steps=1500, log_every=50,
+                       sample_every=500, ckpt_every=500),
+        ref_train=dict(lr=1e-3, batch_size=128, steps=1500, warmup_steps=100, grad_clip=1.0,
+                       ema_decay=0.995, log_every=50, sample_every=500, ckpt_every=500),
+    ),
+}
+
+
+def get_preset(name: str) -> Config:
+    """The preset called `name` (a fresh copy is not needed: configs are frozen)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Dicts, files and single-field overrides
+# --------------------------------------------------------------------------------------------
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a parsed JSON/YAML/CLI value to the annotated field type, or explain."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of fields; got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list; got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where} must be true or false; got {value!r}")
+    if tp in (int, float, str):
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where} must be an integer; got {value!r}")
+        if isinstance(value, bool) and tp is not str:
+            raise ConfigError(f"{where} must be a number; got {value!r}")
+        try:
+            return tp(float(value)) if tp is int and isinstance(value, str) and "e" in value \
+                else tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be of type {tp.__name__}; got {value!r}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys; missing keys keep defaults."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping; got {type(data).__name__}")
+    hints = _field_types(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in {where}: {', '.join(unknown)}; known keys are "
+            f"{', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge(cfg: Any, data: dict, where: str = "config") -> Any:
+    """Return `cfg` with the fields in `data` replaced (nested sections merge, not replace)."""
+    hints = _field_types(type(cfg))
+    known = {f.name for f in fields(cfg)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in {where}: {', '.join(unknown)}; known keys are "
+            f"{', '.join(sorted(known))}"
+        )
+    changes = {}
+    for key, value in data.items():
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = merge(current, value, f"{where}.{key}")
+        else:
+            changes[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return replace(cfg, **changes)
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a YAML or JSON config file into a dict, with a clear error on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # the parser's message names the line
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def apply_sets(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``section.field=value`` strings (the CLI's ``--set``)."""
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set takes section.field=value; got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        nested: dict = {}
+        cursor = nested
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value.strip()
+        cfg = merge(cfg, nested)
+    return cfg
+
+
+def resolve(preset: str = "digits", config_file: str | Path | None = None,
+            overrides: dict | None = None, sets: tuple[str, ...] = ()) -> Config:
+    """Preset, then the config file, then the single-field overrides, then validate.
+
+    `overrides` maps ``"section.field"`` to a value (None entries are ignored, so that CLI flags
+    that were not given change nothing).
+    """
+    cfg = get_preset(preset)
+    if config_file is not None:
+        data = load_file(config_file)
+        if "preset" in data and data["preset"] != preset:
+            cfg = get_preset(data["preset"])
+        cfg = merge(cfg, data)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, name = key.split(".")
+        cfg = merge(cfg, {section: {name: value}})
+    cfg = apply_sets(cfg, sets)
+    return cfg.validate()
+
+
+def config_from_json(data: dict) -> Config:
+    """Rebuild a whole `Config` as recorded in a run folder."""
+    return from_dict(Config, data).validate()
