@@ -150,20 +150,26 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls, folder: str | Path, use_ema: bool = False,
                         device: str | torch.device = "cpu"):
-        """Build the model from ``config.json`` and load the (EMA) weights from `folder`.
-
-        With ``use_ema=True`` the EMA weights are used where the folder has them.
-        """
-        folder = Path(folder)
+        """Build the model from ``config.json`` and load the (EMA) weights from `folder`."""
         config, _ = read_model_config(folder, cls.kind, cls.config_class)
-        model = cls(config)
-        ema_path = folder / EMA_NAME
-        path = ema_path if use_ema and ema_path.is_file() else folder / WEIGHTS_NAME
-        state = load_tensors(path)
+        return load_weights(cls(config), folder, use_ema).to(device)
+
+
+def load_weights(model: torch.nn.Module, folder: str | Path, use_ema: bool = False):
+    """Load ``model.safetensors`` (or ``ema.safetensors`` where asked and present) into `model`."""
+    folder = Path(folder)
+    ema_path = folder / EMA_NAME
+    path = ema_path if use_ema and ema_path.is_file() else folder / WEIGHTS_NAME
+    state = load_tensors(path)
+    try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path} does not match the architecture in {folder / CONFIG_NAME}: "
-                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
-        return model.to(device)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(
+            f"{path} does not match the architecture in {folder / CONFIG_NAME}: {exc}"
+        ) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the architecture in {folder / CONFIG_NAME}: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    return model

@@ -168,6 +168,7 @@ class TrainConfig:
     device: str = "auto"
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPUs)
     num_workers: int = 0
+    tensorboard: bool = False  # also log to TensorBoard (needs the `tensorboard` extra)
 
     def validate(self) -> None:
         _check_positive("train.lr", self.lr)
@@ -466,13 +467,15 @@ def apply_sets(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:
 
 
 def resolve(preset: str = "digits", config_file: str | Path | None = None,
-            overrides: dict | None = None, sets: tuple[str, ...] = ()) -> Config:
-    """Preset, then the config file, then the single-field overrides, then validate.
+            overrides: dict | None = None, sets: tuple[str, ...] = (),
+            base: Config | None = None) -> Config:
+    """Preset (or `base`, e.g. a run's recorded config), then the config file, then the
+    single-field overrides, then ``--set`` assignments; validated.
 
     `overrides` maps ``"section.field"`` to a value (None entries are ignored, so that CLI flags
     that were not given change nothing).
     """
-    cfg = get_preset(preset)
+    cfg = base if base is not None else get_preset(preset)
     if config_file is not None:
         data = load_file(config_file)
         if "preset" in data and data["preset"] != preset:

@@ -1,0 +1,5 @@
+"""`python -m diffusevae` is the `diffusevae` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""Writing images: tensors in [-1, 1] to uint8, PNG files, grids, streamed `.npz` files, GIFs."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import _atomic_write
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding to the nearest level."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2,
+              pad_value: int = 255) -> np.ndarray:
+    """Tile (B, H, W, C) uint8 images into one (H', W', C) image, `nrow` images a row."""
+    b, h, w, c = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    rows = math.ceil(b / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = img
+    return grid
+
+
+def _pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    """Write one (H, W, C) uint8 image as PNG, atomically."""
+    _atomic_write(Path(path), lambda tmp: _pil(array).save(tmp, format="PNG"))
+
+
+def save_grid(x: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None,
+              scale: int = 1) -> None:
+    """Write a grid of a batch (tensor in [-1, 1] or uint8 array), upscaled by `scale`."""
+    images = to_uint8(x) if isinstance(x, torch.Tensor) else x
+    grid = make_grid(images, nrow)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    save_png(grid, path)
+
+
+def side_by_side(*batches: torch.Tensor) -> np.ndarray:
+    """Interleave equally long batches so that a grid with nrow=len(batches) pairs them."""
+    arrays = [to_uint8(b) for b in batches]
+    return np.stack(arrays, axis=1).reshape(-1, *arrays[0].shape[1:])
+
+
+def save_pngs(images: np.ndarray, folder: str | Path, start: int = 0) -> None:
+    """Write (B, H, W, C) uint8 images as ``folder/000123.png`` numbered from `start`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        save_png(img, folder / f"{start + i:06d}.png")
+
+
+def save_gif(frames: list[np.ndarray], path: str | Path, duration_ms: int = 80) -> None:
+    """Write (H, W, C) uint8 frames as a looping animated GIF."""
+    pics = [_pil(f) for f in frames]
+    _atomic_write(Path(path), lambda tmp: pics[0].save(
+        tmp, format="GIF", save_all=True, append_images=pics[1:], duration=duration_ms, loop=0))
+
+
+class NpzStreamWriter:
+    """Fill arrays of known length batch by batch on disk, then pack them into one `.npz`.
+
+    Each array lives in a memory-mapped ``.npy`` beside the target while it is written, so
+    50,000 samples never sit in memory; `close()` streams them into the zip and renames it into
+    place atomically.
+    """
+
+    def __init__(self, path: str | Path, n: int):
+        self.path = Path(path)
+        self.n = n
+        self.parts = self.path.parent / f".{self.path.stem}.parts"
+        self.parts.mkdir(parents=True, exist_ok=True)
+        self.arrays: dict[str, np.memmap] = {}
+
+    def write(self, start: int, **batches: np.ndarray) -> None:
+        """Store each named batch at rows ``start:start+len(batch)``."""
+        for name, batch in batches.items():
+            if name not in self.arrays:
+                self.arrays[name] = np.lib.format.open_memmap(
+                    self.parts / f"{name}.npy", mode="w+", dtype=batch.dtype,
+                    shape=(self.n, *batch.shape[1:]))
+            self.arrays[name][start:start + len(batch)] = batch
+
+    def close(self) -> None:
+        """Pack the arrays into the `.npz` (uncompressed, as numpy writes it) and clean up."""
+        for arr in self.arrays.values():
+            arr.flush()
+        names = list(self.arrays)
+        self.arrays.clear()
+
+        def write(tmp: str) -> None:
+            with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+                for name in names:
+                    with open(self.parts / f"{name}.npy", "rb") as src, \
+                            zf.open(f"{name}.npy", "w", force_zip64=True) as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+
+        _atomic_write(self.path, write)
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def __enter__(self) -> "NpzStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
