@@ -1,0 +1,121 @@
+"""Options shared by several commands, and how flags become a validated config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+import yaml
+
+from ..checkpoint import read_json
+from ..config import PRESETS, Config, config_from_json, resolve, to_dict
+
+
+def run_option(required: bool = True):
+    return click.option("--run", "run_dir", type=click.Path(file_okay=False), required=required,
+                        help="Run folder: holds vae/, refiner/ and outputs (e.g. runs/digits).")
+
+
+def config_options(fn):
+    """Flags that choose and change the configuration (shared by the training commands)."""
+    options = [
+        click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+                     help="Preset of SPEC §8 (default: the run's own, else 'digits')."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML or JSON file with any of the config sections."),
+        click.option("--dataset", type=click.Choice(["digits", "fashion-mnist", "mnist",
+                                                     "cifar10", "folder"]),
+                     help="Dataset to train on (default: the preset's)."),
+        click.option("--data-dir", type=click.Path(), help="Where the dataset's files are."),
+        click.option("--download", is_flag=True, default=None,
+                     help="Download the dataset files if they are missing."),
+        click.option("--hflip/--no-hflip", default=None, help="Random horizontal flips."),
+        click.option("--steps", type=int, help="Optimiser steps to train for."),
+        click.option("--epochs", type=int, help="Train for this many epochs instead of --steps."),
+        click.option("--batch-size", type=int, help="Images per optimiser step."),
+        click.option("--lr", type=float, help="Adam learning rate."),
+        click.option("--seed", type=int, help="Seed of the run (weights, data order, noise)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+                     help="Where to train (auto: CUDA, then MPS, then the CPU)."),
+        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]),
+                     help="Mixed precision on GPUs."),
+        click.option("--num-workers", type=int, help="Data-loading worker processes."),
+        click.option("--sample-every", type=int, help="Write preview grids every N steps."),
+        click.option("--ckpt-every", type=int, help="Write a checkpoint every N steps."),
+        click.option("--log-every", type=int, help="Log losses every N steps."),
+        click.option("--tensorboard", is_flag=True, default=None,
+                     help="Also log to TensorBoard (pip install 'diffusevae[tensorboard]')."),
+        click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
+                     help="Set any config field, e.g. --set vae.kl_weight=0.5 (repeatable)."),
+        click.option("--resume", is_flag=True, help="Continue the run where it stopped."),
+        click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+_TRAIN_FIELDS = ("steps", "epochs", "batch_size", "lr", "seed", "device", "mixed_precision",
+                 "num_workers", "sample_every", "ckpt_every", "log_every", "tensorboard")
+
+
+def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None) -> Config:
+    """Preset (or the run's recorded config), file, flags, --set; validated."""
+    recorded = Path(run_dir) / "vae" / "train_config.json"
+    preset = kw["preset"]
+    base = None
+    if preset is None and recorded.is_file():
+        base = config_from_json(read_json(recorded))  # the run's own data and architecture
+    overrides = {f"data.{k}": kw[k] for k in ("dataset", "data_dir", "download", "hflip")}
+    overrides |= {f"{section}.{k}": kw[k] for k in _TRAIN_FIELDS}
+    overrides |= extra or {}
+    return resolve(preset or "digits", kw["config_file"], overrides, kw["sets"], base=base)
+
+
+def dry_run(cfg: Config) -> None:
+    click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def device_of(name: str) -> torch.device:
+    from ..train import resolve_device
+
+    return resolve_device(name)
+
+
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+                              default="auto", show_default=True, help="Where to run.")
+
+
+def sampling_options(fn):
+    options = [
+        click.option("--n", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Number of samples."),
+        click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Sampling steps (respaced from the 1000 of training)."),
+        click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim",
+                     show_default=True),
+        click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="DDIM noise: 0 deterministic, 1 like DDPM."),
+        click.option("--spacing", type=click.Choice(["uniform", "trailing", "quad"]),
+                     default="uniform", show_default=True, help="Which timesteps to visit."),
+        click.option("--var-type", type=click.Choice(["fixedlarge", "fixedsmall"]),
+                     default="fixedlarge", show_default=True, help="DDPM step variance."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=1.0,
+                     show_default=True, help="Scale of the initial noise."),
+        click.option("--guidance", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="Classifier-free guidance weight w (needs --p-uncond in training)."),
+        click.option("--clip/--no-clip", default=True, show_default=True,
+                     help="Clip predicted images to [-1, 1]."),
+        click.option("--ema/--no-ema", "use_ema", default=True, show_default=True,
+                     help="Use the EMA weights."),
+        device_option,
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+

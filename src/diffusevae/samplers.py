@@ -1,0 +1,150 @@
+"""Samplers: stateless functions with one signature, for any formulation and any noise predictor.
+
+    sampler(eps_fn, y_T, schedule, timesteps, *, generators=None, clip_fn=None, callback=None,
+            **options) -> y0
+
+- ``eps_fn(y_t, t) -> eps``: the noise predictor; ``t`` is a LongTensor (B,) of *original*
+  timesteps tau_i. The caller wraps the network, the formulation's net input and guidance in it
+  (`diffusevae.diffusion.make_eps_fn`).
+- ``y_T``: the initial state in y-coordinates, N(0, I) for every formulation, already scaled by
+  the temperature. ``timesteps``: the ascending respaced steps (`respaced_timesteps`).
+- ``generators``: one CPU ``torch.Generator`` per sample, so that a sample never depends on the
+  batch it is drawn in (`sample_generators`); a single Generator draws the whole batch's noise
+  (reproducible for a fixed batch only); None uses the global RNG.
+- ``clip_fn(y0_pred) -> y0_pred``: applied to each prediction of the clean state; eps is then
+  derived again from the clipped prediction (SPEC.md §4). ``Formulation.clip_fn`` gives one.
+- ``callback(i, n_steps, y, y0_pred)``: after step i = 0..n_steps-1, with the new state.
+
+The result is y0 in y-coordinates; ``Formulation.readback`` turns it into the image.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .diffusion import EpsFn, Schedule, predict_eps, predict_y0, q_posterior
+
+Generators = Sequence[torch.Generator] | torch.Generator | None
+Callback = Callable[[int, int, Tensor, Tensor], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample randomness
+# --------------------------------------------------------------------------------------------
+
+def sample_generators(seed: int, indices: Sequence[int] | range) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from the run seed and the sample's global index."""
+    return [torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % 2**64)
+            for i in indices]
+
+
+def randn_like_per_sample(generators: Sequence[torch.Generator], shape_per_sample: Sequence[int],
+                          device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """(B, *shape_per_sample) standard normals, row b drawn from ``generators[b]``.
+
+    Drawn in float32 on each generator's device, then moved and cast: the numbers do not depend
+    on the batch, the device or the dtype the sampler runs in.
+    """
+    noise = [torch.randn(tuple(shape_per_sample), generator=g, device=g.device,
+                         dtype=torch.float32) for g in generators]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+def _noise(generators: Generators, like: Tensor) -> Tensor:
+    if generators is None:
+        return torch.randn_like(like)
+    if isinstance(generators, torch.Generator):
+        return torch.randn(like.shape, generator=generators, device=generators.device,
+                           dtype=torch.float32).to(device=like.device, dtype=like.dtype)
+    return randn_like_per_sample(generators, like.shape[1:], like.device, like.dtype)
+
+
+def _prepare(schedule: Schedule, timesteps: Tensor | Sequence[int], y_T: Tensor,
+             generators: Generators) -> tuple[Tensor, Schedule]:
+    """The original steps tau and the respaced chain over them (float64, built once per call)."""
+    if not isinstance(generators, (type(None), torch.Generator)) and len(generators) != len(y_T):
+        raise ValueError(f"need one generator per sample: got {len(generators)} generators for "
+                         f"a batch of {len(y_T)}")
+    sub = schedule.respace(timesteps)  # validates the timesteps
+    taus = torch.as_tensor(timesteps, dtype=torch.long).cpu()
+    return taus, sub
+
+
+def _denoise(eps_fn: EpsFn, sub: Schedule, y: Tensor, i: int, tau: int,
+             clip_fn: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, Tensor]:
+    """eps and y0 predictions at respaced step i (original step tau), clipped if asked."""
+    t = torch.full((y.shape[0],), tau, dtype=torch.long, device=y.device)
+    eps = eps_fn(y, t)
+    y0 = predict_y0(sub, y, i, eps)
+    if clip_fn is not None:
+        y0 = clip_fn(y0)
+        eps = predict_eps(sub, y, i, y0)  # the clipped prediction, seen as noise again
+    return eps, y0
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------------
+
+def ddpm(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int], *,
+         generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
+         callback: Callback | None = None, var_type: str = "fixedlarge") -> Tensor:
+    """Ancestral sampling on the respaced chain (Ho et al. 2020, Alg. 2)."""
+    taus, sub = _prepare(schedule, timesteps, y_T, generators)
+    if var_type == "fixedsmall":  # the posterior variance beta_tilde'_i
+        var = sub.posterior_variance
+    elif var_type == "fixedlarge":  # beta'_i; improved-diffusion puts beta_tilde'_1 at index 0,
+        # which sampling never reads (no noise is added at the last step)
+        var = torch.cat([sub.posterior_variance[1:2], sub.betas[1:]])
+    else:
+        raise ValueError(f"var_type must be 'fixedlarge' or 'fixedsmall'; got {var_type!r}")
+    std = var.sqrt().tolist()
+
+    y, S = y_T, len(taus)
+    for k, i in enumerate(reversed(range(S))):
+        eps, y0 = _denoise(eps_fn, sub, y, i, int(taus[i]), clip_fn)
+        mean, _, _ = q_posterior(sub, y0, y, i)
+        y = mean + std[i] * _noise(generators, y) if i > 0 else mean
+        if callback is not None:
+            callback(k, S, y, y0)
+    return y
+
+
+def ddim(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int], *,
+         generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
+         callback: Callback | None = None, eta: float = 0.0) -> Tensor:
+    """DDIM with stochasticity eta on the respaced steps (Song et al. 2021, eq. 12)."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0; got {eta}")
+    taus, sub = _prepare(schedule, timesteps, y_T, generators)
+    a_t, a_prev = sub.alpha_bar, sub.alpha_bar_prev  # a_prev = 1 at the last step: out = y0
+    sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+    c_y0 = a_prev.sqrt().tolist()
+    c_eps = (1 - a_prev - sigma**2).clamp(min=0).sqrt().tolist()
+    sigma = sigma.tolist()
+
+    y, S = y_T, len(taus)
+    for k, i in enumerate(reversed(range(S))):
+        eps, y0 = _denoise(eps_fn, sub, y, i, int(taus[i]), clip_fn)
+        y = c_y0[i] * y0 + c_eps[i] * eps
+        if sigma[i] > 0:
+            y = y + sigma[i] * _noise(generators, y)
+        if callback is not None:
+            callback(k, S, y, y0)
+    return y
+
+
+# Future: dpmpp_2m (DPM-Solver++ 2M, Lu et al. 2022; SPEC.md §5) goes here, with the same
+# signature, and into SAMPLERS below (and config.SAMPLERS).
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim}
+
+
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    """The sampler called ``name`` (one of SAMPLERS)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

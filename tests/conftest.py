@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny configs and a briefly trained run folder on `digits`."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from diffusevae.config import resolve
+
+torch.set_num_threads(2)
+
+FAST = {"train_vae.steps": 4, "train_vae.batch_size": 32, "train_vae.log_every": 2,
+        "train_vae.sample_every": 4, "train_vae.ckpt_every": 2,
+        "train_refiner.steps": 4, "train_refiner.batch_size": 32,
+        "train_refiner.log_every": 2, "train_refiner.sample_every": 4,
+        "train_refiner.ckpt_every": 2, "train_refiner.warmup_steps": 2}
+
+
+def tiny_config(**overrides):
+    """The digits preset, shrunk so that a few steps of each stage take seconds."""
+    cfg = resolve("digits", overrides={**FAST, **overrides})
+    return replace(cfg, unet=replace(cfg.unet, base_channels=16)).validate()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A run folder with a VAE and a form2 refiner, each trained for a few steps."""
+    from diffusevae.train import train_refiner, train_vae
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = tiny_config()
+    train_vae(cfg, run, progress=False)
+    train_refiner(cfg, run, progress=False)
+    return run

@@ -1,0 +1,96 @@
+"""The command line end to end on `digits`, and its errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusevae.cli import main
+
+FAST = ["--steps", "3", "--batch-size", "32", "--log-every", "1", "--sample-every", "3",
+        "--ckpt-every", "3", "--quiet", "--set", "unet.base_channels=16"]
+
+
+def run(*args):
+    """Run the CLI in-process; return its exit status (0 when it returned normally)."""
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def test_end_to_end_on_digits(tmp_path, capsys):
+    r = tmp_path / "run"
+    assert run("train-vae", "--run", r, *FAST) == 0
+    assert {"config.json", "model.safetensors", "trainer_state.pt", "log.csv",
+            "train_config.json"} <= {p.name for p in (r / "vae").iterdir()}
+    assert run("reconstruct", "--run", r, "--n", "5") == 0
+    assert len(list((r / "reconstructions" / "images").glob("*.png"))) == 5
+    assert run("sample-vae", "--run", r, "--n", "7", "--batch-size", "3") == 0
+    data = np.load(r / "vae_samples" / "samples.npz")
+    assert data["images"].shape == (7, 16, 16, 1) and data["z"].shape == (7, 16)
+
+    assert run("train-refiner", "--run", r, "--form", "form2", *FAST) == 0
+    out = tmp_path / "samples"
+    assert run("sample", "--run", r, "--n", "6", "--steps", "2", "--batch-size", "4",
+               "--show-stages", "--out", out) == 0
+    data = np.load(out / "samples.npz")
+    assert data["images"].shape == (6, 16, 16, 1) and data["images"].dtype == np.uint8
+    assert data["z"].shape == (6, 16) and data["x_hat"].shape == (6, 16, 16, 1)
+    assert len(list((out / "images").glob("*.png"))) == 6
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["steps"] == 2 and settings["sampler"] == "ddim" and settings["n"] == 6
+    assert Image.open(out / "stages.png").size[0] > Image.open(out / "images/000000.png").size[0]
+
+    # the same seed gives the same images, whatever the batch size
+    again = tmp_path / "again"
+    assert run("sample", "--run", r, "--n", "6", "--steps", "2", "--batch-size", "6",
+               "--out", again) == 0
+    assert np.array_equal(np.load(again / "samples.npz")["images"], data["images"])
+
+    base = tmp_path / "baseline"
+    assert run("train-refiner", "--run", base, "--form", "uncond", *FAST) == 0
+    assert run("sample", "--run", base, "--n", "2", "--steps", "2", "--out", base / "s") == 0
+    assert "z" not in np.load(base / "s" / "samples.npz")
+
+
+def test_presets_and_dry_run(tmp_path, capsys):
+    assert run("presets") == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("cifar10", "celeba64", "celebahq256", "digits"))
+    assert run("train-vae", "--run", tmp_path / "r", "--preset", "cifar10", "--lr", "3e-4",
+               "--dry-run") == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.0003" in printed and "z_dim: 512" in printed
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "folder", "--data-dir", "/no/such/dir"], "does not exist"),
+    (["--dataset", "fashion-mnist", "--data-dir", "EMPTY"], "--download"),
+    (["--dataset", "folder", "--data-dir", "EMPTY"], "holds no image files"),
+    (["--set", "vae.nonsense=1"], "unknown key"),
+    (["--steps", "0"], "must be > 0"),
+])
+def test_user_errors_exit_2_with_one_clear_line(tmp_path, capsys, args, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [str(empty) if a == "EMPTY" else a for a in args]
+    assert run("train-vae", "--run", tmp_path / "r", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_checkpoint_with_a_missing_file_is_named(tmp_path, capsys):
+    r = tmp_path / "run"
+    assert run("train-vae", "--run", r, *FAST) == 0
+    (r / "vae" / "model.safetensors").unlink()
+    assert run("sample-vae", "--run", r, "--n", "2") == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_sampling_a_run_without_a_refiner(tmp_path, capsys):
+    assert run("sample", "--run", tmp_path, "--n", "2") == 2
+    assert "train-refiner" in capsys.readouterr().err

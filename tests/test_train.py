@@ -1,0 +1,135 @@
+"""The training loops: exact resume, interruption, numerical faults, run-folder errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusevae.checkpoint import TRAINER_STATE_NAME, load_trainer_state
+from diffusevae.config import ConfigError
+from diffusevae.train import (EMA, StepBatches, TrainingError, train_refiner, train_vae)
+
+from conftest import tiny_config
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_vae_resume_reaches_the_same_weights(tmp_path):
+    full = tmp_path / "full"
+    train_vae(tiny_config(), full, progress=False)
+    parted = tmp_path / "parted"
+    train_vae(tiny_config(**{"train_vae.steps": 2}), parted, progress=False)
+    assert load_trainer_state(parted / "vae" / TRAINER_STATE_NAME)["step"] == 2
+    train_vae(tiny_config(), parted, resume=True, progress=False)
+    _assert_same(_weights(full / "vae/model.safetensors"),
+                 _weights(parted / "vae/model.safetensors"))
+
+
+def test_refiner_resume_reaches_the_same_weights_and_ema(tmp_path):
+    cfg = tiny_config(**{"train_refiner.ema_decay": 0.9})
+    runs = {}
+    for name in ("full", "parted"):
+        runs[name] = tmp_path / name
+        train_vae(cfg, runs[name], progress=False)
+    train_refiner(cfg, runs["full"], progress=False)
+    train_refiner(tiny_config(**{"train_refiner.steps": 2, "train_refiner.ema_decay": 0.9}),
+                  runs["parted"], progress=False)
+    train_refiner(cfg, runs["parted"], resume=True, progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        _assert_same(_weights(runs["full"] / "refiner" / name),
+                     _weights(runs["parted"] / "refiner" / name))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, monkeypatch):
+    from diffusevae import vae as vae_module
+
+    full = tmp_path / "full"
+    train_vae(tiny_config(**{"train_vae.ckpt_every": 100}), full, progress=False)
+
+    calls = {"n": 0}
+    original = vae_module.VAE.loss
+
+    def interrupted(self, x, generator=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, x, generator)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(vae_module.VAE, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_vae(tiny_config(**{"train_vae.ckpt_every": 100}), run, progress=False)
+    assert load_trainer_state(run / "vae" / TRAINER_STATE_NAME)["step"] == 3
+    monkeypatch.setattr(vae_module.VAE, "loss", original)
+    train_vae(tiny_config(**{"train_vae.ckpt_every": 100}), run, resume=True, progress=False)
+    _assert_same(_weights(full / "vae/model.safetensors"), _weights(run / "vae/model.safetensors"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from diffusevae import vae as vae_module
+
+    original = vae_module.VAE.loss
+    calls = {"n": 0}
+
+    def exploding(self, x, generator=None):
+        calls["n"] += 1
+        out = original(self, x, generator)
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(vae_module.VAE, "loss", exploding)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match="at step 3.*last checkpoint is step 2"):
+        train_vae(tiny_config(), run, progress=False)
+    state = load_trainer_state(run / "vae" / TRAINER_STATE_NAME)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in _weights(run / "vae/model.safetensors").values())
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(trained_run):
+    with pytest.raises(TrainingError, match="--resume"):
+        train_vae(tiny_config(), trained_run, progress=False)
+
+
+def test_refiner_without_a_vae_says_what_to_do(tmp_path):
+    with pytest.raises(TrainingError, match="train-vae"):
+        train_refiner(tiny_config(), tmp_path / "empty", progress=False)
+    # the baseline needs no VAE
+    train_refiner(tiny_config(**{"diffusion.form": "uncond"}), tmp_path / "base", progress=False)
+    assert (tmp_path / "base" / "refiner" / "model.safetensors").is_file()
+
+
+def test_mixed_precision_on_the_cpu_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        train_vae(tiny_config(**{"train_vae.mixed_precision": "bf16"}), tmp_path, progress=False)
+
+
+def test_step_batches_depend_only_on_seed_and_step():
+    whole = list(StepBatches(10, 4, seed=3, start=0, steps=7))
+    tail = list(StepBatches(10, 4, seed=3, start=4, steps=7))
+    assert whole[4:] == tail
+    assert all(len(b) == 4 for b in whole)
+    epoch0 = whole[0] + whole[1]
+    assert len(set(epoch0)) == 8  # no repeats inside an epoch
+
+
+def test_ema_warm_up_and_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=1)  # warm-up decay (1+1)/(10+1) = 2/11
+    assert ema.shadow["weight"].item() == pytest.approx(1 - 2 / 11)
+    ema.update(model, step=10_000)  # full decay 0.99
+    assert ema.shadow["weight"].item() == pytest.approx(1 - (2 / 11) * 0.99)
