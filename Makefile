@@ -5,7 +5,7 @@ PYTHON ?= python3
 .PHONY: install demo test
 
 install:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,fid,plot]'
 
 demo: install
 	$(PYTHON) -m diffusevae demo

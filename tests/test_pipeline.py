@@ -60,7 +60,7 @@ def test_save_and_load_the_whole_pipeline(tmp_path):
     assert torch.equal(a, b)
     assert not (tmp_path / "refiner" / "vae").exists()  # the refiner holds no VAE copy
     assert sorted(p.name for p in (tmp_path / "refiner").iterdir()) == [
-        "config.json", "model.safetensors"]
+        "config.json", "manifest.json", "model.safetensors"]
 
 
 def test_guidance_needs_conditioning_dropout_and_changes_samples():

@@ -1,78 +1,68 @@
-"""Model folders and trainer state on disk: config.json + safetensors, atomic writes, no pickles.
+"""Model folders and trainer state on disk: config.json + safetensors, checked, atomic, no pickles.
 
 A model folder (``RUN/vae/``, ``RUN/refiner/``) holds:
 - ``config.json``: the model's whole architecture, so loading needs no flags;
 - ``model.safetensors``: the trained weights; ``ema.safetensors``: the EMA weights, if any;
 - ``trainer_state.pt``: what resuming needs (optimizer, step, RNG states), plain tensors and
-  numbers only, loadable with ``torch.load(weights_only=True)``.
+  numbers only, read with ``torch.load(weights_only=True)``: nothing in it can run code;
+- ``manifest.json``: the SHA-256 and size of each of those files, checked on every load.
 
-Every write goes to a temporary file in the same folder and is renamed over the target, so a
-killed process leaves either the old file or the new one, never half of one.
+The weights and config are written as one commit, the trainer state as another (storage.py): a
+process killed at any moment leaves a folder that loads. A folder without a manifest (older
+versions) loads with a warning; a file whose hash differs is refused, naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
+import pickle
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
-from .config import from_dict, to_dict
+from .config import ConfigError, DiffusionConfig, from_dict, to_dict
+from .storage import (MANIFEST_NAME, CheckpointError, DiskFullError, _atomic_write,  # noqa: F401
+                      _disk_full, atomic_write_json, atomic_write_text,
+                      read_checked, read_manifest, save_files)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
 TRAINER_STATE_NAME = "trainer_state.pt"
+CHECKED_FILES = (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, TRAINER_STATE_NAME)
+# Sections besides "config" that a model folder's config.json must carry, by model kind.
+_SECTIONS: dict[str, dict[str, type]] = {"refiner": {"diffusion": DiffusionConfig}}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint folder or file is missing, incomplete or corrupt; the message names it."""
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temp file beside `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-
-    _atomic_write(Path(path), write)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def _tensor_writer(tensors: dict[str, torch.Tensor]) -> Callable[[str], None]:
+    """A safetensors writer of contiguous CPU copies (shared storage is fine)."""
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return lambda tmp: save_file(flat, tmp)
 
 
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a flat dict of tensors as safetensors (contiguous CPU copies; shared storage ok)."""
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(flat, tmp))
+    """Write a flat dict of tensors as safetensors, atomically."""
+    _atomic_write(Path(path), _tensor_writer(tensors))
 
 
 def atomic_torch_save(path: str | Path, obj: dict) -> None:
     """Write a dict of tensors / numbers / strings with torch.save (no classes inside)."""
     _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
 
 def read_json(path: str | Path) -> dict:
     path = Path(path)
@@ -82,42 +72,90 @@ def read_json(path: str | Path) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    path = Path(path)
+    """A safetensors file as a dict of tensors, checked against the folder's manifest if any."""
+    return _load_tensors(Path(path), device, model_folder=False)
+
+
+def _load_tensors(path: Path, device: str | torch.device, model_folder: bool) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the model folder is incomplete")
+    data = read_checked(path, warn_unchecked=model_folder)
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_safetensors_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({exc})") from None
+    return {k: v.to(device) for k, v in tensors.items()}
 
 
 def load_trainer_state(path: str | Path) -> dict:
-    """Read trainer state with ``weights_only=True``: nothing in it can execute code."""
+    """Read trainer state, checked, with ``weights_only=True``: nothing in it can execute code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; there is no trainer state to resume from")
+    data = read_checked(path, warn_unchecked=True)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle refusals, truncation and zip errors all land here
-        raise CheckpointError(f"cannot read trainer state {path}: {exc}") from None
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: not plain data
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects, not only tensors and numbers, "
+            f"and loading it could run code ({first[:200]}). Do not use files from sources you "
+            "do not trust; delete it to restart this stage from step 0") from None
+    except Exception as exc:  # truncation and zip errors land here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read trainer state {path}: the file is truncated or "
+                              f"corrupt ({first[:200]}); delete it to restart this stage from "
+                              "step 0") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a diffusevae trainer state (no 'step' entry); "
+                              "delete it to restart this stage from step 0")
+    return state
 
+
+def save_trainer_state(folder: str | Path, state: dict) -> None:
+    """Write ``trainer_state.pt`` (plain tensors and numbers) as a commit of `folder`."""
+    save_files(folder, {TRAINER_STATE_NAME: lambda tmp: torch.save(state, tmp)},
+               legacy=CHECKED_FILES)
+
+
+# --------------------------------------------------------------------------------------------
+# Model folders
+# --------------------------------------------------------------------------------------------
 
 def save_model_folder(folder: str | Path, kind: str, config: Any,
                       state_dict: dict[str, torch.Tensor],
                       ema_state_dict: dict[str, torch.Tensor] | None = None,
                       extra: dict | None = None) -> None:
-    """Write ``config.json`` (with the model kind), the weights and, if given, the EMA weights."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_tensors(folder / WEIGHTS_NAME, state_dict)
+    """Write ``config.json`` (with the model kind), the weights and, if given, the EMA weights.
+
+    One commit: the manifest is written last. Without EMA weights, a stale
+    ``ema.safetensors`` from an earlier save is removed, so it can never be loaded by mistake.
+    """
+    meta = json.dumps({"kind": kind, "config": to_dict(config), **(extra or {})}, indent=2)
+    writers = {WEIGHTS_NAME: _tensor_writer(state_dict)}
     if ema_state_dict is not None:
-        atomic_save_tensors(folder / EMA_NAME, ema_state_dict)
-    # config.json last: a folder with a config is a folder whose weights were written.
-    atomic_write_json(folder / CONFIG_NAME, {"kind": kind, "config": to_dict(config),
-                                             **(extra or {})})
+        writers[EMA_NAME] = _tensor_writer(ema_state_dict)
+    writers[CONFIG_NAME] = lambda tmp: Path(tmp).write_text(meta + "\n")
+    save_files(folder, writers, remove=() if ema_state_dict is not None else (EMA_NAME,),
+               legacy=CHECKED_FILES)
+
+
+def _require_all_fields(cls: type, data: Any, where: str) -> None:
+    """A model's config must name every field: a silently defaulted one could change the model.
+
+    A field added in a later version can opt out with ``metadata={"optional_in_files": True}``.
+    """
+    if not isinstance(data, dict):
+        return  # from_dict explains
+    missing = [f.name for f in fields(cls)
+               if f.name not in data and not f.metadata.get("optional_in_files")]
+    if missing:
+        raise ConfigError(f"{where} lacks the key(s) {', '.join(missing)}")
 
 
 def read_model_config(folder: str | Path, kind: str, config_cls: type) -> tuple[Any, dict]:
@@ -125,12 +163,31 @@ def read_model_config(folder: str | Path, kind: str, config_cls: type) -> tuple[
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
-    meta = read_json(folder / CONFIG_NAME)
-    if meta.get("kind") != kind:
-        raise CheckpointError(
-            f"{folder} holds a {meta.get('kind')!r} model, not a {kind!r} model"
-        )
-    return from_dict(config_cls, meta["config"], where=f"{folder / CONFIG_NAME}"), meta
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
+    try:
+        meta = json.loads(read_checked(path, warn_unchecked=True))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
+    sections = _SECTIONS.get(kind, {})
+    if not isinstance(meta, dict) or not {"kind", "config", *sections} <= set(meta):
+        keys = ", ".join(["kind", "config", *sections])
+        raise CheckpointError(f"{path} lacks the keys {keys}; it is incomplete or was not "
+                              "written by diffusevae")
+    if meta["kind"] != kind:
+        raise CheckpointError(f"{folder} holds a {meta['kind']!r} model, not a {kind!r} model")
+    try:
+        _require_all_fields(config_cls, meta["config"], f"{path}:config")
+        config = from_dict(config_cls, meta["config"], where=f"{path}:config")
+        config.validate()
+        for name, cls in sections.items():
+            _require_all_fields(cls, meta[name], f"{path}:{name}")
+            from_dict(cls, meta[name], where=f"{path}:{name}").validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"{exc}; the file is corrupt, was edited, or comes from an "
+                              "incompatible version: restore it or save the model again") from None
+    return config, meta
 
 
 class PretrainedMixin:
@@ -160,7 +217,7 @@ def load_weights(model: torch.nn.Module, folder: str | Path, use_ema: bool = Fal
     folder = Path(folder)
     ema_path = folder / EMA_NAME
     path = ema_path if use_ema and ema_path.is_file() else folder / WEIGHTS_NAME
-    state = load_tensors(path)
+    state = _load_tensors(path, "cpu", model_folder=True)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -173,3 +230,63 @@ def load_weights(model: torch.nn.Module, folder: str | Path, use_ema: bool = Fal
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     return model
+
+
+def check_vae_matches_refiner(vae_config: Any, unet_config: Any, run_dir: str | Path) -> None:
+    """Refuse a run whose ``vae/`` and ``refiner/`` were made for different images or latents."""
+    vae_shape = (vae_config.image_size, vae_config.channels)
+    unet_shape = (unet_config.image_size, unet_config.channels)
+    run_dir = Path(run_dir)
+    if vae_shape != unet_shape:
+        raise CheckpointError(
+            f"{run_dir / 'vae'} makes {vae_shape[0]}x{vae_shape[0]}x{vae_shape[1]} images but "
+            f"{run_dir / 'refiner'} refines {unet_shape[0]}x{unet_shape[0]}x{unet_shape[1]} "
+            "images: the two come from different presets. Put the refiner beside the VAE it "
+            "was trained with (or retrain it with `diffusevae train-refiner`)")
+    if unet_config.z_dim and unet_config.z_dim != vae_config.z_dim:
+        raise CheckpointError(
+            f"{run_dir / 'refiner'} is conditioned on a {unet_config.z_dim}-d z but the VAE in "
+            f"{run_dir / 'vae'} has a {vae_config.z_dim}-d latent: the two come from different "
+            "runs. Put the refiner beside the VAE it was trained with")
+
+
+# --------------------------------------------------------------------------------------------
+# Reproducibility records
+# --------------------------------------------------------------------------------------------
+
+def _git_revision() -> tuple[str | None, bool | None]:
+    """(HEAD, whether the package sources differ from it) when the package is a git checkout."""
+    src = Path(__file__).resolve().parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(src), *args], capture_output=True,
+                                  text=True, timeout=5, check=True).stdout.strip()
+
+        git("ls-files", "--error-unmatch", "__init__.py")  # the package is tracked here
+        return git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--", "."))
+    except Exception:  # no git, not a checkout, a timeout: never fail a run for a record
+        return None, None
+
+
+def environment(device: str | torch.device | None = None, seed: int | None = None) -> dict:
+    """What a run or a sampling job ran with: versions, git revision, device, seed, threads."""
+    import numpy
+
+    from . import __version__
+
+    revision, dirty = _git_revision()
+    return {
+        "diffusevae": __version__,
+        "git_revision": revision,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "device": None if device is None else str(device),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -9,7 +9,10 @@ any subset of sections. The resolved config is what a run folder records.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -18,7 +21,7 @@ from typing import Any
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "folder")
 FORMS = ("uncond", "form1", "form2", "form2-official")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 SPACINGS = ("uniform", "trailing", "quad")
 VAR_TYPES = ("fixedlarge", "fixedsmall")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -35,9 +38,41 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name} must be {bound}; got {value!r}")
+
+
+def _is_of(value: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if typing.get_origin(tp) is tuple:
+        return isinstance(value, (tuple, list)) and all(_is_of(v, typing.get_args(tp)[0])
+                                                          for v in value)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(value is None if a is type(None) else _is_of(value, a)
+                   for a in typing.get_args(tp))
+    return True
+
+
+_type_hints = functools.lru_cache(maxsize=None)(typing.get_type_hints)
+
+
+def _check_types(section: str, obj: Any) -> None:
+    """Every field of the annotated type: a Python caller can pass anything (a CLI cannot)."""
+    for name, tp in _type_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if not _is_of(value, tp):
+            kind = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            raise ConfigError(f"{section}.{name} must be of type {kind}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +204,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | fp16 | bf16 (GPUs)
     num_workers: int = 0
     tensorboard: bool = False  # also log to TensorBoard (needs the `tensorboard` extra)
+    detect_anomaly: bool = False  # torch.autograd.detect_anomaly around each step (slow; debug)
 
     def validate(self) -> None:
         _check_positive("train.lr", self.lr)
@@ -188,7 +224,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How to draw samples (SPEC.md §5)."""
+    """How to draw samples (SPEC.md §5).
+
+    Checked when built (all but the upper bound of `steps`, which needs the schedule), because
+    `DiffuseVAE.generate` builds it from plain arguments a caller gives.
+    """
 
     n: int = 64
     steps: int = 10
@@ -203,11 +243,15 @@ class SampleConfig:
     batch_size: int = 64
     use_ema: bool = True
 
-    def validate(self, timesteps: int = 1000) -> None:
+    def __post_init__(self) -> None:
+        self.validate(timesteps=None)
+
+    def validate(self, timesteps: int | None = 1000) -> None:
+        _check_types("sample", self)
         _check_positive("sample.n", self.n)
         _check_positive("sample.batch_size", self.batch_size)
-        if not 1 <= self.steps <= timesteps:
-            raise ConfigError(f"sample.steps must be in 1..{timesteps}; got {self.steps}")
+        if self.steps < 1 or (timesteps is not None and self.steps > timesteps):
+            raise ConfigError(f"sample.steps must be in 1..{timesteps or 'T'}; got {self.steps}")
         _check_choice("sample.sampler", self.sampler, SAMPLERS)
         _check_choice("sample.spacing", self.spacing, SPACINGS)
         _check_choice("sample.var_type", self.var_type, VAR_TYPES)
@@ -231,9 +275,9 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every section and their agreement; return self so calls chain."""
-        for section in (self.data, self.vae, self.unet, self.diffusion,
-                        self.train_vae, self.train_refiner):
-            section.validate()
+        for name in ("data", "vae", "unet", "diffusion", "train_vae", "train_refiner"):
+            _check_types(name, getattr(self, name))
+            getattr(self, name).validate()
         self.sample.validate(self.diffusion.timesteps)
         shape = (self.data.image_size, self.data.channels)
         for name, sec in (("vae", self.vae), ("unet", self.unet)):
@@ -323,9 +367,9 @@ PRESETS: dict[str, Config] = {
         vae=dict(),
         unet=dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, dropout=0.0,
                   attn_resolutions=()),
-        vae_train=dict(lr=1e-3, batch_size=128, steps=1500, log_every=50,
+        vae_train=dict(lr=1e-3, batch_size=128, steps=1000, log_every=50,
                        sample_every=500, ckpt_every=500),
-        ref_train=dict(lr=1e-3, batch_size=128, steps=1500, warmup_steps=100, grad_clip=1.0,
+        ref_train=dict(lr=1e-3, batch_size=128, steps=800, warmup_steps=100, grad_clip=1.0,
                        ema_decay=0.995, log_every=50, sample_every=500, ckpt_every=500),
     ),
 }
@@ -387,7 +431,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         try:
             return tp(float(value)) if tp is int and isinstance(value, str) and "e" in value \
                 else tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where} must be of type {tp.__name__}; got {value!r}") from None
     return value
 
@@ -398,7 +442,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
         raise ConfigError(f"{where} must be a mapping; got {type(data).__name__}")
     hints = _field_types(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise ConfigError(
             f"unknown key(s) in {where}: {', '.join(unknown)}; known keys are "
@@ -412,7 +456,7 @@ def merge(cfg: Any, data: dict, where: str = "config") -> Any:
     """Return `cfg` with the fields in `data` replaced (nested sections merge, not replace)."""
     hints = _field_types(type(cfg))
     known = {f.name for f in fields(cfg)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise ConfigError(
             f"unknown key(s) in {where}: {', '.join(unknown)}; known keys are "
@@ -433,7 +477,11 @@ def load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc}); pass a readable YAML or "
+                          "JSON text file") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -442,7 +490,9 @@ def load_file(path: str | Path) -> dict:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # the parser's message names the line
-        raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)  # YAML's own message spans several lines
+        why = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}" if mark else exc
+        raise ConfigError(f"cannot parse config file {path}: {why}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import _atomic_write
+from .checkpoint import CheckpointError, _atomic_write
+from .storage import DISK_FULL_ERRNOS, _disk_full
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -74,20 +76,58 @@ def save_gif(frames: list[np.ndarray], path: str | Path, duration_ms: int = 80) 
         tmp, format="GIF", save_all=True, append_images=pics[1:], duration=duration_ms, loop=0))
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a (sparse) file's blocks now: on a full disk this fails here, with ENOSPC,
+    instead of killing the process (SIGBUS) when a memory-mapped page is written later."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise _disk_full(path, exc) from None  # other errors: the filesystem cannot
+
+
 class NpzStreamWriter:
     """Fill arrays of known length batch by batch on disk, then pack them into one `.npz`.
 
     Each array lives in a memory-mapped ``.npy`` beside the target while it is written, so
     50,000 samples never sit in memory; `close()` streams them into the zip and renames it into
-    place atomically.
+    place atomically. With ``resume=True`` the parts a killed writer left are reopened, so the
+    caller can fill in the rows it had not written (the caller keeps count: see sampling.py).
     """
 
-    def __init__(self, path: str | Path, n: int):
+    def __init__(self, path: str | Path, n: int, resume: bool = False):
         self.path = Path(path)
         self.n = n
-        self.parts = self.path.parent / f".{self.path.stem}.parts"
-        self.parts.mkdir(parents=True, exist_ok=True)
+        self.parts = self.parts_folder(self.path)
         self.arrays: dict[str, np.memmap] = {}
+        if resume:
+            try:
+                for part in sorted(self.parts.glob("*.npy")):
+                    self.arrays[part.stem] = np.lib.format.open_memmap(part, mode="r+")
+                    if self.arrays[part.stem].shape[0] != n:
+                        raise ValueError(f"{part.name} holds {len(self.arrays[part.stem])} rows")
+                if "images" not in self.arrays:
+                    raise ValueError("images.npy is missing")
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"cannot resume {self.path}: the partial arrays in {self.parts} are missing "
+                    f"or damaged ({exc}); start over without --resume") from None
+        else:
+            shutil.rmtree(self.parts, ignore_errors=True)  # parts of an abandoned run
+            self.parts.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def parts_folder(path: str | Path) -> Path:
+        """Where the arrays of the `.npz` at `path` are filled while it is written."""
+        return Path(path).parent / f".{Path(path).stem}.parts"
+
+    def flush(self) -> None:
+        """Push the rows written so far to the disk."""
+        for arr in self.arrays.values():
+            arr.flush()
 
     def write(self, start: int, **batches: np.ndarray) -> None:
         """Store each named batch at rows ``start:start+len(batch)``."""
@@ -96,6 +136,7 @@ class NpzStreamWriter:
                 self.arrays[name] = np.lib.format.open_memmap(
                     self.parts / f"{name}.npy", mode="w+", dtype=batch.dtype,
                     shape=(self.n, *batch.shape[1:]))
+                _reserve(self.parts / f"{name}.npy")
             self.arrays[name][start:start + len(batch)] = batch
 
     def close(self) -> None:

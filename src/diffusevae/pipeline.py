@@ -1,9 +1,14 @@
 """DiffuseVAE as one object: the VAE gives x_hat = D(z), the refiner turns it into a sharp image.
 
 A trained DiffuseVAE is one folder holding ``vae/`` and ``refiner/`` (each ``config.json`` +
-safetensors); the refiner never stores a copy of the VAE. Sampling streams batches, and every
-sample depends only on the seed and its index: sample i draws its z, its initial noise and its
-per-step noise from its own generator, so batch size never changes an image.
+safetensors); the refiner never stores a copy of the VAE, and ``prior/`` when an Ex-PDE mixture
+was fitted (prior.py). Sampling streams batches, and every sample depends only on the seed and
+its index: sample i draws its z, its initial noise and its per-step noise from its own generator,
+so batch size never changes an image.
+
+Beyond sampling, the same refiner turns any x_hat into an image: a real image's reconstruction
+(`reconstruct`), a coarse image the user gives (`refine_images`), optionally starting, SDEdit
+style, from the image itself noised to an intermediate step (`initial_state`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, from_dict, to_dict
-from .diffusion import Schedule, get_formulation, make_eps_fn, respaced_timesteps
+from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
+from .prior import GaussianMixture, draw_latents, load_run_prior
 from .samplers import get_sampler, randn_like_per_sample, sample_generators
 from .unet import UNet
 from .vae import VAE
@@ -51,9 +57,13 @@ def load_refiner(folder: str | Path, use_ema: bool = True,
 
 
 class DiffuseVAE:
-    """The two stages together: ``generate`` samples z, decodes x_hat and refines it."""
+    """The two stages together: ``generate`` samples z, decodes x_hat and refines it.
 
-    def __init__(self, vae: VAE | None, unet: UNet, diffusion: DiffusionConfig):
+    ``prior``: the Ex-PDE mixture over z, if one was fitted; ``generate(prior="gmm")`` uses it.
+    """
+
+    def __init__(self, vae: VAE | None, unet: UNet, diffusion: DiffusionConfig,
+                 prior: GaussianMixture | None = None):
         self.form = get_formulation(diffusion.form)
         if self.form.uses_vae and vae is None:
             raise ConfigError(f"the {diffusion.form} refiner needs a VAE, and none was given")
@@ -61,13 +71,18 @@ class DiffuseVAE:
         self.unet = unet
         self.diffusion = diffusion
         self.schedule = Schedule.from_config(diffusion)
+        if prior is not None and (self.vae is None or prior.z_dim != self.vae.config.z_dim):
+            raise ConfigError("the latent prior does not fit this pipeline's VAE (no VAE, or "
+                              "another z size); refit it with `diffusevae fit-prior`")
+        self.prior = prior
 
     # ---- folders --------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, use_ema: bool = True,
                         device: str | torch.device = "cpu") -> "DiffuseVAE":
-        """Load ``folder/refiner`` and, when its formulation needs one, ``folder/vae``."""
+        """Load ``folder/refiner``, ``folder/vae`` when the formulation needs one, and
+        ``folder/prior`` when an Ex-PDE mixture was fitted."""
         folder = Path(folder)
         if not (folder / "refiner" / ckpt.CONFIG_NAME).exists():
             raise ckpt.CheckpointError(
@@ -78,14 +93,20 @@ class DiffuseVAE:
         vae = None
         if get_formulation(diffusion.form).uses_vae:
             vae = VAE.from_pretrained(folder / "vae", use_ema=use_ema, device=device).eval()
-        return cls(vae, unet, diffusion)
+            ckpt.check_vae_matches_refiner(vae.config, unet.config, folder)
+        return cls(vae, unet, diffusion, load_run_prior(folder) if vae is not None else None)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``folder/vae`` (if any) and ``folder/refiner``, the layout of a run folder."""
+        """Write ``folder/vae`` (if any), ``folder/refiner`` and ``folder/prior`` (if any),
+        the layout of a run folder."""
+        from .prior import PRIOR_DIR, save_mixture
+
         folder = Path(folder)
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae")
         save_refiner(folder / "refiner", self.unet, None, self.diffusion)
+        if self.prior is not None:
+            save_mixture(folder / PRIOR_DIR, self.prior, {})
 
     @property
     def device(self) -> torch.device:
@@ -108,18 +129,50 @@ class DiffuseVAE:
                 "--p-uncond 0.1 (for example), or sample with --guidance 0"
             )
 
+    def initial_state(self, generators: list[torch.Generator], sample: SampleConfig,
+                      x_hat: torch.Tensor | None = None, x_start: torch.Tensor | None = None,
+                      start_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampler's first state (B, C, H, W) and its ascending original timesteps.
+
+        Fresh noise: y_T = temperature * eps over all respaced steps. SDEdit (Meng et al. 2022)
+        with ``start_step`` t: the chain starts at the respaced step tau_k nearest t, from
+        y = q_sample(target(x_start, x_hat), tau_k, temperature * eps), and visits tau_k..tau_1,
+        so the image keeps x_start's layout and the refiner redraws the details.
+        """
+        device, dtype = self.device, next(self.unet.parameters()).dtype
+        eps = sample.temperature * randn_like_per_sample(generators, self.image_shape,
+                                                         device, dtype)
+        timesteps = respaced_timesteps(self.diffusion.timesteps, sample.steps, sample.spacing)
+        if start_step is None:
+            return eps, timesteps
+        if not 0 <= start_step < self.diffusion.timesteps:
+            raise ConfigError(f"--start-step must be in 0..{self.diffusion.timesteps - 1}; got "
+                              f"{start_step}")
+        if x_start is None:
+            raise ValueError("a start step needs x_start, the image to noise")
+        k = int((timesteps - start_step).abs().argmin())  # the respaced step nearest t
+        timesteps = timesteps[: k + 1]
+        y0 = self.form.target(x_start.to(device=device, dtype=dtype), x_hat)
+        return q_sample(self.schedule, y0, int(timesteps[-1]), eps), timesteps
+
     @torch.inference_mode()
     def refine(self, x_hat: torch.Tensor | None, z: torch.Tensor | None,
                generators: list[torch.Generator], sample: SampleConfig,
-               callback: Callable | None = None) -> torch.Tensor:
-        """Run the sampler from fresh noise, conditioned on `x_hat` (and `z`); images in [-1, 1]."""
+               callback: Callable | None = None, y_T: torch.Tensor | None = None,
+               timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the sampler conditioned on `x_hat` (and `z`); images in [-1, 1].
+
+        From fresh noise, or from a given first state ``y_T`` over ``timesteps`` (default: all
+        respaced steps), e.g. one made by `initial_state` or an interpolated noise.
+        """
         sample.validate(self.diffusion.timesteps)
         self._check_guidance(sample.guidance)
-        device, dtype = self.device, next(self.unet.parameters()).dtype
-        y_T = sample.temperature * randn_like_per_sample(generators, self.image_shape,
-                                                         device, dtype)
-        timesteps = respaced_timesteps(self.diffusion.timesteps, sample.steps, sample.spacing)
-        options = {"eta": sample.eta} if sample.sampler == "ddim" else {"var_type": sample.var_type}
+        if y_T is None:
+            y_T, timesteps = self.initial_state(generators, sample)
+        elif timesteps is None:
+            timesteps = respaced_timesteps(self.diffusion.timesteps, sample.steps, sample.spacing)
+        options = {"ddim": {"eta": sample.eta},
+                   "ddpm": {"var_type": sample.var_type}}.get(sample.sampler, {})
         y0 = get_sampler(sample.sampler)(
             make_eps_fn(self.unet, self.form, x_hat, z if self.unet.config.z_dim else None,
                         sample.guidance), y_T, self.schedule, timesteps,
@@ -127,20 +180,90 @@ class DiffuseVAE:
             callback=callback, **options)
         return self.form.readback(y0, x_hat).clamp(-1, 1)
 
+    # ---- refining given images --------------------------------------------------------------
+
+    def _need_vae(self, what: str) -> VAE:
+        if self.vae is None:
+            raise ConfigError(f"{what} needs a VAE, and this run's refiner ({self.diffusion.form}) "
+                              "has none; use a run trained with --form form2 (or form1)")
+        return self.vae
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """z = mu(x) (B, z_dim), the VAE's posterior mean of images in [-1, 1]."""
+        mu, _ = self._need_vae("encoding images").encode(x.to(self.device))
+        return mu
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """x_hat = D(z) (B, C, H, W), clamped to [-1, 1]."""
+        return self._need_vae("decoding z").decode(z.to(self.device)).clamp(-1, 1)
+
+    @torch.inference_mode()
+    def refine_images(self, x_hat: torch.Tensor, sample: SampleConfig,
+                      z: torch.Tensor | None = None, x_start: torch.Tensor | None = None,
+                      start_step: int | None = None, first_index: int = 0,
+                      callback: Callable | None = None) -> Generation:
+        """Refine given coarse images x_hat (B, C, H, W) in [-1, 1], image i with the noise of
+        (sample.seed, first_index + i).
+
+        ``z`` defaults to mu(x_hat) (what a z-conditioned refiner needs). With ``start_step``
+        the chain starts SDEdit style from ``x_start`` (default: x_hat itself) noised to that
+        step. An unconditional refiner ignores x_hat and can only do the latter.
+        """
+        x_hat = x_hat.to(self.device)
+        if tuple(x_hat.shape[1:]) != self.image_shape:
+            raise ConfigError(f"the refiner takes images of shape {self.image_shape}; got "
+                              f"{tuple(x_hat.shape[1:])}")
+        gens = sample_generators(sample.seed, range(first_index, first_index + len(x_hat)))
+        x_start = x_hat if x_start is None else x_start
+        if self.vae is None:  # uncond: nothing to condition on, only the SDEdit start
+            if start_step is None:
+                raise ConfigError("this run's refiner is unconditional (form uncond): it cannot "
+                                  "be conditioned on an image; pass --start-step t to start "
+                                  "from the image noised to step t instead")
+            y, taus = self.initial_state(gens, sample, None, x_start, start_step)
+            return Generation(self.refine(None, None, gens, sample, callback, y, taus))
+        z = self.encode(x_hat) if z is None else z.to(self.device)
+        y = taus = None
+        if start_step is not None:
+            y, taus = self.initial_state(gens, sample, x_hat, x_start, start_step)
+        images = self.refine(x_hat, z, gens, sample, callback, y, taus)
+        return Generation(images, z, x_hat)
+
+    @torch.inference_mode()
+    def reconstruct(self, x: torch.Tensor, sample: SampleConfig, start_step: int | None = None,
+                    first_index: int = 0, callback: Callable | None = None) -> Generation:
+        """Encode real images x (z = mu), decode x_hat = D(z) and refine it; from fresh noise,
+        or SDEdit style from x itself noised to ``start_step``."""
+        z = self.encode(x)
+        return self.refine_images(self.decode(z), sample, z, x.to(self.device), start_step,
+                                  first_index, callback)
+
     # ---- generation -------------------------------------------------------------------------
+
+    def draw_z(self, generators: list[torch.Generator], prior: str = "normal") -> torch.Tensor:
+        """(B, z_dim) latents from the prior, row b from ``generators[b]`` ("normal" or "gmm")."""
+        vae = self._need_vae("a latent z")
+        return draw_latents(prior, generators, vae.config.z_dim, self.prior, self.device)
 
     @torch.inference_mode()
     def iter_generate(self, sample: SampleConfig, start: int = 0,
-                      callback: Callable | None = None) -> Iterator[tuple[int, Generation]]:
-        """Yield ``(first_index, Generation)`` batch by batch for indices ``start..sample.n-1``."""
+                      callback: Callable | None = None,
+                      prior: str = "normal") -> Iterator[tuple[int, Generation]]:
+        """Yield ``(first_index, Generation)`` batch by batch for indices ``start..sample.n-1``.
+
+        ``prior``: z ~ N(0, I) ("normal") or the fitted Ex-PDE mixture ("gmm").
+        """
+        if prior != "normal":
+            self.draw_z([], prior)  # fail before the first batch if there is no such prior
         for first in range(start, sample.n, sample.batch_size):
             indices = list(range(first, min(first + sample.batch_size, sample.n)))
             gens = sample_generators(sample.seed, indices)
             z = x_hat = None
             if self.vae is not None:
                 # z first from each sample's own generator, then the diffusion noise
-                z = randn_like_per_sample(gens, (self.vae.config.z_dim,), self.device,
-                                          torch.float32)
+                z = self.draw_z(gens, prior)
                 x_hat = self.vae.decode(z).clamp(-1, 1)
             images = self.refine(x_hat, z, gens, sample, callback)
             yield first, Generation(images, z, x_hat)
@@ -148,13 +271,17 @@ class DiffuseVAE:
     def generate(self, n: int, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
                  seed: int = 0, temperature: float = 1.0, guidance: float = 0.0,
                  batch_size: int = 64, spacing: str = "uniform", var_type: str = "fixedlarge",
-                 clip: bool = True, return_latents: bool = False) -> Generation | torch.Tensor:
-        """Generate `n` images (B, C, H, W) in [-1, 1]; with `return_latents` also z and x_hat."""
+                 clip: bool = True, return_latents: bool = False,
+                 prior: str = "normal") -> Generation | torch.Tensor:
+        """Generate `n` images (B, C, H, W) in [-1, 1]; with `return_latents` also z and x_hat.
+
+        ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
+        """
         sample = SampleConfig(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
                               temperature=temperature, guidance=guidance,
                               batch_size=batch_size, spacing=spacing, var_type=var_type,
                               clip=clip)
-        parts = [g for _, g in self.iter_generate(sample)]
+        parts = [g for _, g in self.iter_generate(sample, prior=prior)]
         out = Generation(
             images=torch.cat([p.images for p in parts]),
             z=None if parts[0].z is None else torch.cat([p.z for p in parts]),

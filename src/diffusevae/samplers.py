@@ -137,10 +137,40 @@ def ddim(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
     return y
 
 
-# Future: dpmpp_2m (DPM-Solver++ 2M, Lu et al. 2022; SPEC.md §5) goes here, with the same
-# signature, and into SAMPLERS below (and config.SAMPLERS).
+def dpmpp_2m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int],
+             *, generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
+             callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(2M) on the respaced steps (Lu et al. 2022, Alg. 2; data prediction)."""
+    taus, sub = _prepare(schedule, timesteps, y_T, generators)  # deterministic: no generators
+    # Step i goes from t (alpha_bar'_i) to s (alpha_bar'_{i-1}, = 1 after the last step), with
+    # alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log alpha - log sigma (the log-SNR / 2)
+    # and h = lambda_s - lambda_t.
+    alpha_t, sigma_t = sub.alpha_bar.sqrt(), (1 - sub.alpha_bar).sqrt()
+    alpha_s, sigma_s = sub.alpha_bar_prev.sqrt(), (1 - sub.alpha_bar_prev).sqrt()
+    h = (alpha_s.log() - sigma_s.log()) - (alpha_t.log() - sigma_t.log())  # inf at i = 0
+    # First order (DPM-Solver++ 1 = DDIM eta 0): y_s = sigma_s / sigma_t y_t + alpha_s (1 - e^-h) D
+    # with D = y0_pred; at i = 0 (sigma_s = 0, h = inf) that is y0_pred itself.
+    c_y = (sigma_s / sigma_t).tolist()
+    c_d = (-alpha_s * torch.expm1(-h)).tolist()
+    # Second order (Alg. 2): D = (1 + 1/(2r)) y0_pred - 1/(2r) y0_pred_prev with
+    # r = h_prev / h, where h_prev is the step just taken (from i + 1 to i). First order at the
+    # first step (no previous prediction) and at the last (h = inf: nothing to extrapolate).
+    w = torch.zeros_like(h)  # w_i = 1 / (2 r_i); unused (0) at the first and last step
+    w[1:-1] = h[1:-1] / (2 * h[2:])
+    w = w.tolist()
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim}
+    y, y0_prev, S = y_T, None, len(taus)
+    for k, i in enumerate(reversed(range(S))):
+        _, y0 = _denoise(eps_fn, sub, y, i, int(taus[i]), clip_fn)
+        d = y0 if i in (0, S - 1) else (1 + w[i]) * y0 - w[i] * y0_prev
+        y = c_y[i] * y + c_d[i] * d
+        y0_prev = y0
+        if callback is not None:
+            callback(k, S, y, y0)
+    return y
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:

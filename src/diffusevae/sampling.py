@@ -1,11 +1,19 @@
 """Sampling a run to a folder: PNG files, a grid, a streamed `.npz` and `sampling.json`.
 
 Batches go to disk as they are made, so 50,000 samples never sit in memory.
+
+Resuming (``resume=True``, ``diffusevae sample --resume``): after each batch its rows are flushed
+to the memory-mapped parts of the `.npz` and then ``sampling.json`` (settings, environment,
+``done``: samples on disk, ``complete``) is rewritten atomically. A killed run resumes at index
+``done`` with the same batches, so its images equal those of an uninterrupted run; settings,
+device or weights that differ from the recorded ones are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -14,7 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import atomic_write_json
+from .checkpoint import (EMA_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_json, environment,
+                         read_json, read_manifest)
+from .config import ConfigError
 from .config import SampleConfig
 from .images import NpzStreamWriter, make_grid, save_grid, save_png, save_pngs, to_uint8
 from .pipeline import DiffuseVAE
@@ -25,45 +35,116 @@ STAGES_SIZE = 32  # pairs in stages.png
 
 def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | Path,
                      device: torch.device, show_stages: bool = False,
-                     progress: bool = True) -> Path:
-    """Generate ``sample.n`` images from the run and write them to `out_dir`; returns it."""
+                     progress: bool = True, prior: str = "normal", resume: bool = False) -> Path:
+    """Generate ``sample.n`` images from the run and write them to `out_dir`; returns it.
+
+    ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
+    ``resume``: continue an interrupted run in `out_dir` (module docstring).
+    """
     out_dir = Path(out_dir)
     pipe = DiffuseVAE.from_pretrained(run_dir, use_ema=sample.use_ema, device=device)
     sample.validate(pipe.diffusion.timesteps)
     pipe._check_guidance(sample.guidance)  # fail before writing anything
+    if prior != "normal":
+        pipe.draw_z([], prior)  # as is a missing prior
+    settings = {
+        **dataclasses.asdict(sample),
+        "run": str(run_dir),
+        "formulation": pipe.diffusion.form,
+        "prior": prior,
+        "device": str(device),
+        "weights": _weights_of(run_dir, sample.use_ema, pipe.vae is not None, prior),
+    }
+    start = _resume_point(out_dir, settings) if resume else 0
+    if start is None:
+        tqdm.write(f"{out_dir} already holds the {sample.n} samples of these settings")
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    grid, stages = [], []
+    record = {**settings, "environment": environment(device, sample.seed),
+              "diffusevae_version": __version__, "torch_version": torch.__version__}
     t0 = time.time()
-    bar = tqdm(total=sample.n, desc="sample", unit="img", disable=not progress,
+
+    def progress_to(done: int, complete: bool = False) -> None:
+        atomic_write_json(out_dir / "sampling.json", {
+            **record, "done": done, "complete": complete,
+            "seconds": round(time.time() - t0, 2)})
+
+    bar = tqdm(total=sample.n, initial=start, desc="sample", unit="img", disable=not progress,
                dynamic_ncols=True)
 
     def on_step(i: int, n_steps: int, *_) -> None:
         bar.set_postfix_str(f"step {i + 1}/{n_steps}")
 
-    with NpzStreamWriter(out_dir / "samples.npz", sample.n) as npz:
-        for first, gen in pipe.iter_generate(sample, callback=on_step):
-            images = to_uint8(gen.images)
-            save_pngs(images, out_dir / "images", first)
-            arrays = {"images": images}
-            if gen.z is not None:
-                arrays |= {"z": gen.z.float().cpu().numpy(), "x_hat": to_uint8(gen.x_hat)}
-            npz.write(first, **arrays)
-            grid.extend(images[: GRID_SIZE - len(grid)])
-            if gen.x_hat is not None and len(stages) < 2 * STAGES_SIZE:
-                for xh, img in zip(to_uint8(gen.x_hat), images):
-                    stages.extend([xh, img])
-            bar.update(len(images))
+    npz_path = out_dir / "samples.npz"
+    parts_left = NpzStreamWriter.parts_folder(npz_path).is_dir()
+    # done == n and no parts left: killed after the .npz was packed; only the record is missing
+    if start < sample.n or parts_left or not npz_path.is_file():
+        with NpzStreamWriter(npz_path, sample.n, resume=start > 0) as npz:
+            progress_to(start)
+            for first, gen in pipe.iter_generate(sample, start=start, callback=on_step,
+                                                 prior=prior):
+                images = to_uint8(gen.images)
+                save_pngs(images, out_dir / "images", first)
+                arrays = {"images": images}
+                if gen.z is not None:
+                    arrays |= {"z": gen.z.float().cpu().numpy(), "x_hat": to_uint8(gen.x_hat)}
+                npz.write(first, **arrays)
+                npz.flush()  # the rows are on disk before the record that counts them
+                progress_to(first + len(images))
+                bar.update(len(images))
+            bar.close()
+            images = npz.arrays["images"]
+            save_grid(np.array(images[:GRID_SIZE]), out_dir / "grid.png")
+            if show_stages and "x_hat" in npz.arrays:
+                k = min(STAGES_SIZE, sample.n)
+                pairs = np.stack([npz.arrays["x_hat"][:k], images[:k]], axis=1)  # x_hat | image
+                save_png(make_grid(pairs.reshape(-1, *images.shape[1:]), nrow=8),
+                         out_dir / "stages.png")
     bar.close()
-    save_grid(np.stack(grid), out_dir / "grid.png")
-    if show_stages and stages:
-        save_png(make_grid(np.stack(stages[: 2 * STAGES_SIZE]), nrow=8), out_dir / "stages.png")
-    atomic_write_json(out_dir / "sampling.json", {
-        **dataclasses.asdict(sample),
-        "run": str(run_dir),
-        "formulation": pipe.diffusion.form,
-        "device": str(device),
-        "seconds": round(time.time() - t0, 2),
-        "diffusevae_version": __version__,
-        "torch_version": torch.__version__,
-    })
+    progress_to(sample.n, complete=True)
     return out_dir
+
+
+def _weights_of(run_dir: str | Path, use_ema: bool, with_vae: bool, prior: str) -> dict:
+    """SHA-256 of what a sampling run reads (from the manifests; None where a folder has none),
+    so that a resumed run is refused if the model changed in between."""
+    out = {}
+    for stage in ("vae", "refiner") if with_vae else ("refiner",):
+        folder = Path(run_dir) / stage
+        name = EMA_NAME if use_ema and (folder / EMA_NAME).is_file() else WEIGHTS_NAME
+        entry = ((read_manifest(folder) or {}).get("files") or {}).get(name) or {}
+        out[f"{stage}/{name}"] = entry.get("sha256")
+    if prior != "normal":  # the prior's files are small: hash them
+        for path in sorted(p for p in (Path(run_dir) / "prior").glob("*") if p.is_file()):
+            out[f"prior/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _resume_point(out_dir: Path, settings: dict) -> int | None:
+    """The first sample index an interrupted run in `out_dir` has not written (None: it is
+    complete); refuses settings that differ from the recorded ones."""
+    path = out_dir / "sampling.json"
+    if not path.is_file():
+        tqdm.write(f"nothing to resume in {out_dir}; starting from sample 0")
+        return 0
+    old = read_json(path)
+    now = json.loads(json.dumps(settings))  # as JSON gives it back
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in now.items()
+               if k in old and k not in ("run", "weights") and old[k] != v]
+    if "weights" in old and old["weights"] != now["weights"]:
+        changed.append("the model's weights (the run was retrained or replaced since)")
+    elif not all(now["weights"].values()) and \
+            Path(str(old.get("run"))).resolve() != Path(now["run"]).resolve():
+        changed.append(f"run {old.get('run')!r} -> {now['run']!r}")
+    if changed:
+        raise ConfigError(
+            f"cannot resume the sampling run in {out_dir} with other settings: "
+            f"{'; '.join(changed)}. Resume with the recorded settings (see {path}), sample into "
+            "another --out folder, or leave out --resume to start over")
+    if old.get("complete", "done" not in old):  # files of older versions were written last
+        return None
+    done = old.get("done")
+    if not isinstance(done, int) or not 0 <= done <= now["n"]:
+        raise CheckpointError(f"{path} is damaged (done = {done!r}); sample again without "
+                              "--resume")
+    return done

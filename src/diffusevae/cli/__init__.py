@@ -17,6 +17,8 @@ from ..config import ConfigError
 from ..data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
+# OS errors that mean the user pointed at the wrong place (exit 2); others are the machine's (1)
+USAGE_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -33,7 +35,7 @@ def cli() -> None:
     """
 
 
-from . import demo, generate, train  # noqa: E402,F401  (each module adds its commands)
+from . import control, demo, evaluate, generate, train  # noqa: E402,F401  (each module adds its commands)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,8 +53,24 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except TrainingError as exc:
+    except TrainingError as exc:  # a run folder in the way (2), a diverged run (1)
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # a full disk, permissions, a wrong path: one line, no traceback
+        click.echo(f"error: {_os_error_message(exc)}", err=True)
+        sys.exit(2 if isinstance(exc, USAGE_OS_ERRORS) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _os_error_message(exc: OSError) -> str:
+    """What went wrong with a file, and what to do, in one line."""
+    from ..storage import DISK_FULL_ERRNOS, DiskFullError
+
+    if isinstance(exc, DiskFullError):
+        return str(exc.strerror)  # names the file and what to do already
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return (f"the disk is full{where}; free some space (or write to another disk) and run "
+                "the command again (training: with --resume)")
+    return f"{exc.strerror or exc}{where}; check the path and its permissions"

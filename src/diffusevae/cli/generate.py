@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import read_json
 from ..config import SampleConfig, config_from_json
 from . import cli
+from .control import prior_option, refine_options, start_step_option, write_reconstructions
 from .options import device_of, device_option, run_option, sampling_options
 
 
@@ -58,10 +59,16 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
               help="Number of images to reconstruct.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Output folder [RUN/reconstructions].")
+@click.option("--refine/--no-refine", "refine", default=None,
+              help="Also refine x_hat with the run's refiner [when the run has one].")
+@start_step_option
+@refine_options()
 @device_option
 def reconstruct(run_dir: str, input_dir: str | None, n: int, out: str | None,
-                device: str) -> None:
-    """Encode images and decode them with the VAE: PNG files and a side-by-side grid."""
+                device: str, refine: bool | None = None, start_step: int | None = None,
+                **kw) -> None:
+    """Encode images and decode them with the VAE; with a refiner, refine x_hat too (from
+    fresh noise, or from the input noised to --start-step): PNG files and a side-by-side grid."""
     from ..data import build_dataset
     from ..images import save_grid, save_pngs, side_by_side, to_uint8
     from ..train import load_vae_of_run
@@ -75,9 +82,13 @@ def reconstruct(run_dir: str, input_dir: str | None, n: int, out: str | None,
     else:
         dataset = build_dataset(cfg.data, "test" if cfg.data.dataset != "folder" else "train")
     x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(dev)
+    out_dir = Path(out or Path(run_dir) / "reconstructions")
+    if refine is None:
+        refine = (Path(run_dir) / "refiner" / "config.json").is_file()
+    if refine:
+        return write_reconstructions(run_dir, x, out_dir, start_step, device, **kw)
     with torch.inference_mode():
         recon = vae.reconstruct(x)
-    out_dir = Path(out or Path(run_dir) / "reconstructions")
     save_pngs(to_uint8(recon), out_dir / "images")
     save_grid(side_by_side(x, recon), out_dir / "grid.png", nrow=8, scale=2)
     click.echo(f"{len(x)} reconstructions written to {out_dir} (grid.png: input | VAE)")
@@ -88,12 +99,16 @@ def reconstruct(run_dir: str, input_dir: str | None, n: int, out: str | None,
 @sampling_options
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/samples].")
 @click.option("--show-stages", is_flag=True, help="Also write stages.png: x_hat | refined.")
+@prior_option
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in --out with the same settings.")
 def sample(run_dir: str, out: str | None, show_stages: bool, device: str, use_ema: bool,
-           **kw) -> None:
+           resume: bool, prior: str = "normal", **kw) -> None:
     """Generate with DiffuseVAE: PNG files, grid.png, samples.npz and sampling.json."""
     from ..sampling import sample_to_folder
 
     settings = SampleConfig(use_ema=use_ema, **kw)
     out_dir = Path(out or Path(run_dir) / "samples")
-    sample_to_folder(run_dir, settings, out_dir, device_of(device), show_stages=show_stages)
+    sample_to_folder(run_dir, settings, out_dir, device_of(device), show_stages=show_stages,
+                     prior=prior, resume=resume)
     click.echo(f"{settings.n} samples written to {out_dir}")

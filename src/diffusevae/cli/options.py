@@ -46,6 +46,9 @@ def config_options(fn):
         click.option("--log-every", type=int, help="Log losses every N steps."),
         click.option("--tensorboard", is_flag=True, default=None,
                      help="Also log to TensorBoard (pip install 'diffusevae[tensorboard]')."),
+        click.option("--detect-anomaly", is_flag=True, default=None,
+                     help="Run each step under torch.autograd.detect_anomaly to find the "
+                          "operation that makes a NaN (slow; for debugging)."),
         click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
                      help="Set any config field, e.g. --set vae.kl_weight=0.5 (repeatable)."),
         click.option("--resume", is_flag=True, help="Continue the run where it stopped."),
@@ -58,7 +61,8 @@ def config_options(fn):
 
 
 _TRAIN_FIELDS = ("steps", "epochs", "batch_size", "lr", "seed", "device", "mixed_precision",
-                 "num_workers", "sample_every", "ckpt_every", "log_every", "tensorboard")
+                 "num_workers", "sample_every", "ckpt_every", "log_every", "tensorboard",
+                 "detect_anomaly")
 
 
 def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None) -> Config:
@@ -94,8 +98,9 @@ def sampling_options(fn):
                      help="Number of samples."),
         click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
                      help="Sampling steps (respaced from the 1000 of training)."),
-        click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim",
-                     show_default=True),
+        click.option("--sampler", type=click.Choice(["ddim", "ddpm", "dpmpp_2m"]), default="ddim",
+                     show_default=True, help="dpmpp_2m: DPM-Solver++(2M), deterministic; best "
+                     "with --spacing trailing."),
         click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="DDIM noise: 0 deterministic, 1 like DDPM."),
         click.option("--spacing", type=click.Choice(["uniform", "trailing", "quad"]),

@@ -1,0 +1,363 @@
+"""Control through z: interpolation, attribute directions and editing (SPEC.md §6.7-6.8).
+
+z decides the global content of an image (what x_hat = D(z) shows); the diffusion noise decides
+the details the refiner adds. So:
+
+- interpolating z with the noise held fixed changes the content smoothly (`interpolation_frames`
+  modes "lerp" and "slerp"); interpolating the initial noise x_T with z held fixed changes only
+  details (mode "xt");
+- an attribute is a direction in z: d = mean z of the images that have it minus mean z of those
+  that do not (`attribute_directions`); z + lambda d adds it (lambda > 0) or removes it
+  (lambda < 0), and lambda = 1 moves by the whole gap between the two groups (`edit_latents`).
+
+"Noise held fixed" means every frame (or every lambda) of an image gets generators in the same
+state: the same initial noise and the same per-step noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors
+from .checkpoint import read_json
+from .config import ConfigError, DataConfig, SampleConfig
+from .data import DataError, ImageFolder, build_dataset
+from .pipeline import DiffuseVAE, Generation
+from .samplers import sample_generators
+
+MODES = ("lerp", "slerp", "xt")
+ATTRIBUTES_DIR = "attributes"
+DIRECTIONS_FILE = "directions.safetensors"
+NAMES_FILE = "names.json"
+CLASS_NAMES = {
+    "digits": tuple(str(i) for i in range(10)),
+    "mnist": tuple(str(i) for i in range(10)),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                "truck"),
+}
+MAX_NAMED = 5  # files named in an error before "and N more"
+
+
+# --------------------------------------------------------------------------------------------
+# Interpolation
+# --------------------------------------------------------------------------------------------
+
+def lerp(a: Tensor, b: Tensor, weights: Tensor) -> Tensor:
+    """(1 - w) a + w b for each weight w: (F, *a.shape)."""
+    w = weights.to(torch.float64).reshape(-1, *([1] * a.ndim))
+    return ((1 - w) * a.double() + w * b.double()).to(a.dtype)
+
+
+def slerp(a: Tensor, b: Tensor, weights: Tensor) -> Tensor:
+    """Spherical interpolation (Shoemake 1985): the angle from a to b is split by w and the
+    norm moves linearly from |a| to |b|; (F, *a.shape). Equal norms stay equal in every frame.
+
+    Linear interpolation of two independent Gaussian vectors passes through vectors of smaller
+    norm (by up to 1/sqrt(2) midway), i.e. atypical for N(0, I); slerp does not.
+    """
+    ua, ub = a.double().flatten(), b.double().flatten()
+    na, nb = ua.norm(), ub.norm()
+    if na == 0 or nb == 0:
+        raise ValueError("slerp needs two nonzero vectors")
+    ua, ub = ua / na, ub / nb
+    omega = torch.arccos((ua @ ub).clamp(-1.0, 1.0))
+    w = weights.to(torch.float64).reshape(-1, 1)  # (F, 1)
+    if omega < 1e-6:  # the same direction: only the norm changes
+        dirs = ua.expand(len(w), -1)
+    elif math.pi - omega < 1e-6:
+        raise ValueError("slerp is undefined for vectors pointing in opposite directions")
+    else:  # sin((1-w) omega) / sin(omega) ua + sin(w omega) / sin(omega) ub, a unit vector
+        dirs = (torch.sin((1 - w) * omega) * ua + torch.sin(w * omega) * ub) / torch.sin(omega)
+    norms = (1 - w) * na + w * nb  # (F, 1)
+    return (norms * dirs).reshape(len(w), *a.shape).to(a.dtype)
+
+
+def interpolate(a: Tensor, b: Tensor, frames: int, method: str = "slerp") -> Tensor:
+    """``frames`` points from a to b inclusive, by "lerp" or "slerp"; (frames, *a.shape)."""
+    if frames < 2:
+        raise ConfigError(f"--frames must be >= 2; got {frames}")
+    weights = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
+    if method == "lerp":
+        return lerp(a, b, weights)
+    if method == "slerp":
+        return slerp(a, b, weights)
+    raise ConfigError(f"interpolation must be lerp or slerp; got {method!r}")
+
+
+@torch.inference_mode()
+def interpolation_frames(pipe: DiffuseVAE, mode: str, frames: int, sample: SampleConfig,
+                         seed_a: int = 0, seed_b: int = 1, z_a: Tensor | None = None,
+                         z_b: Tensor | None = None, prior: str = "normal") -> Generation:
+    """Refined frames (F, C, H, W) from a to b, with z and x_hat behind them.
+
+    "lerp" / "slerp": z moves from z_a to z_b, the noise is that of seed_a in every frame.
+    "xt": z stays z_a, the initial noise is slerped from seed_a's to seed_b's (the per-step
+    noise, if the sampler adds any, stays seed_a's). Endpoints not given as latents (e.g. mu of
+    two images) are sample 0 of each seed from ``prior``: frame 0 is then exactly sample 0 of
+    ``generate(seed=seed_a)``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"interpolation mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if pipe.vae is None and mode != "xt":
+        raise ConfigError(f"mode {mode!r} interpolates z, and this run's refiner "
+                          f"({pipe.diffusion.form}) has no VAE; use --mode xt")
+    from_seeds = z_a is None
+    gens = sample_generators(seed_a, [0] * frames)  # identical: the same noise in every frame
+    gens_b = sample_generators(seed_b, [0])
+    if pipe.vae is not None and from_seeds:  # advances every generator alike, as `generate`
+        z_a, z_b = pipe.draw_z(gens, prior)[0], pipe.draw_z(gens_b, prior)[0]
+    if mode == "xt":
+        z = None if z_a is None else z_a.reshape(1, -1).expand(frames, -1).to(pipe.device)
+        y_a, _ = pipe.initial_state(gens, sample)  # (F, C, H, W), identical rows
+        y_b, _ = pipe.initial_state(gens_b, sample)
+        y = interpolate(y_a[0], y_b[0], frames, "slerp")
+        x_hat = None if z is None else pipe.decode(z)
+        return Generation(pipe.refine(x_hat, z, gens, sample, y_T=y), z, x_hat)
+    if z_b is None:
+        raise ConfigError("give both endpoints (two images), or neither (two seeds)")
+    z = interpolate(z_a.reshape(-1).to(pipe.device), z_b.reshape(-1).to(pipe.device), frames,
+                    mode)
+    x_hat = pipe.decode(z)
+    return Generation(pipe.refine(x_hat, z, gens, sample), z, x_hat)
+
+
+# --------------------------------------------------------------------------------------------
+# Attribute directions
+# --------------------------------------------------------------------------------------------
+
+def attribute_directions(z: Tensor, labels: Tensor, names: Sequence[str] | None = None
+                         ) -> Tensor:
+    """(A, d) directions: mean z of the positives minus mean z of the negatives, per attribute.
+
+    ``z`` (N, d); ``labels`` (N, A) booleans (True = has the attribute).
+    """
+    labels = labels.to(torch.bool)
+    if labels.ndim != 2 or len(labels) != len(z):
+        raise ValueError(f"labels must be (N, A) for N = {len(z)} latents; got "
+                         f"{tuple(labels.shape)}")
+    pos, neg = labels.sum(0), (~labels).sum(0)
+    empty = [(names[a] if names else str(a)) for a in range(labels.shape[1])
+             if pos[a] == 0 or neg[a] == 0]
+    if empty:
+        raise ConfigError(f"attribute(s) {', '.join(empty)} have no positive or no negative "
+                          f"images among the {len(z)} encoded; use more images (--max-images)")
+    w = labels.to(torch.float64)  # (N, A)
+    z64 = z.to(torch.float64)
+    mean_pos = (w.T @ z64) / pos[:, None]
+    mean_neg = ((1 - w).T @ z64) / neg[:, None]
+    return (mean_pos - mean_neg).float()
+
+
+def class_labels(classes: Tensor, num_classes: int) -> Tensor:
+    """One-vs-rest labels (N, num_classes) from class indices (N,)."""
+    if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
+        raise ConfigError("these images have no class labels; pass --labels CSV")
+    return torch.nn.functional.one_hot(classes.long(), num_classes).bool()
+
+
+def read_attribute_table(path: str | Path) -> tuple[list[str], list[str], Tensor]:
+    """(file names, attribute names, labels (N, A) bool) of a label table.
+
+    A CSV whose header row names the columns: first the file name, then one column per
+    attribute, with 1 (has it) and -1 or 0 (has not). CelebA's list_attr_celeba.txt (a count
+    line, then a header without the file column, space separated) reads as well.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"label file {path} does not exist")
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if lines and re.fullmatch(r"\s*\d+\s*", lines[0]):
+        lines = lines[1:]  # CelebA's count line
+    if len(lines) < 2:
+        raise DataError(f"{path} holds no rows; expected a header and one row per image")
+    if "," in lines[0]:
+        rows = [[c.strip() for c in r] for r in csv.reader(lines)]
+    else:
+        rows = [ln.split() for ln in lines]
+    header, rows = rows[0], rows[1:]
+    names = header if len(rows[0]) == len(header) + 1 else header[1:]
+    values = {"1": True, "-1": False, "0": False}
+    labels = []
+    for i, row in enumerate(rows):
+        if len(row) != len(names) + 1 or any(v not in values for v in row[1:]):
+            raise DataError(f"{path} row {i + 1} ({row[0] if row else ''}) must hold a file name "
+                            f"and {len(names)} values of 1, -1 or 0")
+        labels.append([values[v] for v in row[1:]])
+    return [r[0] for r in rows], names, torch.tensor(labels, dtype=torch.bool)
+
+
+def match_labels(path: str | Path, files: list[str], labels: Tensor,
+                 images: Sequence[str] | None, n_images: int) -> Tensor:
+    """The table's labels (n_images, A) in the order of the images.
+
+    ``images``: the images' paths relative to their folder, matched by that path or by file
+    name; None for a dataset without file names (digits, fashion-mnist...), matched row by row.
+    """
+    if images is None:
+        if len(files) != n_images:
+            raise DataError(f"{path} has {len(files)} rows for {n_images} images; give one "
+                            "row per image in the dataset's order, or images in a folder "
+                            "(--input DIR) to match rows by file name")
+        return labels
+    by_name = {}
+    for row, name in enumerate(files):
+        by_name.setdefault(name, row)
+        by_name.setdefault(Path(name).name, row)
+    rows = [by_name.get(p, by_name.get(Path(p).name)) for p in images]
+    missing = [p for p, r in zip(images, rows) if r is None]
+    if missing:
+        more = f" and {len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else ""
+        raise DataError(f"{len(missing)} of the {len(images)} images have no row in {path}: "
+                        f"{', '.join(missing[:MAX_NAMED])}{more}; every image needs one")
+    return labels[torch.tensor(rows)]
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of an attribute name ("T-shirt/top" -> "T-shirt-top")."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "attribute"
+
+
+def save_directions(run_dir: str | Path, names: Sequence[str], directions: Tensor,
+                    info: dict) -> Path:
+    """Write ``RUN/attributes/directions.safetensors`` and ``names.json``; returns the folder."""
+    folder = Path(run_dir) / ATTRIBUTES_DIR
+    atomic_save_tensors(folder / DIRECTIONS_FILE, {"directions": directions.float()})
+    atomic_write_json(folder / NAMES_FILE, {"names": list(names), **info})
+    return folder
+
+
+def load_directions(run_dir: str | Path) -> tuple[list[str], Tensor]:
+    """The attribute names and directions (A, d) of a run, or an error saying how to make them."""
+    folder = Path(run_dir) / ATTRIBUTES_DIR
+    if not (folder / NAMES_FILE).is_file():
+        raise CheckpointError(f"{folder} holds no attribute directions; compute them with "
+                              f"`diffusevae attributes --run {run_dir}`")
+    names = read_json(folder / NAMES_FILE).get("names", [])
+    directions = load_tensors(folder / DIRECTIONS_FILE).get("directions")
+    if directions is None or directions.ndim != 2 or len(directions) != len(names):
+        raise CheckpointError(f"{folder} is inconsistent; recompute it with "
+                              f"`diffusevae attributes --run {run_dir}`")
+    return names, directions
+
+
+def find_direction(names: Sequence[str], directions: Tensor, name: str) -> Tensor:
+    """The direction called ``name`` (case-insensitive), or an error listing the names."""
+    for n, d in zip(names, directions):
+        if n.lower() == name.lower() or slug(n).lower() == name.lower():
+            return d
+    raise ConfigError(f"no attribute {name!r}; this run has: {', '.join(names)}")
+
+
+def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None,
+                       input_dir: str | Path | None = None, max_images: int | None = None,
+                       use_mean: bool = True, seed: int = 0, device: torch.device | str = "cpu",
+                       batch_size: int = 256) -> dict:
+    """Encode a run's training set (or ``input_dir``), compute one direction per attribute of
+    ``labels_csv`` (or per class, class vs rest), save them in ``RUN/attributes/``.
+
+    Returns a summary: names, positives per attribute, images encoded.
+    """
+    from .config import config_from_json
+    from .prior import encode_dataset, subset_indices
+    from .train import load_vae_of_run
+
+    cfg = config_from_json(read_json(Path(run_dir) / "vae" / "train_config.json"))
+    vae = load_vae_of_run(run_dir, torch.device(device))
+    data = cfg.data
+    if input_dir is not None:
+        data = DataConfig(dataset="folder", data_dir=str(input_dir),
+                          image_size=data.image_size, channels=data.channels)
+    dataset = build_dataset(data, "train")
+    idx = subset_indices(len(dataset), max_images, seed)
+    if labels_csv is not None:
+        files, names, table = read_attribute_table(labels_csv)
+        images = None
+        if isinstance(dataset, ImageFolder):
+            images = [p.relative_to(dataset.root).as_posix() for p in dataset.paths]
+        table = match_labels(labels_csv, files, table, images, len(dataset))
+    elif data.dataset not in CLASS_NAMES:
+        raise ConfigError(f"the {data.dataset} images of this run have no class labels; pass "
+                          "--labels CSV (a file name column, then one 1/-1 column per attribute)")
+    else:
+        names = list(CLASS_NAMES[data.dataset])
+    z, classes = encode_dataset(vae, dataset, idx, use_mean, seed, batch_size, device)
+    labels = table[torch.tensor(idx)] if labels_csv is not None else class_labels(
+        classes, len(names))
+    directions = attribute_directions(z, labels, names)
+    source = str(labels_csv) if labels_csv is not None else f"{data.dataset} class labels"
+    positives = labels.sum(0).tolist()
+    save_directions(run_dir, names, directions, {
+        "source": source, "images": len(idx), "latents": "means" if use_mean else "samples",
+        "positives": positives,
+    })
+    return {"names": names, "positives": positives, "images": len(idx), "source": source}
+
+
+@torch.inference_mode()
+def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
+                 sample: SampleConfig, z: Tensor | None = None,
+                 prior: str = "normal") -> Generation:
+    """Refine D(z + lambda d) for every lambda; images and x_hat (B, L, C, H, W), z (B, L, d).
+
+    Image b gets the noise of (sample.seed, b) in every column, so only lambda changes along a
+    row. ``z`` (B, d), e.g. mu of real images; None draws ``sample.n`` latents from ``prior``
+    as `generate` does, so the lambda = 0 column is exactly `generate`'s output.
+    """
+    n = sample.n if z is None else len(z)
+    columns = []
+    for lam in lambdas:
+        parts = []
+        for first in range(0, n, sample.batch_size):
+            idx = range(first, min(n, first + sample.batch_size))
+            gens = sample_generators(sample.seed, idx)  # fresh: the same noise for every lambda
+            z0 = pipe.draw_z(gens, prior) if z is None else z[first:idx.stop].to(pipe.device)
+            z_l = z0 + float(lam) * direction.to(device=z0.device, dtype=z0.dtype)
+            x_hat = pipe.decode(z_l)
+            parts.append(Generation(pipe.refine(x_hat, z_l, gens, sample), z_l, x_hat))
+        columns.append(Generation(*(torch.cat([getattr(p, k) for p in parts])
+                                    for k in ("images", "z", "x_hat"))))
+    return Generation(*(torch.stack([getattr(c, k) for c in columns], 1)
+                        for k in ("images", "z", "x_hat")))
+
+
+# --------------------------------------------------------------------------------------------
+# Images a user gives
+# --------------------------------------------------------------------------------------------
+
+def native_channels(path: Path) -> int:
+    """1 if an image file is grayscale (also RGB with equal channels), else 3."""
+    with Image.open(path) as im:
+        if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+            return 1
+        rgb = np.asarray(im.convert("RGB"))
+    return 1 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() else 3
+
+
+def open_image_folder(folder: str | Path, image_size: int, channels: int,
+                      convert: bool = False) -> ImageFolder:
+    """A folder of images resized for the model; with images of another channel count a
+    DataError, unless ``convert`` (then RGB becomes luma and gray is repeated, as in training).
+    """
+    dataset = build_dataset(DataConfig(dataset="folder", data_dir=str(folder),
+                                       image_size=image_size, channels=channels))
+    if not convert:
+        wrong = [p for p in dataset.paths if native_channels(p) != channels]
+        if wrong:
+            kind = "colour (RGB)" if channels == 1 else "grayscale"
+            names = ", ".join(p.relative_to(dataset.root).as_posix() for p in wrong[:MAX_NAMED])
+            more = f" and {len(wrong) - MAX_NAMED} more" if len(wrong) > MAX_NAMED else ""
+            raise DataError(f"{len(wrong)} of the {len(dataset)} images in {folder} are {kind} "
+                            f"({names}{more}) but the model takes {channels}-channel images; "
+                            "convert them, or pass --convert-channels")
+    return dataset

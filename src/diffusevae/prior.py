@@ -1,0 +1,276 @@
+"""Latent priors p(z): the standard normal, and Ex-PDE, a Gaussian mixture fitted to encodings.
+
+A VAE's aggregate posterior q(z) = E_x q(z|x) rarely fills N(0, I): z drawn from the standard
+normal can land in "holes" the decoder never saw, and give poor x_hat. Ex-PDE (DiffuseVAE §4.3,
+after Ghosh et al. 2020) fits a full-covariance Gaussian mixture to the encoded training set and
+samples z from it instead.
+
+Decisions a caller should know:
+- The mixture is stored as arrays (``gmm.safetensors``: weights, means, covariances, float64)
+  plus ``prior.json`` (settings and the fit report). Nothing is pickled.
+- Sampling is per sample: sample i draws its component (one uniform) and then its Gaussian
+  (z_dim normals) from its own generator, so z depends only on (seed, i). Samples are therefore
+  not grouped by component, unlike the official code, which drew each component's samples in a
+  block.
+- Latents are encoded as posterior samples z ~ q(z|x) by default (the aggregate posterior, which
+  is what the refiner was trained on), or as the means mu(x).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors
+from .checkpoint import read_json
+from .config import ConfigError
+from .samplers import randn_like_per_sample, sample_generators
+from .vae import VAE
+
+PRIORS = ("normal", "gmm")
+PRIOR_DIR = "prior"
+GMM_FILE = "gmm.safetensors"
+PRIOR_JSON = "prior.json"
+HELDOUT_FRACTION = 0.1  # of the images held out when the dataset has no test split
+
+
+class GaussianMixture:
+    """A mixture sum_k w_k N(mu_k, Sigma_k) over R^d, full covariances, float64 on the CPU."""
+
+    def __init__(self, weights: Tensor, means: Tensor, covariances: Tensor):
+        w = torch.as_tensor(weights, dtype=torch.float64).cpu()
+        m = torch.as_tensor(means, dtype=torch.float64).cpu()
+        c = torch.as_tensor(covariances, dtype=torch.float64).cpu()
+        K = w.shape[0] if w.ndim == 1 else -1
+        if K < 1 or m.ndim != 2 or m.shape[0] != K or c.shape != (K, m.shape[1], m.shape[1]):
+            raise ValueError(f"a mixture needs weights (K,), means (K, d), covariances (K, d, d); "
+                             f"got {tuple(w.shape)}, {tuple(m.shape)}, {tuple(c.shape)}")
+        if bool((w < 0).any()) or abs(float(w.sum()) - 1.0) > 1e-6:
+            raise ValueError("mixture weights must be >= 0 and sum to 1")
+        L, info = torch.linalg.cholesky_ex(c)
+        if bool(info.any()):
+            raise ValueError("every mixture covariance must be positive definite")
+        self.weights, self.means, self.covariances, self.scale_tril = w / w.sum(), m, c, L
+        self.cum_weights = torch.cumsum(self.weights, 0)
+
+    @property
+    def n_components(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def z_dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample(self, generators: Sequence[torch.Generator], device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B, d) draws, row b from ``generators[b]``: a component k ~ w, then mu_k + L_k eps."""
+        rows = []
+        for g in generators:
+            u = torch.rand((), generator=g, device=g.device, dtype=torch.float64).cpu()
+            k = min(int(torch.searchsorted(self.cum_weights, u, right=True)),
+                    self.n_components - 1)  # guards u at the float edge of the last weight
+            eps = torch.randn(self.z_dim, generator=g, device=g.device, dtype=torch.float32)
+            rows.append(self.means[k] + self.scale_tril[k] @ eps.cpu().double())
+        out = torch.stack(rows) if rows else self.means.new_zeros(0, self.z_dim)
+        return out.to(device=device, dtype=dtype)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) per row of z (B, d), in nats, float64."""
+        from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+
+        mix = MixtureSameFamily(Categorical(probs=self.weights),
+                                MultivariateNormal(self.means, scale_tril=self.scale_tril))
+        return mix.log_prob(z.detach().double().cpu())
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {"weights": self.weights, "means": self.means, "covariances": self.covariances}
+
+
+def normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) per row of z (B, d), in nats, float64."""
+    z = z.detach().double().cpu()
+    return -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi))
+
+
+def draw_latents(prior: str, generators: Sequence[torch.Generator], z_dim: int,
+                 mixture: GaussianMixture | None, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, z_dim) latents from ``prior`` ("normal" or "gmm"), row b from ``generators[b]``."""
+    if prior not in PRIORS:
+        raise ConfigError(f"prior must be one of {', '.join(PRIORS)}; got {prior!r}")
+    if prior == "normal":
+        return randn_like_per_sample(generators, (z_dim,), device, dtype)
+    if mixture is None:
+        raise ConfigError("this run has no fitted latent prior; fit one with "
+                          "`diffusevae fit-prior --run RUN --components K`, or use --prior normal")
+    if mixture.z_dim != z_dim:
+        raise ConfigError(f"the fitted prior is {mixture.z_dim}-dimensional but the VAE's z has "
+                          f"{z_dim} dimensions; refit it with `diffusevae fit-prior`")
+    return mixture.sample(generators, device, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding a dataset and fitting the mixture
+# --------------------------------------------------------------------------------------------
+
+def subset_indices(n: int, max_images: int | None, seed: int) -> list[int]:
+    """All of 0..n-1, or a seeded random subset of ``max_images`` of them, in ascending order."""
+    if max_images is None or max_images >= n:
+        return list(range(n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(perm[:max_images].tolist())
+
+
+@torch.inference_mode()
+def encode_dataset(vae: VAE, dataset: Dataset, indices: Sequence[int], use_mean: bool = False,
+                   seed: int = 0, batch_size: int = 256,
+                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Latents (N, d) float32 and labels (N,) of ``dataset[indices]``, on the CPU.
+
+    ``use_mean``: z = mu(x); else z ~ q(z|x), image i's noise from the generator of (seed, i),
+    so the latents do not depend on the batch size.
+    """
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
+    zs, labels, done = [], [], 0
+    for x, y in loader:
+        mu, logvar = vae.encode(x.to(device))  # (B, d) each
+        z = mu
+        if not use_mean:
+            gens = sample_generators(seed, indices[done:done + len(x)])
+            eps = randn_like_per_sample(gens, (mu.shape[1],), mu.device, mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        zs.append(z.float().cpu())
+        labels.append(torch.as_tensor(y, dtype=torch.long))
+        done += len(x)
+    return torch.cat(zs), torch.cat(labels)
+
+
+def fit_mixture(z: Tensor, components: int, seed: int = 0,
+                reg_covar: float = 1e-6, max_iter: int = 200) -> tuple[GaussianMixture, dict]:
+    """Fit a full-covariance Gaussian mixture to latents (N, d) with scikit-learn's EM.
+
+    Returns the mixture and a small report (converged, iterations).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    if components < 1:
+        raise ConfigError(f"--components must be >= 1; got {components}")
+    if len(z) < 2 * components:
+        raise ConfigError(f"cannot fit {components} components to {len(z)} latents; use fewer "
+                          "components or more images (--max-images)")
+    gmm = SkGaussianMixture(n_components=components, covariance_type="full",
+                            reg_covar=reg_covar, max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the result instead
+        gmm.fit(z.double().numpy())
+    mixture = GaussianMixture(torch.from_numpy(gmm.weights_), torch.from_numpy(gmm.means_),
+                              torch.from_numpy(gmm.covariances_))
+    return mixture, {"converged": bool(gmm.converged_), "iterations": int(gmm.n_iter_)}
+
+
+def loglik_per_dim(mixture: GaussianMixture | None, z: Tensor) -> float:
+    """Mean log-likelihood per dimension (nats) of latents z (N, d): the mixture's or N(0, I)'s."""
+    lp = normal_log_prob(z) if mixture is None else mixture.log_prob(z)
+    return float(lp.mean()) / z.shape[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The prior folder of a run
+# --------------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def vae_weights_file(run_dir: str | Path) -> Path:
+    """The VAE weights a run's commands load (EMA weights when present)."""
+    folder = Path(run_dir) / "vae"
+    ema = folder / "ema.safetensors"
+    return ema if ema.is_file() else folder / "model.safetensors"
+
+
+def save_mixture(folder: str | Path, mixture: GaussianMixture, info: dict) -> None:
+    """Write ``gmm.safetensors`` and then ``prior.json`` (kind, shapes, `info`)."""
+    folder = Path(folder)
+    atomic_save_tensors(folder / GMM_FILE, mixture.to_tensors())
+    atomic_write_json(folder / PRIOR_JSON, {"kind": "gmm", "components": mixture.n_components,
+                                            "z_dim": mixture.z_dim, **info})
+
+
+def load_mixture(folder: str | Path) -> tuple[GaussianMixture, dict]:
+    """The mixture of a prior folder and its ``prior.json``, or a CheckpointError naming it."""
+    folder = Path(folder)
+    meta = read_json(folder / PRIOR_JSON)
+    if meta.get("kind") != "gmm":
+        raise CheckpointError(f"{folder / PRIOR_JSON} is not a Gaussian-mixture prior")
+    arrays = load_tensors(folder / GMM_FILE)
+    try:
+        return GaussianMixture(arrays["weights"], arrays["means"], arrays["covariances"]), meta
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{folder / GMM_FILE} is not a valid mixture ({exc}); refit it "
+                              "with `diffusevae fit-prior`") from None
+
+
+def load_run_prior(run_dir: str | Path) -> GaussianMixture | None:
+    """The run's fitted mixture (``RUN/prior``), or None; warns if the VAE changed since."""
+    folder = Path(run_dir) / PRIOR_DIR
+    if not (folder / PRIOR_JSON).is_file():
+        return None
+    mixture, meta = load_mixture(folder)
+    weights = vae_weights_file(run_dir)
+    if meta.get("vae_sha256") and weights.is_file() and file_sha256(weights) != meta["vae_sha256"]:
+        warnings.warn(f"{folder} was fitted to an earlier version of the run's VAE; refit it with "
+                      f"`diffusevae fit-prior --run {run_dir}`", stacklevel=2)
+    return mixture
+
+
+def fit_prior(run_dir: str | Path, components: int, use_mean: bool = False,
+              max_images: int | None = None, seed: int = 0,
+              device: torch.device | str = "cpu", batch_size: int = 256) -> dict:
+    """Ex-PDE for a run: encode its training set, fit the mixture, write ``RUN/prior/``.
+
+    The report (also in ``prior.json``) gives the held-out log-likelihood per dimension of the
+    mixture next to N(0, I)'s, on the test split's latents (or on the last 10% of the images
+    when the dataset has no test split).
+    """
+    from .config import config_from_json
+    from .data import build_dataset
+    from .train import load_vae_of_run
+
+    run_dir = Path(run_dir)
+    cfg = config_from_json(read_json(run_dir / "vae" / "train_config.json"))
+    vae = load_vae_of_run(run_dir, torch.device(device))
+    train = build_dataset(cfg.data, "train")
+    if cfg.data.dataset == "folder":  # no test split: hold out the last 10% of the images
+        n_held = max(1, int(len(train) * HELDOUT_FRACTION))
+        train_idx = subset_indices(len(train) - n_held, max_images, seed)
+        held, held_idx = train, list(range(len(train) - n_held, len(train)))
+        held_name = f"the last {n_held} images of the folder"
+    else:
+        train_idx = subset_indices(len(train), max_images, seed)
+        held = build_dataset(cfg.data, "test")
+        held_idx = subset_indices(len(held), max_images, seed)
+        held_name = f"{len(held_idx)} images of the {cfg.data.dataset} test split"
+    z_train, _ = encode_dataset(vae, train, train_idx, use_mean, seed, batch_size, device)
+    z_held, _ = encode_dataset(vae, held, held_idx, use_mean, seed + 1, batch_size, device)
+    mixture, fit_info = fit_mixture(z_train, components, seed)
+    report = {
+        "latents": "means" if use_mean else "posterior samples",
+        "train_images": len(train_idx), "heldout": held_name, "seed": seed, **fit_info,
+        "loglik_per_dim": {  # nats per latent dimension; higher is better
+            "gmm_heldout": round(loglik_per_dim(mixture, z_held), 4),
+            "normal_heldout": round(loglik_per_dim(None, z_held), 4),
+            "gmm_train": round(loglik_per_dim(mixture, z_train), 4),
+        },
+        "vae_sha256": file_sha256(vae_weights_file(run_dir)),
+    }
+    save_mixture(run_dir / PRIOR_DIR, mixture, report)
+    return {"components": components, "z_dim": mixture.z_dim, **report}

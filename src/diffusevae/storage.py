@@ -1,0 +1,262 @@
+"""Files that survive a kill and are checked when read: atomic writes, commits, a manifest.
+
+Every write goes to a temporary file in the same folder, is fsynced and renamed over the target,
+so a killed process leaves either the old file or the new one, never half of one. Files that
+belong together are written as one *commit* (`save_files`), which keeps the folder's
+``manifest.json`` (SHA-256 and size of each file) true at every instant:
+
+1. each new file is written to its temporary file and hashed;
+2. the manifest is rewritten with the new hashes under ``"pending"`` (old hashes kept);
+3. the temporary files are renamed into place;
+4. the manifest is rewritten with only the new hashes, last.
+
+A reader (`read_checked`) accepts a file whose hash is the committed one or the pending one, so a
+kill at any moment leaves a folder that loads; any other content is refused with a message
+naming the file. The next commit settles what a kill left pending. A full disk raises
+`DiskFullError`, which says that the previous file is intact and what to do.
+
+Test hook (nothing else reads it): ``DIFFUSEVAE_TEST_SLOW_WRITE=seconds`` sleeps that long
+between the steps of every commit, so that a test can kill a process in the middle of one.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+SLOW_WRITE_ENV = "DIFFUSEVAE_TEST_SLOW_WRITE"
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQUOT: not Windows
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder or file is missing, incomplete, corrupt or unsafe; names the file."""
+
+
+class DiskFullError(OSError):
+    """The disk filled up during a write; the previous file is intact (the message says so)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+def _test_pause() -> None:
+    """The test hook of the module docstring: sleep between the steps of a commit."""
+    delay = os.environ.get(SLOW_WRITE_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+def _disk_full(path: Path, exc: OSError) -> DiskFullError:
+    return DiskFullError(
+        exc.errno,
+        f"the disk is full: writing {path} failed ({os.strerror(exc.errno)}); the previous "
+        f"{path.name}, if any, is intact. Free some space (or write to another disk) and run "
+        "the command again (training: with --resume)")
+
+
+def _write_temp(path: Path, write: Callable[[str], None]) -> str:
+    """Call `write(tmp)` on a temporary file beside `path` and fsync it; return its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: its files are private (0600); these get the umask's permissions.
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise _disk_full(path, exc) from None
+        raise
+    try:
+        mode = os.stat(tmp).st_mode & 0o777
+        write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:  # a writer that recreated the file (safetensors)
+            os.chmod(tmp, mode)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException as exc:
+        _unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise _disk_full(path, exc) from None
+        raise
+    return tmp
+
+
+def _unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temp file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    tmp = _write_temp(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+    _atomic_write(Path(path), write)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest: one commit of several files, and checked reads
+# --------------------------------------------------------------------------------------------
+
+def _sha256_file(path: str | Path) -> dict:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """``folder/manifest.json`` as a dict (``files``, maybe ``pending``), or None if absent."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); the file is corrupt. Delete it "
+                              "to load the folder unchecked, or restore the folder") from None
+    entries = [] if not isinstance(manifest, dict) else [
+        *(manifest.get("files") or {}).values(), *(manifest.get("pending") or {}).values()]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or \
+            not isinstance(manifest.get("pending", {}), dict) or \
+            not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in entries):
+        raise CheckpointError(f"{path} is not a diffusevae manifest (a 'files' mapping of sha256 "
+                              "entries); delete it to load the folder unchecked, or restore the "
+                              "folder")
+    return manifest
+
+
+def _current_entries(folder: Path, legacy: Iterable[str]) -> dict[str, dict]:
+    """The committed entries of `folder`, settling a commit that a kill left pending.
+
+    A folder without a manifest (older versions) has its `legacy` files hashed once, here.
+    """
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return {name: _sha256_file(folder / name) for name in legacy
+                if (folder / name).is_file()}
+    files = dict(manifest["files"])
+    for name, entry in manifest.get("pending", {}).items():
+        if (folder / name).is_file() and _sha256_file(folder / name) == entry:
+            files[name] = entry  # the rename happened before the kill
+    return files
+
+
+def save_files(folder: str | Path, writers: dict[str, Callable[[str], None]],
+               remove: Iterable[str] = (), legacy: Iterable[str] = ()) -> None:
+    """Write several files of a folder as one commit (module docstring), manifest last.
+
+    `writers` maps a file name to a function writing that file's content to a given path;
+    `remove` names files to delete in the same commit; `legacy` names the files to list when
+    the folder has no manifest yet (one written by an older version).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in list(writers) + [MANIFEST_NAME]:  # leftovers of a killed commit
+        for stale in folder.glob(f".{name}.*.tmp"):
+            _unlink(stale)
+    files = _current_entries(folder, legacy)
+    temps: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            temps[name] = _write_temp(folder / name, write)
+        pending = {name: _sha256_file(tmp) for name, tmp in temps.items()}
+        _test_pause()
+        atomic_write_json(folder / MANIFEST_NAME,
+                          {"format": MANIFEST_FORMAT, "files": files, "pending": pending})
+        _test_pause()
+        for name in list(temps):
+            os.replace(temps.pop(name), folder / name)
+            _test_pause()
+        for name in remove:
+            _unlink(folder / name)
+            files.pop(name, None)
+        _fsync_dir(folder)
+        atomic_write_json(folder / MANIFEST_NAME,
+                          {"format": MANIFEST_FORMAT, "files": {**files, **pending}})
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS and not isinstance(exc, DiskFullError):
+            raise _disk_full(folder / MANIFEST_NAME, exc) from None
+        raise
+    finally:
+        for tmp in temps.values():
+            _unlink(tmp)
+
+
+_WARNED_UNCHECKED: set[str] = set()  # folders without a manifest: one warning each
+
+
+def read_checked(path: Path, warn_unchecked: bool = False) -> bytes:
+    """The bytes of `path`, checked against its folder's manifest when the folder has one.
+
+    Without a manifest (a folder of an older version) it is read unchecked, with a warning
+    (once per folder) if `warn_unchecked`.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}; check the file's "
+                              "permissions and that the disk is readable") from None
+    manifest = read_manifest(path.parent)
+    if manifest is None:
+        if warn_unchecked and str(path.parent) not in _WARNED_UNCHECKED:
+            _WARNED_UNCHECKED.add(str(path.parent))
+            warnings.warn(f"{path.parent} has no {MANIFEST_NAME} (written by an older diffusevae?),"
+                          " so its files cannot be checked for corruption; save the model again "
+                          "to add one", stacklevel=3)
+        return data
+    accepted = [e for e in (manifest["files"].get(path.name),
+                            manifest.get("pending", {}).get(path.name)) if e]
+    if not accepted:
+        raise CheckpointError(f"{path} is not listed in {path.parent / MANIFEST_NAME}: it was "
+                              "put there after the folder was written. Remove it, or save the "
+                              "model again")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in {e.get("sha256") for e in accepted}:
+        raise CheckpointError(
+            f"{path} has changed since it was written: expected sha256 {accepted[0].get('sha256')}"
+            f", got {digest}; the file is corrupt or was edited. Restore the folder from a backup "
+            "or retrain (a training run resumes from its trainer_state.pt if that is intact)")
+    return data

@@ -1,0 +1,239 @@
+"""Control through z: interpolation, directions, editing, refining given images; the commands."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusevae.cli import main
+from diffusevae.config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
+from diffusevae.control import (attribute_directions, edit_latents, interpolation_frames, lerp,
+                                match_labels, open_image_folder, read_attribute_table, slerp)
+from diffusevae.data import DataError
+from diffusevae.diffusion import q_sample
+from diffusevae.pipeline import DiffuseVAE
+from diffusevae.samplers import sample_generators
+from diffusevae.unet import UNet
+from diffusevae.vae import VAE
+
+from conftest import tiny_config
+
+
+def run(*args):
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def _pipe(z_dim: int = 0) -> DiffuseVAE:
+    """Untrained but non-trivial weights (zero-initialised layers made random)."""
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig()).eval()
+    unet = UNet(UNetConfig(base_channels=16, z_dim=z_dim)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return DiffuseVAE(vae, unet, DiffusionConfig())
+
+
+# ---- the math ---------------------------------------------------------------------------------
+
+def test_slerp_keeps_the_norm_and_lerp_does_not():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    b = b * a.norm() / b.norm()  # equal norms
+    w = torch.linspace(0, 1, 9)
+    s, l_ = slerp(a, b, w), lerp(a, b, w)
+    torch.testing.assert_close(s.norm(dim=1), a.norm().expand(9), rtol=1e-5, atol=0)
+    assert l_.norm(dim=1)[4] < 0.85 * a.norm()  # the middle of a chord is inside the sphere
+    for out in (s, l_):
+        torch.testing.assert_close(out[0], a)
+        torch.testing.assert_close(out[-1], b)
+
+
+def test_a_direction_recovers_the_coordinate_the_labels_depend_on():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 8, generator=g)
+    labels = (z[:, 3] > 0)[:, None]
+    d = attribute_directions(z, labels)[0]
+    assert int(d.abs().argmax()) == 3
+    # E[z | z > 0] - E[z | z < 0] = 2 sqrt(2 / pi) for a standard normal coordinate
+    assert abs(float(d[3]) - 2 * (2 / np.pi) ** 0.5) < 0.1
+    assert float(d[3] / d.norm()) > 0.98
+    with pytest.raises(ConfigError, match="no positive"):
+        attribute_directions(z, torch.zeros(4000, 1, dtype=torch.bool), ["Smiling"])
+
+
+def test_label_tables_read_and_match(tmp_path):
+    celeba = tmp_path / "list_attr_celeba.txt"
+    celeba.write_text("3\nSmiling Young\n000001.jpg  1 -1\n000002.jpg -1  1\n000003.jpg 1 1\n")
+    files, names, labels = read_attribute_table(celeba)
+    assert names == ["Smiling", "Young"] and files[1] == "000002.jpg"
+    assert labels.tolist() == [[True, False], [False, True], [True, True]]
+    table = tmp_path / "a.csv"
+    table.write_text("image_id,Smiling\nsub/b.png,0\na.png,1\n")
+    files, names, labels = read_attribute_table(table)
+    assert match_labels(table, files, labels, ["a.png", "sub/b.png"], 2).tolist() == [[True],
+                                                                                      [False]]
+    with pytest.raises(DataError, match="no row"):
+        match_labels(table, files, labels, ["a.png", "c.png"], 2)
+    with pytest.raises(DataError, match="3 images"):
+        match_labels(table, files, labels, None, 3)
+    table.write_text("image_id,Smiling\na.png,yes\n")
+    with pytest.raises(DataError, match="row 1"):
+        read_attribute_table(table)
+
+
+# ---- the pipeline: fixed noise, SDEdit, editing -------------------------------------------------
+
+def test_z_interpolation_holds_the_noise_and_xt_interpolation_holds_z():
+    pipe = _pipe()
+    sample = SampleConfig(n=1, steps=2)
+    first = pipe.generate(1, steps=2, seed=4, return_latents=True)
+    last_z = pipe.generate(1, steps=2, seed=5, return_latents=True).z
+    z_frames = interpolation_frames(pipe, "slerp", 4, sample, seed_a=4, seed_b=5)
+    torch.testing.assert_close(z_frames.images[0], first.images[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(z_frames.z[-1], last_z[0], atol=1e-5, rtol=0)
+    xt = interpolation_frames(pipe, "xt", 4, sample, seed_a=4, seed_b=5)
+    assert torch.equal(xt.z, first.z.expand(4, -1))  # z fixed...
+    torch.testing.assert_close(xt.images[0], first.images[0], atol=1e-4, rtol=0)
+    assert (xt.images[-1] - xt.images[0]).abs().max() > 1e-3  # ...the noise moves
+
+
+def test_editing_holds_the_noise_across_lambdas():
+    pipe = _pipe()
+    sample = SampleConfig(n=3, steps=2, batch_size=2, sampler="ddim", eta=1.0)
+    plain = pipe.generate(3, steps=2, batch_size=3, eta=1.0)
+    still = edit_latents(pipe, torch.zeros(16), [-1.0, 0.0, 2.0], sample)
+    assert still.images.shape == (3, 3, 1, 16, 16)
+    for col in range(3):  # a zero direction: every column is the plain sample, noise and all
+        torch.testing.assert_close(still.images[:, col], plain, atol=1e-4, rtol=0)
+    moved = edit_latents(pipe, torch.ones(16), [0.0, 2.0], sample)
+    torch.testing.assert_close(moved.z[:, 1] - moved.z[:, 0], torch.full((3, 16), 2.0))
+
+
+def test_sdedit_starts_at_the_nearest_step_from_the_noised_image():
+    pipe = _pipe()
+    sample = SampleConfig(n=2, steps=10)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    x_hat = torch.zeros_like(x)
+    y, taus = pipe.initial_state(sample_generators(0, [0, 1]), sample, x_hat, x, 430)
+    assert taus.tolist() == [0, 100, 200, 300, 400]
+    eps, _ = pipe.initial_state(sample_generators(0, [0, 1]), sample)
+    torch.testing.assert_close(y, q_sample(pipe.schedule, x - x_hat, 400, eps))
+    # starting at step 0, the chain is one nearly noiseless step: the image comes back
+    out = pipe.reconstruct(x, SampleConfig(n=2, steps=10), start_step=0)
+    assert (out.images - x).abs().max() < 0.05
+    fresh = pipe.reconstruct(x, SampleConfig(n=2, steps=10))
+    assert (fresh.images - x).abs().max() > 0.2
+
+
+def test_user_images_with_another_channel_count_are_refused(tmp_path):
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "gray_as_rgb.png")
+    assert len(open_image_folder(tmp_path, 16, 1)) == 1  # equal channels: grayscale
+    colour = np.zeros((20, 20, 3), np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(colour).save(tmp_path / "red.png")
+    with pytest.raises(DataError, match="red.png.*--convert-channels"):
+        open_image_folder(tmp_path, 16, 1)
+    assert len(open_image_folder(tmp_path, 16, 1, convert=True)) == 2
+    with pytest.raises(DataError, match="grayscale"):
+        open_image_folder(tmp_path, 16, 3)
+
+
+# ---- the commands end to end -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guided_run(trained_run, tmp_path_factory):
+    """The trained run's VAE with a z-conditioned refiner trained with conditioning dropout."""
+    from diffusevae.train import train_refiner
+
+    r = tmp_path_factory.mktemp("guided")
+    shutil.copytree(trained_run / "vae", r / "vae")
+    cfg = tiny_config(**{"diffusion.p_uncond": 0.2, "unet.z_dim": 16})
+    train_refiner(cfg, r, progress=False)
+    return r
+
+
+def _write_pngs(folder, n, channels=1):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    for i in range(n):
+        shape = (12, 12) if channels == 1 else (12, 12, 3)
+        Image.fromarray(g.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"im{i}.png")
+
+
+def test_every_control_command_on_digits(guided_run, tmp_path, capsys):
+    r, fast = guided_run, ["--steps", "2", "--guidance", "1.0"]
+    assert run("reconstruct", "--run", r, "--n", "3", *fast, "--start-step", "300") == 0
+    rec = r / "reconstructions"
+    assert len(list((rec / "images").glob("*.png"))) == 3
+    assert len(list((rec / "x_hat").glob("*.png"))) == 3
+    width = Image.open(rec / "grid.png").size[0]
+    assert width > 3 * 2 * 16  # input | x_hat | refined, side by side
+
+    _write_pngs(tmp_path / "coarse" / "sub", 2)
+    assert run("refine", "--run", r, "--input", tmp_path / "coarse", "--out", tmp_path / "ref",
+               *fast) == 0
+    assert (tmp_path / "ref" / "images" / "sub" / "im1.png").is_file()
+
+    assert run("interpolate", "--run", r, "--frames", "3", *fast) == 0
+    grid = Image.open(r / "interpolation" / "grid.png")
+    assert grid.size[1] > 3 * 2 * 16  # three rows: lerp, slerp, xt
+    gif = Image.open(r / "interpolation" / "slerp.gif")
+    assert gif.n_frames == 4  # 3 frames there, 1 on the way back
+    assert run("interpolate", "--run", r, "--frames", "2", "--mode", "lerp", *fast,
+               "--image-a", tmp_path / "coarse/sub/im0.png",
+               "--image-b", tmp_path / "coarse/sub/im1.png", "--out", tmp_path / "ip") == 0
+    assert (tmp_path / "ip" / "lerp.gif").is_file()
+
+    assert run("attributes", "--run", r, "--max-images", "300") == 0
+    assert "'7'" in capsys.readouterr().out
+    names = json.loads((r / "attributes" / "names.json").read_text())["names"]
+    assert names == [str(i) for i in range(10)]
+    assert run("edit", "--run", r, "--attribute", "3", "--lambdas", "-1,0,1", "--n", "2",
+               *fast) == 0
+    edited = Image.open(r / "edit" / "3.png")
+    assert edited.size[0] > edited.size[1]  # 3 columns of lambda, 2 rows of images
+    assert run("edit", "--run", r, "--attribute", "7", "--input", tmp_path / "coarse",
+               *fast, "--out", tmp_path / "ed") == 0
+    assert (tmp_path / "ed" / "7.png").is_file()
+
+    # labels from a CSV, for a folder of images
+    rows = "\n".join(f"sub/im{i}.png,{1 if i else -1}" for i in range(2))
+    (tmp_path / "labels.csv").write_text(f"file,Bright\n{rows}\n")
+    assert run("attributes", "--run", r, "--labels", tmp_path / "labels.csv",
+               "--input", tmp_path / "coarse") == 0
+    assert json.loads((r / "attributes" / "names.json").read_text())["names"] == ["Bright"]
+
+
+@pytest.mark.parametrize("case", ["rgb", "missing-file", "row-count", "guidance",
+                                  "no-directions"])
+def test_control_errors_exit_2_with_one_line(trained_run, tmp_path, capsys, case):
+    r = trained_run
+    if case == "rgb":
+        _write_pngs(tmp_path / "rgb", 1, channels=3)
+        args, message = ["refine", "--run", r, "--input", tmp_path / "rgb"], "--convert-channels"
+    elif case == "missing-file":
+        _write_pngs(tmp_path / "imgs", 2)
+        (tmp_path / "l.csv").write_text("file,A\nim0.png,1\n")
+        args = ["attributes", "--run", r, "--labels", tmp_path / "l.csv", "--input",
+                tmp_path / "imgs"]
+        message = "im1.png"
+    elif case == "row-count":
+        (tmp_path / "l.csv").write_text("file,A\nx.png,1\ny.png,-1\n")
+        args, message = ["attributes", "--run", r, "--labels", tmp_path / "l.csv"], "2 rows"
+    elif case == "guidance":
+        args, message = ["interpolate", "--run", r, "--guidance", "1"], "p-uncond"
+    else:
+        args, message = ["edit", "--run", tmp_path, "--attribute", "x"], "diffusevae attributes"
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
