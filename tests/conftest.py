@@ -18,6 +18,23 @@ FAST = {"train_vae.steps": 4, "train_vae.batch_size": 32, "train_vae.log_every":
         "train_refiner.ckpt_every": 2, "train_refiner.warmup_steps": 2}
 
 
+def run_cli(*args) -> int:
+    """Run the `diffusevae` command in-process; its exit status (0 when it returned normally)."""
+    from diffusevae.cli import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same global seed, so that none can fail by chance."""
+    torch.manual_seed(0)
+
+
 def tiny_config(**overrides):
     """The digits preset, shrunk so that a few steps of each stage take seconds."""
     cfg = resolve("digits", overrides={**FAST, **overrides})

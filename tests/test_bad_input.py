@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from diffusevae.checkpoint import MANIFEST_NAME, CheckpointError
-from diffusevae.cli import cli, main
+from diffusevae.cli import cli
 from diffusevae.config import (Config, ConfigError, DiffusionConfig, SampleConfig, UNetConfig,
                                VAEConfig, apply_sets, from_dict, get_preset, merge, resolve)
 from diffusevae.pipeline import DiffuseVAE
@@ -30,13 +30,7 @@ from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
 
-def run(*args) -> int:
-    """The CLI in-process; its exit status (0 when it returned normally)."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
+from conftest import run_cli as run
 
 
 def assert_user_error(capsys, args, message, code=2, one_line=True) -> None:

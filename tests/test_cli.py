@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusevae.cli import main
 
 FAST = ["--steps", "3", "--batch-size", "32", "--log-every", "1", "--sample-every", "3",
         "--ckpt-every", "3", "--quiet", "--set", "unet.base_channels=16"]
 
 
-def run(*args):
-    """Run the CLI in-process; return its exit status (0 when it returned normally)."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
+from conftest import run_cli as run
 
 
 def test_end_to_end_on_digits(tmp_path, capsys):

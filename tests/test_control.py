@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusevae.cli import main
 from diffusevae.config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
 from diffusevae.control import (attribute_directions, edit_latents, interpolation_frames, lerp,
                                 match_labels, open_image_folder, read_attribute_table, slerp)
@@ -19,15 +18,8 @@ from diffusevae.samplers import sample_generators
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
-from conftest import tiny_config
+from conftest import run_cli as run, tiny_config
 
-
-def run(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def _pipe(z_dim: int = 0) -> DiffuseVAE:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from diffusevae.classifier import Classifier, ClassifierConfig, train_classifier
-from diffusevae.cli import main
 from diffusevae.config import DataConfig
 from diffusevae.evaluation import dataset_source, npz_source
 from diffusevae.features import INCEPTION_FILE, classifier_extractor, inception_extractor
@@ -26,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = DataConfig(dataset="digits", image_size=16, channels=1)
 
 
-def run(*args):
-    """Run the CLI in-process; return its exit status (0 when it returned normally)."""
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
+from conftest import run_cli as run
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffusevae.cli import main
 from diffusevae.config import ConfigError, DiffusionConfig, UNetConfig, VAEConfig
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.prior import (GaussianMixture, fit_mixture, load_mixture, loglik_per_dim,
@@ -21,12 +20,7 @@ CENTRES = torch.tensor([[8.0, 0, 0, 0], [0, 8.0, 0, 0], [0, 0, -8.0, 0]])
 WEIGHTS = (0.5, 0.3, 0.2)
 
 
-def run(*args):
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
-    return 0
+from conftest import run_cli as run
 
 
 def clustered(n: int, seed: int = 0) -> torch.Tensor:

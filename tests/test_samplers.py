@@ -16,15 +16,6 @@ from diffusevae.samplers import (
 SCHEDULE = Schedule.linear(1000, 1e-4, 0.02)
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_seeded():
-    """Tiny tensors: one thread is faster, and far faster on a busy shared machine. Every test
-    also starts from the same global seed, so that none can fail by chance."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def dummy_eps(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
