@@ -26,7 +26,7 @@ from .checkpoint import (EMA_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_j
                          read_json, read_manifest)
 from .config import ConfigError
 from .config import SampleConfig
-from .images import NpzStreamWriter, make_grid, save_grid, save_png, save_pngs, to_uint8
+from .images import NpzStreamWriter, save_grid, save_pngs, to_uint8
 from .pipeline import DiffuseVAE
 
 GRID_SIZE = 64  # images in grid.png
@@ -94,12 +94,13 @@ def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | P
                 bar.update(len(images))
             bar.close()
             images = npz.arrays["images"]
-            save_grid(np.array(images[:GRID_SIZE]), out_dir / "grid.png")
+            scale = max(1, 64 // images.shape[1])  # small images are enlarged to be seen
+            save_grid(np.array(images[:GRID_SIZE]), out_dir / "grid.png", scale=scale)
             if show_stages and "x_hat" in npz.arrays:
                 k = min(STAGES_SIZE, sample.n)
                 pairs = np.stack([npz.arrays["x_hat"][:k], images[:k]], axis=1)  # x_hat | image
-                save_png(make_grid(pairs.reshape(-1, *images.shape[1:]), nrow=8),
-                         out_dir / "stages.png")
+                save_grid(pairs.reshape(-1, *images.shape[1:]), out_dir / "stages.png",
+                          nrow=8, scale=scale)
     bar.close()
     progress_to(sample.n, complete=True)
     return out_dir
