@@ -22,7 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, from_dict, to_dict
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
-from .prior import GaussianMixture, draw_latents, load_run_prior
+from .prior import PRIOR_DIR, GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .samplers import get_sampler, randn_like_per_sample, sample_generators
 from .unet import UNet
 from .vae import VAE
@@ -99,8 +99,6 @@ class DiffuseVAE:
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``folder/vae`` (if any), ``folder/refiner`` and ``folder/prior`` (if any),
         the layout of a run folder."""
-        from .prior import PRIOR_DIR, save_mixture
-
         folder = Path(folder)
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae")

@@ -17,6 +17,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import build_dataset
 from .diffusion import Schedule, get_formulation, training_loss
+from .images import save_grid, side_by_side
 from .pipeline import DiffuseVAE, save_refiner
 from .training_loop import (EMA, RunFolderError, Stage, StepBatches,  # noqa: F401 (re-exported)
                             TrainingError, fit, total_steps)
@@ -47,8 +48,6 @@ def resolve_device(name: str) -> torch.device:
 def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
               progress: bool = True) -> VAE:
     """Train the VAE of `cfg` on `cfg.data`; writes ``RUN/vae/``."""
-    from .images import save_grid, side_by_side
-
     tc = cfg.train_vae
     device = resolve_device(tc.device)
     dataset = build_dataset(cfg.data, "train")
@@ -137,8 +136,6 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
         return {"loss": loss}
 
     def preview(folder: Path, step: int, model: nn.Module) -> None:
-        from .images import save_grid, side_by_side
-
         pipe = DiffuseVAE(vae, model, cfg.diffusion)
         out = pipe.generate(8, steps=10, seed=0, batch_size=8, return_latents=True)
         batches = (out.x_hat, out.images) if out.x_hat is not None else (out.images,)

@@ -19,6 +19,7 @@ device and seed to ``RUN/<stage>/environment.json``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import json
 import signal
@@ -387,8 +388,6 @@ def _ema_model(model: nn.Module, ema: EMA | None) -> nn.Module:
     """A copy of `model` with the EMA weights (or `model` itself when there is no EMA)."""
     if ema is None:
         return model
-    import copy
-
     twin = copy.deepcopy(model)
     twin.load_state_dict(ema.shadow)
     return twin

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import click
@@ -64,8 +64,6 @@ def _extractor(name: str, inception_weights: str | None, classifier_dir: str | N
 
 
 def _data(run_dir: str | None, data_dir: str | None) -> DataConfig | None:
-    from dataclasses import replace
-
     from ..evaluation import run_data_config
 
     data = run_data_config(run_dir) if run_dir else None
@@ -94,8 +92,6 @@ def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | No
                          data_dir: str | None, steps: int, batch_size: int, lr: float,
                          width: int, seed: int, device: str, quiet: bool) -> None:
     """Train the small CNN whose penultimate features give FID on small datasets."""
-    from dataclasses import replace
-
     from ..classifier import ClassifierConfig, train_classifier
 
     if (dataset is None) == (run_dir is None):
