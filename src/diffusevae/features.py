@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .storage import sha256_file
 
 EXTRACTORS = ("inception", "classifier")
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -61,15 +62,6 @@ class Extractor:
         return {"name": self.name, "fid_name": self.fid_name, "feature_dim": self.dim,
                 "weights": self.weights_path, "weights_sha256": self.weights_sha256,
                 **self.info}
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

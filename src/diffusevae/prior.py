@@ -18,7 +18,6 @@ Decisions a caller should know:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -28,10 +27,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors
-from .checkpoint import read_json
+from .checkpoint import (
+    CheckpointError,
+    atomic_save_tensors,
+    atomic_write_json,
+    load_tensors,
+    read_json,
+)
 from .config import ConfigError
 from .samplers import randn_like_per_sample, sample_generators
+from .storage import sha256_file
 from .vae import VAE
 
 PRIORS = ("normal", "gmm")
@@ -83,7 +88,11 @@ class GaussianMixture:
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log p(z) per row of z (B, d), in nats, float64."""
-        from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+        from torch.distributions import (
+            Categorical,
+            MixtureSameFamily,
+            MultivariateNormal,
+        )
 
         mix = MixtureSameFamily(Categorical(probs=self.weights),
                                 MultivariateNormal(self.means, scale_tril=self.scale_tril))
@@ -186,10 +195,6 @@ def loglik_per_dim(mixture: GaussianMixture | None, z: Tensor) -> float:
 # The prior folder of a run
 # --------------------------------------------------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def vae_weights_file(run_dir: str | Path) -> Path:
     """The VAE weights a run's commands load (EMA weights when present)."""
     folder = Path(run_dir) / "vae"
@@ -226,7 +231,7 @@ def load_run_prior(run_dir: str | Path) -> GaussianMixture | None:
         return None
     mixture, meta = load_mixture(folder)
     weights = vae_weights_file(run_dir)
-    if meta.get("vae_sha256") and weights.is_file() and file_sha256(weights) != meta["vae_sha256"]:
+    if meta.get("vae_sha256") and weights.is_file() and sha256_file(weights) != meta["vae_sha256"]:
         warnings.warn(f"{folder} was fitted to an earlier version of the run's VAE; refit it with "
                       f"`diffusevae fit-prior --run {run_dir}`", stacklevel=2)
     return mixture
@@ -270,7 +275,7 @@ def fit_prior(run_dir: str | Path, components: int, use_mean: bool = False,
             "normal_heldout": round(loglik_per_dim(None, z_held), 4),
             "gmm_train": round(loglik_per_dim(mixture, z_train), 4),
         },
-        "vae_sha256": file_sha256(vae_weights_file(run_dir)),
+        "vae_sha256": sha256_file(vae_weights_file(run_dir)),
     }
     save_mixture(run_dir / PRIOR_DIR, mixture, report)
     return {"components": components, "z_dim": mixture.z_dim, **report}

@@ -12,7 +12,6 @@ device or weights that differ from the recorded ones are refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,12 +21,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import (EMA_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_json, environment,
-                         read_json, read_manifest)
-from .config import ConfigError
-from .config import SampleConfig
+from .checkpoint import (
+    EMA_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    atomic_write_json,
+    environment,
+    read_json,
+    read_manifest,
+)
+from .config import ConfigError, SampleConfig
 from .images import NpzStreamWriter, save_grid, save_pngs, to_uint8
 from .pipeline import DiffuseVAE
+from .storage import sha256_file
 
 GRID_SIZE = 64  # images in grid.png
 STAGES_SIZE = 32  # pairs in stages.png
@@ -117,7 +123,7 @@ def _weights_of(run_dir: str | Path, use_ema: bool, with_vae: bool, prior: str) 
         out[f"{stage}/{name}"] = entry.get("sha256")
     if prior != "normal":  # the prior's files are small: hash them
         for path in sorted(p for p in (Path(run_dir) / "prior").glob("*") if p.is_file()):
-            out[f"prior/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[f"prior/{path.name}"] = sha256_file(path)
     return out
 
 

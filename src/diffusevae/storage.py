@@ -138,13 +138,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # The manifest: one commit of several files, and checked reads
 # --------------------------------------------------------------------------------------------
 
-def _sha256_file(path: str | Path) -> dict:
-    h, size = hashlib.sha256(), 0
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, read in chunks (the one file hash of the package)."""
+    h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
-            size += len(chunk)
-    return {"sha256": h.hexdigest(), "bytes": size}
+    return h.hexdigest()
+
+
+def _sha256_file(path: str | Path) -> dict:
+    """A manifest entry: the file's hash and size."""
+    return {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
 
 
 def read_manifest(folder: str | Path) -> dict | None:
