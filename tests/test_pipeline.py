@@ -81,3 +81,13 @@ def test_a_vae_form_without_a_vae_is_refused():
     unet = UNet(UNetConfig(base_channels=16))
     with pytest.raises(ConfigError, match="needs a VAE"):
         DiffuseVAE(None, unet, DiffusionConfig(form="form2"))
+
+
+def test_the_vae_alone_draws_the_same_z_as_the_pipeline():
+    pipe = _pipe()
+    out = pipe.generate(5, steps=2, seed=3, batch_size=2, return_latents=True)
+    z, x_hat = pipe.vae.sample_indexed(3, range(5))
+    torch.testing.assert_close(z, out.z)
+    torch.testing.assert_close(x_hat, out.x_hat)
+    z_tail, _ = pipe.vae.sample_indexed(3, range(3, 5))
+    torch.testing.assert_close(z_tail, out.z[3:])  # a sample does not depend on its batch

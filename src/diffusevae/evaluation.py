@@ -193,7 +193,6 @@ def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
                use_ema: bool = True, temperature: float = 1.0,
                device: torch.device | str = "cpu") -> Source:
     """The VAE alone: x_hat = D(z), z drawn per sample exactly as `DiffuseVAE` draws it."""
-    from .samplers import randn_like_per_sample, sample_generators
     from .vae import VAE
 
     folder = Path(run_dir) / "vae"
@@ -205,9 +204,9 @@ def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
     def batches() -> Batches:
         with torch.inference_mode():
             for first in range(0, n, batch_size):
-                gens = sample_generators(seed, range(first, min(n, first + batch_size)))
-                z = temperature * randn_like_per_sample(gens, (c.z_dim,), device, torch.float32)
-                yield to_uint8(vae.decode(z).clamp(-1, 1))
+                _, x_hat = vae.sample_indexed(seed, range(first, min(n, first + batch_size)),
+                                              temperature)
+                yield to_uint8(x_hat)
 
     protocol = {"run": str(run_dir), "formulation": "vae", "n": n, "sampler": "vae",
                 "steps": 0, "seed": seed, "use_ema": use_ema, "temperature": temperature,

@@ -210,6 +210,18 @@ class VAE(PretrainedMixin, nn.Module):
         return self.decode(temperature * z.to(device)).clamp(-1.0, 1.0)
 
     @torch.no_grad()
+    def sample_indexed(self, seed: int, indices: list[int] | range, temperature: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, D(z) clamped) for the given sample indices, z_i drawn from the generator of
+        (seed, i) exactly as `DiffuseVAE` draws it: a sample does not depend on its batch."""
+        from .samplers import randn_like_per_sample, sample_generators
+
+        p = self._param()
+        z = temperature * randn_like_per_sample(sample_generators(seed, indices),
+                                                (self.config.z_dim,), p.device, torch.float32)
+        return z, self.decode(z.to(p.dtype)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None,
                     use_mean: bool = True) -> torch.Tensor:
         """D(z) for z = mu(x) (use_mean) or z ~ q(z|x), clamped to [-1, 1]; (B, C, H, W)."""

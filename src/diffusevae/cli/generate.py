@@ -31,7 +31,6 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
                    batch_size: int, device: str) -> None:
     """Sample the VAE alone (z ~ N(0, I), x = D(z)): PNG files, a grid and an .npz."""
     from ..images import NpzStreamWriter, save_grid, save_pngs, to_uint8
-    from ..samplers import randn_like_per_sample, sample_generators
     from ..train import load_vae_of_run
 
     dev = device_of(device)
@@ -40,10 +39,9 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
     first: list[np.ndarray] = []
     with NpzStreamWriter(out_dir / "samples.npz", n) as npz, torch.inference_mode():
         for start in tqdm(range(0, n, batch_size), desc="sample-vae"):
-            idx = list(range(start, min(n, start + batch_size)))
-            z = temperature * randn_like_per_sample(sample_generators(seed, idx),
-                                                    (vae.config.z_dim,), dev, torch.float32)
-            images = to_uint8(vae.decode(z).clamp(-1, 1))
+            z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
+                                          temperature)
+            images = to_uint8(x_hat)
             save_pngs(images, out_dir / "images", start)
             npz.write(start, images=images, z=z.cpu().numpy())
             first.extend(images[: max(0, 64 - len(first))])
