@@ -87,3 +87,17 @@ def test_a_checkpoint_with_a_missing_file_is_named(tmp_path, capsys):
 def test_sampling_a_run_without_a_refiner(tmp_path, capsys):
     assert run("sample", "--run", tmp_path, "--n", "2") == 2
     assert "train-refiner" in capsys.readouterr().err
+
+
+def test_reconstruct_input_checks_channels_like_refine(trained_run, tmp_path, capsys):
+    pics = tmp_path / "rgb"
+    pics.mkdir()
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    rgb[..., 0] = 200  # red: not a grayscale image
+    Image.fromarray(rgb).save(pics / "red.png")
+    assert run("reconstruct", "--run", trained_run, "--input", pics, "--no-refine",
+               "--out", tmp_path / "o") == 2
+    assert "--convert-channels" in capsys.readouterr().err
+    assert run("reconstruct", "--run", trained_run, "--input", pics, "--no-refine",
+               "--convert-channels", "--out", tmp_path / "o") == 0
+    assert (tmp_path / "o" / "images" / "000000.png").is_file()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -13,7 +12,8 @@ from tqdm.auto import tqdm
 from ..checkpoint import read_json
 from ..config import SampleConfig, config_from_json
 from . import cli
-from .control import prior_option, refine_options, start_step_option, write_reconstructions
+from .control import (convert_option, prior_option, refine_options, start_step_option,
+                      write_reconstructions)
 from .options import device_of, device_option, run_option, sampling_options
 
 
@@ -60,13 +60,15 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
 @click.option("--refine/--no-refine", "refine", default=None,
               help="Also refine x_hat with the run's refiner [when the run has one].")
 @start_step_option
+@convert_option
 @refine_options()
 @device_option
 def reconstruct(run_dir: str, input_dir: str | None, n: int, out: str | None,
                 device: str, refine: bool | None = None, start_step: int | None = None,
-                **kw) -> None:
+                convert_channels: bool = False, **kw) -> None:
     """Encode images and decode them with the VAE; with a refiner, refine x_hat too (from
     fresh noise, or from the input noised to --start-step): PNG files and a side-by-side grid."""
+    from ..control import open_image_folder
     from ..data import build_dataset
     from ..images import save_grid, save_pngs, side_by_side, to_uint8
     from ..train import load_vae_of_run
@@ -75,8 +77,9 @@ def reconstruct(run_dir: str, input_dir: str | None, n: int, out: str | None,
     vae = load_vae_of_run(run_dir, dev)
     cfg = config_from_json(read_json(Path(run_dir) / "vae" / "train_config.json"))
     if input_dir:
-        data_cfg = replace(cfg.data, dataset="folder", data_dir=input_dir, download=False)
-        dataset = build_dataset(data_cfg, "train")
+        # the same loading and channel check as `refine` and `edit`
+        dataset = open_image_folder(input_dir, cfg.data.image_size, cfg.data.channels,
+                                    convert=convert_channels)
     else:
         dataset = build_dataset(cfg.data, "test" if cfg.data.dataset != "folder" else "train")
     x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(dev)
