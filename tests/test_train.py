@@ -56,20 +56,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, mon
     train_vae(tiny_config(**{"train_vae.ckpt_every": 100}), full, progress=False)
 
     calls = {"n": 0}
-    original = vae_module.VAE.loss
+    original = vae_module.VAE.loss_terms
 
-    def interrupted(self, x, generator=None):
+    def interrupted(self, *args):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return original(self, x, generator)
+        return original(self, *args)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(vae_module.VAE, "loss", interrupted)
+    monkeypatch.setattr(vae_module.VAE, "loss_terms", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_vae(tiny_config(**{"train_vae.ckpt_every": 100}), run, progress=False)
     assert load_trainer_state(run / "vae" / TRAINER_STATE_NAME)["step"] == 3
-    monkeypatch.setattr(vae_module.VAE, "loss", original)
+    monkeypatch.setattr(vae_module.VAE, "loss_terms", original)
     train_vae(tiny_config(**{"train_vae.ckpt_every": 100}), run, resume=True, progress=False)
     _assert_same(_weights(full / "vae/model.safetensors"), _weights(run / "vae/model.safetensors"))
 
@@ -77,17 +77,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, mon
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from diffusevae import vae as vae_module
 
-    original = vae_module.VAE.loss
+    original = vae_module.VAE.loss_terms
     calls = {"n": 0}
 
-    def exploding(self, x, generator=None):
+    def exploding(self, *args):
         calls["n"] += 1
-        out = original(self, x, generator)
+        out = original(self, *args)
         if calls["n"] == 3:
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(vae_module.VAE, "loss", exploding)
+    monkeypatch.setattr(vae_module.VAE, "loss_terms", exploding)
     run = tmp_path / "run"
     with pytest.raises(TrainingError, match="at step 3.*last checkpoint is step 2"):
         train_vae(tiny_config(), run, progress=False)

@@ -190,7 +190,8 @@ class TrainConfig:
     """One training stage's optimisation and bookkeeping."""
 
     lr: float = 1e-3
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch of one optimiser step, however many processes
+    grad_accum: int = 1  # micro-batches per step and process (the batch is split, not grown)
     steps: int = 2000  # optimiser steps; `epochs` overrides it when set
     epochs: int | None = None
     warmup_steps: int = 0  # linear lr warm-up
@@ -205,10 +206,12 @@ class TrainConfig:
     num_workers: int = 0
     tensorboard: bool = False  # also log to TensorBoard (needs the `tensorboard` extra)
     detect_anomaly: bool = False  # torch.autograd.detect_anomaly around each step (slow; debug)
+    compile: bool = False  # torch.compile the trained network (slow first step, faster after)
 
     def validate(self) -> None:
         _check_positive("train.lr", self.lr)
         _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.grad_accum", self.grad_accum)
         _check_positive("train.steps", self.steps)
         if self.epochs is not None:
             _check_positive("train.epochs", self.epochs)
@@ -227,7 +230,8 @@ class SampleConfig:
     """How to draw samples (SPEC.md §5).
 
     Checked when built (all but the upper bound of `steps`, which needs the schedule), because
-    `DiffuseVAE.generate` builds it from plain arguments a caller gives.
+    `DiffuseVAE.generate` builds it from plain arguments a caller gives. The fields of
+    `SPEED_FIELDS` say how fast the refiner runs, not what it draws (README "Fast sampling").
     """
 
     n: int = 64
@@ -242,6 +246,11 @@ class SampleConfig:
     seed: int = 0
     batch_size: int = 64
     use_ema: bool = True
+    compile: bool = False  # torch.compile the refiner (a slow first batch, faster after)
+    channels_last: bool | None = None  # refiner memory format; None: the pipeline's (by device)
+
+    SPEED_FIELDS: typing.ClassVar[tuple[str, ...]] = ("compile", "channels_last")
+    """Fields that change images by float rounding at most: a resumed run may change them."""
 
     def __post_init__(self) -> None:
         self.validate(timesteps=None)

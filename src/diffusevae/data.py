@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .config import DataConfig
+from .distributed import BatchShard
 
 SPLITS = ("train", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
@@ -367,11 +368,9 @@ def dataset_description(source: DataConfig | Dataset, split: str = "train") -> s
     return getattr(ds, "description", f"{type(ds).__name__}: {len(ds)} images")
 
 
-def random_hflip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def random_hflip(x: Tensor, generator: torch.Generator | BatchShard | None = None) -> Tensor:
     """Flip each image of a batch (B, C, H, W) left-right with probability 1/2."""
     if x.ndim != 4:
         raise ValueError(f"random_hflip takes a batch (B, C, H, W); got shape {tuple(x.shape)}")
-    # Draw on the generator's device, then move: a CPU generator gives the same flips anywhere.
-    device = generator.device if generator is not None else torch.device("cpu")
-    flip = (torch.rand(x.shape[0], generator=generator, device=device) < 0.5).to(x.device)
+    flip = (BatchShard.of(generator, x.shape[0]).rand((x.shape[0],)) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)

@@ -13,7 +13,7 @@ Schedules are stored in float64 and cast at use (`extract`). Timesteps are 0-ind
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import torch
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import DiffusionConfig
+from .distributed import BatchShard
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -109,26 +110,53 @@ class Schedule:
         taus = check_timesteps(timesteps, self.T)
         return Schedule.from_alpha_bar(self.alpha_bar[taus])
 
+    def floats(self) -> "ScheduleFloats":
+        """The coefficients as tuples of Python floats, for loops that read one step at a time."""
+        return ScheduleFloats(**{f.name: tuple(getattr(self, f.name).tolist())
+                                 for f in fields(ScheduleFloats)})
 
-def extract(a: Tensor, t: Tensor | int, like: Tensor) -> Tensor | float:
+
+@dataclass(frozen=True)
+class ScheduleFloats:
+    """What `q_sample`, `q_posterior`, `predict_y0` and `predict_eps` read, as Python floats.
+
+    Those functions take it in place of a `Schedule` for an int step: a sampler converts its
+    respaced chain once per call (`Schedule.floats`), and a step is then tensor-by-scalar
+    arithmetic with the very float64 values `extract` would take from the tensors, without
+    indexing a tensor and calling ``.item()`` at every step.
+    """
+
+    sqrt_alpha_bar: tuple[float, ...]
+    sqrt_one_minus_alpha_bar: tuple[float, ...]
+    sqrt_recip_alpha_bar: tuple[float, ...]
+    sqrt_recipm1_alpha_bar: tuple[float, ...]
+    posterior_variance: tuple[float, ...]
+    posterior_mean_coef1: tuple[float, ...]
+    posterior_mean_coef2: tuple[float, ...]
+    posterior_log_variance_clipped: tuple[float, ...]
+
+
+def extract(a: Tensor | Sequence[float], t: Tensor | int, like: Tensor) -> Tensor | float:
     """``a[t]`` cast to ``like``'s dtype and device, shaped (B, 1, 1, 1) to broadcast over it.
 
     With an int ``t`` (one step for the whole batch, as samplers use it) it is a Python float,
-    which broadcasts and casts by itself.
+    which broadcasts and casts by itself; ``a`` may then also be a sequence of floats (a
+    coefficient of `ScheduleFloats`).
     """
     if isinstance(t, int):
-        return a[t].item()
+        return float(a[t])
     out = a[t.detach().to(device=a.device, dtype=torch.long)]
     return out.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def q_sample(schedule: Schedule, y0: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
+def q_sample(schedule: Schedule | ScheduleFloats, y0: Tensor, t: Tensor | int,
+             eps: Tensor) -> Tensor:
     """y_t = sqrt(alpha_bar_t) y0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4)."""
     return (extract(schedule.sqrt_alpha_bar, t, y0) * y0
             + extract(schedule.sqrt_one_minus_alpha_bar, t, y0) * eps)
 
 
-def q_posterior(schedule: Schedule, y0: Tensor, y_t: Tensor, t: Tensor | int
+def q_posterior(schedule: Schedule | ScheduleFloats, y0: Tensor, y_t: Tensor, t: Tensor | int
                 ) -> tuple[Tensor, Tensor | float, Tensor | float]:
     """Mean, variance and clipped log-variance of q(y_{t-1} | y_t, y0) (DDPM eq. 6-7).
 
@@ -140,13 +168,15 @@ def q_posterior(schedule: Schedule, y0: Tensor, y_t: Tensor, t: Tensor | int
             extract(schedule.posterior_log_variance_clipped, t, y_t))
 
 
-def predict_y0(schedule: Schedule, y_t: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
+def predict_y0(schedule: Schedule | ScheduleFloats, y_t: Tensor, t: Tensor | int,
+               eps: Tensor) -> Tensor:
     """y0 from y_t and a noise prediction: eq. 4 solved for y0."""
     return (extract(schedule.sqrt_recip_alpha_bar, t, y_t) * y_t
             - extract(schedule.sqrt_recipm1_alpha_bar, t, y_t) * eps)
 
 
-def predict_eps(schedule: Schedule, y_t: Tensor, t: Tensor | int, y0: Tensor) -> Tensor:
+def predict_eps(schedule: Schedule | ScheduleFloats, y_t: Tensor, t: Tensor | int,
+                y0: Tensor) -> Tensor:
     """eps from y_t and a prediction of y0: eq. 4 solved for eps (used after clipping y0)."""
     return ((extract(schedule.sqrt_recip_alpha_bar, t, y_t) * y_t - y0)
             / extract(schedule.sqrt_recipm1_alpha_bar, t, y_t))
@@ -290,26 +320,25 @@ def make_eps_fn(model: Callable, form: Formulation, x_hat: Tensor | None = None,
 
 def training_loss(model: Callable, schedule: Schedule, form: Formulation, x0: Tensor,
                   x_hat: Tensor | None = None, z: Tensor | None = None, p_uncond: float = 0.0,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | BatchShard | None = None) -> Tensor:
     """The simple loss ||eps - eps_theta(net_input(y_t), t, z)||^2, averaged (DDPM eq. 14).
 
     t ~ U{0..T-1} and eps ~ N(0, I) per sample; with ``p_uncond`` > 0 each sample's
     conditioning (the x_hat channels and z, not the shift) is dropped to zeros with that
     probability, for classifier-free guidance (per sample, not per batch as the official code).
-    Random draws come from ``generator`` on its own device, then move to x0's device.
+    Random draws come from ``generator`` on its own device, then move to x0's device; a
+    `BatchShard` draws them for its rows of a batch split across processes.
     """
     form._need_x_hat(x_hat)
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must be in [0, 1]; got {p_uncond}")
     B, device = x0.shape[0], x0.device
-    gen_device = generator.device if generator is not None else device
-
-    t = torch.randint(0, schedule.T, (B,), generator=generator, device=gen_device).to(device)
-    eps = torch.randn(x0.shape, generator=generator, device=gen_device,
-                      dtype=x0.dtype).to(device)
+    draws = BatchShard.of(generator, B, device)
+    t = draws.randint(schedule.T, (B,)).to(device)
+    eps = draws.randn(x0.shape, dtype=x0.dtype).to(device)
     mask = None
     if form.conditioned and p_uncond > 0:
-        keep = torch.rand(B, generator=generator, device=gen_device) >= p_uncond
+        keep = draws.rand((B,)) >= p_uncond
         mask = keep.to(device=device, dtype=x0.dtype)
         if z is not None:
             z = z * mask.reshape(-1, *([1] * (z.ndim - 1))).to(z.dtype)

@@ -7,6 +7,12 @@ Images travel as uint8 batches (B, H, W, C) from one of four sources: a folder o
 each batch goes through the extractor into `StatsAccumulator` / `ISAccumulator` and is dropped.
 The reference is a dataset split (``fashion-mnist:test``), whose statistics are cached, or a
 statistics `.npz`, a folder or a samples `.npz`.
+
+Under a launcher (``torchrun``, ``accelerate launch``; `distributed.processes`) each process
+reads or draws a contiguous share of a source's batches, and the statistics are combined
+(`StatsAccumulator.combine`) into those one process would have made: the numbers do not depend
+on the number of processes, beyond float rounding. The main process alone reads and writes the
+reference cache, scores, and writes `metrics.json` and the grid.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from . import metrics as M
 from .checkpoint import atomic_write_json, read_json
 from .config import DATASETS, ConfigError, DataConfig, SampleConfig, config_from_json
 from .data import IMAGE_EXTENSIONS, build_dataset
+from .distributed import Processes
 from .features import Extractor
 from .images import make_grid, save_png, to_uint8
 
@@ -47,13 +54,31 @@ class EvaluationError(ConfigError):
 
 @dataclass
 class Source:
-    """Where images come from: their shape (H, W, C), count, a batch iterator, the protocol."""
+    """Where images come from: their shape (H, W, C), count, batches, the protocol.
+
+    Batch k holds images ``k * batch_size`` up to ``(k + 1) * batch_size`` (fewer in the
+    last); ``read(ks)`` yields the batches numbered ``ks`` (ascending), so that processes
+    splitting the batch numbers read or draw each image once, in the batches one process would.
+    """
 
     kind: str  # folder | npz | run | vae | dataset
     shape: tuple[int, int, int]
     n: int
-    batches: Callable[[], Batches]
+    batch_size: int
+    read: Callable[[range], Batches]
     protocol: dict = field(default_factory=dict)
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def rows(self, k: int) -> range:
+        """The indices of the images of batch k."""
+        return range(k * self.batch_size, min(self.n, (k + 1) * self.batch_size))
+
+    def batches(self, ks: range | None = None) -> Batches:
+        """The batches numbered `ks` (default: all), uint8 (B, H, W, C)."""
+        return self.read(range(self.n_batches) if ks is None else ks)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -77,16 +102,17 @@ def folder_source(folder: str | Path, batch_size: int = 250) -> Source:
                               "pass a folder of samples, or the samples.npz of `sample`")
     shape = _read_image(files[0]).shape
 
-    def batches() -> Batches:
-        for i in range(0, len(files), batch_size):
-            batch = [_read_image(p) for p in files[i:i + batch_size]]
-            bad = next((p for p, a in zip(files[i:], batch) if a.shape != shape), None)
+    def read(ks: range) -> Batches:
+        for k in ks:
+            part = files[k * batch_size:(k + 1) * batch_size]
+            batch = [_read_image(p) for p in part]
+            bad = next((p for p, a in zip(part, batch) if a.shape != shape), None)
             if bad is not None:
                 raise EvaluationError(f"{bad} is {_read_image(bad).shape}, but {files[0]} is "
                                       f"{shape}: all samples must have one size")
             yield np.stack(batch)
 
-    return Source("folder", shape, len(files), batches, {"samples": str(folder)})
+    return Source("folder", shape, len(files), batch_size, read, {"samples": str(folder)})
 
 
 def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -118,17 +144,21 @@ def npz_source(path: str | Path, batch_size: int = 250) -> Source:
                               "(N, H, W, C) with C = 1 or 3, as `diffusevae sample` writes")
     row = int(np.prod(shape[1:]))
 
-    def batches() -> Batches:
+    def read(ks: range) -> Batches:
         with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
             _npy_header(fh)
-            for i in range(0, shape[0], batch_size):
+            data_start = fh.tell()
+            for k in ks:
+                i = k * batch_size
+                if fh.tell() != data_start + i * row:
+                    fh.seek(data_start + i * row)  # another process reads the batches between
                 count = min(batch_size, shape[0] - i)
                 buf = fh.read(count * row)
                 if len(buf) != count * row:
                     raise EvaluationError(f"{path}:{key} is truncated at image {i}")
                 yield np.frombuffer(buf, np.uint8).reshape(count, *shape[1:]).copy()
 
-    return Source("npz", tuple(shape[1:]), shape[0], batches, {"samples": str(path)})
+    return Source("npz", tuple(shape[1:]), shape[0], batch_size, read, {"samples": str(path)})
 
 
 def _sampling_record(folder: Path) -> dict:
@@ -173,20 +203,22 @@ def sample_protocol(sample: SampleConfig) -> dict:
 
 def run_source(run_dir: str | Path, sample: SampleConfig, device: torch.device | str = "cpu",
                pipe=None) -> Source:
-    """Samples drawn from a trained run on the fly, batch by batch (`iter_generate`)."""
+    """Samples drawn from a trained run on the fly, batch by batch: the images `sample` writes
+    with the same settings (`DiffuseVAE.generate_batch`)."""
     from .pipeline import DiffuseVAE
 
     pipe = pipe or DiffuseVAE.from_pretrained(run_dir, use_ema=sample.use_ema, device=device)
     sample.validate(pipe.diffusion.timesteps)
     c, h, w = pipe.image_shape
 
-    def batches() -> Batches:
-        for _, gen in pipe.iter_generate(sample):
-            yield to_uint8(gen.images)
+    def read(ks: range) -> Batches:
+        for k in ks:
+            yield to_uint8(pipe.generate_batch(sample, source.rows(k)).images)
 
     protocol = {"run": str(run_dir), "formulation": pipe.diffusion.form,
                 **sample_protocol(sample)}
-    return Source("run", (h, w, c), sample.n, batches, protocol)
+    source = Source("run", (h, w, c), sample.n, sample.batch_size, read, protocol)
+    return source
 
 
 def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
@@ -201,17 +233,18 @@ def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
     vae = VAE.from_pretrained(folder, use_ema=use_ema, device=device).eval()
     c = vae.config
 
-    def batches() -> Batches:
+    def read(ks: range) -> Batches:
         with torch.inference_mode():
-            for first in range(0, n, batch_size):
-                _, x_hat = vae.sample_indexed(seed, range(first, min(n, first + batch_size)),
-                                              temperature)
+            for k in ks:
+                _, x_hat = vae.sample_indexed(seed, source.rows(k), temperature)
                 yield to_uint8(x_hat)
 
     protocol = {"run": str(run_dir), "formulation": "vae", "n": n, "sampler": "vae",
                 "steps": 0, "seed": seed, "use_ema": use_ema, "temperature": temperature,
                 "batch_size": batch_size}
-    return Source("vae", (c.image_size, c.image_size, c.channels), n, batches, protocol)
+    source = Source("vae", (c.image_size, c.image_size, c.channels), n, batch_size, read,
+                    protocol)
+    return source
 
 
 def dataset_source(data: DataConfig, split: str, limit: int | None = None,
@@ -220,15 +253,16 @@ def dataset_source(data: DataConfig, split: str, limit: int | None = None,
     ds = build_dataset(data, split)
     n = len(ds) if limit is None else min(limit, len(ds))
 
-    def batches() -> Batches:
-        for i in range(0, n, batch_size):
-            yield to_uint8(torch.stack([ds[j][0] for j in range(i, min(n, i + batch_size))]))
+    def read(ks: range) -> Batches:
+        for k in ks:
+            yield to_uint8(torch.stack([ds[j][0] for j in source.rows(k)]))
 
     protocol = {"dataset": data.dataset, "split": split, "n": n,
                 "description": getattr(ds, "description", ""),
                 "fingerprint": dataset_fingerprint(ds)}
-    return Source("dataset", (data.image_size, data.image_size, data.channels), n, batches,
-                  protocol)
+    source = Source("dataset", (data.image_size, data.image_size, data.channels), n,
+                    batch_size, read, protocol)
+    return source
 
 
 def dataset_fingerprint(ds) -> str:
@@ -260,28 +294,61 @@ class Collected:
     seconds: float
 
 
+def _alone(processes: Processes | None) -> Processes:
+    """The processes given, or this one alone (its device is not used here)."""
+    return processes or Processes(torch.device("cpu"))
+
+
 def collect(source: Source, extractor: Extractor, max_kept: int = M.MAX_KEPT,
             is_splits: int = M.IS_SPLITS, progress: bool = True, desc: str = "features",
-            keep_first: int = GRID_SIZE) -> Collected:
-    """Stream the source's batches through the extractor into statistics."""
+            keep_first: int = GRID_SIZE, processes: Processes | None = None) -> Collected:
+    """Stream the source's batches through the extractor into statistics.
+
+    With several `processes` (every one calls this) each takes a contiguous share of the
+    batches, and all get the statistics of the whole source.
+    """
+    procs = _alone(processes)
+    ks = procs.shard(source.n_batches)
     acc = M.StatsAccumulator(max_kept=max_kept, seed=0)
     is_acc = M.ISAccumulator(min(is_splits, max(1, source.n)))
-    first: list[np.ndarray] = []
+    first: dict[int, np.ndarray] = {}  # index -> image, for the grid
+    share = f" (process 1 of {procs.world})" if procs.distributed else ""
     t0 = time.time()
-    with tqdm(total=source.n, desc=desc, unit="img", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for images in source.batches():
-            if tuple(images.shape[1:]) != tuple(source.shape):
-                raise EvaluationError(f"a batch of {images.shape[1:]} images in a source of "
-                                      f"{source.shape}")
+    with tqdm(total=sum(len(source.rows(k)) for k in ks), desc=desc + share, unit="img",
+              disable=not (progress and procs.is_main), dynamic_ncols=True) as bar:
+        for k, images in zip(ks, source.batches(ks)):
+            rows = source.rows(k)
+            if tuple(images.shape) != (len(rows), *source.shape):
+                raise EvaluationError(f"batch {k} of the source holds {images.shape} images; "
+                                      f"expected {(len(rows), *source.shape)}")
             feats, logits = extractor(images)
-            acc.update(feats)
-            is_acc.update(logits)
-            first.extend(images[: max(0, keep_first - len(first))])
+            acc.update(feats, rows.start)
+            is_acc.update(logits, rows.start)
+            first |= {i: img for i, img in zip(rows, images) if i < keep_first}
             bar.update(len(images))
+    if procs.distributed:
+        acc, is_acc, first = _combined(acc, is_acc, first, procs)
     stats = acc.result({"n": acc.n, **source.protocol})
-    grid = np.stack(first) if first else np.zeros((0, *source.shape), np.uint8)
+    grid = (np.stack([first[i] for i in sorted(first)]) if first
+            else np.zeros((0, *source.shape), np.uint8))
     return Collected(stats, is_acc, grid, time.time() - t0)
+
+
+def _combined(acc: M.StatsAccumulator, is_acc: M.ISAccumulator, first: dict[int, np.ndarray],
+              procs: Processes) -> tuple[M.StatsAccumulator, M.ISAccumulator, dict]:
+    """Every process's parts made into the whole, on every process."""
+    def on_device(a: np.ndarray) -> torch.Tensor:  # NCCL reduces GPU tensors only
+        return torch.from_numpy(np.ascontiguousarray(a)).to(procs.device)
+
+    def total(a: np.ndarray) -> np.ndarray:
+        return procs.sum(on_device(a)).cpu().numpy()
+
+    def largest(a: np.ndarray) -> np.ndarray:
+        return procs.max(on_device(a)).cpu().numpy()
+
+    everyone = procs.gather_objects(first)  # a grid's worth of images: small
+    return (acc.combine(total, largest), is_acc.combine(total, largest),
+            {i: img for part in everyone for i, img in part.items()})
 
 
 def _parse_dataset_ref(ref: str) -> tuple[str, str] | None:
@@ -298,8 +365,15 @@ def _parse_dataset_ref(ref: str) -> tuple[str, str] | None:
 def reference_stats(ref: str, extractor: Extractor, shape: tuple[int, int, int],
                     data: DataConfig | None = None, cache_dir: str | Path | None = None,
                     limit: int | None = None, max_kept: int = M.MAX_KEPT,
-                    progress: bool = True) -> tuple[M.Stats, dict]:
-    """The reference's statistics (cached for dataset splits) and its description."""
+                    progress: bool = True, processes: Processes | None = None
+                    ) -> tuple[M.Stats | None, dict | None]:
+    """The reference's statistics (cached for dataset splits) and its description.
+
+    With several `processes` (every one calls this) images are read in shares (`collect`),
+    and the main process alone reads a statistics file or the cache and writes the cache;
+    the others may get (None, None): only the main process scores.
+    """
+    procs = _alone(processes)
     parsed = _parse_dataset_ref(ref)
     if parsed is None:
         path = Path(ref)
@@ -307,12 +381,11 @@ def reference_stats(ref: str, extractor: Extractor, shape: tuple[int, int, int],
             with np.load(path, allow_pickle=False) as npz:
                 is_stats = "mu" in npz.files
             if is_stats:
-                stats = M.load_stats(path)
-                _check_extractor(stats.meta, extractor, path)
-                return stats, {"reference": str(path), "kind": "statistics", "n": stats.n,
-                               **{k: v for k, v in stats.meta.items() if k != "extractor"}}
+                return procs.on_main(lambda: _stats_file(path, extractor),
+                                     share=False) or (None, None)
         source = path_source(path)
-        stats = collect(source, extractor, max_kept, progress=progress, desc="reference").stats
+        stats = collect(source, extractor, max_kept, progress=progress, desc="reference",
+                        processes=procs).stats
         return stats, {"reference": str(path), "kind": source.kind, "n": stats.n}
     dataset, split = parsed
     h, _, c = shape
@@ -323,14 +396,30 @@ def reference_stats(ref: str, extractor: Extractor, shape: tuple[int, int, int],
     key = M.stats_key(dataset, split, h, extractor.name, extractor.weights_sha256, extra)
     path = M.stats_path(cache_dir, key)
     info = {"reference": ref, "kind": "dataset", **source.protocol, "statistics": str(path)}
-    if path.is_file():
-        stats = M.load_stats(path)
-        if stats.meta.get("extractor", {}).get("weights_sha256") == extractor.weights_sha256:
-            return stats, info | {"cached": True}
-    stats = collect(source, extractor, max_kept, progress=progress, desc="reference").stats
+
+    def cached() -> M.Stats | None:
+        if path.is_file():
+            stats = M.load_stats(path)
+            if stats.meta.get("extractor", {}).get("weights_sha256") == extractor.weights_sha256:
+                return stats
+        return None
+
+    stats = procs.on_main(cached, share=False)
+    if procs.broadcast_object(stats is not None):  # the main process found them
+        return stats, info | {"cached": True}
+    stats = collect(source, extractor, max_kept, progress=progress, desc="reference",
+                    processes=procs).stats
     stats.meta = {**source.protocol, "extractor": extractor.describe()}
-    M.save_stats(path, stats)
+    procs.on_main(lambda: M.save_stats(path, stats))  # one writer of the cache file
     return stats, info | {"cached": False}
+
+
+def _stats_file(path: Path, extractor: Extractor) -> tuple[M.Stats, dict]:
+    """A statistics `.npz` made with this extractor, and its description."""
+    stats = M.load_stats(path)
+    _check_extractor(stats.meta, extractor, path)
+    return stats, {"reference": str(path), "kind": "statistics", "n": stats.n,
+                   **{k: v for k, v in stats.meta.items() if k != "extractor"}}
 
 
 def _check_extractor(meta: dict, extractor: Extractor, path: Path) -> None:
@@ -382,12 +471,29 @@ def evaluate(source: Source, ref: str, extractor: Extractor, *, data: DataConfig
              max_kept: int = M.MAX_KEPT, kid_subsets: int = M.KID_SUBSETS,
              kid_subset_size: int = M.KID_SUBSET_SIZE, is_splits: int = M.IS_SPLITS,
              out: str | Path | None = None, grid: str | Path | None = None,
-             progress: bool = True, ref_stats: tuple[M.Stats, dict] | None = None) -> dict:
-    """Score `source` against `ref`; returns (and writes to ``out/metrics.json``) the record."""
+             progress: bool = True, ref_stats: tuple[M.Stats, dict] | None = None,
+             processes: Processes | None = None) -> dict:
+    """Score `source` against `ref`; returns (and writes to ``out/metrics.json``) the record.
+
+    With several `processes` (every one calls this) the images are shared out (`collect`),
+    the main process scores and writes, and every process returns the record.
+    """
+    procs = _alone(processes)
     t0 = time.time()
     ref_stats, ref_info = ref_stats or reference_stats(
-        ref, extractor, source.shape, data, cache_dir, ref_limit, max_kept, progress)
-    got = collect(source, extractor, max_kept, is_splits, progress, desc="samples")
+        ref, extractor, source.shape, data, cache_dir, ref_limit, max_kept, progress, procs)
+    got = collect(source, extractor, max_kept, is_splits, progress, desc="samples",
+                  processes=procs)
+    return procs.on_main(lambda: _record(source, got, ref_stats, ref_info, extractor, t0,
+                                         kid_subsets, kid_subset_size, max_kept, out, grid,
+                                         procs.world))
+
+
+def _record(source: Source, got: Collected, ref_stats: M.Stats, ref_info: dict,
+            extractor: Extractor, t0: float, kid_subsets: int, kid_subset_size: int,
+            max_kept: int, out: str | Path | None, grid: str | Path | None,
+            world: int = 1) -> dict:
+    """The scores with their protocol; written to ``out/metrics.json`` and the grid."""
     result = score(got, ref_stats, extractor, kid_subsets, kid_subset_size)
     result["protocol"] = {
         "extractor": extractor.describe(),
@@ -401,7 +507,7 @@ def evaluate(source: Source, ref: str, extractor: Extractor, *, data: DataConfig
     }
     result["seconds"] = round(time.time() - t0, 2)
     result["sample_seconds"] = round(got.seconds, 2)
-    result["machine"] = machine()
+    result["machine"] = machine() | {"processes": world}
     if grid is not None and len(got.first):
         save_png(make_grid(got.first), grid)
     if out is not None:

@@ -3,11 +3,14 @@
 - `StatsAccumulator` streams features batch by batch: a running sum and a running sum of outer
   products (of features shifted by the first batch's mean, which keeps the float64 sums well
   conditioned), plus a bounded reservoir of features for KID. Its `result()` is a `Stats`.
+  Processes that each see a part of the features (rows given with their indices) `combine`
+  their accumulators into the one a single process would have built (to float rounding).
 - `frechet_distance`: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), with
   a guarded matrix square root.
 - `kid`: the unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged over random
   subsets (Binkowski et al. 2018).
-- `ISAccumulator`: exp(E_x KL(p(y|x) || p(y))) over splits (Salimans et al. 2016), streamed.
+- `ISAccumulator`: exp(E_x KL(p(y|x) || p(y))) over splits (Salimans et al. 2016), streamed,
+  combined the same way.
 - Reference statistics are cached as `.npz` files (`save_stats` / `load_stats`), keyed by
   `stats_key` (dataset, split, image size, extractor and its weights' hash).
 """
@@ -19,6 +22,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.linalg
@@ -32,6 +36,7 @@ KID_SUBSET_SIZE = 1000
 IS_SPLITS = 10
 SQRTM_EPS = 1e-6  # added to both covariances when their product is singular
 MAX_IMAG = 1e-3  # largest imaginary part of the square root's diagonal we drop silently
+Reduce = Callable[[np.ndarray], np.ndarray]  # an array -> its elementwise sum or max over parts
 
 
 class MetricError(ValueError):
@@ -54,28 +59,45 @@ class Stats:
 
 
 class StatsAccumulator:
-    """Mean and covariance of features fed in batches, never holding them all (float64)."""
+    """Mean and covariance of features fed in batches, never holding them all (float64).
+
+    Rows have indices 0, 1, 2, ... in the whole feature set. A process that sees only some of
+    them passes each batch's first index to `update`; `combine` then gives every process the
+    accumulator of all rows.
+    """
 
     def __init__(self, max_kept: int = MAX_KEPT, seed: int = 0):
         if max_kept < 0:
             raise MetricError(f"max_kept must be >= 0; got {max_kept}")
         self.max_kept = max_kept
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self.n = 0
+        self.n = 0  # rows seen
+        self.first: int | None = None  # the index of the first row seen
+        self.next = 0  # the index after the last row seen; the reservoir has drawn up to it
         self.shift: np.ndarray | None = None  # (D,) the first batch's mean
         self.sum: np.ndarray | None = None  # (D,) sum of (x - shift)
         self.outer: np.ndarray | None = None  # (D, D) sum of (x - shift)(x - shift)^T
         self.kept: np.ndarray | None = None  # (max_kept, D) reservoir
+        self.kept_index = np.full(max_kept, -1, np.int64)  # the row in each slot (-1: none)
 
-    def update(self, feats) -> None:
-        """Add a batch of features (B, D), a numpy array or a torch tensor."""
+    def update(self, feats, start: int | None = None) -> None:
+        """Add a batch of features (B, D), a numpy array or a torch tensor.
+
+        ``start``: the index of its first row in the whole set (default: right after the rows
+        seen so far). Batches come in ascending order; rows skipped belong to other processes.
+        """
         x = np.asarray(feats.detach().cpu() if hasattr(feats, "detach") else feats,
                        dtype=np.float64)
+        start = self.next if start is None else start
         if x.ndim != 2:
             raise MetricError(f"features must have shape (B, D); got {x.shape}")
+        if start < self.next:
+            raise MetricError(f"rows from index {start} after rows up to {self.next - 1}; feed "
+                              "batches in ascending order of their rows")
         if self.shift is None:
             d = x.shape[1]
-            self.shift = x.mean(0)
+            self.shift, self.first = x.mean(0), start
             self.sum, self.outer = np.zeros(d), np.zeros((d, d))
             self.kept = np.empty((self.max_kept, d), np.float32)
         elif x.shape[1] != len(self.shift):
@@ -86,16 +108,67 @@ class StatsAccumulator:
         y = x - self.shift
         self.sum += y.sum(0)
         self.outer += y.T @ y
-        self._reservoir(x, self.n)
+        self._reservoir(x, start)
         self.n += len(x)
 
     def _reservoir(self, x: np.ndarray, start: int) -> None:
-        """Algorithm R (Vitter 1985): after n rows, each is kept with probability K / n."""
-        for i, row in enumerate(x, start):  # i: the row's index in the stream
-            if i < self.max_kept:
-                self.kept[i] = row
-            elif (j := int(self.rng.integers(0, i + 1))) < self.max_kept:
-                self.kept[j] = row
+        """Algorithm R (Vitter 1985): after n rows, each is kept with probability K / n.
+
+        Row i >= K draws its slot from the generator, whatever the features are: the draws
+        depend on the row indices alone. Rows of other processes (``next..start-1``) are
+        drawn for and dropped, so that this row draws what one process seeing all rows would.
+        """
+        self._draw_until(start)
+        for i, row in enumerate(x, start):  # i: the row's index in the whole set
+            j = i if i < self.max_kept else int(self.rng.integers(0, i + 1))
+            if j < self.max_kept:
+                self.kept[j], self.kept_index[j] = row, i
+        self.next = start + len(x)
+
+    def _draw_until(self, stop: int) -> None:
+        """Advance the reservoir's generator past rows ``next..stop-1`` without keeping any."""
+        for i in range(max(self.next, self.max_kept), stop):
+            self.rng.integers(0, i + 1)
+        self.next = max(self.next, stop)
+
+    def recentred(self, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sums about another shift c: sum(x - c) and sum (x - c)(x - c)^T (exact algebra
+        on this accumulator's sums about its own shift; no features needed)."""
+        d = self.shift - shift
+        return (self.sum + self.n * d,
+                self.outer + np.outer(self.sum, d) + np.outer(d, self.sum)
+                + self.n * np.outer(d, d))
+
+    def combine(self, total: Reduce, largest: Reduce) -> "StatsAccumulator":
+        """The accumulator of all rows, from the parts that several processes saw.
+
+        Every process calls this at once with its part; ``total(a)`` and ``largest(a)`` are
+        the elementwise sum and maximum of an array over the processes (`Processes.sum` and
+        `max`). The sums are taken about the shift of the part that saw the lowest row, the
+        shift one process would have used, and each reservoir slot keeps the highest row any
+        part put there, the row one process would have left in it: the result does not depend
+        on how the rows were split, up to the order of float additions.
+        """
+        width = int(largest(np.array([0 if self.shift is None else len(self.shift)]))[0])
+        out = StatsAccumulator(self.max_kept, self.seed)
+        out.n = int(total(np.array([self.n]))[0])
+        out._draw_until(int(largest(np.array([self.next]))[0]))  # ready for more rows
+        if width == 0:  # no part saw a row
+            return out
+        none = np.iinfo(np.int64).max
+        out.first = int(-largest(np.array([-(none if self.first is None else self.first)]))[0])
+        out.shift = total(self.shift if self.first == out.first else np.zeros(width))
+        mine = self.recentred(out.shift) if self.n else (np.zeros(width),
+                                                         np.zeros((width, width)))
+        out.sum, out.outer = total(mine[0]), total(mine[1])
+        out.kept = np.zeros((self.max_kept, width), np.float32)
+        if self.max_kept:
+            out.kept_index = largest(self.kept_index)
+            own = (self.kept_index == out.kept_index) & (self.kept_index >= 0)
+            if own.any():
+                out.kept[own] = self.kept[own]
+            out.kept = total(out.kept)  # exact: in each slot one part adds its row to zeros
+        return out
 
     def result(self, meta: dict | None = None) -> Stats:
         """The mean and the unbiased covariance (as np.cov), and the kept features."""
@@ -227,8 +300,9 @@ class ISAccumulator:
         self.count = np.zeros(splits)
         self.p_sum: np.ndarray | None = None
 
-    def update(self, logits) -> None:
-        """Add a batch of class logits (B, K)."""
+    def update(self, logits, start: int | None = None) -> None:
+        """Add a batch of class logits (B, K); ``start``: the index of its first sample in the
+        whole set (default: the count so far), which decides each sample's split."""
         z = np.asarray(logits.detach().cpu() if hasattr(logits, "detach") else logits,
                        dtype=np.float64)
         logp = z - z.max(1, keepdims=True)
@@ -236,11 +310,23 @@ class ISAccumulator:
         p = np.exp(logp)
         if self.p_sum is None:
             self.p_sum = np.zeros((self.splits, z.shape[1]))
-        split = (self.n + np.arange(len(z))) % self.splits
+        split = ((self.n if start is None else start) + np.arange(len(z))) % self.splits
         np.add.at(self.neg_entropy, split, (p * logp).sum(1))
         np.add.at(self.count, split, 1)
         np.add.at(self.p_sum, split, p)
         self.n += len(z)
+
+    def combine(self, total: Reduce, largest: Reduce) -> "ISAccumulator":
+        """The accumulator of all samples, from the parts that several processes saw (as
+        `StatsAccumulator.combine`: every process calls it at once)."""
+        classes = int(largest(np.array([0 if self.p_sum is None else self.p_sum.shape[1]]))[0])
+        out = ISAccumulator(self.splits)
+        out.n = int(total(np.array([self.n]))[0])
+        out.neg_entropy, out.count = total(self.neg_entropy), total(self.count)
+        if classes:
+            out.p_sum = total(np.zeros((self.splits, classes)) if self.p_sum is None
+                              else self.p_sum)
+        return out
 
     def result(self) -> tuple[float, float]:
         """Mean and std (over splits) of the Inception Score."""

@@ -9,10 +9,18 @@ so batch size never changes an image.
 Beyond sampling, the same refiner turns any x_hat into an image: a real image's reconstruction
 (`reconstruct`), a coarse image the user gives (`refine_images`), optionally starting, SDEdit
 style, from the image itself noised to an intermediate step (`initial_state`).
+
+How fast the refiner runs is the pipeline's own state, set by `compile` and `use_channels_last`
+or by the `SampleConfig` fields of the same names at the next `refine`; neither changes an
+image beyond float rounding (README "Fast sampling"). `from_pretrained` picks the faster memory
+layout for the device; a pipeline built around a given UNet leaves that UNet as it is (it may
+be a model in training) until asked.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +36,15 @@ from .unet import UNet
 from .vae import VAE
 
 REFINER_KIND = "refiner"
+# Devices where the refiner runs channels-last by default: the CPU, where it was measured faster
+# (README "Fast sampling"), and CUDA, whose convolutions run natively in that layout (not
+# measured here). Elsewhere (MPS) the layout stays contiguous.
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
+
+
+def _has_cpp_compiler() -> bool:
+    """Whether torch.compile's default backend can build CPU code here."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++"))
 
 
 @dataclass
@@ -75,14 +92,18 @@ class DiffuseVAE:
             raise ConfigError("the latent prior does not fit this pipeline's VAE (no VAE, or "
                               "another z size); refit it with `diffusevae fit-prior`")
         self.prior = prior
+        self.compiled = False  # `compile` was called
+        self.channels_last: bool | None = None  # the UNet's layout; None: as it was given
 
     # ---- folders --------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, use_ema: bool = True,
-                        device: str | torch.device = "cpu") -> "DiffuseVAE":
+                        device: str | torch.device = "cpu",
+                        channels_last: bool | None = None) -> "DiffuseVAE":
         """Load ``folder/refiner``, ``folder/vae`` when the formulation needs one, and
-        ``folder/prior`` when an Ex-PDE mixture was fitted."""
+        ``folder/prior`` when an Ex-PDE mixture was fitted; the refiner's memory layout as
+        `use_channels_last` chooses (None: by device)."""
         folder = Path(folder)
         if not (folder / "refiner" / ckpt.CONFIG_NAME).exists():
             raise ckpt.CheckpointError(
@@ -94,7 +115,8 @@ class DiffuseVAE:
         if get_formulation(diffusion.form).uses_vae:
             vae = VAE.from_pretrained(folder / "vae", use_ema=use_ema, device=device).eval()
             ckpt.check_vae_matches_refiner(vae.config, unet.config, folder)
-        return cls(vae, unet, diffusion, load_run_prior(folder) if vae is not None else None)
+        pipe = cls(vae, unet, diffusion, load_run_prior(folder) if vae is not None else None)
+        return pipe.use_channels_last(channels_last)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``folder/vae`` (if any), ``folder/refiner`` and ``folder/prior`` (if any),
@@ -115,6 +137,61 @@ class DiffuseVAE:
         c = self.unet.config
         return (c.channels, c.image_size, c.image_size)
 
+    # ---- how fast the refiner runs ----------------------------------------------------------
+
+    def compile(self, **kwargs) -> "DiffuseVAE":
+        """Compile the refiner UNet in place with torch.compile; returns self.
+
+        `nn.Module.compile`: the UNet keeps its class and its state-dict keys, so saving and
+        loading are unchanged. ``kwargs`` go to torch.compile, with ``dynamic=False`` unless
+        given: one graph per batch shape, so a run of equal batches and a smaller last one
+        compiles twice (the first batch of each shape is slow) and never again; torch runs
+        shapes beyond ``torch._dynamo.config.recompile_limit`` eagerly. Call it again to
+        compile with other options.
+        """
+        inductor = kwargs.get("backend", "inductor") == "inductor"
+        if inductor and self.device.type == "cpu" and not _has_cpp_compiler():
+            raise ConfigError("torch.compile for the CPU needs a C++ compiler (g++ or clang++, or "
+                              "one named by $CXX); install one, or sample without --compile")
+        self.unet.compile(**{"dynamic": False, **kwargs})
+        self.compiled = True
+        return self
+
+    def use_channels_last(self, enabled: bool | None = None) -> "DiffuseVAE":
+        """Lay the refiner's weights, and the input of each call, out channels-last (NHWC), or
+        back to contiguous (NCHW) with False; returns self.
+
+        None chooses by device: channels-last on CHANNELS_LAST_DEVICES, where its convolutions
+        are faster, contiguous elsewhere. Images agree to float rounding either way.
+        """
+        if enabled is None:
+            enabled = self.device.type in CHANNELS_LAST_DEVICES
+        if enabled != self.channels_last:
+            fmt = torch.channels_last if enabled else torch.contiguous_format
+            with torch.inference_mode(False):  # weights, not inference tensors: still trainable
+                self.unet.to(memory_format=fmt)
+            self.channels_last = enabled
+        return self
+
+    def _network(self) -> Callable:
+        """The refiner as the samplers call it: ``(x_in, t, z=None) -> eps``, its input laid
+        out as its weights are."""
+        if not self.channels_last:
+            return self.unet
+
+        def network(x_in: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None = None):
+            return self.unet(x_in.contiguous(memory_format=torch.channels_last), t, z)
+
+        return network
+
+    def _run_as(self, sample: SampleConfig) -> None:
+        """Apply ``sample.channels_last`` (None keeps the pipeline's layout) and
+        ``sample.compile`` (a compiled pipeline stays compiled)."""
+        if sample.channels_last is not None:
+            self.use_channels_last(sample.channels_last)
+        if sample.compile and not self.compiled:
+            self.compile()
+
     # ---- the core: refine a batch of x_hat --------------------------------------------------
 
     def _check_guidance(self, guidance: float) -> None:
@@ -127,6 +204,7 @@ class DiffuseVAE:
                 "--p-uncond 0.1 (for example), or sample with --guidance 0"
             )
 
+    @torch.inference_mode()
     def initial_state(self, generators: list[torch.Generator], sample: SampleConfig,
                       x_hat: torch.Tensor | None = None, x_start: torch.Tensor | None = None,
                       start_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +243,7 @@ class DiffuseVAE:
         """
         sample.validate(self.diffusion.timesteps)
         self._check_guidance(sample.guidance)
+        self._run_as(sample)
         if y_T is None:
             y_T, timesteps = self.initial_state(generators, sample)
         elif timesteps is None:
@@ -172,8 +251,9 @@ class DiffuseVAE:
         options = {"ddim": {"eta": sample.eta},
                    "ddpm": {"var_type": sample.var_type}}.get(sample.sampler, {})
         y0 = get_sampler(sample.sampler)(
-            make_eps_fn(self.unet, self.form, x_hat, z if self.unet.config.z_dim else None,
-                        sample.guidance), y_T, self.schedule, timesteps,
+            make_eps_fn(self._network(), self.form, x_hat,
+                        z if self.unet.config.z_dim else None, sample.guidance),
+            y_T, self.schedule, timesteps,
             generators=generators, clip_fn=self.form.clip_fn(x_hat) if sample.clip else None,
             callback=callback, **options)
         return self.form.readback(y0, x_hat).clamp(-1, 1)
@@ -240,6 +320,7 @@ class DiffuseVAE:
 
     # ---- generation -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def draw_z(self, generators: list[torch.Generator], prior: str = "normal") -> torch.Tensor:
         """(B, z_dim) latents from the prior, row b from ``generators[b]`` ("normal" or "gmm")."""
         vae = self._need_vae("a latent z")
@@ -256,16 +337,29 @@ class DiffuseVAE:
         if prior != "normal":
             self.draw_z([], prior)  # fail before the first batch if there is no such prior
         for first in range(start, sample.n, sample.batch_size):
-            indices = list(range(first, min(first + sample.batch_size, sample.n)))
-            gens = sample_generators(sample.seed, indices)
-            z = x_hat = None
-            if self.vae is not None:
-                # z first from each sample's own generator, then the diffusion noise
-                z = self.draw_z(gens, prior)
-                x_hat = self.vae.decode(z).clamp(-1, 1)
-            images = self.refine(x_hat, z, gens, sample, callback)
-            yield first, Generation(images, z, x_hat)
+            indices = range(first, min(first + sample.batch_size, sample.n))
+            yield first, self.generate_batch(sample, indices, callback, prior)
 
+    @torch.inference_mode()
+    def generate_batch(self, sample: SampleConfig, indices: range | list[int],
+                       callback: Callable | None = None, prior: str = "normal") -> Generation:
+        """The samples of the given global indices, drawn as one batch.
+
+        Sample i comes from the generator of (sample.seed, i) alone, so any process can draw
+        any batch; its pixels match another run's exactly when the batches match too (batched
+        convolutions round differently), which is why `iter_generate` and distributed
+        sampling both cut batches at multiples of ``sample.batch_size``.
+        """
+        gens = sample_generators(sample.seed, indices)
+        z = x_hat = None
+        if self.vae is not None:
+            # z first from each sample's own generator, then the diffusion noise
+            z = self.draw_z(gens, prior)
+            x_hat = self.vae.decode(z).clamp(-1, 1)
+        images = self.refine(x_hat, z, gens, sample, callback)
+        return Generation(images, z, x_hat)
+
+    @torch.inference_mode()
     def generate(self, n: int, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
                  seed: int = 0, temperature: float = 1.0, guidance: float = 0.0,
                  batch_size: int = 64, spacing: str = "uniform", var_type: str = "fixedlarge",

@@ -16,16 +16,23 @@
 - ``callback(i, n_steps, y, y0_pred)``: after step i = 0..n_steps-1, with the new state.
 
 The result is y0 in y-coordinates; ``Formulation.readback`` turns it into the image.
+
+Each call builds everything its loop reads once, before the first step (`Chain`): the respaced
+chain's coefficients as Python floats and the timestep tensors on the state's device. A step is
+then the network, tensor-by-scalar arithmetic and, in stochastic samplers, the noise draw (from
+the per-sample CPU generators, copied to the device); nothing else: no float64 tensor work, no
+tensor indexing, no value read back from the device.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .diffusion import EpsFn, Schedule, predict_eps, predict_y0, q_posterior
+from .diffusion import EpsFn, Schedule, ScheduleFloats, predict_eps, predict_y0, q_posterior
 
 Generators = Sequence[torch.Generator] | torch.Generator | None
 Callback = Callable[[int, int, Tensor, Tensor], None]
@@ -62,26 +69,49 @@ def _noise(generators: Generators, like: Tensor) -> Tensor:
     return randn_like_per_sample(generators, like.shape[1:], like.device, like.dtype)
 
 
-def _prepare(schedule: Schedule, timesteps: Tensor | Sequence[int], y_T: Tensor,
-             generators: Generators) -> tuple[Tensor, Schedule]:
-    """The original steps tau and the respaced chain over them (float64, built once per call)."""
+@dataclass(frozen=True)
+class Chain:
+    """The respaced chain of one sampler call, as its loop reads it (`prepare`).
+
+    ``sub``: the respaced `Schedule` (float64 tensors), from which a sampler derives its own
+    coefficients once, vectorised, and keeps them as lists of floats. ``floats``: the same chain
+    as Python floats, for `predict_y0`, `predict_eps` and `q_posterior` at an int step.
+    ``t[i]``: the (B,) LongTensor of the original step tau_i on the state's device, what
+    ``eps_fn`` receives at respaced step i.
+    """
+
+    sub: Schedule
+    floats: ScheduleFloats
+    t: tuple[Tensor, ...]
+
+    @property
+    def S(self) -> int:
+        """Number of steps."""
+        return len(self.t)
+
+
+def prepare(schedule: Schedule, timesteps: Tensor | Sequence[int], y_T: Tensor,
+            generators: Generators) -> Chain:
+    """Check the arguments and build the `Chain` over ``timesteps``, once per sampler call."""
     if not isinstance(generators, (type(None), torch.Generator)) and len(generators) != len(y_T):
         raise ValueError(f"need one generator per sample: got {len(generators)} generators for "
                          f"a batch of {len(y_T)}")
     sub = schedule.respace(timesteps)  # validates the timesteps
-    taus = torch.as_tensor(timesteps, dtype=torch.long).cpu()
-    return taus, sub
+    taus = torch.as_tensor(timesteps, dtype=torch.long).tolist()
+    # one tensor per step, not views into one: a compiled network sees each t alike (offset 0)
+    t = tuple(torch.full((y_T.shape[0],), tau, dtype=torch.long, device=y_T.device)
+              for tau in taus)
+    return Chain(sub, sub.floats(), t)
 
 
-def _denoise(eps_fn: EpsFn, sub: Schedule, y: Tensor, i: int, tau: int,
+def _denoise(eps_fn: EpsFn, chain: Chain, y: Tensor, i: int,
              clip_fn: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, Tensor]:
-    """eps and y0 predictions at respaced step i (original step tau), clipped if asked."""
-    t = torch.full((y.shape[0],), tau, dtype=torch.long, device=y.device)
-    eps = eps_fn(y, t)
-    y0 = predict_y0(sub, y, i, eps)
+    """eps and y0 predictions at respaced step i, clipped if asked."""
+    eps = eps_fn(y, chain.t[i])
+    y0 = predict_y0(chain.floats, y, i, eps)
     if clip_fn is not None:
         y0 = clip_fn(y0)
-        eps = predict_eps(sub, y, i, y0)  # the clipped prediction, seen as noise again
+        eps = predict_eps(chain.floats, y, i, y0)  # the clipped prediction, seen as noise again
     return eps, y0
 
 
@@ -93,7 +123,8 @@ def ddpm(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
          generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
          callback: Callback | None = None, var_type: str = "fixedlarge") -> Tensor:
     """Ancestral sampling on the respaced chain (Ho et al. 2020, Alg. 2)."""
-    taus, sub = _prepare(schedule, timesteps, y_T, generators)
+    chain = prepare(schedule, timesteps, y_T, generators)
+    sub = chain.sub
     if var_type == "fixedsmall":  # the posterior variance beta_tilde'_i
         var = sub.posterior_variance
     elif var_type == "fixedlarge":  # beta'_i; improved-diffusion puts beta_tilde'_1 at index 0,
@@ -103,10 +134,10 @@ def ddpm(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
         raise ValueError(f"var_type must be 'fixedlarge' or 'fixedsmall'; got {var_type!r}")
     std = var.sqrt().tolist()
 
-    y, S = y_T, len(taus)
+    y, S = y_T, chain.S
     for k, i in enumerate(reversed(range(S))):
-        eps, y0 = _denoise(eps_fn, sub, y, i, int(taus[i]), clip_fn)
-        mean, _, _ = q_posterior(sub, y0, y, i)
+        _, y0 = _denoise(eps_fn, chain, y, i, clip_fn)
+        mean, _, _ = q_posterior(chain.floats, y0, y, i)
         y = mean + std[i] * _noise(generators, y) if i > 0 else mean
         if callback is not None:
             callback(k, S, y, y0)
@@ -119,16 +150,17 @@ def ddim(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
     """DDIM with stochasticity eta on the respaced steps (Song et al. 2021, eq. 12)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta}")
-    taus, sub = _prepare(schedule, timesteps, y_T, generators)
+    chain = prepare(schedule, timesteps, y_T, generators)
+    sub = chain.sub
     a_t, a_prev = sub.alpha_bar, sub.alpha_bar_prev  # a_prev = 1 at the last step: out = y0
     sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
     c_y0 = a_prev.sqrt().tolist()
     c_eps = (1 - a_prev - sigma**2).clamp(min=0).sqrt().tolist()
     sigma = sigma.tolist()
 
-    y, S = y_T, len(taus)
+    y, S = y_T, chain.S
     for k, i in enumerate(reversed(range(S))):
-        eps, y0 = _denoise(eps_fn, sub, y, i, int(taus[i]), clip_fn)
+        eps, y0 = _denoise(eps_fn, chain, y, i, clip_fn)
         y = c_y0[i] * y0 + c_eps[i] * eps
         if sigma[i] > 0:
             y = y + sigma[i] * _noise(generators, y)
@@ -141,7 +173,8 @@ def dpmpp_2m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
              *, generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
              callback: Callback | None = None) -> Tensor:
     """DPM-Solver++(2M) on the respaced steps (Lu et al. 2022, Alg. 2; data prediction)."""
-    taus, sub = _prepare(schedule, timesteps, y_T, generators)  # deterministic: no generators
+    chain = prepare(schedule, timesteps, y_T, generators)  # deterministic: no generators
+    sub = chain.sub
     # Step i goes from t (alpha_bar'_i) to s (alpha_bar'_{i-1}, = 1 after the last step), with
     # alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log alpha - log sigma (the log-SNR / 2)
     # and h = lambda_s - lambda_t.
@@ -159,9 +192,9 @@ def dpmpp_2m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
     w[1:-1] = h[1:-1] / (2 * h[2:])
     w = w.tolist()
 
-    y, y0_prev, S = y_T, None, len(taus)
+    y, y0_prev, S = y_T, None, chain.S
     for k, i in enumerate(reversed(range(S))):
-        _, y0 = _denoise(eps_fn, sub, y, i, int(taus[i]), clip_fn)
+        _, y0 = _denoise(eps_fn, chain, y, i, clip_fn)
         d = y0 if i in (0, S - 1) else (1 + w[i]) * y0 - w[i] * y0_prev
         y = c_y[i] * y + c_d[i] * d
         y0_prev = y0

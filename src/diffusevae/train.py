@@ -17,28 +17,13 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import build_dataset
 from .diffusion import Schedule, get_formulation, training_loss
+from .distributed import BatchShard, processes
 from .images import save_grid, side_by_side
 from .pipeline import DiffuseVAE, save_refiner
 from .training_loop import (EMA, RunFolderError, Stage, StepBatches,  # noqa: F401 (re-exported)
                             TrainingError, fit, total_steps)
 from .unet import UNet
 from .vae import VAE
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; an explicit device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for but MPS is not available; use --device cpu")
-    return torch.device(name)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +34,8 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
               progress: bool = True) -> VAE:
     """Train the VAE of `cfg` on `cfg.data`; writes ``RUN/vae/``."""
     tc = cfg.train_vae
-    device = resolve_device(tc.device)
+    procs = processes(tc.device)
+    device = procs.device
     dataset = build_dataset(cfg.data, "train")
     torch.manual_seed(tc.seed)  # the initial weights depend on the seed alone
     vae = VAE(cfg.vae)
@@ -65,11 +51,11 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
 
     stage = Stage(
         name="vae", model=vae,
-        loss_fn=lambda x0, gen: vae.loss(x0, generator=gen),
+        loss_fn=lambda net, x0, draws: vae.loss_terms(x0, *net(x0, draws)),
         export=lambda folder, model, ema: model.save_pretrained(folder, ema),
         preview=preview,
     )
-    return fit(stage, cfg, tc, run_dir, dataset, device, resume, progress)
+    return fit(stage, cfg, tc, run_dir, dataset, procs, resume, progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +93,8 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
                   progress: bool = True) -> UNet:
     """Train the refiner of `cfg.diffusion.form` on the frozen VAE of the run; ``RUN/refiner/``."""
     tc = cfg.train_refiner
-    device = resolve_device(tc.device)
+    procs = processes(tc.device)
+    device = procs.device
     form = get_formulation(cfg.diffusion.form)
     vae = load_vae_of_run(run_dir, device) if form.uses_vae else None
     if vae is not None and (vae.config.image_size, vae.config.channels) != (
@@ -121,18 +108,20 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
     torch.manual_seed(tc.seed)
     unet = UNet(refiner_unet_config(cfg, vae))
     schedule = Schedule.from_config(cfg.diffusion)
-    tqdm.write(unet.summary())
+    if procs.is_main:
+        tqdm.write(unet.summary())
 
-    def loss_fn(x0: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def loss_fn(net: nn.Module, x0: torch.Tensor, draws: BatchShard
+                ) -> dict[str, torch.Tensor]:
         x_hat = z = None
         if vae is not None:
             with torch.no_grad():  # the VAE is frozen: no gradient into it
                 mu, logvar = vae.encode(x0)
-                z = vae.reparameterize(mu, logvar, generator=gen)  # z ~ q(z | x0)
+                z = vae.reparameterize(mu, logvar, generator=draws)  # z ~ q(z | x0)
                 x_hat = vae.decode(z).clamp(-1, 1)
-        loss = training_loss(unet, schedule, form, x0, x_hat=x_hat,
+        loss = training_loss(net, schedule, form, x0, x_hat=x_hat,
                              z=z if unet.config.z_dim else None,
-                             p_uncond=cfg.diffusion.p_uncond, generator=gen)
+                             p_uncond=cfg.diffusion.p_uncond, generator=draws)
         return {"loss": loss}
 
     def preview(folder: Path, step: int, model: nn.Module) -> None:
@@ -147,5 +136,5 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
         export=lambda folder, model, ema: save_refiner(folder, model, ema, cfg.diffusion),
         preview=preview,
     )
-    return fit(stage, cfg, tc, run_dir, dataset, device, resume, progress)
+    return fit(stage, cfg, tc, run_dir, dataset, procs, resume, progress)
 

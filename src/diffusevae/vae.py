@@ -32,6 +32,7 @@ from torch import nn
 
 from .checkpoint import PretrainedMixin
 from .config import ConfigError, VAEConfig
+from .distributed import BatchShard
 
 _TOKEN = re.compile(r"^(\d+)([xdut])(\d+)$")
 
@@ -171,22 +172,25 @@ class VAE(PretrainedMixin, nn.Module):
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       generator: torch.Generator | BatchShard | None = None) -> torch.Tensor:
         """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) drawn from `generator`."""
-        device = generator.device if generator is not None else mu.device
-        eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype)
+        eps = BatchShard.of(generator, mu.shape[0], mu.device).randn(mu.shape, dtype=mu.dtype)
         return mu + torch.exp(0.5 * logvar) * eps.to(mu.device)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+    def forward(self, x: torch.Tensor, generator: torch.Generator | BatchShard | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_hat, mu, logvar) with z ~ q(z|x) drawn by the reparameterisation trick."""
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
 
-    def loss(self, x: torch.Tensor, generator: torch.Generator | None = None
+    def loss(self, x: torch.Tensor, generator: torch.Generator | BatchShard | None = None
              ) -> dict[str, torch.Tensor]:
         """Negative ELBO-style loss: batch means of sum-of-squares recon and kl_weight * KL."""
-        x_hat, mu, logvar = self(x, generator)
+        return self.loss_terms(x, *self(x, generator))
+
+    def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor,
+                   logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`loss` from a forward pass's outputs (training calls the forward of the DDP wrapper)."""
         recon = (x - x_hat).pow(2).flatten(1).sum(1)  # (B,) summed over pixels, as SPEC §3
         # KL(N(mu, diag e^logvar) || N(0, I)) in closed form (Kingma & Welling 2014, App. B).
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)  # (B,)

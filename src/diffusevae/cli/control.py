@@ -11,7 +11,7 @@ import torch
 
 from ..config import SAMPLERS, SPACINGS, VAR_TYPES, ConfigError, SampleConfig
 from . import cli
-from .options import device_of, device_option, run_option
+from .options import device_of, device_option, run_option, speed_options
 
 GIF_SCALE = 4  # small images are upscaled in GIFs so that a viewer shows them at a usable size
 
@@ -41,6 +41,7 @@ def refine_options(seed: bool = True):
                          help="Use the EMA weights."),
             click.option("--batch-size", type=click.IntRange(min=1), default=64,
                          show_default=True),
+            speed_options,
         ]
         if seed:
             options.insert(0, click.option("--seed", type=int, default=0, show_default=True,
@@ -67,7 +68,7 @@ prior_option = click.option(
 def _settings(n: int, kw: dict) -> SampleConfig:
     return SampleConfig(n=n, **{k: kw.pop(k) for k in (
         "steps", "sampler", "eta", "spacing", "var_type", "temperature", "guidance", "clip",
-        "use_ema", "batch_size", "seed") if k in kw})
+        "use_ema", "batch_size", "seed", *SampleConfig.SPEED_FIELDS) if k in kw})
 
 
 def _pipe(run_dir: str, sample: SampleConfig, device: str):

@@ -144,7 +144,10 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: s
     Samples come from --samples PATH, or are drawn from --run RUN with the sampling flags
     (streamed: never all in memory). Every number is written with its protocol: extractor and
     its weights' SHA-256, sample count, reference, sampler, steps, seed, EMA, eta, spacing.
+    Under torchrun or accelerate launch the processes share the images and the main process
+    scores them (README "Sampling and evaluating on several GPUs").
     """
+    from ..distributed import processes
     from ..evaluation import (default_reference, evaluate as run_evaluation, path_source,
                               run_source, summary_line, vae_source)
 
@@ -153,7 +156,8 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: s
              if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
     if (samples is None) == (run_dir is None):
         raise ConfigError("give exactly one of --samples PATH and --run RUN")
-    dev = device_of(device)
+    procs = processes(device)
+    dev = procs.device
     if samples is not None:
         if given or vae_only:
             flags = ", ".join("--ema/--no-ema" if k == "use_ema" else "--" + k.replace("_", "-")
@@ -190,8 +194,9 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: s
     result = run_evaluation(source, ref, feats, data=data, cache_dir=cache_dir,
                             ref_limit=ref_limit, max_kept=max_kept, kid_subsets=kid_subsets,
                             kid_subset_size=kid_subset_size, is_splits=is_splits, out=out_dir,
-                            progress=not quiet)
-    click.echo(f"{summary_line(result)} -> {out_dir / 'metrics.json'}")
+                            progress=not quiet, processes=procs)
+    if procs.is_main:
+        click.echo(f"{summary_line(result)} -> {out_dir / 'metrics.json'}")
 
 
 @cli.command()

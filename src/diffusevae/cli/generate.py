@@ -105,11 +105,18 @@ def reconstruct(run_dir: str, input_dir: str | None, n: int, out: str | None,
               help="Continue an interrupted run in --out with the same settings.")
 def sample(run_dir: str, out: str | None, show_stages: bool, device: str, use_ema: bool,
            resume: bool, prior: str = "normal", **kw) -> None:
-    """Generate with DiffuseVAE: PNG files, grid.png, samples.npz and sampling.json."""
+    """Generate with DiffuseVAE: PNG files, grid.png, samples.npz and sampling.json.
+
+    Under torchrun or accelerate launch the processes share the samples (README "Sampling and
+    evaluating on several GPUs").
+    """
+    from ..distributed import processes
     from ..sampling import sample_to_folder
 
     settings = SampleConfig(use_ema=use_ema, **kw)
     out_dir = Path(out or Path(run_dir) / "samples")
-    sample_to_folder(run_dir, settings, out_dir, device_of(device), show_stages=show_stages,
+    procs = processes(device)
+    sample_to_folder(run_dir, settings, out_dir, procs, show_stages=show_stages,
                      prior=prior, resume=resume)
-    click.echo(f"{settings.n} samples written to {out_dir}")
+    if procs.is_main:
+        click.echo(f"{settings.n} samples written to {out_dir}")

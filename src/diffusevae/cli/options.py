@@ -33,7 +33,11 @@ def config_options(fn):
         click.option("--hflip/--no-hflip", default=None, help="Random horizontal flips."),
         click.option("--steps", type=int, help="Optimiser steps to train for."),
         click.option("--epochs", type=int, help="Train for this many epochs instead of --steps."),
-        click.option("--batch-size", type=int, help="Images per optimiser step."),
+        click.option("--batch-size", type=int,
+                     help="Images per optimiser step, summed over all processes."),
+        click.option("--grad-accum", type=int,
+                     help="Split each process's share of a step into this many micro-batches "
+                          "(less memory; the step is the same)."),
         click.option("--lr", type=float, help="Adam learning rate."),
         click.option("--seed", type=int, help="Seed of the run (weights, data order, noise)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
@@ -49,6 +53,8 @@ def config_options(fn):
         click.option("--detect-anomaly", is_flag=True, default=None,
                      help="Run each step under torch.autograd.detect_anomaly to find the "
                           "operation that makes a NaN (slow; for debugging)."),
+        click.option("--compile", is_flag=True, default=None,
+                     help="torch.compile the trained network (a slow first step, then faster)."),
         click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
                      help="Set any config field, e.g. --set vae.kl_weight=0.5 (repeatable)."),
         click.option("--resume", is_flag=True, help="Continue the run where it stopped."),
@@ -60,9 +66,9 @@ def config_options(fn):
     return fn
 
 
-_TRAIN_FIELDS = ("steps", "epochs", "batch_size", "lr", "seed", "device", "mixed_precision",
-                 "num_workers", "sample_every", "ckpt_every", "log_every", "tensorboard",
-                 "detect_anomaly")
+_TRAIN_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "lr", "seed", "device",
+                 "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
+                 "tensorboard", "detect_anomaly", "compile")
 
 
 def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None) -> Config:
@@ -83,13 +89,27 @@ def dry_run(cfg: Config) -> None:
 
 
 def device_of(name: str) -> torch.device:
-    from ..train import resolve_device
+    from ..distributed import resolve_device
 
     return resolve_device(name)
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
                               default="auto", show_default=True, help="Where to run.")
+
+
+def speed_options(fn):
+    """How fast the refiner runs (SampleConfig.SPEED_FIELDS): images agree to float rounding."""
+    options = [
+        click.option("--compile", is_flag=True,
+                     help="torch.compile the refiner: slow first batch (and a smaller last "
+                          "one), faster after; pays off for many samples."),
+        click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+                     help="Channels-last memory format for the refiner [on for CPU and CUDA]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 def sampling_options(fn):
@@ -117,6 +137,7 @@ def sampling_options(fn):
                      help="Clip predicted images to [-1, 1]."),
         click.option("--ema/--no-ema", "use_ema", default=True, show_default=True,
                      help="Use the EMA weights."),
+        speed_options,
         device_option,
     ]
     for option in reversed(options):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import PRESETS
+from ..distributed import is_main_process
 from . import cli
 from .options import build_config, config_options, dry_run, run_option
 
@@ -42,7 +43,8 @@ def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
     from ..train import train_vae
 
     train_vae(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
-    click.echo(f"VAE written to {Path(run_dir) / 'vae'}")
+    if is_main_process():
+        click.echo(f"VAE written to {Path(run_dir) / 'vae'}")
 
 
 @cli.command("train-refiner")
@@ -65,4 +67,5 @@ def train_refiner_cmd(run_dir: str, form: str | None, p_uncond: float | None, z_
     from ..train import train_refiner
 
     train_refiner(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
-    click.echo(f"refiner written to {Path(run_dir) / 'refiner'}")
+    if is_main_process():
+        click.echo(f"refiner written to {Path(run_dir) / 'refiner'}")
