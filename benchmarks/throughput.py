@@ -64,7 +64,7 @@ from diffusevae.evaluation import _jsonable, machine
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.samplers import sample_generators
 from diffusevae.training_loop import EMA
-from diffusevae.unet import UNet
+from diffusevae.unet import CHANNELS_LAST_DEVICES, UNet
 from diffusevae.vae import VAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -463,7 +463,10 @@ def train_worker(spec: dict) -> dict:
     cfg = preset_config(spec["preset"], spec["unet_overrides"])
     tc = cfg.train_refiner
     torch.manual_seed(0)
-    unet = UNet(cfg.unet).to(device).train()
+    # The layout `training_loop.fit` chooses by default (channels-last on the CPU and CUDA).
+    layout = (torch.channels_last if device.type in CHANNELS_LAST_DEVICES
+              else torch.contiguous_format)
+    unet = UNet(cfg.unet).to(device, memory_format=layout).train()
     if spec["mode"] == "compiled":
         unet.compile(backend=spec["backend"])  # in place, as `training_loop.fit` compiles
     opt = torch.optim.Adam(unet.parameters(), lr=tc.lr)
@@ -471,8 +474,9 @@ def train_worker(spec: dict) -> dict:
     schedule, form = Schedule.from_config(cfg.diffusion), get_formulation(cfg.diffusion.form)
     gen = torch.Generator().manual_seed(0)
     b, c, s = spec["batch"], cfg.unet.channels, cfg.unet.image_size
-    x0 = (torch.rand(b, c, s, s, generator=gen) * 2 - 1).to(device)
-    x_hat = (torch.rand(b, c, s, s, generator=gen) * 2 - 1).to(device)
+    x0 = (torch.rand(b, c, s, s, generator=gen) * 2 - 1).to(device).contiguous(memory_format=layout)
+    x_hat = (torch.rand(b, c, s, s, generator=gen) * 2 - 1).to(device).contiguous(
+        memory_format=layout)
 
     def step(i: int) -> float:
         t0 = time.perf_counter()
@@ -506,6 +510,7 @@ def train_worker(spec: dict) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     best = min(steps)
     return {"preset": spec["preset"], "mode": spec["mode"], "batch": b,
+            "channels_last": layout == torch.channels_last,
             "warmup_steps": len(warm), "timed_steps": len(steps), "warmup_seconds": warm,
             "step_seconds": steps, "seconds_min": best, "seconds_median": statistics.median(steps),
             "images_per_s": b / best,

@@ -133,3 +133,17 @@ def test_ema_warm_up_and_decay():
     assert ema.shadow["weight"].item() == pytest.approx(1 - 2 / 11)
     ema.update(model, step=10_000)  # full decay 0.99
     assert ema.shadow["weight"].item() == pytest.approx(1 - (2 / 11) * 0.99)
+
+
+def test_channels_last_training_takes_the_contiguous_steps(tmp_path):
+    models = {}
+    for layout in (True, False):
+        cfg = tiny_config(**{"train_vae.steps": 3, "train_vae.channels_last": layout})
+        models[layout] = train_vae(cfg, tmp_path / str(layout), progress=False)
+    conv = next(m for m in models[True].modules()
+                if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1 and m.kernel_size[0] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    a, b = models[True].state_dict(), models[False].state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k

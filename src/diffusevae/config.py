@@ -207,6 +207,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log to TensorBoard (needs the `tensorboard` extra)
     detect_anomaly: bool = False  # torch.autograd.detect_anomaly around each step (slow; debug)
     compile: bool = False  # torch.compile the trained network (slow first step, faster after)
+    channels_last: bool | None = None  # NHWC weights and batches; None: by device (unet.py)
 
     def validate(self) -> None:
         _check_positive("train.lr", self.lr)

@@ -32,14 +32,10 @@ from .config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, from
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
 from .prior import PRIOR_DIR, GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .samplers import get_sampler, randn_like_per_sample, sample_generators
-from .unet import UNet
+from .unet import CHANNELS_LAST_DEVICES, UNet
 from .vae import VAE
 
 REFINER_KIND = "refiner"
-# Devices where the refiner runs channels-last by default: the CPU, where it was measured faster
-# (README "Fast sampling"), and CUDA, whose convolutions run natively in that layout (not
-# measured here). Elsewhere (MPS) the layout stays contiguous.
-CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
 def _has_cpp_compiler() -> bool:

@@ -45,6 +45,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, TrainConfig, to_dict
 from .data import random_hflip
 from .distributed import BatchShard, Processes
+from .unet import CHANNELS_LAST_DEVICES
 
 
 class TrainingError(RuntimeError):
@@ -63,7 +64,7 @@ class RunFolderError(TrainingError):
 # float rounding, as the number of processes does not either).
 RESUMABLE_CHANGES = {"steps", "epochs", "log_every", "sample_every", "ckpt_every", "device",
                      "num_workers", "tensorboard", "mixed_precision", "detect_anomaly",
-                     "data_dir", "download", "grad_accum", "compile"}
+                     "data_dir", "download", "grad_accum", "compile", "channels_last"}
 _STAGE_SECTIONS = {"vae": ("data", "vae"), "refiner": ("data", "unet", "diffusion")}
 
 
@@ -312,7 +313,10 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
     if main:
         folder.mkdir(parents=True, exist_ok=True)
 
-    model = stage.model.to(device)
+    channels_last = (tc.channels_last if tc.channels_last is not None
+                     else device.type in CHANNELS_LAST_DEVICES)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = stage.model.to(device, memory_format=layout)  # the parameters stay the same objects
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 and main else None  # kept by the writer
     scaler = torch.amp.GradScaler(device.type) if tc.mixed_precision == "fp16" else None
@@ -355,7 +359,8 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
                 for group in opt.param_groups:  # linear warm-up (SPEC §8)
                     group["lr"] = tc.lr * min(1.0, (step + 1) / warmup)
                 opt.zero_grad(set_to_none=True)
-                terms = _forward_backward(stage, net, x_local.to(device, non_blocking=True),
+                x_local = x_local.to(device, non_blocking=True).contiguous(memory_format=layout)
+                terms = _forward_backward(stage, net, x_local,
                                           gen, BatchRows(global_batch, rows, micro), cfg, tc,
                                           scaler, last_saved, step)
                 # One all-reduce: the losses averaged over processes, and whether any was asked

@@ -21,6 +21,11 @@ from torch import nn
 from .checkpoint import PretrainedMixin
 from .config import ConfigError, UNetConfig
 
+# Devices where the networks run channels-last (NHWC) by default, in sampling and training: the
+# CPU, where it was measured faster (README "Fast sampling"), and CUDA, whose convolutions run
+# natively in that layout (not measured here). Elsewhere (MPS) the layout stays contiguous.
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
+
 
 def num_groups(channels: int, max_groups: int = 32, min_size: int = 4) -> int:
     """The most GroupNorm groups (<= 32, a divisor) with at least `min_size` channels each.
@@ -54,6 +59,13 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(norm(x)). When no gradient is recorded (sampling), SiLU runs in place on the fresh
+    normalised tensor: one large allocation less, about 5% of a forward on the CPU (measured on
+    the fashion-mnist preset at batch 128). Training keeps SiLU's input for its backward."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv, + embedding bias, GroupNorm, SiLU, dropout, conv (zero), + skip."""
 
@@ -68,9 +80,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        h = self.conv1(norm_silu(self.norm1, x))  # (B, out, H, W)
         h = h + self.emb_proj(emb)[:, :, None, None]  # t (and z) enter as a per-channel bias
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         return self.skip(x) + h
 
 
@@ -253,7 +265,7 @@ class UNet(PretrainedMixin, nn.Module):
                 h = blk(torch.cat([h, hs.pop()], dim=1), emb)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        return self.conv_out(norm_silu(self.norm_out, h))  # (B, C, H, W)
 
     def num_parameters(self) -> int:
         """The number of parameters (all are trained)."""

@@ -55,6 +55,9 @@ def config_options(fn):
                           "operation that makes a NaN (slow; for debugging)."),
         click.option("--compile", is_flag=True, default=None,
                      help="torch.compile the trained network (a slow first step, then faster)."),
+        click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+                     help="Channels-last (NHWC) weights and batches [default: on for CPU and "
+                          "CUDA]."),
         click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
                      help="Set any config field, e.g. --set vae.kl_weight=0.5 (repeatable)."),
         click.option("--resume", is_flag=True, help="Continue the run where it stopped."),
@@ -68,7 +71,7 @@ def config_options(fn):
 
 _TRAIN_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "lr", "seed", "device",
                  "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
-                 "tensorboard", "detect_anomaly", "compile")
+                 "tensorboard", "detect_anomaly", "compile", "channels_last")
 
 
 def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None) -> Config:
