@@ -184,3 +184,9 @@ def test_compiled_training_takes_the_eager_steps(trained_run, tmp_path):
         train_refiner(cfg, runs[compiled], progress=False)
     _assert_close(_weights(runs[False] / "refiner" / "model.safetensors"),
                   _weights(runs[True] / "refiner" / "model.safetensors"), atol=1e-5)
+
+
+def test_commands_that_do_not_split_their_work_refuse_a_launcher(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; no group is joined before this
+    assert run_cli("sample-vae", "--run", "nowhere", "--n", 4) == 2
+    assert "runs in one process: start it without torchrun" in capsys.readouterr().err

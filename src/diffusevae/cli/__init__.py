@@ -15,15 +15,22 @@ from .. import __version__
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import DataError
+from ..distributed import launched
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
 # OS errors that mean the user pointed at the wrong place (exit 2); others are the machine's (1)
 USAGE_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
+# The commands that split their work over the processes of torchrun / accelerate launch; the
+# others would only do the same work, and write the same files, once per process.
+SPLIT_COMMANDS = ("train-vae", "train-refiner", "sample", "evaluate")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="diffusevae")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """DiffuseVAE: a VAE draws a coarse image from a small latent z, and a conditional
     diffusion model refines it into a sharp one in few steps.
 
@@ -33,6 +40,10 @@ def cli() -> None:
       diffusevae train-refiner --run runs/fm
       diffusevae sample --run runs/fm --n 64 --steps 10 --show-stages
     """
+    if launched() and ctx.invoked_subcommand not in (None, *SPLIT_COMMANDS):
+        raise click.UsageError(
+            f"`{ctx.invoked_subcommand}` runs in one process: start it without torchrun or "
+            f"accelerate launch (under a launcher: {', '.join(SPLIT_COMMANDS)})")
 
 
 from . import control, demo, evaluate, generate, train  # noqa: E402,F401  (each module adds its commands)
