@@ -29,11 +29,6 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def is_main_process() -> bool:
-    """Whether this is the process that prints and writes (rank 0, or the only one)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @dataclass(frozen=True)
 class Processes:
     """This process's place among the processes of the command, and its device."""

@@ -4,10 +4,11 @@
 optionally TensorBoard) log, preview grids, and checkpoints.
 
 Resuming is exact: the data order is a pure function of (seed, step), every other random draw
-comes from one trainer generator (dropout's from a seed of (seed, step, process)), and ``trainer_state.pt`` holds the model, EMA, optimizer,
-step and every RNG state in ONE atomically written file, so a run killed at any moment resumes
-from its last checkpoint as if it had never stopped. The exported ``model.safetensors`` /
-``ema.safetensors`` / ``config.json`` are what sampling reads.
+comes from one trainer generator (dropout's from a seed of (seed, step, process)), and
+``trainer_state.pt`` holds the model, EMA, optimizer, step and that generator's state in ONE
+atomically written file, so a run killed at any moment resumes from its last checkpoint as if
+it had never stopped. The exported ``model.safetensors`` / ``ema.safetensors`` /
+``config.json`` are what sampling reads.
 
 Several processes (torchrun, accelerate launch) train one model with DDP: each computes its
 rows of every global batch (`BatchShard` draws the whole batch's random numbers and keeps its
@@ -170,9 +171,7 @@ def _save(folder: Path, stage: Stage, ema: EMA | None, opt: torch.optim.Optimize
         "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else {},
         "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict() if scaler else {},
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": gen.get_state(),  # the global RNG is reseeded at each step: not saved
     })
     stage.export(folder, stage.model, ema.shadow if ema else None)
 
@@ -227,9 +226,6 @@ def _load_resume_state(state_path: Path, model: nn.Module, ema: EMA | None,
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         return int(state["step"])
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

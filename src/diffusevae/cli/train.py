@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import PRESETS
-from ..distributed import is_main_process
+from ..distributed import processes
 from . import cli
 from .options import build_config, config_options, dry_run, run_option
 
@@ -43,7 +43,7 @@ def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
     from ..train import train_vae
 
     train_vae(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
-    if is_main_process():
+    if processes(cfg.train_vae.device).is_main:
         click.echo(f"VAE written to {Path(run_dir) / 'vae'}")
 
 
@@ -67,5 +67,5 @@ def train_refiner_cmd(run_dir: str, form: str | None, p_uncond: float | None, z_
     from ..train import train_refiner
 
     train_refiner(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
-    if is_main_process():
+    if processes(cfg.train_refiner.device).is_main:
         click.echo(f"refiner written to {Path(run_dir) / 'refiner'}")
