@@ -194,6 +194,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step and process (the batch is split, not grown)
     steps: int = 2000  # optimiser steps; `epochs` overrides it when set
     epochs: int | None = None
+    time_limit: float = 0.0  # minutes; stop after the step that passes it (0 = none)
     warmup_steps: int = 0  # linear lr warm-up
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     ema_decay: float = 0.0  # 0 = no EMA
@@ -216,6 +217,7 @@ class TrainConfig:
         _check_positive("train.steps", self.steps)
         if self.epochs is not None:
             _check_positive("train.epochs", self.epochs)
+        _check_positive("train.time_limit", self.time_limit, allow_zero=True)
         _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if not 0.0 <= self.ema_decay < 1.0:

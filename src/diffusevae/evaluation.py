@@ -443,9 +443,18 @@ def metric_names(extractor: Extractor) -> dict[str, str]:
 
 
 def score(samples: Collected, ref: M.Stats, extractor: Extractor,
-          kid_subsets: int = M.KID_SUBSETS, kid_subset_size: int = M.KID_SUBSET_SIZE) -> dict:
-    """FID, KID (when the reference kept features) and IS of collected samples."""
-    out: dict = {"fid": M.fid(samples.stats, ref)}
+          kid_subsets: int = M.KID_SUBSETS, kid_subset_size: int = M.KID_SUBSET_SIZE,
+          bootstrap: int = 0) -> dict:
+    """FID, KID (when the reference kept features) and IS of collected samples; with
+    `bootstrap` rounds, also a 95% interval of the FID (`fid_ci95`)."""
+    out: dict = {"fid": M.fid(samples.stats, ref), "fid_ci95": None}
+    if bootstrap:
+        kept = samples.stats.features
+        if kept is None or len(kept) < samples.stats.n:
+            raise EvaluationError(
+                f"a bootstrap interval needs every sample's features; {samples.stats.n} "
+                f"samples, {0 if kept is None else len(kept)} kept: raise max_kept")
+        out["fid_ci95"] = list(M.fid_interval(kept, ref, bootstrap))
     if ref.features is not None and len(ref.features) >= 2 and samples.stats.features is not None:
         out["kid"], out["kid_std"] = M.kid(samples.stats.features, ref.features,
                                            kid_subsets, kid_subset_size)
@@ -472,7 +481,7 @@ def evaluate(source: Source, ref: str, extractor: Extractor, *, data: DataConfig
              kid_subset_size: int = M.KID_SUBSET_SIZE, is_splits: int = M.IS_SPLITS,
              out: str | Path | None = None, grid: str | Path | None = None,
              progress: bool = True, ref_stats: tuple[M.Stats, dict] | None = None,
-             processes: Processes | None = None) -> dict:
+             processes: Processes | None = None, bootstrap: int = 0) -> dict:
     """Score `source` against `ref`; returns (and writes to ``out/metrics.json``) the record.
 
     With several `processes` (every one calls this) the images are shared out (`collect`),
@@ -486,15 +495,15 @@ def evaluate(source: Source, ref: str, extractor: Extractor, *, data: DataConfig
                   processes=procs)
     return procs.on_main(lambda: _record(source, got, ref_stats, ref_info, extractor, t0,
                                          kid_subsets, kid_subset_size, max_kept, out, grid,
-                                         procs.world))
+                                         procs.world, bootstrap))
 
 
 def _record(source: Source, got: Collected, ref_stats: M.Stats, ref_info: dict,
             extractor: Extractor, t0: float, kid_subsets: int, kid_subset_size: int,
             max_kept: int, out: str | Path | None, grid: str | Path | None,
-            world: int = 1) -> dict:
+            world: int = 1, bootstrap: int = 0) -> dict:
     """The scores with their protocol; written to ``out/metrics.json`` and the grid."""
-    result = score(got, ref_stats, extractor, kid_subsets, kid_subset_size)
+    result = score(got, ref_stats, extractor, kid_subsets, kid_subset_size, bootstrap)
     result["protocol"] = {
         "extractor": extractor.describe(),
         "samples": {"kind": source.kind, "shape": list(source.shape), **source.protocol,
@@ -503,6 +512,8 @@ def _record(source: Source, got: Collected, ref_stats: M.Stats, ref_info: dict,
         "kid": {"subsets": kid_subsets, "subset_size": kid_subset_size,
                 "features_kept": max_kept, "kernel": "(x.y/d + 1)^3"},
         "is": {"splits": got.inception_score.splits},
+        "fid_ci95": {"bootstrap_rounds": bootstrap, "over": "the generated samples"}
+        if bootstrap else None,
         "statistics": "float64, unbiased covariance",
     }
     result["seconds"] = round(time.time() - t0, 2)

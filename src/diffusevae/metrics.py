@@ -245,6 +245,29 @@ def fid(a: Stats, b: Stats) -> float:
                             regularize=bool(known) and min(known) <= len(a.mu))
 
 
+def fid_interval(features: np.ndarray, ref: Stats, rounds: int = 200, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of the FID over the generated samples.
+
+    Each round redraws the samples' feature rows with replacement and recomputes the FID
+    against the fixed reference statistics; the interval is the (1 - level)/2 and
+    (1 + level)/2 quantiles of those FIDs. It needs every sample's features (`features` holds
+    all n rows), and it covers the sampling noise of the generated set, not the reference's.
+    """
+    feats = np.asarray(features, np.float64)
+    if rounds < 1 or len(feats) < 2:
+        raise MetricError(f"a bootstrap needs at least one round and two samples; got "
+                          f"{rounds} rounds and {len(feats)} samples")
+    rng = np.random.default_rng(seed)
+    fids = []
+    for _ in range(rounds):
+        f = feats[rng.integers(0, len(feats), len(feats))]
+        fids.append(frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma,
+                                     regularize=len(f) <= f.shape[1]))
+    lo, hi = np.quantile(fids, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 # --------------------------------------------------------------------------------------------
 # KID
 # --------------------------------------------------------------------------------------------

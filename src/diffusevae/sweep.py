@@ -36,8 +36,9 @@ def require_matplotlib():
 def _cell(model: str, run: str, result: dict) -> dict:
     s = result["protocol"]["samples"]
     return {"model": model, "run": run, "formulation": s.get("formulation"),
-            "sampler": s.get("sampler"), "steps": s.get("steps") or None, "n": s["n"],
-            "fid": result["fid"], "kid": result["kid"], "kid_std": result["kid_std"],
+            "sampler": s.get("sampler"), "spacing": s.get("spacing"),
+            "steps": s.get("steps") or None, "n": s["n"],
+            "fid": result["fid"], "fid_ci95": result.get("fid_ci95"), "kid": result["kid"], "kid_std": result["kid_std"],
             "is": result["is"], "is_std": result["is_std"],
             "seconds": result["sample_seconds"]}
 
@@ -54,8 +55,11 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
           cache_dir: str | Path | None = None, ref_limit: int | None = None,
           grid_dir: str | Path | None = None, grid_steps: int = 10, grid_prefix: str = "grid",
           device: torch.device | str = "cpu", progress: bool = True,
-          on_cell: Callable[[dict], None] | None = None) -> dict:
-    """Evaluate every (run, sampler, steps) cell and each run's VAE; returns the record."""
+          on_cell: Callable[[dict], None] | None = None, bootstrap: int = 0) -> dict:
+    """Evaluate every (run, sampler, steps) cell and each run's VAE; returns the record.
+
+    Every cell uses `base`'s spacing; `bootstrap` > 0 adds a 95% interval to each FID.
+    """
     from .pipeline import DiffuseVAE
 
     base = base or SampleConfig()
@@ -88,15 +92,17 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
                              base.temperature, device)
             grid = grid_dir / f"{grid_prefix}_{name}_vae.png" if grid_dir else None
             add(_cell(name, str(run), evaluate(src, ref, extractor, ref_stats=ref_stats,
-                                               grid=grid, progress=progress)))
+                                               grid=grid, progress=progress,
+                                               bootstrap=bootstrap)))
         for sampler in samplers:
             for s in steps:
                 sample = replace(base, n=n, sampler=sampler, steps=s)
                 src = run_source(run, sample, device, pipe=pipe)
-                grid = (grid_dir / f"{grid_prefix}_{name}_{sampler}_{s}steps.png"
+                grid = (grid_dir / f"{grid_prefix}_{name}_{sampler}_{base.spacing}_{s}steps.png"
                         if grid_dir and s == grid_steps else None)
                 add(_cell(name, str(run), evaluate(src, ref, extractor, ref_stats=ref_stats,
-                                                   grid=grid, progress=progress)))
+                                                   grid=grid, progress=progress,
+                                                   bootstrap=bootstrap)))
     return {"cells": cells, "names": metric_names(extractor),
             "extractor": extractor.describe(), "reference": ref_stats[1],
             "settings": {"n": n, "samplers": samplers, "steps": steps, "seed": base.seed,
@@ -107,15 +113,21 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
 
 
 def markdown_table(cells: list[dict], names: dict) -> str:
-    """One row per cell: model, sampler, steps, FID, KID, IS, seconds."""
-    lines = [f"| model | sampler | steps | {names['fid']} | {names['kid']} | "
-             f"{names['is']} | seconds |", "|---|---|---:|---:|---:|---:|---:|"]
+    """One row per cell: model, sampler, spacing, steps, FID (with its 95% interval when
+    bootstrapped), KID, IS, seconds."""
+    lines = [f"| model | sampler | spacing | steps | {names['fid']} | 95% interval | "
+             f"{names['kid']} | {names['is']} | seconds |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|"]
     for c in cells:
         kid = "–" if c["kid"] is None else f"{c['kid']:.4g} ± {c['kid_std']:.2g}"
         inc = "–" if c["is"] is None else f"{c['is']:.2f}"
-        sampler = "VAE alone (x̂)" if c["sampler"] == "vae" else c["sampler"]
-        lines.append(f"| {c['model']} | {sampler} | {c['steps'] or '–'} | {c['fid']:.3f} | "
-                     f"{kid} | {inc} | {c['seconds']:.2f} |")
+        ci = c.get("fid_ci95")
+        ci = "–" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+        vae = c["sampler"] == "vae"
+        sampler = "VAE alone (x̂)" if vae else c["sampler"]
+        spacing = "–" if vae else c.get("spacing") or "–"
+        lines.append(f"| {c['model']} | {sampler} | {spacing} | {c['steps'] or '–'} | "
+                     f"{c['fid']:.3f} | {ci} | {kid} | {inc} | {c['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,11 +136,14 @@ def plot_fid(cells: list[dict], path: str | Path, fid_name: str, title: str = ""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple[str, str], list[dict]] = {}
-    for c in cells:
-        lines.setdefault((c["model"], c["sampler"]), []).append(c)
+    spacings = {c.get("spacing") for c in cells if c["sampler"] != "vae"}
+    for c in cells:  # a line a model and sampler (and spacing, when the cells have several)
+        key = c["sampler"] if len(spacings) < 2 or c["sampler"] == "vae" else \
+            f"{c['sampler']} ({c['spacing']})"
+        lines.setdefault((c["model"], key), []).append(c)
     steps = sorted({c["steps"] for c in cells if c["steps"]})
     models = list(dict.fromkeys(c["model"] for c in cells))
-    samplers = list(dict.fromkeys(c["sampler"] for c in cells if c["sampler"] != "vae"))
+    samplers = list(dict.fromkeys(key for _, key in lines if key != "vae"))
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}  # a colour a model,
     styles = {s: ("-", "o") if i == 0 else ("-.", "s") if i == 1 else (":", "^")
               for i, s in enumerate(samplers)}  # a line style a sampler

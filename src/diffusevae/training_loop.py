@@ -65,7 +65,7 @@ class RunFolderError(TrainingError):
 # float rounding, as the number of processes does not either).
 RESUMABLE_CHANGES = {"steps", "epochs", "log_every", "sample_every", "ckpt_every", "device",
                      "num_workers", "tensorboard", "mixed_precision", "detect_anomaly",
-                     "data_dir", "download", "grad_accum", "compile", "channels_last"}
+                     "data_dir", "download", "grad_accum", "compile", "channels_last", "time_limit"}
 _STAGE_SECTIONS = {"vae": ("data", "vae"), "refiner": ("data", "unet", "diffusion")}
 
 
@@ -361,10 +361,12 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
                                           scaler, last_saved, step)
                 # One all-reduce: the losses averaged over processes, and whether any was asked
                 # to stop, so that every process stops at the same step.
+                out_of_time = bool(tc.time_limit) and time.time() - t0 >= 60 * tc.time_limit
                 totals = procs.sum(torch.stack(
-                    [*terms.values(), torch.tensor(float(stop_requested()), device=device)]))
-                means = dict(zip(terms, (totals[:-1] / procs.world).tolist()))
-                stop = bool(totals[-1] > 0)
+                    [*terms.values(), torch.tensor(float(stop_requested()), device=device),
+                     torch.tensor(float(out_of_time), device=device)]))
+                means = dict(zip(terms, (totals[:-2] / procs.world).tolist()))
+                stop, out_of_time = bool(totals[-2] > 0), bool(totals[-1] > 0)
                 if not math.isfinite(means["loss"]):
                     raise TrainingError(
                         f"the {stage.name} loss became {means['loss']} at step {step + 1}; "
@@ -397,7 +399,8 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
                     ema.update(model, step)
                 updating, rng_at_step_start = False, None
                 bar.update(1)
-                if main and (step % tc.log_every == 0 or step == steps):
+                final = step == steps or out_of_time  # --time-limit: this step is the last
+                if main and (step % tc.log_every == 0 or final):
                     row = {"step": step, **{k: round(v, 6) for k, v in means.items()},
                            "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
                     bar.set_postfix({k: row[k] for k in terms})
@@ -405,15 +408,20 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
                     if writer is not None:
                         for k, v in means.items():
                             writer.add_scalar(f"{stage.name}/{k}", v, step)
-                if step % tc.ckpt_every == 0 or step == steps:
+                if step % tc.ckpt_every == 0 or final:
                     if main:
                         _save(folder, stage, ema, opt, scaler, gen, step)
                     last_saved = step
-                if main and (step % tc.sample_every == 0 or step == steps):
+                if main and (step % tc.sample_every == 0 or final):
                     with _eval_mode(model):
                         stage.preview(folder, step, _ema_model(model, ema))
-                if stop and step < steps:
+                if stop and not final:
                     raise _StopRequested
+                if out_of_time:
+                    if main:
+                        tqdm.write(f"time limit of {tc.time_limit:g} min reached: saved step "
+                                   f"{step} to {folder}; --resume continues to step {steps}")
+                    break
     except _StopRequested:  # every process is here after the same whole step
         bar.close()
         if main and step > last_saved:

@@ -33,6 +33,9 @@ def config_options(fn):
         click.option("--hflip/--no-hflip", default=None, help="Random horizontal flips."),
         click.option("--steps", type=int, help="Optimiser steps to train for."),
         click.option("--epochs", type=int, help="Train for this many epochs instead of --steps."),
+        click.option("--time-limit", type=float,
+                     help="Minutes: stop and save after the step that passes it (--resume "
+                          "continues to --steps)."),
         click.option("--batch-size", type=int,
                      help="Images per optimiser step, summed over all processes."),
         click.option("--grad-accum", type=int,
@@ -69,7 +72,7 @@ def config_options(fn):
     return fn
 
 
-_TRAIN_FIELDS = ("steps", "epochs", "batch_size", "grad_accum", "lr", "seed", "device",
+_TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr", "seed", "device",
                  "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
                  "tensorboard", "detect_anomaly", "compile", "channels_last")
 
