@@ -99,10 +99,10 @@ _TINY = {**_SHORT_RUN, "unet.base_channels": 16, "unet.channel_mults": (1, 2),
 
 
 def right_spacings(steps: tuple[int, ...]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
-    """DDIM on uniform and trailing spacing, DPM-Solver++ on trailing (on uniform its last,
-    long step overshoots)."""
-    return (("ddim", "uniform", steps), ("ddim", "trailing", steps),
-            ("dpmpp_2m", "trailing", steps))
+    """DPM-Solver++ on trailing spacing (on uniform its last, long step overshoots), DDIM on
+    trailing and uniform spacing; in the order they are evaluated."""
+    return (("dpmpp_2m", "trailing", steps), ("ddim", "trailing", steps),
+            ("ddim", "uniform", steps))
 
 
 BUDGETS = {
@@ -115,15 +115,15 @@ BUDGETS = {
                        cells=(("ddim", "uniform", STEPS), ("dpmpp_2m", "trailing", STEPS)),
                        forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
                        bootstrap=100),
-    # <= 150 min on the 2-core CPU, in the background: classifier ~1 min, three KL weights
-    # 300 steps each (~5 min), the VAE 10 min, the form2 refiner 24 min and the baseline the
+    # <= 150 min on the 2-core CPU, in the background: classifier ~2 min, three KL weights
+    # 200 steps each (~6 min), the VAE 9 min, the form2 refiner 22 min and the baseline the
     # same steps (~18 min), then 2 models x 3 (sampler, spacing) x 95 steps x 2,000 samples
-    # (~35-45 min). S = 100 is left out here: it alone would cost another ~12 min.
+    # (~50-80 min). S = 100 is left out here: it alone would cost another ~15-25 min.
     "long": Budget(classifier_steps=1500, classifier_width=16, vae_steps=10 ** 6,
                    refiner_steps=10 ** 6, batch_size=64, n=2000, cells=right_spacings(FEW_STEPS),
                    forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
-                   vae_minutes=10, refiner_minutes=24, kl_weights=(1.0, 0.1, 0.02),
-                   vae_compare_steps=300, bootstrap=200),
+                   vae_minutes=9, refiner_minutes=22, kl_weights=(1.0, 0.1, 0.02),
+                   vae_compare_steps=200, bootstrap=200),
     # One device call of at most 9 minutes on the lent H100/H200 (benchmarks/gpu.sh).
     "gpu": Budget(classifier_steps=3000, classifier_width=32, vae_steps=10 ** 6,
                   refiner_steps=10 ** 6, batch_size=128, n=5000,
@@ -551,53 +551,59 @@ def main(argv: list[str] | None = None) -> None:
         log(f"  {cell['model']:<18} {what:<24} FID {cell['fid']:9.3f}{ci} "
             f"({cell['seconds']:.1f} s)")
 
-    def evaluation() -> dict:
-        records = [sweep(list(runs.values()), [sampler], list(steps), budget.n,
-                         "fashion-mnist:test", extractor, base=replace(base, spacing=spacing),
-                         include_vae=k == 0, names=list(runs), data=cfg.data, cache_dir=cache,
-                         ref_limit=budget.ref_limit, grid_dir=out, grid_steps=10,
-                         grid_prefix=f"{stem}_grid", device=device, progress=progress,
-                         on_cell=on_cell, bootstrap=budget.bootstrap)
-                   for k, (sampler, spacing, steps) in enumerate(budget.cells)]
-        return {**records[0], "cells": [c for r in records for c in r["cells"]]}
+    def write(record: dict, complete: bool) -> None:
+        """The results so far (after each (sampler, spacing), so that a run stopped late
+        still leaves what it measured, marked incomplete)."""
+        cells = record["cells"]
+        model = f"diffusevae-{budget.forms[0]}"
+        claim = [judge(cells, model, "ddpm-uncond", sa, sp) for sa, sp, _ in budget.cells]
+        wall["total"] = round(time.time() - t_start, 1)
+        result = {
+            "benchmark": "B1 speed-quality on Fashion-MNIST",
+            "budget": args.budget, "limit_minutes": LIMIT_MINUTES[args.budget],
+            "command": " ".join(sys.argv), "complete": complete,
+            "settings": {"seed": args.seed, "classes": classes or list(range(10)),
+                         "budget": _jsonable(budget.__dict__), "device": str(device),
+                         "mixed_precision": precision, "n": budget.n, "eta": 0.0,
+                         "use_ema": True, "config": _jsonable(
+                             {k: getattr(cfg, k).__dict__ for k in
+                              ("data", "vae", "unet", "diffusion", "train_vae", "train_refiner")})},
+            "classifier": {**report, "folder": str(clf_dir),
+                           "meets_90_percent": report["test_accuracy"] >= 0.9},
+            "vae": vae_info,
+            "refiner_steps": refiner_steps, "refiner_epochs": epochs,
+            "models": {name: {"run": str(run), "formulation": "uncond" if name == "ddpm-uncond"
+                              else name.split("-", 1)[1]} for name, run in runs.items()},
+            "names": record["names"], "reference": record["reference"],
+            "extractor": record["extractor"], "cells": cells, "claim": claim,
+            "claim_judged": args.budget != "smoke",
+            "targets": targets(cells, model, "ddpm-uncond"),
+            "wall_seconds": wall, "estimated_seconds": est, "timing_at_start": timing,
+            "machine": {**machine(), "cpu_count": os.cpu_count(), "node": platform.node(),
+                        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or "cpu",
+                        "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        }
+        atomic_write_json(out / f"{stem}.json", _jsonable(result))
+        plot_fid(cells, out / f"{stem}.png", record["names"]["fid"],
+                 f"Fashion-MNIST, {args.budget} budget: {record['names']['fid']}")
+        atomic_write_text(out / f"{stem}.md", markdown(result))
 
-    record = phase("evaluation", evaluation)
-    cells = record["cells"]
-    model = f"diffusevae-{budget.forms[0]}"
-    claim = [judge(cells, model, "ddpm-uncond", sa, sp) for sa, sp, _ in budget.cells]
-    goals = targets(cells, model, "ddpm-uncond")
-    wall["total"] = round(time.time() - t_start, 1)
-    result = {
-        "benchmark": "B1 speed-quality on Fashion-MNIST",
-        "budget": args.budget, "limit_minutes": LIMIT_MINUTES[args.budget],
-        "command": " ".join(sys.argv),
-        "settings": {"seed": args.seed, "classes": classes or list(range(10)),
-                     "budget": _jsonable(budget.__dict__), "device": str(device),
-                     "mixed_precision": precision, "n": budget.n, "eta": 0.0,
-                     "use_ema": True, "config": _jsonable(
-                         {k: getattr(cfg, k).__dict__ for k in
-                          ("data", "vae", "unet", "diffusion", "train_vae", "train_refiner")})},
-        "classifier": {**report, "folder": str(clf_dir),
-                       "meets_90_percent": report["test_accuracy"] >= 0.9},
-        "vae": {**vae_report(chosen, cfg.data, device), "steps": vae_steps,
+    vae_info = {**vae_report(chosen, cfg.data, device), "steps": vae_steps,
                 "epochs": round(vae_steps * budget.batch_size / 60_000, 2),
-                "kl_weight_candidates": kl_rows, "chosen": str(chosen)},
-        "refiner_steps": refiner_steps, "refiner_epochs": epochs,
-        "models": {name: {"run": str(run), "formulation": "uncond" if name == "ddpm-uncond"
-                          else name.split("-", 1)[1]} for name, run in runs.items()},
-        "names": record["names"], "reference": record["reference"],
-        "extractor": record["extractor"], "cells": cells, "claim": claim,
-        "claim_judged": args.budget != "smoke", "targets": goals,
-        "wall_seconds": wall, "estimated_seconds": est, "timing_at_start": timing,
-        "machine": {**machine(), "cpu_count": os.cpu_count(), "node": platform.node(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else platform.processor() or "cpu",
-                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-    }
-    atomic_write_json(out / f"{stem}.json", _jsonable(result))
-    plot_fid(cells, out / f"{stem}.png", record["names"]["fid"],
-             f"Fashion-MNIST, {args.budget} budget: {record['names']['fid']}")
-    atomic_write_text(out / f"{stem}.md", markdown(result))
+                "kl_weight_candidates": kl_rows, "chosen": str(chosen)}
+    t_eval, records = time.time(), []
+    for k, (sampler, spacing, steps) in enumerate(budget.cells):
+        records.append(sweep(
+            list(runs.values()), [sampler], list(steps), budget.n, "fashion-mnist:test",
+            extractor, base=replace(base, spacing=spacing), include_vae=k == 0,
+            names=list(runs), data=cfg.data, cache_dir=cache, ref_limit=budget.ref_limit,
+            grid_dir=out, grid_steps=10, grid_prefix=f"{stem}_grid", device=device,
+            progress=progress, on_cell=on_cell, bootstrap=budget.bootstrap))
+        wall["evaluation"] = round(time.time() - t_eval, 1)
+        last = k == len(budget.cells) - 1
+        write({**records[0], "cells": [c for r in records for c in r["cells"]]}, last)
+    log(f"evaluation: {wall['evaluation']:.0f} s (estimated {est['evaluation']:.0f} s)")
     log(f"done in {wall['total'] / 60:.1f} min: {out / f'{stem}.md'}")
 
 
@@ -621,7 +627,9 @@ def markdown(r: dict) -> str:
                 + kl_rows + "\n") if kl_rows else ""
     return (
         f"# B1 speed-quality on Fashion-MNIST ({r['budget']} budget)\n\n"
-        f"Fashion-MNIST, {classes}; seed {s['seed']}; {s['n']} samples per cell; EMA weights; "
+        + ("" if r["complete"] else "**Incomplete: the run stopped before every cell was "
+           "measured; these are the cells it finished.**\n\n")
+        + f"Fashion-MNIST, {classes}; seed {s['seed']}; {s['n']} samples per cell; EMA weights; "
         f"DDIM eta = 0; each FID with a 95% bootstrap interval over the generated samples. "
         f"Reference: {ref['reference']} ({ref['n']} images). Feature space: a CNN classifier "
         f"trained here, test accuracy {100 * clf['test_accuracy']:.2f}%"
