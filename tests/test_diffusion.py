@@ -65,7 +65,7 @@ X_HAT = torch.tensor([0.2, 0.4, -0.6, 0.1], dtype=torch.float64).reshape(1, 1, 2
 
 
 def closed_form_mean(name: str, abar: float) -> torch.Tensor:
-    """E[x_t | x0, x_hat] of the state the network sees (SPEC.md §4 table)."""
+    """E[x_t | x0, x_hat] of the state the network sees (docs/method.md#formulations)."""
     s = math.sqrt(abar)
     return {"uncond": s * X0, "form1": s * X0,
             "form2": s * X0 + (1 - s) * X_HAT, "form2-official": s * X0 + X_HAT}[name]

@@ -38,7 +38,8 @@ N = 4000
 
 
 def network_marginal_mean(form_name: str, abar: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """E[x_t | x_hat], x_t the state the network sees, from SPEC.md §4 (not from the code)."""
+    """E[x_t | x_hat] of the state the network sees, from the table of docs/method.md#formulations
+    (not from the code)."""
     mean = abar.sqrt() * MU
     if form_name == "form2":
         mean = mean + (1 - abar.sqrt()) * x_hat

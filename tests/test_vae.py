@@ -1,4 +1,4 @@
-"""Tests of the stage-1 VAE (SPEC.md §3): shapes per preset, the loss in closed form, the
+"""Tests of the stage-1 VAE (docs/method.md#vae): shapes per preset, the loss in closed form, the
 reparameterisation, the block-string grammar, checkpoints and a short overfitting run."""
 
 from __future__ import annotations

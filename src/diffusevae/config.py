@@ -1,9 +1,9 @@
 """Typed configuration: frozen dataclasses, the preset registry, files and overrides.
 
 One dataclass per concern (data, VAE, UNet, diffusion, training, sampling); a `Preset` bundles
-them. Presets follow SPEC.md §8 (the official code's numbers, with its faults fixed). Every CLI
-flag maps to one field; `--set section.field=value` reaches any field; a YAML/JSON file can give
-any subset of sections. The resolved config is what a run folder records.
+them. Presets follow docs/method.md#presets (the official code's numbers, its faults fixed).
+Every CLI flag maps to one field; `--set section.field=value` reaches any field; a YAML/JSON file
+can give any subset of sections. The resolved config is what a run folder records.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """Stage 1: the single-stochastic-layer ResNet VAE of SPEC.md §3, as block strings.
+    """Stage 1: the single-stochastic-layer ResNet VAE (docs/method.md#vae), as block strings.
 
     Block grammar (comma separated): ``RxN`` N residual blocks at resolution R; ``RdK`` one block
     at R, then average-pool by K; ``RuK`` nearest upsample by K; ``RtS`` 1x1 conv from the width
@@ -168,7 +168,7 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The noise schedule (linear, SPEC.md §2) and the formulation (SPEC.md §4)."""
+    """The noise schedule (linear) and the formulation (docs/method.md#formulations)."""
 
     timesteps: int = 1000
     beta_start: float = 1e-4
@@ -230,7 +230,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How to draw samples (SPEC.md §5).
+    """How to draw samples (docs/method.md#samplers).
 
     Checked when built (all but the upper bound of `steps`, which needs the schedule), because
     `DiffuseVAE.generate` builds it from plain arguments a caller gives. The fields of
@@ -303,7 +303,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets (SPEC.md §8)
+# Presets (docs/method.md#presets)
 # --------------------------------------------------------------------------------------------
 
 def _preset(name: str, size: int, ch: int, dataset: str, vae: dict, unet: dict,

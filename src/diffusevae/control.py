@@ -1,4 +1,4 @@
-"""Control through z: interpolation, attribute directions and editing (SPEC.md §6.7-6.8).
+"""Control through z: interpolation, attribute directions and editing (docs/method.md).
 
 z decides the global content of an image (what x_hat = D(z) shows); the diffusion noise decides
 the details the refiner adds. So:

@@ -1,4 +1,4 @@
-"""Forward process, posterior, the four formulations and the refiner's loss (SPEC.md §2, §4).
+"""Forward process, posterior, the four formulations and the refiner's loss (docs/method.md).
 
 Everything here is one standard DDPM (Ho et al. 2020) run in a coordinate ``y``:
 
@@ -27,15 +27,15 @@ EpsFn = Callable[[Tensor, Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------------------------
-# Schedule (SPEC.md §2)
+# Schedule (docs/method.md#notation)
 # --------------------------------------------------------------------------------------------
 
 class Schedule:
     """A variance schedule beta_t, t = 0..T-1, and every coefficient derived from it (float64).
 
     Built from ``betas`` (the linear schedule) or from ``alpha_bar`` (a respaced chain, whose
-    betas are beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}, SPEC.md §5). The step before the
-    first has alpha_bar = 1, so the posterior at index 0 is a point mass at y0.
+    betas are beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}, docs/method.md#respacing). The
+    step before the first has alpha_bar = 1, so the posterior at index 0 is a point mass at y0.
     """
 
     def __init__(self, betas: Tensor, alpha_bar: Tensor | None = None):
@@ -103,7 +103,7 @@ class Schedule:
         return cls(1.0 - alpha_bar / prev, alpha_bar=alpha_bar)
 
     def respace(self, timesteps: Tensor | Sequence[int]) -> "Schedule":
-        """The respaced chain over ``timesteps`` (ascending original steps, SPEC.md §5).
+        """The chain respaced to ``timesteps``, ascending original steps (docs/method.md#respacing).
 
         alpha_bar'_i = alpha_bar[tau_i] and beta'_i = 1 - alpha_bar'_i / alpha_bar'_{i-1}.
         """
@@ -183,12 +183,12 @@ def predict_eps(schedule: Schedule | ScheduleFloats, y_t: Tensor, t: Tensor | in
 
 
 # --------------------------------------------------------------------------------------------
-# Formulations (SPEC.md §4)
+# Formulations (docs/method.md#formulations)
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Formulation:
-    """One row of SPEC.md §4: the same DDPM in the coordinate y, seen through three switches.
+    """One row of docs/method.md#formulations: the same DDPM in the coordinate y, three switches.
 
     ============== =========== ========= ========= ============================================
     name           conditioned shifted   residual  meaning
@@ -202,7 +202,7 @@ class Formulation:
     The sampler always starts from y_T ~ N(0, I), for every formulation. For the shifted
     forms this *is* x_T ~ N(x_hat, I) of the paper, since x_T = y_T + x_hat.
 
-    Why ``form2`` is the default: it is what the paper's forward step
+    Why ``form2`` is the default (docs/method.md#form2-derivation): it is what the paper's step
     q(x_t | x_{t-1}, x_hat) = N(sqrt(1-beta_t) x_{t-1} + (1 - sqrt(1-beta_t)) x_hat, beta_t I)
     implies. Composing that step gives the marginal
     N(sqrt(alpha_bar_t) x0 + (1 - sqrt(alpha_bar_t)) x_hat, (1 - alpha_bar_t) I), i.e. a DDPM on
@@ -210,7 +210,7 @@ class Formulation:
     ``form2-official`` reproduces the official code, which uses the marginal
     N(sqrt(alpha_bar_t) x0 + x_hat, (1 - alpha_bar_t) I) instead: it does not follow from that step
     (at t = 0 the network sees x0 + x_hat, not x0) and the image is y0 itself. Keep it only to
-    reproduce results of the official checkpoints.
+    reproduce results of the official checkpoints (docs/method.md#form2-official).
     """
 
     name: str
@@ -258,7 +258,7 @@ class Formulation:
         return torch.cat([x_t, cond.to(x_t.dtype)], dim=1)  # (B, 2C, H, W)
 
     def clip_fn(self, x_hat: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-        """A y0-prediction clipper that clips the *image* to [-1, 1] (SPEC.md §4 "Clipping")."""
+        """A y0-prediction clipper that clips the *image* to [-1, 1] (docs/method.md#clipping)."""
         self._need_x_hat(x_hat)
 
         def clip(y0_pred: Tensor) -> Tensor:
@@ -353,7 +353,7 @@ def training_loss(model: Callable, schedule: Schedule, form: Formulation, x0: Te
 
 
 # --------------------------------------------------------------------------------------------
-# Respacing (SPEC.md §5)
+# Respacing (docs/method.md#respacing)
 # --------------------------------------------------------------------------------------------
 
 SPACINGS = ("uniform", "trailing", "quad")

@@ -1,5 +1,5 @@
 """Evaluating samples: stream images through a feature extractor into statistics, score them
-against a reference, and record the whole protocol (SPEC §7).
+against a reference, and record the whole protocol (docs/method.md#evaluation).
 
 Images travel as uint8 batches (B, H, W, C) from one of four sources: a folder of images, an
 `.npz` (``images``, as `diffusevae sample` writes), a trained run (sampled on the fly with
@@ -193,7 +193,7 @@ def path_source(path: str | Path, batch_size: int = 250) -> Source:
 
 
 def sample_protocol(sample: SampleConfig) -> dict:
-    """The sampling settings every reported number names (SPEC §7)."""
+    """The sampling settings every reported number names (docs/method.md#evaluation)."""
     return {"n": sample.n, "sampler": sample.sampler, "steps": sample.steps,
             "seed": sample.seed, "use_ema": sample.use_ema, "eta": sample.eta,
             "spacing": sample.spacing, "var_type": sample.var_type,

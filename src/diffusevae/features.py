@@ -7,7 +7,8 @@ and reference images are quantised alike, and returns features (B, D) and class 
   (file ``pt_inception-2015-12-05-6726825d.pth``), through torch-fidelity (the ``fid`` extra).
   The weights come only from a path the user gives; nothing is ever downloaded.
 - ``classifier``: the penultimate layer of a classifier trained on the dataset
-  (`diffusevae.classifier`), for small grayscale datasets and offline checks (SPEC §7).
+  (`diffusevae.classifier`), for small grayscale datasets and offline checks
+  (docs/method.md#evaluation).
 """
 
 from __future__ import annotations

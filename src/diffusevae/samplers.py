@@ -12,7 +12,8 @@
   batch it is drawn in (`sample_generators`); a single Generator draws the whole batch's noise
   (reproducible for a fixed batch only); None uses the global RNG.
 - ``clip_fn(y0_pred) -> y0_pred``: applied to each prediction of the clean state; eps is then
-  derived again from the clipped prediction (SPEC.md §4). ``Formulation.clip_fn`` gives one.
+  derived again from the clipped prediction (docs/method.md#clipping). ``Formulation.clip_fn``
+  gives one.
 - ``callback(i, n_steps, y, y0_pred)``: after step i = 0..n_steps-1, with the new state.
 
 The result is y0 in y-coordinates; ``Formulation.readback`` turns it into the image.

@@ -352,7 +352,7 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
                 rng_at_step_start = gen.get_state()
                 # Dropout draws from the global RNG: a function of (seed, step, process).
                 torch.manual_seed(((tc.seed * 1_000_003 + step) * 4099 + procs.rank) % 2**63)
-                for group in opt.param_groups:  # linear warm-up (SPEC §8)
+                for group in opt.param_groups:  # linear warm-up (docs/method.md#presets)
                     group["lr"] = tc.lr * min(1.0, (step + 1) / warmup)
                 opt.zero_grad(set_to_none=True)
                 x_local = x_local.to(device, non_blocking=True).contiguous(memory_format=layout)

@@ -3,11 +3,11 @@
 The architecture of Ho et al. 2020 (DDPM, App. B) in the layout of improved-diffusion: a
 sinusoidal time embedding and its MLP, residual blocks that add a projection of the embedding,
 multi-head self-attention, `num_res_blocks` blocks per level down and `num_res_blocks + 1` up
-(each eating one skip). DiffuseVAE's additions (SPEC.md §4): the input is the noisy image and
-the coarse image x_hat concatenated on channels (`cond=True`), and, with `z_dim > 0`, an MLP of
-the VAE latent z added to the time embedding (`z_cond`). Attention is placed by the spatial
-*resolution* of a level (the official code placed it by downsampling factor, so CIFAR-10 got no
-16x16 attention), and always in the middle block.
+(each eating one skip). DiffuseVAE's additions (docs/method.md#refiner): the input is the noisy
+image and the coarse image x_hat concatenated on channels (`cond=True`), and, with `z_dim > 0`,
+an MLP of the VAE latent z added to the time embedding (`z_cond`, docs/method.md#z-conditioning).
+Attention is placed by the spatial *resolution* of a level (the official code placed it by
+downsampling factor, so CIFAR-10 got no 16x16 attention), and always in the middle block.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 1 of DiffuseVAE (SPEC.md §3): a single-stochastic-layer ResNet VAE in the VDVAE style.
+"""Stage 1 of DiffuseVAE (docs/method.md#vae): a single-stochastic-layer ResNet VAE, VDVAE style.
 
 The encoder maps an image x to q(z|x) = N(mu, diag exp(logvar)), z a vector of size z_dim; the
 decoder maps z back to a coarse image x_hat = D(z). Both are stacks of residual bottleneck blocks
@@ -126,7 +126,7 @@ def build_stack(spec: str, where: str, widths: dict[int, int], res: int, width: 
 
 
 class VAE(PretrainedMixin, nn.Module):
-    """Single-stochastic-layer ResNet VAE: encode -> (mu, logvar), decode z -> x_hat (SPEC §3)."""
+    """Single-stochastic-layer ResNet VAE: encode -> (mu, logvar), decode z -> x_hat."""
 
     kind = "vae"
     config_class = VAEConfig
@@ -191,7 +191,7 @@ class VAE(PretrainedMixin, nn.Module):
     def loss_terms(self, x: torch.Tensor, x_hat: torch.Tensor, mu: torch.Tensor,
                    logvar: torch.Tensor) -> dict[str, torch.Tensor]:
         """`loss` from a forward pass's outputs (training calls the forward of the DDP wrapper)."""
-        recon = (x - x_hat).pow(2).flatten(1).sum(1)  # (B,) summed over pixels, as SPEC §3
+        recon = (x - x_hat).pow(2).flatten(1).sum(1)  # (B,) summed over pixels (docs/method.md#vae)
         # KL(N(mu, diag e^logvar) || N(0, I)) in closed form (Kingma & Welling 2014, App. B).
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)  # (B,)
         loss = recon + self.config.kl_weight * kl

@@ -1,4 +1,4 @@
-"""Commands that measure: `train-classifier`, `evaluate`, `sweep` (SPEC §7)."""
+"""Commands that measure: `train-classifier`, `evaluate`, `sweep` (docs/method.md#evaluation)."""
 
 from __future__ import annotations
 

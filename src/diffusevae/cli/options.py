@@ -21,7 +21,8 @@ def config_options(fn):
     """Flags that choose and change the configuration (shared by the training commands)."""
     options = [
         click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-                     help="Preset of SPEC §8 (default: the run's own, else 'digits')."),
+                     help="Preset, as `diffusevae presets` lists them (default: the run's "
+                          "own, else 'digits')."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML or JSON file with any of the config sections."),
         click.option("--dataset", type=click.Choice(["digits", "fashion-mnist", "mnist",

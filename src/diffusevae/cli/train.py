@@ -51,7 +51,8 @@ def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
 @run_option()
 @config_options
 @click.option("--form", type=click.Choice(["form2", "form1", "form2-official", "uncond"]),
-              help="Formulation (SPEC §4); 'uncond' is the plain DDPM baseline (no VAE).")
+              help="How the refiner uses x_hat (docs/method.md#formulations); 'uncond' is "
+                   "the plain DDPM baseline (no VAE).")
 @click.option("--p-uncond", type=float,
               help="Per-sample conditioning dropout, enables --guidance at sampling.")
 @click.option("--z-cond", is_flag=True, help="Also condition the UNet on z (time embedding).")
