@@ -62,7 +62,7 @@ from diffusevae.config import Config, SampleConfig, resolve, to_dict
 from diffusevae.diffusion import Schedule, get_formulation, respaced_timesteps, training_loss
 from diffusevae.evaluation import _jsonable, machine
 from diffusevae.pipeline import DiffuseVAE
-from diffusevae.samplers import sample_generators
+from diffusevae.rng import sample_generators
 from diffusevae.training_loop import EMA
 from diffusevae.unet import CHANNELS_LAST_DEVICES, UNet
 from diffusevae.vae import VAE

@@ -14,7 +14,7 @@ from diffusevae.control import (attribute_directions, edit_latents, interpolatio
 from diffusevae.data import DataError
 from diffusevae.diffusion import q_sample
 from diffusevae.pipeline import DiffuseVAE
-from diffusevae.samplers import sample_generators
+from diffusevae.rng import sample_generators
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 

@@ -19,7 +19,8 @@ from conftest import run_cli as run
 from diffusevae.config import SampleConfig
 from diffusevae.diffusion import Schedule, get_formulation, respaced_timesteps
 from diffusevae.pipeline import DiffuseVAE, _has_cpp_compiler
-from diffusevae.samplers import SAMPLERS, ddim, dpmpp_2m, randn_like_per_sample, sample_generators
+from diffusevae.rng import randn_like_per_sample, sample_generators
+from diffusevae.samplers import SAMPLERS, ddim, dpmpp_2m
 from test_pipeline import _pipe
 
 SCHEDULE = Schedule.linear(1000, 1e-4, 0.02)

@@ -12,7 +12,7 @@ from diffusevae.config import ConfigError, DiffusionConfig, UNetConfig, VAEConfi
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.prior import (GaussianMixture, fit_mixture, load_mixture, loglik_per_dim,
                               normal_log_prob, save_mixture)
-from diffusevae.samplers import sample_generators
+from diffusevae.rng import sample_generators
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 

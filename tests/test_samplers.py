@@ -9,9 +9,8 @@ from diffusevae.diffusion import (
     FORMULATIONS, Schedule, get_formulation, make_eps_fn, predict_eps, predict_y0, q_posterior,
     respaced_timesteps,
 )
-from diffusevae.samplers import (
-    SAMPLERS, ddim, ddpm, dpmpp_2m, get_sampler, randn_like_per_sample, sample_generators,
-)
+from diffusevae.rng import randn_like_per_sample, sample_generators
+from diffusevae.samplers import SAMPLERS, ddim, ddpm, dpmpp_2m, get_sampler
 
 SCHEDULE = Schedule.linear(1000, 1e-4, 0.02)
 
@@ -245,15 +244,6 @@ def test_sample_does_not_depend_on_its_batch(sampler, options):
         assert torch.equal(alone[0], batch[i]), i
     # and a batch holding other indices gives other samples
     assert not torch.allclose(_draw(sampler, options, 3, range(8, 16), taus), batch)
-
-
-def test_sample_generators_and_per_sample_noise():
-    gens = sample_generators(5, [0, 1])
-    assert len(gens) == 2
-    noise = randn_like_per_sample(gens, (2, 3), "cpu", torch.float64)
-    assert noise.shape == (2, 2, 3) and noise.dtype == torch.float64
-    expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))
-    assert torch.equal(noise[1].float(), expected)
 
 
 def test_wrong_number_of_generators_is_an_error():

@@ -32,7 +32,7 @@ from .checkpoint import read_json
 from .config import ConfigError, DataConfig, SampleConfig
 from .data import DataError, ImageFolder, build_dataset
 from .pipeline import DiffuseVAE, Generation
-from .samplers import sample_generators
+from .rng import sample_generators
 
 MODES = ("lerp", "slerp", "xt")
 ATTRIBUTES_DIR = "attributes"

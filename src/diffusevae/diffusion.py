@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import DiffusionConfig
-from .distributed import BatchShard
+from .rng import BatchShard
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -121,58 +121,6 @@ def _portable(error: Exception | None) -> Exception | None:
         return RuntimeError(f"{type(error).__name__} on the main process: {error}")
 
 
-class BatchShard:
-    """The random draws of rows ``lo:hi`` of a global batch of ``n`` rows.
-
-    Every process holds the trainer's generator in the same state and draws the numbers of the
-    whole batch, keeping its own rows: a step's noise, timesteps and flips are then the same
-    whether the batch runs in one process or is split over processes and micro-batches (the
-    cost, drawing n rows instead of hi - lo, is small beside the network).
-
-    The functions that draw (`VAE.reparameterize`, `diffusion.training_loss`,
-    `data.random_hflip`) take a `BatchShard` wherever they take a generator; `of` turns a plain
-    generator (or None, the global RNG) into the shard that is the whole batch.
-    """
-
-    def __init__(self, generator: torch.Generator | None, n: int, lo: int = 0,
-                 hi: int | None = None, device: torch.device | str | None = None):
-        hi = n if hi is None else hi
-        if not 0 <= lo < hi <= n:
-            raise ValueError(f"rows {lo}:{hi} are not a part of a batch of {n}")
-        self.generator, self.n, self.lo, self.hi = generator, n, lo, hi
-        # Draw on the generator's device: a CPU generator gives the same numbers anywhere.
-        self.device = generator.device if generator is not None else torch.device(device or "cpu")
-
-    @classmethod
-    def of(cls, generator: "torch.Generator | BatchShard | None", rows: int,
-           device: torch.device | str | None = None) -> "BatchShard":
-        """`generator` as a shard of `rows` rows (a shard passes through, checked)."""
-        if isinstance(generator, BatchShard):
-            if generator.hi - generator.lo != rows:
-                raise ValueError(f"a shard of {generator.hi - generator.lo} rows cannot draw "
-                                 f"for a batch of {rows}")
-            return generator
-        return cls(generator, rows, device=device)
-
-    def _rows(self, full: torch.Tensor) -> torch.Tensor:
-        return full[self.lo:self.hi] if (self.lo, self.hi) != (0, self.n) else full
-
-    def randn(self, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Standard normals of `shape` (its first dimension: this shard's rows)."""
-        return self._rows(torch.randn((self.n, *shape[1:]), generator=self.generator,
-                                      device=self.device, dtype=dtype))
-
-    def rand(self, shape) -> torch.Tensor:
-        """Uniforms on [0, 1) of `shape` (first dimension: this shard's rows)."""
-        return self._rows(torch.rand((self.n, *shape[1:]), generator=self.generator,
-                                     device=self.device))
-
-    def randint(self, high: int, shape) -> torch.Tensor:
-        """Integers in [0, high) of `shape` (first dimension: this shard's rows)."""
-        return self._rows(torch.randint(0, high, (self.n, *shape[1:]), generator=self.generator,
-                                        device=self.device))
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; an explicit device must exist."""
     if name == "auto":

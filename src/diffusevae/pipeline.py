@@ -31,7 +31,8 @@ from . import checkpoint as ckpt
 from .config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, from_dict, to_dict
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
 from .prior import PRIOR_DIR, GaussianMixture, draw_latents, load_run_prior, save_mixture
-from .samplers import get_sampler, randn_like_per_sample, sample_generators
+from .rng import randn_like_per_sample, sample_generators
+from .samplers import get_sampler
 from .unet import CHANNELS_LAST_DEVICES, UNet
 from .vae import VAE
 

@@ -35,7 +35,7 @@ from .checkpoint import (
     read_json,
 )
 from .config import ConfigError
-from .samplers import randn_like_per_sample, sample_generators
+from .rng import randn_like_per_sample, sample_generators
 from .storage import sha256_file
 from .vae import VAE
 

@@ -9,7 +9,7 @@
 - ``y_T``: the initial state in y-coordinates, N(0, I) for every formulation, already scaled by
   the temperature. ``timesteps``: the ascending respaced steps (`respaced_timesteps`).
 - ``generators``: one CPU ``torch.Generator`` per sample, so that a sample never depends on the
-  batch it is drawn in (`sample_generators`); a single Generator draws the whole batch's noise
+  batch it is drawn in (`rng.sample_generators`); a single Generator draws the whole batch's noise
   (reproducible for a fixed batch only); None uses the global RNG.
 - ``clip_fn(y0_pred) -> y0_pred``: applied to each prediction of the clean state; eps is then
   derived again from the clipped prediction (docs/method.md#clipping). ``Formulation.clip_fn``
@@ -34,40 +34,9 @@ import torch
 from torch import Tensor
 
 from .diffusion import EpsFn, Schedule, ScheduleFloats, predict_eps, predict_y0, q_posterior
+from .rng import Generators, noise_like
 
-Generators = Sequence[torch.Generator] | torch.Generator | None
 Callback = Callable[[int, int, Tensor, Tensor], None]
-
-
-# --------------------------------------------------------------------------------------------
-# Per-sample randomness
-# --------------------------------------------------------------------------------------------
-
-def sample_generators(seed: int, indices: Sequence[int] | range) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded from the run seed and the sample's global index."""
-    return [torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % 2**64)
-            for i in indices]
-
-
-def randn_like_per_sample(generators: Sequence[torch.Generator], shape_per_sample: Sequence[int],
-                          device: torch.device | str, dtype: torch.dtype) -> Tensor:
-    """(B, *shape_per_sample) standard normals, row b drawn from ``generators[b]``.
-
-    Drawn in float32 on each generator's device, then moved and cast: the numbers do not depend
-    on the batch, the device or the dtype the sampler runs in.
-    """
-    noise = [torch.randn(tuple(shape_per_sample), generator=g, device=g.device,
-                         dtype=torch.float32) for g in generators]
-    return torch.stack(noise).to(device=device, dtype=dtype)
-
-
-def _noise(generators: Generators, like: Tensor) -> Tensor:
-    if generators is None:
-        return torch.randn_like(like)
-    if isinstance(generators, torch.Generator):
-        return torch.randn(like.shape, generator=generators, device=generators.device,
-                           dtype=torch.float32).to(device=like.device, dtype=like.dtype)
-    return randn_like_per_sample(generators, like.shape[1:], like.device, like.dtype)
 
 
 @dataclass(frozen=True)
@@ -139,7 +108,7 @@ def ddpm(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
     for k, i in enumerate(reversed(range(S))):
         _, y0 = _denoise(eps_fn, chain, y, i, clip_fn)
         mean, _, _ = q_posterior(chain.floats, y0, y, i)
-        y = mean + std[i] * _noise(generators, y) if i > 0 else mean
+        y = mean + std[i] * noise_like(generators, y) if i > 0 else mean
         if callback is not None:
             callback(k, S, y, y0)
     return y
@@ -164,7 +133,7 @@ def ddim(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
         eps, y0 = _denoise(eps_fn, chain, y, i, clip_fn)
         y = c_y0[i] * y0 + c_eps[i] * eps
         if sigma[i] > 0:
-            y = y + sigma[i] * _noise(generators, y)
+            y = y + sigma[i] * noise_like(generators, y)
         if callback is not None:
             callback(k, S, y, y0)
     return y

@@ -17,7 +17,8 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import build_dataset
 from .diffusion import Schedule, get_formulation, training_loss
-from .distributed import BatchShard, processes
+from .distributed import processes
+from .rng import BatchShard
 from .images import save_grid, side_by_side
 from .pipeline import DiffuseVAE, save_refiner
 from .training_loop import (EMA, RunFolderError, Stage, StepBatches,  # noqa: F401 (re-exported)

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, TrainConfig, to_dict
 from .data import random_hflip
-from .distributed import BatchShard, Processes
+from .distributed import Processes
+from .rng import BatchShard
 from .unet import CHANNELS_LAST_DEVICES
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .checkpoint import PretrainedMixin
 from .config import ConfigError, VAEConfig
-from .distributed import BatchShard
+from .rng import BatchShard, randn_like_per_sample, sample_generators
 
 _TOKEN = re.compile(r"^(\d+)([xdut])(\d+)$")
 
@@ -218,8 +218,6 @@ class VAE(PretrainedMixin, nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, D(z) clamped) for the given sample indices, z_i drawn from the generator of
         (seed, i) exactly as `DiffuseVAE` draws it: a sample does not depend on its batch."""
-        from .samplers import randn_like_per_sample, sample_generators
-
         p = self._param()
         z = temperature * randn_like_per_sample(sample_generators(seed, indices),
                                                 (self.config.z_dim,), p.device, torch.float32)
