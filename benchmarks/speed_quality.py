@@ -23,26 +23,29 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffusevae.checkpoint import atomic_write_json, atomic_write_text
 from diffusevae.classifier import Classifier, ClassifierConfig, train_classifier
-from diffusevae.config import Config, SampleConfig, resolve
-from diffusevae.data import build_dataset
-from diffusevae.pipeline import DiffuseVAE
-from diffusevae.evaluation import _jsonable, evaluate, machine, vae_source
+from diffusevae.config import Config, DataConfig, SampleConfig, resolve
+from diffusevae.data import IDX_FILES, build_dataset
+from diffusevae.evaluation import evaluate, machine
 from diffusevae.features import classifier_extractor
-from diffusevae.sweep import markdown_table, plot_fid, sweep
+from diffusevae.pipeline import DiffuseVAE
+from diffusevae.sources import vae_source
+from diffusevae.sweep import plot_fid, sweep
 from diffusevae.train import train_refiner, train_vae
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
+
+from common import (device_name, jsonable, log, median_seconds, prepare_work,
+                    write_results)
+from speed_quality_report import judge, markdown, targets
 
 LIMIT_MINUTES = {"smoke": 3, "standard": 75, "long": 150, "gpu": 9}
 MARKER = ".speed_quality"  # a work folder this script made (and may clear)
@@ -81,13 +84,8 @@ class Budget:
 
 STEPS = (5, 10, 25, 50)
 FEW_STEPS = (2, 3, 5, 10, 25, 50)
-# The standard budget, designed from per-step timings measured on this 2-core machine with one
-# thread while it was busy (load average ~4; the preset UNet step at batch 64 took 0.89-0.96 s,
-# the ~1 s it takes on a quiet machine): the UNet below (the preset's widths and attention at
-# 7x7, one residual block a level) 0.51-0.71 s a training step, plus 0.12-0.16 s for the frozen
-# VAE's x_hat in the refiner; sampling 3.3-3.6 ms an image a step at batch 64; the preset VAE
-# 0.39-0.43 s a step; the classifier 0.05-0.07 s. The script measures these costs at its start
-# and prints its own estimate.
+# Shorter warm-up and EMA than the preset's, for runs of a few thousand steps; one residual block
+# a level. The script measures the models' step costs at its start and prints its estimate.
 _SHORT_RUN = {"train_refiner.lr": 5e-4, "train_refiner.warmup_steps": 200,
               "train_refiner.ema_decay": 0.995, "train_vae.ema_decay": 0.995,
               "unet.num_res_blocks": 1, "unet.dropout": 0.0}
@@ -115,14 +113,12 @@ BUDGETS = {
                        cells=(("ddim", "uniform", STEPS), ("dpmpp_2m", "trailing", STEPS)),
                        forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
                        bootstrap=100),
-    # <= 150 min on the 2-core CPU, in the background: classifier ~2 min, three KL weights
-    # 200 steps each (~6 min), the VAE 9 min, the form2 refiner 22 min and the baseline the
-    # same steps (~18 min), then 2 models x 3 (sampler, spacing) x 95 steps x 2,000 samples
-    # (~50-80 min). S = 100 is left out here: it alone would cost another ~15-25 min.
+    # <= 150 min on the 2-core CPU, in the background; S = 100 is left out (its cells alone
+    # would cost about as much as the 50 and 25 together).
     "long": Budget(classifier_steps=1500, classifier_width=16, vae_steps=10 ** 6,
                    refiner_steps=10 ** 6, batch_size=64, n=2000, cells=right_spacings(FEW_STEPS),
                    forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
-                   vae_minutes=9, refiner_minutes=22, kl_weights=(1.0, 0.1, 0.02),
+                   vae_minutes=8, refiner_minutes=20, kl_weights=(1.0, 0.1, 0.02),
                    vae_compare_steps=200, bootstrap=200),
     # One device call of at most 9 minutes on the lent H100/H200 (benchmarks/gpu.sh).
     "gpu": Budget(classifier_steps=3000, classifier_width=32, vae_steps=10 ** 6,
@@ -133,10 +129,6 @@ BUDGETS = {
                   vae_compare_steps=500, bootstrap=200, device="cuda",
                   mixed_precision="bf16", eval_batch=1000),
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,9 +143,6 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 def class_subset(classes: list[int], folder: Path, data_dir: str | None) -> str:
     """Write the train and test images of `classes` as IDX files in `folder`; return it."""
-    from diffusevae.config import DataConfig
-    from diffusevae.data import IDX_FILES
-
     folder.mkdir(parents=True, exist_ok=True)
     for split, (images_name, labels_name) in IDX_FILES.items():
         ds = build_dataset(DataConfig(dataset="fashion-mnist", data_dir=data_dir,
@@ -167,23 +156,6 @@ def class_subset(classes: list[int], folder: Path, data_dir: str | None) -> str:
 # --------------------------------------------------------------------------------------------
 # Timing: measure the models' step costs now, and extrapolate
 # --------------------------------------------------------------------------------------------
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, reps: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
 
 def _train_step(model: torch.nn.Module, loss_fn) -> callable:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -210,21 +182,20 @@ def calibrate(cfg: Config, budget: Budget, device: torch.device) -> dict[str, fl
     y = torch.randint(0, 10, (128,), device=device)
     xc = torch.randn(128, c, s, s, device=device)
     out = {
-        "unet_step": _median_seconds(_train_step(
-            unet, lambda: unet(torch.cat([x, x], 1), t).square().mean())),
-        "vae_step": _median_seconds(_train_step(vae, lambda: vae.loss(x)["loss"])),
-        "classifier_step": _median_seconds(_train_step(
-            clf, lambda: torch.nn.functional.cross_entropy(clf(xc), y))),
+        "unet_step": median_seconds(_train_step(
+            unet, lambda: unet(torch.cat([x, x], 1), t).square().mean()), device),
+        "vae_step": median_seconds(_train_step(vae, lambda: vae.loss(x)["loss"]), device),
+        "classifier_step": median_seconds(_train_step(
+            clf, lambda: torch.nn.functional.cross_entropy(clf(xc), y)), device),
     }
     # sampling as the evaluation runs it (the sampler's own arithmetic included), per image-step
     pipe = DiffuseVAE(vae.eval(), unet.eval(), replace(cfg.diffusion, form="form2"))
     sample = SampleConfig(n=budget.eval_batch, steps=4, batch_size=budget.eval_batch)
-    out["sampling_per_image_step"] = _median_seconds(
-        lambda: list(pipe.iter_generate(sample)), reps=2) / (sample.n * sample.steps)
+    out["sampling_per_image_step"] = median_seconds(
+        lambda: list(pipe.iter_generate(sample)), device, reps=2) / (sample.n * sample.steps)
     with torch.inference_mode():
-        out["vae_forward"] = _median_seconds(lambda: vae.decode(vae.encode(x)[0]))
+        out["vae_forward"] = median_seconds(lambda: vae.decode(vae.encode(x)[0]), device)
     return out
-
 
 
 def estimate(timing: dict[str, float], budget: Budget) -> dict[str, float]:
@@ -285,128 +256,8 @@ def steps_reached(run: Path, stage: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# The claim and the targets
-# --------------------------------------------------------------------------------------------
-
-def _fids(cells: list[dict], model: str) -> dict[tuple[str, str, int], float]:
-    return {(c["sampler"], c["spacing"], c["steps"]): c["fid"] for c in cells
-            if c["model"] == model and c["sampler"] != "vae"}
-
-
-def _best_at(fids: dict, steps: int, sampler: str | None = None) -> tuple[float, str] | None:
-    """The lowest FID at `steps` over the (sampler, spacing) pairs, and which pair gave it."""
-    got = [(f, f"{sa} ({sp})") for (sa, sp, s), f in fids.items()
-           if s == steps and (sampler is None or sa == sampler)]
-    return min(got) if got else None
-
-
-def judge(cells: list[dict], model: str, baseline: str, sampler: str, spacing: str) -> dict:
-    """For one (sampler, spacing): FID_DVAE(10) < FID_base(10), FID_DVAE(10) <= FID_base(50),
-    and how many times fewer steps DiffuseVAE needs for the baseline's best FID."""
-    ours_all, base_all = _fids(cells, model), _fids(cells, baseline)
-    ours = {s: f for (sa, sp, s), f in ours_all.items() if (sa, sp) == (sampler, spacing)}
-    base = {s: f for (sa, sp, s), f in base_all.items() if (sa, sp) == (sampler, spacing)}
-    if 10 not in ours or 10 not in base or 50 not in base:
-        return {"sampler": sampler, "spacing": spacing, "judged": False}
-    best_steps = min(base, key=base.get)
-    reach = [s for s in sorted(ours) if ours[s] <= base[best_steps]]
-    return {"sampler": sampler, "spacing": spacing, "judged": True,
-            "fid_diffusevae_10": ours[10], "fid_baseline_10": base[10],
-            "fid_baseline_50": base[50], "beats_baseline_at_10": ours[10] < base[10],
-            "at_10_matches_baseline_at_50": ours[10] <= base[50],
-            "holds": ours[10] < base[10] and ours[10] <= base[50],
-            "baseline_best_fid": base[best_steps], "baseline_best_steps": best_steps,
-            "diffusevae_steps_to_reach_it": reach[0] if reach else None,
-            "fewer_steps_factor": best_steps / reach[0] if reach else None}
-
-
-def targets(cells: list[dict], model: str, baseline: str) -> list[dict]:
-    """The targets of the trained models, each with its margin (positive: met by that much)."""
-    ours, base = _fids(cells, model), _fids(cells, baseline)
-    vae = [c["fid"] for c in cells if c["model"] == model and c["sampler"] == "vae"]
-    out = []
-
-    def add(name: str, value: float | None, bound: float | None, detail: str) -> None:
-        if value is None or bound is None:
-            out.append({"target": name, "met": None, "detail": "not measured: " + detail})
-        else:
-            out.append({"target": name, "value": value, "bound": bound, "met": value <= bound,
-                        "margin": bound - value, "detail": detail})
-
-    def say(best: tuple[float, str] | None) -> str:
-        return f"{best[0]:.2f} with {best[1]}"
-
-    o10, b10, b50 = _best_at(ours, 10), _best_at(base, 10), _best_at(base, 50)
-    add("DiffuseVAE at 10 steps (best sampler) <= half the baseline's at 10 steps",
-        o10 and o10[0], b10 and b10[0] / 2,
-        f"DiffuseVAE {say(o10)}, baseline {say(b10)}" if o10 and b10 else "10-step cells missing")
-    add("DiffuseVAE at 10 steps (best sampler) <= the baseline at 50 steps (best sampler)",
-        o10 and o10[0], b50 and b50[0],
-        f"DiffuseVAE {say(o10)}, baseline {say(b50)}" if o10 and b50 else "50-step cells missing")
-    dpm5, ddim10 = _best_at(ours, 5, "dpmpp_2m"), _best_at(ours, 10, "ddim")
-    add("DiffuseVAE with DPM-Solver++ at 5 steps <= DiffuseVAE with DDIM at 10",
-        dpm5 and dpm5[0], ddim10 and ddim10[0],
-        f"DPM-Solver++ {say(dpm5)}, DDIM {say(ddim10)}" if dpm5 and ddim10 else "cells missing")
-    add("VAE alone: FID <= 150", vae[0] if vae else None, 150.0, "the VAE's x_hat = D(z)")
-    return out
-
-
-def claim_text(claim: list[dict], judged: bool) -> str:
-    """A paragraph per (sampler, spacing): whether the claim holds, and the step ratio."""
-    lines = []
-    for c in claim:
-        if not c["judged"]:
-            continue
-        verdict = "holds" if c["holds"] else "does NOT hold"
-        if not judged:
-            verdict += " at this budget (not judged)"
-        lines.append(
-            f"- **{c['sampler']}, {c['spacing']} spacing**: FID_DiffuseVAE(10) = "
-            f"{c['fid_diffusevae_10']:.3f} vs FID_baseline(10) = {c['fid_baseline_10']:.3f} "
-            f"({'<' if c['beats_baseline_at_10'] else 'not <'}) and FID_baseline(50) = "
-            f"{c['fid_baseline_50']:.3f} ({'<=' if c['at_10_matches_baseline_at_50'] else 'not <='}"
-            f"): the claim {verdict}.")
-        if c["fewer_steps_factor"] is not None:
-            lines.append(
-                f"  The baseline's best, FID {c['baseline_best_fid']:.3f} at "
-                f"{c['baseline_best_steps']} steps, is reached by DiffuseVAE in "
-                f"{c['diffusevae_steps_to_reach_it']} steps: {c['fewer_steps_factor']:g}x "
-                f"fewer steps (baseline steps / DiffuseVAE steps).")
-        else:
-            lines.append(f"  DiffuseVAE does not reach the baseline's best FID "
-                         f"({c['baseline_best_fid']:.3f} at {c['baseline_best_steps']} steps) "
-                         "within the step grid.")
-    note = "" if judged else \
-        "\n(smoke budget: models trained for seconds; the claim is not judged.)\n"
-    return "\n".join(lines) + "\n" + note
-
-
-def targets_text(rows: list[dict]) -> str:
-    lines = ["| target | value | bound | met | margin | detail |", "|---|---:|---:|---|---:|---|"]
-    for r in rows:
-        if r["met"] is None:
-            lines.append(f"| {r['target']} | – | – | not measured | – | {r['detail']} |")
-        else:
-            lines.append(f"| {r['target']} | {r['value']:.3f} | {r['bound']:.3f} | "
-                         f"{'yes' if r['met'] else '**no**'} | {r['margin']:+.3f} | "
-                         f"{r['detail']} |")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------
-
-def prepare_work(work: Path) -> None:
-    """A fresh work folder; an old one is cleared only if this script made it."""
-    if work.exists():
-        if not (work / MARKER).is_file():
-            sys.exit(f"error: {work} exists and was not made by this script; pass another "
-                     "--work folder")
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    (work / MARKER).write_text("made by benchmarks/speed_quality.py; safe to delete\n")
-
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -429,27 +280,61 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Session:
+    """One run of the benchmark: what it was asked, where it writes, and its clock."""
+
+    args: argparse.Namespace
+    budget: Budget
+    device: torch.device
+    precision: str  # the training's mixed precision
+    out: Path
+    work: Path
+    stem: str  # the results' file name
+    t_start: float = field(default_factory=time.time)
+    load_start: tuple = field(default_factory=os.getloadavg)
+    wall: dict = field(default_factory=dict)  # seconds by phase
+    est: dict = field(default_factory=dict)  # the estimate made at the start
+    classes: list[int] | None = None
+
+    @property
+    def progress(self) -> bool:
+        return not self.args.quiet
+
+    def phase(self, name: str, fn):
+        t0 = time.time()
+        result = fn()
+        self.wall[name] = round(time.time() - t0, 1)
+        log(f"{name}: {self.wall[name]:.0f} s (estimated {self.est.get(name, 0):.0f} s)")
+        return result
+
+
+def start(argv: list[str] | None) -> Session:
+    """The session the command line asks for, with a fresh work folder."""
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    t_start = time.time()
-    load_start = os.getloadavg()
+    t_start, load_start = time.time(), os.getloadavg()
     budget = BUDGETS[args.budget]
     device = torch.device(args.device or budget.device)
-    precision = budget.mixed_precision if device.type == "cuda" else "no"
     stem = "speed_quality" if args.budget in ("smoke", "standard") else \
         f"speed_quality_{args.budget}"
-    out = Path(args.out)
-    work = Path(args.work or f"runs/speed_quality-{args.budget}")
-    prepare_work(work)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.quiet
-    classes = sorted({int(c) for c in args.classes.split(",")}) if args.classes else None
-    if classes is not None and (not classes or min(classes) < 0 or max(classes) > 9):
+    s = Session(args, budget, device, budget.mixed_precision if device.type == "cuda" else "no",
+                Path(args.out), Path(args.work or f"runs/speed_quality-{args.budget}"), stem,
+                t_start, load_start)
+    prepare_work(s.work, MARKER, "speed_quality.py")
+    s.out.mkdir(parents=True, exist_ok=True)
+    s.classes = sorted({int(c) for c in args.classes.split(",")}) if args.classes else None
+    if s.classes is not None and (not s.classes or min(s.classes) < 0 or max(s.classes) > 9):
         sys.exit("error: --classes takes Fashion-MNIST class numbers 0..9, e.g. 0,1,7")
-    data_dir = class_subset(classes, work / "data", args.data_dir) if classes else args.data_dir
+    return s
 
+
+def configure(s: Session) -> Config:
+    """The fashion-mnist preset with the budget's sizes, steps and time limits."""
+    budget, args = s.budget, s.args
+    data_dir = class_subset(s.classes, s.work / "data", args.data_dir) if s.classes else \
+        args.data_dir
     overrides = {**budget.overrides, "data.data_dir": data_dir,
                  "train_vae.steps": budget.vae_steps, "train_vae.batch_size": budget.batch_size,
                  "train_vae.time_limit": budget.vae_minutes,
@@ -457,43 +342,18 @@ def main(argv: list[str] | None = None) -> None:
                  "train_refiner.batch_size": budget.batch_size,
                  "train_refiner.time_limit": budget.refiner_minutes}
     for stage in ("train_vae", "train_refiner"):  # no checkpoints or previews mid-run
-        overrides |= {f"{stage}.seed": args.seed, f"{stage}.device": device.type,
-                      f"{stage}.mixed_precision": precision,
+        overrides |= {f"{stage}.seed": args.seed, f"{stage}.device": s.device.type,
+                      f"{stage}.mixed_precision": s.precision,
                       f"{stage}.ckpt_every": 10 ** 9, f"{stage}.sample_every": 10 ** 9}
-    cfg = resolve("fashion-mnist", overrides=overrides)
+    return resolve("fashion-mnist", overrides=overrides)
 
-    timing = calibrate(cfg, budget, device)
-    est = estimate(timing, budget)
-    log(f"B1 speed-quality, budget {args.budget} on {device}: estimated "
-        f"{est['total'] / 60:.1f} min on this machine now (limit {LIMIT_MINUTES[args.budget]} "
-        f"min); UNet step {timing['unet_step']:.3f} s, VAE step {timing['vae_step']:.3f} s, "
-        f"sampling {1e3 * timing['sampling_per_image_step']:.3f} ms an image a step; load "
-        f"average {load_start[0]:.1f}")
-    if est["total"] > 60 * LIMIT_MINUTES[args.budget]:
-        log("warning: the estimate exceeds the budget's limit: is the machine busy?")
 
-    wall: dict[str, float] = {}
+def train_vae_stage(s: Session, cfg: Config, extractor,
+                    cache: Path) -> tuple[Config, Path, list[dict]]:
+    """Each candidate KL weight for the same steps, scored alone; the best trains on.
+    Returns the config with the chosen KL weight, its run and the candidates' rows."""
+    budget, work = s.budget, s.work
 
-    def phase(name: str, fn):
-        t0 = time.time()
-        result = fn()
-        wall[name] = round(time.time() - t0, 1)
-        log(f"{name}: {wall[name]:.0f} s (estimated {est.get(name, 0):.0f} s)")
-        return result
-
-    clf_dir = work / "classifier"
-    _, report = phase("classifier", lambda: train_classifier(
-        cfg.data, clf_dir, steps=budget.classifier_steps, seed=args.seed,
-        cfg=ClassifierConfig(image_size=28, channels=1, width=budget.classifier_width),
-        device=device, progress=progress))
-    log(f"classifier test accuracy {100 * report['test_accuracy']:.2f}% "
-        f"({report['test_images']} test images)")
-    extractor = classifier_extractor(clf_dir, device=device)
-    base = SampleConfig(seed=args.seed, batch_size=budget.eval_batch, eta=0.0,
-                        spacing="uniform", use_ema=True)
-    cache = work / "cache"
-
-    # The VAE: each candidate KL weight for the same steps, scored alone; the best goes on.
     def vae_candidates() -> tuple[Path, list[dict]]:
         rows = []
         for w in budget.kl_weights or (cfg.vae.kl_weight,):
@@ -501,12 +361,12 @@ def main(argv: list[str] | None = None) -> None:
             c = replace(cfg, vae=replace(cfg.vae, kl_weight=w),
                         train_vae=replace(cfg.train_vae, steps=budget.vae_compare_steps or
                                           budget.vae_steps, time_limit=0.0))
-            train_vae(c, run, progress=progress)
-            cell = evaluate(vae_source(run, budget.n, args.seed, budget.eval_batch,
-                                       device=device), "fashion-mnist:test", extractor,
+            train_vae(c, run, progress=s.progress)
+            cell = evaluate(vae_source(run, budget.n, s.args.seed, budget.eval_batch,
+                                       device=s.device), "fashion-mnist:test", extractor,
                             data=cfg.data, cache_dir=cache, ref_limit=budget.ref_limit,
                             progress=False, bootstrap=budget.bootstrap)
-            rows.append({**vae_report(run, cfg.data, device), "fid_alone": cell["fid"],
+            rows.append({**vae_report(run, cfg.data, s.device), "fid_alone": cell["fid"],
                          "fid_alone_ci95": cell["fid_ci95"], "run": str(run),
                          "steps": steps_reached(run, "vae")})
             log(f"  VAE kl_weight {w:g}: KL {rows[-1]['kl_nats']:.1f} nats, MSE "
@@ -515,14 +375,20 @@ def main(argv: list[str] | None = None) -> None:
         return Path(best["run"]), rows
 
     if budget.kl_weights:
-        chosen, kl_rows = phase("vae_compare", vae_candidates)
+        chosen, kl_rows = s.phase("vae_compare", vae_candidates)
     else:
         chosen, kl_rows = work / "vae-candidates" / "config", []
     kl_weight = VAE.from_pretrained(chosen / "vae").config.kl_weight if kl_rows else \
         cfg.vae.kl_weight
     cfg = replace(cfg, vae=replace(cfg.vae, kl_weight=kl_weight))
-    phase("vae", lambda: train_vae(cfg, chosen, resume=bool(kl_rows), progress=progress))
+    s.phase("vae", lambda: train_vae(cfg, chosen, resume=bool(kl_rows), progress=s.progress))
+    return cfg, chosen, kl_rows
 
+
+def train_refiners(s: Session, cfg: Config, chosen: Path) -> tuple[dict[str, Path], dict]:
+    """The refiner of each formulation on the chosen VAE, then the baseline for as many steps
+    as the first; their runs, and the steps each reached."""
+    budget, work = s.budget, s.work
     runs = {f"diffusevae-{form}": work / "runs" / f"diffusevae-{form}" for form in budget.forms}
     runs["ddpm-uncond"] = work / "runs" / "ddpm-uncond"
     refiner_steps: dict[str, int] = {}
@@ -532,123 +398,114 @@ def main(argv: list[str] | None = None) -> None:
         tc = cfg.train_refiner if i == 0 else replace(  # the first sets the step count
             cfg.train_refiner, steps=refiner_steps[budget.forms[0]], time_limit=0.0)
         form_cfg = replace(cfg, diffusion=replace(cfg.diffusion, form=form), train_refiner=tc)
-        phase(f"refiner_{form}", lambda: train_refiner(form_cfg, run, progress=progress))
+        s.phase(f"refiner_{form}", lambda: train_refiner(form_cfg, run, progress=s.progress))
         refiner_steps[form] = steps_reached(run, "refiner")
-    uncond_cfg = replace(cfg, diffusion=replace(cfg.diffusion, form="uncond"), train_refiner=replace(
-        cfg.train_refiner, steps=refiner_steps[budget.forms[0]], time_limit=0.0))
-    phase("baseline_uncond", lambda: train_refiner(uncond_cfg, runs["ddpm-uncond"],
-                                                   progress=progress))
+    uncond_cfg = replace(cfg, diffusion=replace(cfg.diffusion, form="uncond"),
+                         train_refiner=replace(cfg.train_refiner, time_limit=0.0,
+                                               steps=refiner_steps[budget.forms[0]]))
+    s.phase("baseline_uncond", lambda: train_refiner(uncond_cfg, runs["ddpm-uncond"],
+                                                     progress=s.progress))
     refiner_steps["uncond"] = steps_reached(runs["ddpm-uncond"], "refiner")
+    return runs, refiner_steps
+
+
+def on_cell(cell: dict) -> None:
+    what = "VAE alone" if cell["sampler"] == "vae" else \
+        f"{cell['sampler']} {cell['spacing']} S={cell['steps']}"
+    ci = cell["fid_ci95"]
+    ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    log(f"  {cell['model']:<18} {what:<24} FID {cell['fid']:9.3f}{ci} ({cell['seconds']:.1f} s)")
+
+
+def write(s: Session, record: dict, complete: bool, trained: dict) -> None:
+    """The results so far (after each (sampler, spacing), so that a run stopped late still
+    leaves what it measured, marked incomplete). `trained`: what `main` trained and timed."""
+    budget, args, cfg, runs = s.budget, s.args, trained["cfg"], trained["runs"]
+    cells = record["cells"]
+    model = f"diffusevae-{budget.forms[0]}"
+    claim = [judge(cells, model, "ddpm-uncond", sa, sp) for sa, sp, _ in budget.cells]
+    s.wall["total"] = round(time.time() - s.t_start, 1)
+    result = {
+        "benchmark": "B1 speed-quality on Fashion-MNIST",
+        "budget": args.budget, "limit_minutes": LIMIT_MINUTES[args.budget],
+        "command": " ".join(sys.argv), "complete": complete,
+        "settings": {"seed": args.seed, "classes": s.classes or list(range(10)),
+                     "budget": jsonable(budget.__dict__), "device": str(s.device),
+                     "mixed_precision": s.precision, "n": budget.n, "eta": 0.0,
+                     "use_ema": True, "config": jsonable(
+                         {k: getattr(cfg, k).__dict__ for k in
+                          ("data", "vae", "unet", "diffusion", "train_vae", "train_refiner")})},
+        "classifier": {**trained["report"], "folder": str(trained["clf_dir"]),
+                       "meets_90_percent": trained["report"]["test_accuracy"] >= 0.9},
+        "vae": trained["vae_info"],
+        "refiner_steps": trained["refiner_steps"], "refiner_epochs": trained["epochs"],
+        "models": {name: {"run": str(run), "formulation": "uncond" if name == "ddpm-uncond"
+                          else name.split("-", 1)[1]} for name, run in runs.items()},
+        "names": record["names"], "reference": record["reference"],
+        "extractor": record["extractor"], "cells": cells, "claim": claim,
+        "claim_judged": args.budget != "smoke",
+        "targets": targets(cells, model, "ddpm-uncond"),
+        "wall_seconds": s.wall, "estimated_seconds": s.est, "timing_at_start": trained["timing"],
+        "machine": {**machine(), "cpu_count": os.cpu_count(), "node": platform.node(),
+                    "device": device_name(s.device),
+                    "loadavg_start": s.load_start, "loadavg_end": os.getloadavg()},
+    }
+    write_results(s.out, s.stem, result, markdown)
+    plot_fid(cells, s.out / f"{s.stem}.png", record["names"]["fid"],
+             f"Fashion-MNIST, {args.budget} budget: {record['names']['fid']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    s = start(argv)
+    budget, args, device = s.budget, s.args, s.device
+    cfg = configure(s)
+    timing = calibrate(cfg, budget, device)
+    s.est = est = estimate(timing, budget)
+    log(f"B1 speed-quality, budget {args.budget} on {device}: estimated "
+        f"{est['total'] / 60:.1f} min on this machine now (limit {LIMIT_MINUTES[args.budget]} "
+        f"min); UNet step {timing['unet_step']:.3f} s, VAE step {timing['vae_step']:.3f} s, "
+        f"sampling {1e3 * timing['sampling_per_image_step']:.3f} ms an image a step; load "
+        f"average {s.load_start[0]:.1f}")
+    if est["total"] > 60 * LIMIT_MINUTES[args.budget]:
+        log("warning: the estimate exceeds the budget's limit: is the machine busy?")
+
+    clf_dir = s.work / "classifier"
+    _, report = s.phase("classifier", lambda: train_classifier(
+        cfg.data, clf_dir, steps=budget.classifier_steps, seed=args.seed,
+        cfg=ClassifierConfig(image_size=28, channels=1, width=budget.classifier_width),
+        device=device, progress=s.progress))
+    log(f"classifier test accuracy {100 * report['test_accuracy']:.2f}% "
+        f"({report['test_images']} test images)")
+    extractor = classifier_extractor(clf_dir, device=device)
+    base = SampleConfig(seed=args.seed, batch_size=budget.eval_batch, eta=0.0,
+                        spacing="uniform", use_ema=True)
+    cache = s.work / "cache"
+    cfg, chosen, kl_rows = train_vae_stage(s, cfg, extractor, cache)
+    runs, refiner_steps = train_refiners(s, cfg, chosen)
     epochs = {k: round(v * budget.batch_size / 60_000, 2) for k, v in refiner_steps.items()}
     vae_steps = steps_reached(chosen, "vae")
     log(f"steps reached: VAE {vae_steps}, refiners {refiner_steps} (epochs {epochs})")
 
-    def on_cell(cell: dict) -> None:
-        what = "VAE alone" if cell["sampler"] == "vae" else \
-            f"{cell['sampler']} {cell['spacing']} S={cell['steps']}"
-        ci = cell["fid_ci95"]
-        ci = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-        log(f"  {cell['model']:<18} {what:<24} FID {cell['fid']:9.3f}{ci} "
-            f"({cell['seconds']:.1f} s)")
-
-    def write(record: dict, complete: bool) -> None:
-        """The results so far (after each (sampler, spacing), so that a run stopped late
-        still leaves what it measured, marked incomplete)."""
-        cells = record["cells"]
-        model = f"diffusevae-{budget.forms[0]}"
-        claim = [judge(cells, model, "ddpm-uncond", sa, sp) for sa, sp, _ in budget.cells]
-        wall["total"] = round(time.time() - t_start, 1)
-        result = {
-            "benchmark": "B1 speed-quality on Fashion-MNIST",
-            "budget": args.budget, "limit_minutes": LIMIT_MINUTES[args.budget],
-            "command": " ".join(sys.argv), "complete": complete,
-            "settings": {"seed": args.seed, "classes": classes or list(range(10)),
-                         "budget": _jsonable(budget.__dict__), "device": str(device),
-                         "mixed_precision": precision, "n": budget.n, "eta": 0.0,
-                         "use_ema": True, "config": _jsonable(
-                             {k: getattr(cfg, k).__dict__ for k in
-                              ("data", "vae", "unet", "diffusion", "train_vae", "train_refiner")})},
-            "classifier": {**report, "folder": str(clf_dir),
-                           "meets_90_percent": report["test_accuracy"] >= 0.9},
-            "vae": vae_info,
-            "refiner_steps": refiner_steps, "refiner_epochs": epochs,
-            "models": {name: {"run": str(run), "formulation": "uncond" if name == "ddpm-uncond"
-                              else name.split("-", 1)[1]} for name, run in runs.items()},
-            "names": record["names"], "reference": record["reference"],
-            "extractor": record["extractor"], "cells": cells, "claim": claim,
-            "claim_judged": args.budget != "smoke",
-            "targets": targets(cells, model, "ddpm-uncond"),
-            "wall_seconds": wall, "estimated_seconds": est, "timing_at_start": timing,
-            "machine": {**machine(), "cpu_count": os.cpu_count(), "node": platform.node(),
-                        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or "cpu",
-                        "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        }
-        atomic_write_json(out / f"{stem}.json", _jsonable(result))
-        plot_fid(cells, out / f"{stem}.png", record["names"]["fid"],
-                 f"Fashion-MNIST, {args.budget} budget: {record['names']['fid']}")
-        atomic_write_text(out / f"{stem}.md", markdown(result))
-
     vae_info = {**vae_report(chosen, cfg.data, device), "steps": vae_steps,
                 "epochs": round(vae_steps * budget.batch_size / 60_000, 2),
                 "kl_weight_candidates": kl_rows, "chosen": str(chosen)}
+    trained = {"cfg": cfg, "runs": runs, "report": report, "clf_dir": clf_dir,
+               "vae_info": vae_info, "refiner_steps": refiner_steps, "epochs": epochs,
+               "timing": timing}
     t_eval, records = time.time(), []
     for k, (sampler, spacing, steps) in enumerate(budget.cells):
         records.append(sweep(
             list(runs.values()), [sampler], list(steps), budget.n, "fashion-mnist:test",
             extractor, base=replace(base, spacing=spacing), include_vae=k == 0,
             names=list(runs), data=cfg.data, cache_dir=cache, ref_limit=budget.ref_limit,
-            grid_dir=out, grid_steps=10, grid_prefix=f"{stem}_grid", device=device,
-            progress=progress, on_cell=on_cell, bootstrap=budget.bootstrap))
-        wall["evaluation"] = round(time.time() - t_eval, 1)
+            grid_dir=s.out, grid_steps=10, grid_prefix=f"{s.stem}_grid", device=device,
+            progress=s.progress, on_cell=on_cell, bootstrap=budget.bootstrap))
+        s.wall["evaluation"] = round(time.time() - t_eval, 1)
         last = k == len(budget.cells) - 1
-        write({**records[0], "cells": [c for r in records for c in r["cells"]]}, last)
-    log(f"evaluation: {wall['evaluation']:.0f} s (estimated {est['evaluation']:.0f} s)")
-    log(f"done in {wall['total'] / 60:.1f} min: {out / f'{stem}.md'}")
-
-
-def markdown(r: dict) -> str:
-    """The table, the VAE, the claim, the targets, and where and how long."""
-    s, clf, m, v = r["settings"], r["classifier"], r["machine"], r["vae"]
-    classes = "all ten classes" if len(s["classes"]) == 10 else \
-        f"classes {','.join(map(str, s['classes']))}"
-    ref = r["reference"]
-    wall = ", ".join(f"{k} {v:.0f} s" for k, v in r["wall_seconds"].items())
-    wall += f" ({r['wall_seconds']['total'] / 60:.1f} min; limit {r['limit_minutes']} min)"
-    steps = ", ".join(f"{k} {n} steps ({r['refiner_epochs'][k]} epochs)"
-                      for k, n in r["refiner_steps"].items())
-    kl_rows = "".join(
-        f"| {c['kl_weight']:g} | {c['steps']} | {c['kl_nats']:.2f} | {c['active_dims']} of "
-        f"{c['z_dim']} | {c['mse_per_pixel_01']:.4f} | {c['fid_alone']:.2f} |\n"
-        for c in v["kl_weight_candidates"])
-    kl_table = ("Candidate KL weights, each trained for the same steps and scored alone (the "
-                "lowest FID goes on training):\n\n| KL weight | steps | KL (nats) | active "
-                "dims | MSE a pixel ([0, 1]) | FID alone |\n|---:|---:|---:|---|---:|---:|\n"
-                + kl_rows + "\n") if kl_rows else ""
-    return (
-        f"# B1 speed-quality on Fashion-MNIST ({r['budget']} budget)\n\n"
-        + ("" if r["complete"] else "**Incomplete: the run stopped before every cell was "
-           "measured; these are the cells it finished.**\n\n")
-        + f"Fashion-MNIST, {classes}; seed {s['seed']}; {s['n']} samples per cell; EMA weights; "
-        f"DDIM eta = 0; each FID with a 95% bootstrap interval over the generated samples. "
-        f"Reference: {ref['reference']} ({ref['n']} images). Feature space: a CNN classifier "
-        f"trained here, test accuracy {100 * clf['test_accuracy']:.2f}%"
-        f"{'' if clf['meets_90_percent'] else ' (below the 90% B1 asks for)'}; numbers are "
-        f"**{r['names']['fid']}**, not Inception FID. Trained on {s['device']} "
-        f"(mixed precision: {s['mixed_precision']}): {steps}; the baseline (`ddpm-uncond`) has "
-        "the same UNet, optimiser settings and optimiser steps as the form2 refiner.\n\n"
-        + markdown_table(r["cells"], r["names"])
-        + f"\n## The VAE\n\nKL weight {v['kl_weight']:g}, {v['steps']} steps ({v['epochs']} "
-        f"epochs). On the {v['test_images']} test images: KL {v['kl_nats']:.2f} nats an image, "
-        f"{v['active_dims']} of {v['z_dim']} latent dimensions active (mean KL above 0.01 nats),"
-        f" reconstruction MSE {v['mse_per_pixel_01']:.4f} a pixel (images in [0, 1], from the "
-        "posterior mean).\n\n" + kl_table
-        + "## The claim\n\n" + claim_text(r["claim"], r["claim_judged"])
-        + "\n## The targets\n\n" + targets_text(r["targets"])
-        + f"\n## Where and how long\n\nWall time: {wall}. Machine: {m['platform']} "
-        f"({m['device']}), {m['cpu_count']} CPUs, torch {m['torch']} with {m['threads']} "
-        f"threads; load average {m['loadavg_start'][0]:.1f} at the start, "
-        f"{m['loadavg_end'][0]:.1f} at the end.\n")
+        write(s, {**records[0], "cells": [c for r in records for c in r["cells"]]}, last,
+              trained)
+    log(f"evaluation: {s.wall['evaluation']:.0f} s (estimated {est['evaluation']:.0f} s)")
+    log(f"done in {s.wall['total'] / 60:.1f} min: {s.out / f'{s.stem}.md'}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ import torch
 
 from diffusevae.checkpoint import CheckpointError
 from diffusevae.config import ConfigError, DiffusionConfig, UNetConfig, VAEConfig
+from diffusevae.diffusion import Schedule, respaced_timesteps
 from diffusevae.pipeline import DiffuseVAE
+from diffusevae.samplers import ddim
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
@@ -27,15 +29,59 @@ def _pipe(form: str = "form2", p_uncond: float = 0.0, z_dim: int = 0) -> Diffuse
     return DiffuseVAE(vae, _randomised(unet, 2), DiffusionConfig(form=form, p_uncond=p_uncond))
 
 
+# The table of docs/method.md#formulations, one row per form, written out apart from the code:
+# (the target y0 from x0, the x_t the network sees from y_t, the image from y0).
+ROWS = {
+    "form2": (lambda x0, xh: x0 - xh, lambda y, xh: y + xh, lambda y0, xh: y0 + xh),
+    "form1": (lambda x0, xh: x0, lambda y, xh: y, lambda y0, xh: y0),
+    "form2-official": (lambda x0, xh: x0, lambda y, xh: y + xh, lambda y0, xh: y0),
+    "uncond": (lambda x0, xh: x0, lambda y, xh: y, lambda y0, xh: y0),
+}
+
+
+@torch.no_grad()
+def _by_hand(pipe: DiffuseVAE, form: str, n: int, steps: int, seed: int,
+             guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`generate` with DDIM (eta 0, uniform steps, clipping) as docs/method.md states it: sample
+    i's generator, seeded (seed * 1000003 + i) mod 2^64, gives z and then y_T; the network sees
+    [x_t, x_hat] (z through its embedding), and with guidance w the noise is
+    (1 + w) eps(x_hat, z) - w eps(0, 0); the image's prediction is clipped to [-1, 1]."""
+    target, seen, image = ROWS[form]
+    gens = [torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**64) for i in range(n)]
+    z = x_hat = None
+    if form != "uncond":
+        z = torch.stack([torch.randn(16, generator=g) for g in gens])
+        x_hat = pipe.vae.decode(z).clamp(-1, 1)
+    y_T = torch.stack([torch.randn(1, 16, 16, generator=g) for g in gens])
+
+    def net(y: torch.Tensor, t: torch.Tensor, keep: float) -> torch.Tensor:
+        if x_hat is None:
+            return pipe.unet(y, t)
+        x_in = torch.cat([seen(y, x_hat), keep * x_hat], dim=1)
+        return pipe.unet(x_in, t, keep * z) if pipe.unet.config.z_dim else pipe.unet(x_in, t)
+
+    def eps(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance == 0:
+            return net(y, t, 1.0)
+        return (1 + guidance) * net(y, t, 1.0) - guidance * net(y, t, 0.0)
+
+    y0 = ddim(eps, y_T, Schedule.linear(), respaced_timesteps(1000, steps, "uniform"),
+              clip_fn=lambda y0: target(image(y0, x_hat).clamp(-1, 1), x_hat))
+    return image(y0, x_hat).clamp(-1, 1), z, x_hat
+
+
 @pytest.mark.parametrize("form", ["form2", "form1", "form2-official", "uncond"])
-def test_generate_shapes_range_and_latents(form):
-    out = _pipe(form).generate(3, steps=2, batch_size=2, return_latents=True)
+def test_generate_is_the_formulation_and_the_sampler_written_out(form):
+    pipe = _pipe(form)
+    out = pipe.generate(3, steps=2, batch_size=2, seed=5, return_latents=True)
+    images, z, x_hat = _by_hand(pipe, form, 3, 2, 5)
     assert out.images.shape == (3, 1, 16, 16)
-    assert out.images.min() >= -1 and out.images.max() <= 1
+    torch.testing.assert_close(out.images, images, atol=1e-5, rtol=0)
     if form == "uncond":
         assert out.z is None and out.x_hat is None
     else:
-        assert out.z.shape == (3, 16) and out.x_hat.shape == (3, 1, 16, 16)
+        assert torch.equal(out.z, z)
+        torch.testing.assert_close(out.x_hat, x_hat, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
@@ -64,13 +110,17 @@ def test_save_and_load_the_whole_pipeline(tmp_path):
         "config.json", "manifest.json", "model.safetensors"]
 
 
-def test_guidance_needs_conditioning_dropout_and_changes_samples():
+def test_guidance_needs_conditioning_dropout_and_is_the_guided_noise_written_out():
     with pytest.raises(ConfigError, match="p-uncond"):
         _pipe(p_uncond=0.0).generate(2, steps=2, guidance=1.0)
     pipe = _pipe(p_uncond=0.1, z_dim=16)
-    plain = pipe.generate(2, steps=2, guidance=0.0)
     guided = pipe.generate(2, steps=2, guidance=2.0)
-    assert (plain - guided).abs().max() > 1e-4
+    expected, _, _ = _by_hand(pipe, "form2", 2, 2, 0, guidance=2.0)
+    # 1e-5 apart (one doubled batch against two); dropping only x_hat or only z, or the shift
+    # too, in the unconditional half moved the images by 0.7 or more when this was written
+    torch.testing.assert_close(guided, expected, atol=1e-4, rtol=0)
+    plain, _, _ = _by_hand(pipe, "form2", 2, 2, 0)
+    assert (guided - plain).abs().max() > 0.5  # w = 2 is far from w = 0 (1.56 here)
 
 
 def test_loading_a_folder_without_a_refiner_says_what_to_do(tmp_path):

@@ -137,14 +137,30 @@ def test_output_depends_on_t_x_hat_and_z_and_every_parameter_gets_a_gradient():
     assert no_grad == []
 
 
-def test_number_of_heads_matters():
-    one = build(dataclasses.replace(TINY, num_heads=1))
-    perturb_zero_init(one)
-    two = build(TINY)
-    two.load_state_dict(one.state_dict())  # same shapes: heads do not change any weight
-    x, t, z = inputs(TINY)
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_attention_is_multi_head_attention_written_out(heads):
+    """Head j attends with channels j*d .. (j+1)*d - 1 of each of q, k and v (the qkv conv's
+    output is q | k | v, d = C / heads), its logits scaled by d^-1/2; the heads' outputs are
+    concatenated in order, projected, and added to the input."""
+    torch.manual_seed(0)
+    block = AttnBlock(16, heads).eval()
+    perturb_zero_init(block)  # the output projection starts at zero
+    x = torch.randn(2, 16, 4, 4)
+    d = 16 // heads
     with torch.no_grad():
-        assert (one(x, t, z) - two(x, t, z)).abs().max() > 1e-5
+        q, k, v = block.qkv(block.norm(x)).flatten(2).chunk(3, dim=1)  # each (B, C, HW)
+        outs = []
+        for j in range(heads):
+            h = slice(j * d, (j + 1) * d)
+            attn = (torch.einsum("bcn,bcm->bnm", q[:, h], k[:, h]) / math.sqrt(d)).softmax(-1)
+            outs.append(torch.einsum("bnm,bcm->bcn", attn, v[:, h]))
+        expected = x + block.proj(torch.cat(outs, dim=1).reshape(x.shape))
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_unet_gives_every_attention_block_its_heads():
+    heads = {m.num_heads for m in build(TINY).modules() if isinstance(m, AttnBlock)}
+    assert heads == {TINY.num_heads} and TINY.num_heads == 2
 
 
 def test_clear_errors_for_wrong_inputs():
