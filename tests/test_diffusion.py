@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from diffusevae.config import FORMS, SPACINGS, DiffusionConfig
+from diffusevae.config import DiffusionConfig
 from diffusevae.diffusion import (
     FORMULATIONS, Schedule, extract, get_formulation, make_eps_fn, predict_eps, predict_y0,
     q_posterior, q_sample, respaced_timesteps, training_loss,
 )
+from diffusevae.names import FORMS, SPACINGS
 
 T = 1000
 SCHEDULE = Schedule.linear(T, 1e-4, 0.02)

@@ -3,7 +3,8 @@
 One dataclass per concern (data, VAE, UNet, diffusion, training, sampling); a `Preset` bundles
 them. Presets follow docs/method.md#presets (the official code's numbers, its faults fixed).
 Every CLI flag maps to one field; `--set section.field=value` reaches any field; a YAML/JSON file
-can give any subset of sections. The resolved config is what a run folder records.
+can give any subset of sections. The resolved config is what a run folder records. The names
+a field can take (datasets, forms, samplers, ...) are declared once, in names.py.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "folder")
-FORMS = ("uncond", "form1", "form2", "form2-official")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-SPACINGS = ("uniform", "trailing", "quad")
-VAR_TYPES = ("fixedlarge", "fixedsmall")
-PRECISIONS = ("no", "fp16", "bf16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from . import names
 
 
 class ConfigError(ValueError):
@@ -87,7 +82,7 @@ class DataConfig:
     download: bool = False  # fetch the files if missing (only when asked)
 
     def validate(self) -> None:
-        _check_choice("data.dataset", self.dataset, DATASETS)
+        _check_choice("data.dataset", self.dataset, names.DATASETS)
         _check_positive("data.image_size", self.image_size)
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3; got {self.channels}")
@@ -178,7 +173,7 @@ class DiffusionConfig:
 
     def validate(self) -> None:
         _check_positive("diffusion.timesteps", self.timesteps)
-        _check_choice("diffusion.form", self.form, FORMS)
+        _check_choice("diffusion.form", self.form, names.FORMS)
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             raise ConfigError("diffusion needs 0 < beta_start < beta_end < 1")
         if not 0.0 <= self.p_uncond < 1.0:
@@ -224,8 +219,8 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1); got {self.ema_decay}")
         for name in ("log_every", "sample_every", "ckpt_every"):
             _check_positive(f"train.{name}", getattr(self, name))
-        _check_choice("train.device", self.device, DEVICES)
-        _check_choice("train.mixed_precision", self.mixed_precision, PRECISIONS)
+        _check_choice("train.device", self.device, names.DEVICES)
+        _check_choice("train.mixed_precision", self.mixed_precision, names.PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -264,9 +259,9 @@ class SampleConfig:
         _check_positive("sample.batch_size", self.batch_size)
         if self.steps < 1 or (timesteps is not None and self.steps > timesteps):
             raise ConfigError(f"sample.steps must be in 1..{timesteps or 'T'}; got {self.steps}")
-        _check_choice("sample.sampler", self.sampler, SAMPLERS)
-        _check_choice("sample.spacing", self.spacing, SPACINGS)
-        _check_choice("sample.var_type", self.var_type, VAR_TYPES)
+        _check_choice("sample.sampler", self.sampler, names.SAMPLERS)
+        _check_choice("sample.spacing", self.spacing, names.SPACINGS)
+        _check_choice("sample.var_type", self.var_type, names.VAR_TYPES)
         _check_positive("sample.eta", self.eta, allow_zero=True)
         _check_positive("sample.temperature", self.temperature, allow_zero=True)
         _check_positive("sample.guidance", self.guidance, allow_zero=True)

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .config import DataConfig
+from .names import DATASETS
 from .rng import BatchShard
 
 SPLITS = ("train", "test")
@@ -358,8 +359,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         if cfg.data_dir is None:
             raise DataError("the folder dataset needs --data-dir DIR, a folder of images")
         return ImageFolder(cfg.data_dir, cfg.image_size, cfg.channels)
-    raise DataError(f"unknown dataset {cfg.dataset!r}; choose digits, fashion-mnist, mnist, "
-                    "cifar10 or folder")
+    raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
 def dataset_description(source: DataConfig | Dataset, split: str = "train") -> str:

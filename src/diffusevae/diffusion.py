@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import names
 from .config import DiffusionConfig
 from .rng import BatchShard
 
@@ -274,6 +275,7 @@ FORMULATIONS: dict[str, Formulation] = {
     "form2-official": Formulation("form2-official", conditioned=True, shifted=True,
                                   residual=False),
 }
+names.check_registry("diffusion.FORMULATIONS", FORMULATIONS, names.FORMS)
 
 
 def get_formulation(name: str) -> Formulation:
@@ -356,9 +358,6 @@ def training_loss(model: Callable, schedule: Schedule, form: Formulation, x0: Te
 # Respacing (docs/method.md#respacing)
 # --------------------------------------------------------------------------------------------
 
-SPACINGS = ("uniform", "trailing", "quad")
-
-
 def respaced_timesteps(T: int, S: int, spacing: str = "uniform") -> Tensor:
     """S distinct ascending original timesteps tau_1 < ... < tau_S in 0..T-1.
 
@@ -367,8 +366,9 @@ def respaced_timesteps(T: int, S: int, spacing: str = "uniform") -> Tensor:
     ``quad``: DDIM's floor(linspace(0, sqrt(0.8 T), S)^2), with collisions bumped upward so
     that S steps are S distinct steps (the official code silently ran 49 steps for 50).
     """
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing not in names.SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of "
+                         f"{', '.join(names.SPACINGS)}")
     if not 1 <= S <= T:
         raise ValueError(f"the number of sampling steps must be in 1..{T} (T); got {S}")
     if spacing == "uniform":

@@ -34,11 +34,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import metrics as M
 from .checkpoint import atomic_write_json, read_json
-from .config import DATASETS, ConfigError, DataConfig, SampleConfig, config_from_json
+from .config import ConfigError, DataConfig, SampleConfig, config_from_json
 from .data import IMAGE_EXTENSIONS, build_dataset
 from .distributed import Processes
 from .features import Extractor
 from .images import make_grid, save_png, to_uint8
+from .names import DATASETS
 
 Batches = Iterator[np.ndarray]  # uint8 (B, H, W, C)
 GRID_SIZE = 64

@@ -32,7 +32,7 @@ from .config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, from
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
 from .prior import PRIOR_DIR, GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .rng import randn_like_per_sample, sample_generators
-from .samplers import get_sampler
+from .samplers import get_sampler, sampler_options
 from .unet import CHANNELS_LAST_DEVICES, UNet
 from .vae import VAE
 
@@ -245,8 +245,7 @@ class DiffuseVAE:
             y_T, timesteps = self.initial_state(generators, sample)
         elif timesteps is None:
             timesteps = respaced_timesteps(self.diffusion.timesteps, sample.steps, sample.spacing)
-        options = {"ddim": {"eta": sample.eta},
-                   "ddpm": {"var_type": sample.var_type}}.get(sample.sampler, {})
+        options = {k: getattr(sample, k) for k in sampler_options(sample.sampler)}
         y0 = get_sampler(sample.sampler)(
             make_eps_fn(self._network(), self.form, x_hat,
                         z if self.unet.config.z_dim else None, sample.guidance),

@@ -27,12 +27,14 @@ tensor indexing, no value read back from the device.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from . import names
 from .diffusion import EpsFn, Schedule, ScheduleFloats, predict_eps, predict_y0, q_posterior
 from .rng import Generators, noise_like
 
@@ -101,7 +103,7 @@ def ddpm(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
         # which sampling never reads (no noise is added at the last step)
         var = torch.cat([sub.posterior_variance[1:2], sub.betas[1:]])
     else:
-        raise ValueError(f"var_type must be 'fixedlarge' or 'fixedsmall'; got {var_type!r}")
+        raise ValueError(f"var_type must be one of {', '.join(names.VAR_TYPES)}; got {var_type!r}")
     std = var.sqrt().tolist()
 
     y, S = y_T, chain.S
@@ -173,7 +175,11 @@ def dpmpp_2m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
     return y
 
 
+# The sampler registry: the functions of the names that names.SAMPLERS declares (config and
+# --sampler accept those), checked to agree when this module is imported.
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
+names.check_registry("samplers.SAMPLERS", SAMPLERS, names.SAMPLERS)
+_SHARED = ("generators", "clip_fn", "callback")  # the keyword arguments every sampler takes
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
@@ -181,3 +187,10 @@ def get_sampler(name: str) -> Callable[..., Tensor]:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def sampler_options(name: str) -> tuple[str, ...]:
+    """The options of sampler ``name`` beyond the shared signature, as its function declares
+    them (keyword-only arguments, each a `SampleConfig` field): ddpm's var_type, ddim's eta."""
+    params = inspect.signature(get_sampler(name)).parameters.values()
+    return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in _SHARED)

@@ -9,7 +9,9 @@ import click
 import numpy as np
 import torch
 
-from ..config import SAMPLERS, SPACINGS, VAR_TYPES, ConfigError, SampleConfig
+from ..config import ConfigError, SampleConfig
+from ..names import SAMPLERS, SPACINGS, VAR_TYPES
+from ..prior import PRIORS
 from . import cli
 from .options import device_of, device_option, run_option, speed_options
 
@@ -22,13 +24,13 @@ def refine_options(seed: bool = True):
         options = [
             click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
                          help="Sampling steps (respaced from the 1000 of training)."),
-            click.option("--sampler", type=click.Choice(list(SAMPLERS)), default="ddim",
+            click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim",
                          show_default=True),
             click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
                          help="DDIM noise: 0 deterministic, 1 like DDPM."),
-            click.option("--spacing", type=click.Choice(list(SPACINGS)), default="uniform",
+            click.option("--spacing", type=click.Choice(SPACINGS), default="uniform",
                          show_default=True, help="Which timesteps to visit."),
-            click.option("--var-type", type=click.Choice(list(VAR_TYPES)), default="fixedlarge",
+            click.option("--var-type", type=click.Choice(VAR_TYPES), default="fixedlarge",
                          show_default=True, help="DDPM step variance."),
             click.option("--temperature", type=click.FloatRange(min=0), default=1.0,
                          show_default=True, help="Scale of the initial noise."),
@@ -61,7 +63,7 @@ convert_option = click.option(
     help="Convert images of another channel count (RGB to luma, gray repeated) instead of "
          "refusing them.")
 prior_option = click.option(
-    "--prior", type=click.Choice(["normal", "gmm"]), default="normal", show_default=True,
+    "--prior", type=click.Choice(PRIORS), default="normal", show_default=True,
     help="z ~ N(0, I), or the Ex-PDE mixture of `diffusevae fit-prior`.")
 
 

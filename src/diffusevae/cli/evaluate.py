@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..config import DATASETS, ConfigError, DataConfig, SampleConfig, get_preset
+from ..config import ConfigError, DataConfig, SampleConfig, get_preset
+from ..features import EXTRACTORS
+from ..names import DATASETS, SPACINGS
 from . import cli
 from .options import device_of, device_option, run_option, sampling_options
 
@@ -31,7 +33,7 @@ def feature_options(fn):
         click.option("--ref", help="Reference: DATASET:SPLIT (e.g. fashion-mnist:test), a "
                                    "statistics .npz, a samples .npz or a folder of images "
                                    "[the run's dataset, test split]."),
-        click.option("--extractor", type=click.Choice(["inception", "classifier"]),
+        click.option("--extractor", type=click.Choice(EXTRACTORS),
                      default="inception", show_default=True,
                      help="Feature space: Inception-v3 (standard FID; needs "
                           "--inception-weights) or a classifier of the dataset."),
@@ -211,7 +213,7 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: s
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--spacing", type=click.Choice(["uniform", "trailing", "quad"]),
+@click.option("--spacing", type=click.Choice(SPACINGS),
               default="uniform", show_default=True)
 @click.option("--ema/--no-ema", "use_ema", default=True, show_default=True)
 @click.option("--vae/--no-vae", "include_vae", default=True, show_default=True,

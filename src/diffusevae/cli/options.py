@@ -10,6 +10,7 @@ import yaml
 
 from ..checkpoint import read_json
 from ..config import PRESETS, Config, config_from_json, resolve, to_dict
+from ..names import DATASETS, DEVICES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
 
 
 def run_option(required: bool = True):
@@ -25,8 +26,7 @@ def config_options(fn):
                           "own, else 'digits')."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML or JSON file with any of the config sections."),
-        click.option("--dataset", type=click.Choice(["digits", "fashion-mnist", "mnist",
-                                                     "cifar10", "folder"]),
+        click.option("--dataset", type=click.Choice(DATASETS),
                      help="Dataset to train on (default: the preset's)."),
         click.option("--data-dir", type=click.Path(), help="Where the dataset's files are."),
         click.option("--download", is_flag=True, default=None,
@@ -44,9 +44,9 @@ def config_options(fn):
                           "(less memory; the step is the same)."),
         click.option("--lr", type=float, help="Adam learning rate."),
         click.option("--seed", type=int, help="Seed of the run (weights, data order, noise)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+        click.option("--device", type=click.Choice(DEVICES),
                      help="Where to train (auto: CUDA, then MPS, then the CPU)."),
-        click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]),
+        click.option("--mixed-precision", type=click.Choice(PRECISIONS),
                      help="Mixed precision on GPUs."),
         click.option("--num-workers", type=int, help="Data-loading worker processes."),
         click.option("--sample-every", type=int, help="Write preview grids every N steps."),
@@ -101,7 +101,7 @@ def device_of(name: str) -> torch.device:
     return resolve_device(name)
 
 
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+device_option = click.option("--device", type=click.Choice(DEVICES),
                               default="auto", show_default=True, help="Where to run.")
 
 
@@ -125,14 +125,14 @@ def sampling_options(fn):
                      help="Number of samples."),
         click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
                      help="Sampling steps (respaced from the 1000 of training)."),
-        click.option("--sampler", type=click.Choice(["ddim", "ddpm", "dpmpp_2m"]), default="ddim",
+        click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim",
                      show_default=True, help="dpmpp_2m: DPM-Solver++(2M), deterministic; best "
                      "with --spacing trailing."),
         click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="DDIM noise: 0 deterministic, 1 like DDPM."),
-        click.option("--spacing", type=click.Choice(["uniform", "trailing", "quad"]),
+        click.option("--spacing", type=click.Choice(SPACINGS),
                      default="uniform", show_default=True, help="Which timesteps to visit."),
-        click.option("--var-type", type=click.Choice(["fixedlarge", "fixedsmall"]),
+        click.option("--var-type", type=click.Choice(VAR_TYPES),
                      default="fixedlarge", show_default=True, help="DDPM step variance."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),

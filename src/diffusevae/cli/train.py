@@ -9,6 +9,7 @@ import click
 
 from ..config import PRESETS
 from ..distributed import processes
+from ..names import FORMS
 from . import cli
 from .options import build_config, config_options, dry_run, run_option
 
@@ -50,7 +51,7 @@ def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
 @cli.command("train-refiner")
 @run_option()
 @config_options
-@click.option("--form", type=click.Choice(["form2", "form1", "form2-official", "uncond"]),
+@click.option("--form", type=click.Choice(FORMS),
               help="How the refiner uses x_hat (docs/method.md#formulations); 'uncond' is "
                    "the plain DDPM baseline (no VAE).")
 @click.option("--p-uncond", type=float,
