@@ -8,9 +8,13 @@ from safetensors.torch import load_file
 
 from diffusevae.checkpoint import TRAINER_STATE_NAME, load_trainer_state
 from diffusevae.config import ConfigError
+from diffusevae.data import build_dataset
+from diffusevae.distributed import processes
 from diffusevae.train import (EMA, StepBatches, TrainingError, train_refiner, train_vae)
+from diffusevae.training_loop import Stage, run_steps
+from diffusevae.vae import VAE
 
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 
 def _weights(path: Path) -> dict:
@@ -147,3 +151,85 @@ def test_channels_last_training_takes_the_contiguous_steps(tmp_path):
     a, b = models[True].state_dict(), models[False].state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+def test_time_limit_ends_after_the_step_that_passes_it_and_resume_finishes_it(tmp_path):
+    full = tmp_path / "full"
+    ema = {"train_vae.ema_decay": 0.9}  # the EMA resumes too
+    train_vae(tiny_config(**ema), full, progress=False)
+    run = tmp_path / "run"
+    # 1e-6 min: the first step always passes it, and is then saved as a normal end
+    train_vae(tiny_config(**ema, **{"train_vae.time_limit": 1e-6}), run, progress=False)
+    assert load_trainer_state(run / "vae" / TRAINER_STATE_NAME)["step"] == 1
+    rows = (run / "vae" / "log.csv").read_text().strip().splitlines()
+    assert rows[-1].split(",")[0] == "1"  # the last step's log row
+    assert (run / "vae" / "previews" / "samples_0000001.png").is_file()  # and its preview
+    train_vae(tiny_config(**ema), run, resume=True, progress=False)  # continues to --steps
+    assert load_trainer_state(run / "vae" / TRAINER_STATE_NAME)["step"] == 4
+    for name in ("model.safetensors", "ema.safetensors"):
+        _assert_same(_weights(full / "vae" / name), _weights(run / "vae" / name))
+
+
+def _vae_stage(cfg) -> Stage:
+    """The VAE stage as train_vae builds it, with no export or previews."""
+    torch.manual_seed(cfg.train_vae.seed)
+    vae = VAE(cfg.vae)
+    return Stage(name="vae", model=vae,
+                 loss_fn=lambda net, x0, draws: vae.loss_terms(x0, *net(x0, draws)),
+                 export=lambda *a: None, preview=lambda *a: None)
+
+
+def test_run_steps_takes_the_steps_fit_takes(tmp_path):
+    cfg = tiny_config(**{"train_vae.ema_decay": 0.9})
+    train_vae(cfg, tmp_path / "run", progress=False)
+    seen = []
+    state = run_steps(_vae_stage(cfg), cfg, cfg.train_vae, build_dataset(cfg.data, "train"),
+                      processes("cpu"), 4, on_step=lambda step, means: seen.append(step))
+    assert seen == [1, 2, 3, 4] and state.step == 4
+    _assert_same(_weights(tmp_path / "run/vae/model.safetensors"),
+                 {k: v.contiguous() for k, v in state.model.state_dict().items()})
+    _assert_same(_weights(tmp_path / "run/vae/ema.safetensors"), state.ema.shadow)
+
+
+def test_out_of_memory_says_to_lower_the_batch_size_and_keeps_the_run(tmp_path, monkeypatch,
+                                                                      capsys):
+    from diffusevae import vae as vae_module
+
+    original = vae_module.VAE.loss_terms
+    calls = {"n": 0}
+
+    def too_big(self, *args):  # what CUDA raises when a batch does not fit
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, *args)
+
+    monkeypatch.setattr(vae_module.VAE, "loss_terms", too_big)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"step 3 \(a batch of 32 images.*Lower --batch-size"):
+        train_vae(tiny_config(), run, progress=False)
+    assert load_trainer_state(run / "vae" / TRAINER_STATE_NAME)["step"] == 2  # intact
+    before = _weights(run / "vae/model.safetensors")
+
+    calls["n"] = 2  # the command line: one line, exit status 2, the run folder intact
+    code = run_cli("train-vae", "--run", run, "--preset", "digits", "--steps", 4,
+                   "--batch-size", 32, "--resume", "--quiet")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--batch-size" in err, err
+    _assert_same(before, _weights(run / "vae/model.safetensors"))
+
+
+def test_out_of_memory_in_any_command_says_to_lower_the_batch_size(trained_run, tmp_path,
+                                                                   monkeypatch, capsys):
+    from diffusevae.cli import generate
+
+    def too_big(*args, **kwargs):  # what CUDA raises when a batch does not fit
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 "
+            "GiB of which 1.06 GiB is free. Including non-PyTorch memory, this process has ...")
+
+    monkeypatch.setattr(generate, "sample_to_folder", too_big)
+    code = run_cli("sample", "--run", trained_run, "--n", 2, "--out", tmp_path / "out")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("error: CUDA out of memory. Tried to allocate 2.00 GiB; lower "
+                                 "--batch-size and run again"), err

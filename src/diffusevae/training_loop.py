@@ -1,25 +1,25 @@
-"""The training loop both stages share (`fit`), and what makes it safe to stop.
+"""The training loop both stages share (`fit`), one step of it, and what makes it safe to stop.
 
-`fit`: Adam with linear warm-up, gradient clipping, EMA with warm-up, a progress bar, a CSV (and
-optionally TensorBoard) log, preview grids, and checkpoints.
+`fit` reads top to bottom: check the run folder (`training_state.check_resume`), build the
+`TrainingState` (or load it), then for each batch take one step (`train_step`: Adam with linear
+warm-up, gradient clipping, the fp16 scaler, EMA with warm-up) and write what the step is due
+(log row, checkpoint, preview). `run_steps` takes the same steps without a run folder, for the
+benchmarks.
 
-Resuming is exact: the data order is a pure function of (seed, step), every other random draw
-comes from one trainer generator (dropout's from a seed of (seed, step, process)), and
-``trainer_state.pt`` holds the model, EMA, optimizer, step and that generator's state in ONE
-atomically written file, so a run killed at any moment resumes from its last checkpoint as if
-it had never stopped. The exported ``model.safetensors`` / ``ema.safetensors`` /
-``config.json`` are what sampling reads.
+Resuming is exact: the data order is a pure function of (seed, step) (`StepBatches`), every other
+random draw comes from one trainer generator (dropout's from a seed of (seed, step, process)),
+and the training state is one atomically written file.
 
 Several processes (torchrun, accelerate launch) train one model with DDP: each computes its
 rows of every global batch (`BatchShard` draws the whole batch's random numbers and keeps its
 rows), gradients are averaged, and a step equals the single-process step up to float rounding;
 so a run resumes on any number of processes. Only the main process writes or prints.
 
-What a run refuses to do: save non-finite weights (a non-finite loss or gradient stops it with
-the step named, the last good checkpoint kept), resume with settings that change what it
-computes, or stop half way through a step: Ctrl-C and SIGTERM finish the current step, save
-and exit (a second Ctrl-C stops at once). Each start appends the library versions, git revision,
-device and seed to ``RUN/<stage>/environment.json``.
+The exit paths: Ctrl-C or SIGTERM finishes the current step, saves it and exits (every process
+after the same step); a second Ctrl-C stops at once, saving only a whole step; --time-limit makes
+the step that passes it the last one, saved as a normal end (--resume continues to --steps). A
+non-finite loss or gradient, or a step that does not fit in memory, stops the run with one line
+that names the step; the last good checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import json
 import math
 import signal
 import threading
@@ -47,48 +46,15 @@ from .config import Config, ConfigError, TrainConfig, to_dict
 from .data import random_hflip
 from .distributed import Processes
 from .rng import BatchShard
+from .training_state import (EMA, RunFolderError, TrainingError,  # noqa: F401 (re-exported)
+                             TrainingState, check_resume, record_environment)
 from .unet import CHANNELS_LAST_DEVICES
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a run folder in the way); says what to do."""
-
-    exit_code = 1  # of the command line
-
-
-class RunFolderError(TrainingError):
-    """The run folder is not in the state the command needs (a usage error: exit status 2)."""
+class OutOfMemoryError(TrainingError):
+    """A step does not fit in the device's memory: a smaller batch will (exit status 2)."""
 
     exit_code = 2
-
-
-# Settings a run may change when it resumes: they do not change what it computes (beyond
-# float rounding, as the number of processes does not either).
-RESUMABLE_CHANGES = {"steps", "epochs", "log_every", "sample_every", "ckpt_every", "device",
-                     "num_workers", "tensorboard", "mixed_precision", "detect_anomaly",
-                     "data_dir", "download", "grad_accum", "compile", "channels_last", "time_limit"}
-_STAGE_SECTIONS = {"vae": ("data", "vae"), "refiner": ("data", "unet", "diffusion")}
-
-
-class EMA:
-    """Exponential moving average of a model's floating-point weights, with warm-up.
-
-    The decay is ``min(decay, (1 + step) / (10 + step))``, so that short runs are not dominated
-    by the random initialisation (the 0.9999 of the paper needs ~10^4 steps to forget it).
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1 - d)
-            else:
-                self.shadow[k].copy_(v)
 
 
 class StepBatches(Sampler[list[int]]):
@@ -140,6 +106,26 @@ class Stage:
     preview: Callable[[Path, int, nn.Module], None]  # writes sample grids at a step
 
 
+@dataclass(frozen=True)
+class BatchRows:
+    """Where this process's micro-batches lie in the global batch of a step."""
+
+    global_batch: int
+    rows: range  # this process's rows
+    micro: int  # rows per micro-batch
+
+
+def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:
+    """Rows per micro-batch: the global batch split over processes, then accumulation steps."""
+    parts = world * grad_accum
+    if global_batch % parts:
+        raise ConfigError(
+            f"the batch of {global_batch} images does not split evenly over {world} process(es) "
+            f"x {grad_accum} accumulation step(s); choose a --batch-size that is a multiple of "
+            f"{parts}, or another number of processes or --grad-accum")
+    return global_batch // parts
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "no":
         return contextlib.nullcontext()
@@ -149,90 +135,347 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _check_finite(stage: Stage, ema: EMA | None, step: int) -> None:
-    """Refuse to save non-finite weights over the last good checkpoint."""
-    for what, tensors in (("weights", stage.model.state_dict()),
-                          ("EMA weights", ema.shadow if ema else {})):
-        bad = [k for k, v in tensors.items()
-               if v.dtype.is_floating_point and not torch.isfinite(v).all()]
-        if bad:
-            raise TrainingError(
-                f"the {stage.name} {what} hold non-finite values at step {step} ({bad[0]}); they "
-                "were not saved, the last checkpoint is intact. Lower the learning rate, or "
-                "rerun with --resume --detect-anomaly to find the cause")
+def _layout(tc: TrainConfig, device: torch.device) -> torch.memory_format:
+    """Channels-last where the device gains from it (CPU, CUDA), unless the config says."""
+    on = (tc.channels_last if tc.channels_last is not None
+          else device.type in CHANNELS_LAST_DEVICES)
+    return torch.channels_last if on else torch.contiguous_format
 
 
-def _save(folder: Path, stage: Stage, ema: EMA | None, opt: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler | None, gen: torch.Generator, step: int) -> None:
-    """Trainer state first (everything resuming needs, one atomic file), then the export."""
-    _check_finite(stage, ema, step)
-    ckpt.save_trainer_state(folder, {
-        "step": step,
-        "model": {k: v.detach().cpu() for k, v in stage.model.state_dict().items()},
-        "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else {},
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict() if scaler else {},
-        "generator": gen.get_state(),  # the global RNG is reseeded at each step: not saved
-    })
-    stage.export(folder, stage.model, ema.shadow if ema else None)
+# --------------------------------------------------------------------------------------------
+# One step
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepContext:
+    """What every step of a run needs besides its batch and the training state."""
+
+    stage: Stage
+    net: nn.Module  # the model, or its DDP wrapper (call it for gradients to be synchronised)
+    cfg: Config
+    tc: TrainConfig
+    procs: Processes
+    where: BatchRows
+    layout: torch.memory_format
 
 
-def _check_resume_settings(folder: Path, stage: str, cfg: Config) -> None:
-    """Refuse to resume with settings that change what the run computes (architecture, data,
-    lr, batch size, seed...): the result would be neither the old run nor a new one."""
-    path = folder / "train_config.json"
-    if not path.is_file():
-        return
-    old, new = ckpt.read_json(path), to_dict(cfg)
-    changed = []
-    for section in (*_STAGE_SECTIONS[stage], f"train_{stage}"):
-        before = old.get(section) if isinstance(old.get(section), dict) else {}
-        for key, value in new[section].items():
-            if key in before and key not in RESUMABLE_CHANGES and before[key] != value:
-                changed.append(f"{section}.{key} {before[key]!r} -> {value!r}")
-    if changed:
-        raise RunFolderError(
-            f"cannot resume {folder} with changed settings: {'; '.join(changed)}. Resume with "
-            f"the settings recorded in {path} (leave out the flags that change them), or start "
-            "a new run in another --run folder")
+@dataclass(frozen=True)
+class StepOutcome:
+    """A step's loss terms averaged over processes, and what any process asked for."""
+
+    means: dict[str, float]
+    stop: bool  # Ctrl-C or SIGTERM reached some process
+    out_of_time: bool  # some process passed --time-limit
 
 
-def _record_environment(folder: Path, device: torch.device, seed: int, step: int,
-                        processes: int) -> None:
-    """Append this session's versions, git revision, device, processes and seed to
-    environment.json."""
-    path = folder / "environment.json"
-    sessions: list = []
-    if path.is_file():
-        try:
-            sessions = list(json.loads(path.read_text())["sessions"])
-        except Exception:  # a damaged record must not stop training
-            sessions = []
-    entry = {**ckpt.environment(device, seed), "processes": processes, "start_step": step}
-    ckpt.atomic_write_json(path, {"sessions": (sessions + [entry])[-100:]})
+def _no_requests() -> tuple[bool, bool]:
+    return False, False
 
 
-def _load_resume_state(state_path: Path, model: nn.Module, ema: EMA | None,
-                       opt: torch.optim.Optimizer, scaler, gen: torch.Generator,
-                       device: torch.device) -> int:
-    """Restore everything from ``trainer_state.pt``; returns its step."""
-    state = ckpt.load_trainer_state(state_path)
+def train_step(state: TrainingState, ctx: StepContext, x_local: torch.Tensor,
+               requests: Callable[[], tuple[bool, bool]] = _no_requests) -> StepOutcome:
+    """One optimiser step, as every run takes it: lr warm-up, this process's micro-batches,
+    one all-reduce of the losses and of `requests()` (stop, out of time: asked after the
+    backward, so that every process stops at the same step), the numerical guards, the
+    clipped update (through the fp16 scaler where there is one) and the EMA."""
+    tc, procs, device = ctx.tc, ctx.procs, ctx.procs.device
+    state.rng_at_step_start = state.gen.get_state()
+    # Dropout draws from the global RNG: a function of (seed, step, process).
+    torch.manual_seed(((tc.seed * 1_000_003 + state.step) * 4099 + procs.rank) % 2**63)
+    for group in state.opt.param_groups:  # linear warm-up (docs/method.md)
+        group["lr"] = tc.lr * min(1.0, (state.step + 1) / max(1, tc.warmup_steps))
     try:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
-            if ema.shadow.keys() != model.state_dict().keys():
-                raise ValueError("its EMA weights do not match the model")
-        opt.load_state_dict(state["optimizer"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["generator"])
-        return int(state["step"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ckpt.CheckpointError(
-            f"{state_path} does not fit this run ({first}); it was written for another model "
-            "or version. Delete it to restart this stage from step 0") from None
+        state.opt.zero_grad(set_to_none=True)
+        x_local = x_local.to(device, non_blocking=True).contiguous(memory_format=ctx.layout)
+        terms = _forward_backward(ctx, state, x_local)
+        stop, out_of_time = requests()
+        totals = procs.sum(torch.stack([*terms.values(), torch.tensor(float(stop), device=device),
+                                        torch.tensor(float(out_of_time), device=device)]))
+        means = dict(zip(terms, (totals[:-2] / procs.world).tolist()))
+        _update(state, ctx, means["loss"])
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(state, ctx) from None
+    return StepOutcome(means, bool(totals[-2] > 0), bool(totals[-1] > 0))
+
+
+def _forward_backward(ctx: StepContext, state: TrainingState,
+                      x_local: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Accumulate the gradients of this process's micro-batches; their mean loss terms.
+
+    Each micro-batch rewinds the trainer generator to the step's start and draws for the whole
+    global batch, keeping its rows (`BatchShard`), so the step is the single-process one.
+    Gradients are synchronised between processes on the last micro-batch only.
+    """
+    where, tc, stage = ctx.where, ctx.tc, ctx.stage
+    chunks = x_local.split(where.micro)
+    totals: dict[str, torch.Tensor] = {}
+    for j, x0 in enumerate(chunks):
+        state.gen.set_state(state.rng_at_step_start)
+        lo = where.rows.start + j * where.micro
+        draws = BatchShard(state.gen, where.global_batch, lo, lo + len(x0))
+        if ctx.cfg.data.hflip:
+            x0 = random_hflip(x0, draws)
+        last = j == len(chunks) - 1
+        sync = (ctx.net.no_sync() if isinstance(ctx.net, DistributedDataParallel) and not last
+                else contextlib.nullcontext())
+        with sync, _anomaly_mode(tc.detect_anomaly):
+            with _autocast(x0.device, tc.mixed_precision):
+                terms = stage.loss_fn(ctx.net, x0, draws)
+            loss = terms["loss"] / len(chunks)
+            try:
+                (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
+            except RuntimeError as exc:
+                if not tc.detect_anomaly or "nan values" not in str(exc):
+                    raise
+                raise TrainingError(
+                    f"anomaly detection, {stage.name} step {state.step + 1}: {exc} The warning "
+                    "above shows the forward operation that made it. Nothing was saved "
+                    f"from this step on (the last checkpoint is step {state.last_saved})"
+                ) from None
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0) + v.detach().float() / len(chunks)
+    return totals
+
+
+def _update(state: TrainingState, ctx: StepContext, loss: float) -> None:
+    """Check the loss and gradients, clip, step the optimiser (or the scaler) and the EMA."""
+    name, tc, step = ctx.stage.name, ctx.tc, state.step
+    since = (f"nothing was saved from this step on (the last checkpoint is step "
+             f"{state.last_saved}). Lower the learning rate, or rerun with --resume "
+             "--detect-anomaly to find the cause")
+    if not math.isfinite(loss):
+        raise TrainingError(f"the {name} loss became {loss} at step {step + 1}; {since}")
+    if state.scaler is not None:
+        state.scaler.unscale_(state.opt)
+    params = [p for p in state.model.parameters() if p.grad is not None]
+    if tc.grad_clip > 0:
+        norm = nn.utils.clip_grad_norm_(params, tc.grad_clip)
+    else:
+        norm = nn.utils.get_total_norm([p.grad for p in params])
+    # With fp16 the scaler skips a step whose gradients overflowed, and lowers its scale.
+    if state.scaler is None and not torch.isfinite(norm):
+        raise TrainingError(f"the {name} gradients became non-finite at step {step + 1} (the "
+                            f"loss was {loss:.6g}); {since}")
+    state.updating = True
+    if state.scaler is not None:
+        state.scaler.step(state.opt)
+        state.scaler.update()
+    else:
+        state.opt.step()
+    state.step += 1
+    if state.ema is not None:
+        state.ema.update(state.model, state.step)
+    state.updating, state.rng_at_step_start = False, None
+
+
+def _out_of_memory(state: TrainingState, ctx: StepContext) -> TrainingError:
+    """The one line a step that does not fit in the device's memory ends with."""
+    w = ctx.where
+    kept = (f"the last checkpoint (step {state.last_saved}) is intact" if state.last_saved
+            else "nothing was saved")
+    return OutOfMemoryError(
+        f"{ctx.procs.device} ran out of memory in {ctx.stage.name} step {state.step + 1} "
+        f"(a batch of {w.global_batch} images, {w.micro} at a time in each of "
+        f"{ctx.procs.world} process(es)); {kept}. Lower --batch-size, or keep it and raise "
+        "--grad-accum to compute it in smaller parts")
+
+
+# --------------------------------------------------------------------------------------------
+# Setting a run up
+# --------------------------------------------------------------------------------------------
+
+def _plan(tc: TrainConfig, n_images: int, procs: Processes) -> tuple[int, int]:
+    """(the global batch, rows per micro-batch), refusing what cannot run before any work."""
+    _autocast(procs.device, tc.mixed_precision)  # refuse a precision the device lacks
+    global_batch = min(tc.batch_size, n_images)
+    return global_batch, micro_batch_size(global_batch, procs.world, tc.grad_accum)
+
+
+def _step_context(stage: Stage, model: nn.Module, cfg: Config, tc: TrainConfig,
+                  procs: Processes, global_batch: int, micro: int, layout: torch.memory_format,
+                  compile_options: dict | None = None) -> StepContext:
+    """Compile the model (in place: the state dict keeps its names) and wrap it for DDP."""
+    if tc.compile:
+        model.compile(**(compile_options or {}))
+    net = model
+    if procs.distributed:
+        device = procs.device
+        net = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
+    where = BatchRows(global_batch, procs.shard(global_batch), micro)
+    return StepContext(stage, net, cfg, tc, procs, where, layout)
+
+
+def _loader(dataset: Dataset, tc: TrainConfig, ctx: StepContext, start: int,
+            stop: int) -> DataLoader:
+    """This process's rows of the batches of steps ``start..stop-1``."""
+    w = ctx.where
+    return DataLoader(dataset, batch_sampler=StepBatches(len(dataset), w.global_batch, tc.seed,
+                                                         start, stop, w.rows),
+                      num_workers=tc.num_workers, pin_memory=ctx.procs.device.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset: Dataset,
+        procs: Processes, resume: bool = False, progress: bool = True) -> nn.Module:
+    """Train `stage.model` on `dataset` for the configured steps; return the trained model.
+
+    With several processes (`procs`, under torchrun or accelerate launch) the model is wrapped in
+    DistributedDataParallel, each process computes its rows of every global batch, and only
+    the main process writes the run folder, which every process must see for --resume.
+    """
+    device, main = procs.device, procs.is_main
+    folder = Path(run_dir) / stage.name
+    has_state = check_resume(folder, stage.name, cfg, procs, resume)
+    steps = total_steps(tc, len(dataset))
+    global_batch, micro = _plan(tc, len(dataset), procs)
+    procs.barrier()  # all have looked at the folder before the main process writes to it
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+    layout = _layout(tc, device)
+    # `.to` keeps the parameters the same objects: stage.model is the model trained
+    state = TrainingState(stage.model.to(device, memory_format=layout), tc, device,
+                          keep_ema=main)  # the EMA is kept by the process that writes
+    if resume and has_state:
+        state.load(folder / ckpt.TRAINER_STATE_NAME, device)
+    elif resume and main:
+        tqdm.write(f"no checkpoint in {folder} yet; starting from step 0")
+    if main:
+        ckpt.atomic_write_json(folder / "train_config.json", to_dict(cfg))
+        record_environment(folder, device, tc.seed, state.step, procs.world)
+    ctx = _step_context(stage, state.model, cfg, tc, procs, global_batch, micro, layout)
+    loader = _loader(dataset, tc, ctx, state.step, steps)
+    report = _Report(folder, stage.name, tc, main and progress, main, steps, state.step)
+    state.model.train()
+    try:
+        with _stop_at_step_end(announce=main) as stop_requested:
+            for x_local, _ in loader:
+                outcome = train_step(state, ctx, x_local,
+                                     lambda: (stop_requested(), report.out_of_time()))
+                final = state.step == steps or outcome.out_of_time  # --time-limit: the last
+                _end_of_step(state, ctx, report, folder, outcome.means, final)
+                if outcome.stop and not final:
+                    raise _StopRequested
+                if outcome.out_of_time:
+                    if main:
+                        tqdm.write(f"time limit of {tc.time_limit:g} min reached: saved step "
+                                   f"{state.step} to {folder}; --resume continues to step "
+                                   f"{steps}")
+                    break
+    except _StopRequested:
+        _stop_after_step(state, ctx, folder, report)
+    except KeyboardInterrupt:
+        _stop_at_once(state, ctx, folder, report)
+    finally:
+        report.close()
+    procs.barrier()
+    return state.model
+
+
+def run_steps(stage: Stage, cfg: Config, tc: TrainConfig, dataset: Dataset, procs: Processes,
+              n: int, on_step: Callable[[int, dict[str, float]], None] | None = None,
+              compile_options: dict | None = None) -> TrainingState:
+    """Take `n` optimiser steps from step 0 exactly as `fit` takes them (the same data order,
+    lr warm-up, batch sharding, micro-batches, precision, fp16 scaler, clipping, EMA, layout
+    and compilation), with no run folder: nothing is saved, logged or previewed.
+
+    ``on_step(step, means)`` is called after each step (a benchmark's stopwatch);
+    ``compile_options`` go to torch.compile when ``tc.compile`` is set. Returns the state.
+    """
+    global_batch, micro = _plan(tc, len(dataset), procs)
+    layout = _layout(tc, procs.device)
+    state = TrainingState(stage.model.to(procs.device, memory_format=layout), tc, procs.device,
+                          keep_ema=procs.is_main)
+    ctx = _step_context(stage, state.model, cfg, tc, procs, global_batch, micro, layout,
+                        compile_options)
+    state.model.train()
+    for x_local, _ in _loader(dataset, tc, ctx, 0, n):
+        outcome = train_step(state, ctx, x_local)
+        if on_step is not None:
+            on_step(state.step, outcome.means)
+    return state
+
+
+class _Report:
+    """What the main process shows and writes while training: the progress bar, ``log.csv``,
+    TensorBoard; and the clock of --time-limit."""
+
+    def __init__(self, folder: Path, name: str, tc: TrainConfig, show: bool, main: bool,
+                 steps: int, start: int):
+        self.name, self.tc, self.log_path = name, tc, folder / "log.csv"
+        self.writer = _tensorboard(folder) if tc.tensorboard and main else None
+        self.bar = tqdm(total=steps, initial=start, desc=f"train {name}", disable=not show,
+                        dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def out_of_time(self) -> bool:
+        return bool(self.tc.time_limit) and time.time() - self.t0 >= 60 * self.tc.time_limit
+
+    def log(self, step: int, means: dict[str, float], lr: float) -> None:
+        row = {"step": step, **{k: round(v, 6) for k, v in means.items()}, "lr": lr,
+               "seconds": round(time.time() - self.t0, 2)}
+        self.bar.set_postfix({k: row[k] for k in means})
+        _append_csv(self.log_path, row)
+        if self.writer is not None:
+            for k, v in means.items():
+                self.writer.add_scalar(f"{self.name}/{k}", v, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _end_of_step(state: TrainingState, ctx: StepContext, report: _Report, folder: Path,
+                 means: dict[str, float], final: bool) -> None:
+    """The log row, the checkpoint and the preview a step is due (every one at the last)."""
+    step, tc, main = state.step, ctx.tc, ctx.procs.is_main
+    report.bar.update(1)
+    if main and (step % tc.log_every == 0 or final):
+        report.log(step, means, state.opt.param_groups[0]["lr"])
+    if step % tc.ckpt_every == 0 or final:
+        if main:
+            state.save(folder, ctx.stage)
+        state.last_saved = step
+    if main and (step % tc.sample_every == 0 or final):
+        with _eval_mode(state.model):
+            ctx.stage.preview(folder, step, _ema_model(state.model, state.ema))
+
+
+class _StopRequested(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM reached some process: all stop after the same whole step."""
+
+
+def _stop_after_step(state: TrainingState, ctx: StepContext, folder: Path,
+                     report: _Report) -> None:
+    """Every process is here after the same whole step: save it, then stop."""
+    report.bar.close()
+    main = ctx.procs.is_main
+    if main and state.step > state.last_saved:
+        state.save(folder, ctx.stage)
+    ctx.procs.barrier()  # no process leaves (and ends the launch) before the save is done
+    if main:
+        tqdm.write(f"interrupted: saved step {state.step} to {folder}; continue with --resume")
+    raise KeyboardInterrupt from None
+
+
+def _stop_at_once(state: TrainingState, ctx: StepContext, folder: Path,
+                  report: _Report) -> None:
+    """A second Ctrl-C: this process stops now, saving what is whole (never half a step)."""
+    report.bar.close()
+    if state.updating:
+        tqdm.write(f"interrupted while updating the weights; the last checkpoint in {folder} "
+                   f"is step {state.last_saved}; continue with --resume")
+        raise KeyboardInterrupt
+    if state.rng_at_step_start is not None:  # stopped before the update: undo the step's draws
+        state.gen.set_state(state.rng_at_step_start)
+    if ctx.procs.is_main and state.step > state.last_saved and not ctx.procs.distributed:
+        state.save(folder, ctx.stage)
+        tqdm.write(f"interrupted: saved step {state.step} to {folder}; continue with --resume")
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -263,246 +506,12 @@ def _stop_at_step_end(announce: bool = True):
             signal.signal(sig, old)
 
 
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
 def _anomaly_mode(on: bool):
     return torch.autograd.detect_anomaly(check_nan=True) if on else contextlib.nullcontext()
-
-
-def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:
-    """Rows per micro-batch: the global batch split over processes, then accumulation steps."""
-    parts = world * grad_accum
-    if global_batch % parts:
-        raise ConfigError(
-            f"the batch of {global_batch} images does not split evenly over {world} process(es) "
-            f"x {grad_accum} accumulation step(s); choose a --batch-size that is a multiple of "
-            f"{parts}, or another number of processes or --grad-accum")
-    return global_batch // parts
-
-
-def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset: Dataset,
-        procs: Processes, resume: bool = False, progress: bool = True) -> nn.Module:
-    """Train `stage.model` on `dataset` for the configured steps; return the trained model.
-
-    With several processes (`procs`, under torchrun or accelerate launch) the model is wrapped in
-    DistributedDataParallel, each process computes its rows of every global batch, and only
-    the main process writes the run folder, which every process must see for --resume.
-    """
-    device, main = procs.device, procs.is_main
-    folder = Path(run_dir) / stage.name
-    state_path = folder / ckpt.TRAINER_STATE_NAME
-    # The main process decides from what it sees, so that all processes act alike.
-    has_state = procs.broadcast_object(state_path.exists())
-    if has_state and not resume:
-        raise RunFolderError(
-            f"{folder} already holds a training run; pass --resume to continue it, or choose "
-            "another --run folder"
-        )
-    if resume and has_state:
-        if not state_path.exists():
-            raise RunFolderError(
-                f"process {procs.rank} cannot see {state_path}, which the main process sees; "
-                "the run folder must be on a file system every process (and machine) can read")
-        _check_resume_settings(folder, stage.name, cfg)
-    _autocast(device, tc.mixed_precision)  # refuse a precision the device lacks before writing
-    steps = total_steps(tc, len(dataset))
-    global_batch = min(tc.batch_size, len(dataset))
-    micro = micro_batch_size(global_batch, procs.world, tc.grad_accum)
-    procs.barrier()  # all have looked at the folder before the main process writes to it
-    if main:
-        folder.mkdir(parents=True, exist_ok=True)
-
-    channels_last = (tc.channels_last if tc.channels_last is not None
-                     else device.type in CHANNELS_LAST_DEVICES)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = stage.model.to(device, memory_format=layout)  # the parameters stay the same objects
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 and main else None  # kept by the writer
-    scaler = torch.amp.GradScaler(device.type) if tc.mixed_precision == "fp16" else None
-    gen = torch.Generator().manual_seed(tc.seed)  # the same state in every process
-    step = 0
-    if resume and has_state:
-        step = _load_resume_state(state_path, model, ema, opt, scaler, gen, device)
-    elif resume and main:
-        tqdm.write(f"no checkpoint in {folder} yet; starting from step 0")
-    if main:
-        ckpt.atomic_write_json(folder / "train_config.json", to_dict(cfg))
-        _record_environment(folder, device, tc.seed, step, procs.world)
-    if tc.compile:
-        model.compile()  # in place: the state dict keeps its names
-    net = model
-    if procs.distributed:
-        net = DistributedDataParallel(model, device_ids=[device.index]
-                                      if device.type == "cuda" else None)
-
-    rows = procs.shard(global_batch)
-    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), global_batch, tc.seed,
-                                                           step, steps, rows),
-                        num_workers=tc.num_workers, pin_memory=device.type == "cuda")
-    warmup = max(1, tc.warmup_steps)
-    log_path = folder / "log.csv"
-    writer = _tensorboard(folder) if tc.tensorboard and main else None
-    bar = tqdm(total=steps, initial=step, desc=f"train {stage.name}",
-               disable=not (progress and main), dynamic_ncols=True)
-    last_saved, t0 = step, time.time()
-    # Between the first weight update of a step and its end the state is half a step: never
-    # saved. Before it, only random draws were made: they are rewound to the step's start.
-    updating, rng_at_step_start = False, None
-    model.train()
-    try:
-        with _stop_at_step_end(announce=main) as stop_requested:
-            for x_local, _ in loader:
-                rng_at_step_start = gen.get_state()
-                # Dropout draws from the global RNG: a function of (seed, step, process).
-                torch.manual_seed(((tc.seed * 1_000_003 + step) * 4099 + procs.rank) % 2**63)
-                for group in opt.param_groups:  # linear warm-up (docs/method.md#presets)
-                    group["lr"] = tc.lr * min(1.0, (step + 1) / warmup)
-                opt.zero_grad(set_to_none=True)
-                x_local = x_local.to(device, non_blocking=True).contiguous(memory_format=layout)
-                terms = _forward_backward(stage, net, x_local,
-                                          gen, BatchRows(global_batch, rows, micro), cfg, tc,
-                                          scaler, last_saved, step)
-                # One all-reduce: the losses averaged over processes, and whether any was asked
-                # to stop, so that every process stops at the same step.
-                out_of_time = bool(tc.time_limit) and time.time() - t0 >= 60 * tc.time_limit
-                totals = procs.sum(torch.stack(
-                    [*terms.values(), torch.tensor(float(stop_requested()), device=device),
-                     torch.tensor(float(out_of_time), device=device)]))
-                means = dict(zip(terms, (totals[:-2] / procs.world).tolist()))
-                stop, out_of_time = bool(totals[-2] > 0), bool(totals[-1] > 0)
-                if not math.isfinite(means["loss"]):
-                    raise TrainingError(
-                        f"the {stage.name} loss became {means['loss']} at step {step + 1}; "
-                        "nothing was saved from this step on (the last checkpoint is step "
-                        f"{last_saved}). Lower the learning rate, or rerun with --resume "
-                        "--detect-anomaly to find the cause"
-                    )
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                params = [p for p in model.parameters() if p.grad is not None]
-                if tc.grad_clip > 0:
-                    norm = nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                else:
-                    norm = nn.utils.get_total_norm([p.grad for p in params])
-                if scaler is None and not torch.isfinite(norm):
-                    raise TrainingError(
-                        f"the {stage.name} gradients became non-finite at step {step + 1} (the "
-                        f"loss was {means['loss']:.6g}); nothing was saved from this step on (the "
-                        f"last checkpoint is step {last_saved}). Lower the learning rate, or rerun "
-                        "with --resume --detect-anomaly to find the cause"
-                    )
-                updating = True
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                step += 1
-                if ema is not None:
-                    ema.update(model, step)
-                updating, rng_at_step_start = False, None
-                bar.update(1)
-                final = step == steps or out_of_time  # --time-limit: this step is the last
-                if main and (step % tc.log_every == 0 or final):
-                    row = {"step": step, **{k: round(v, 6) for k, v in means.items()},
-                           "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
-                    bar.set_postfix({k: row[k] for k in terms})
-                    _append_csv(log_path, row)
-                    if writer is not None:
-                        for k, v in means.items():
-                            writer.add_scalar(f"{stage.name}/{k}", v, step)
-                if step % tc.ckpt_every == 0 or final:
-                    if main:
-                        _save(folder, stage, ema, opt, scaler, gen, step)
-                    last_saved = step
-                if main and (step % tc.sample_every == 0 or final):
-                    with _eval_mode(model):
-                        stage.preview(folder, step, _ema_model(model, ema))
-                if stop and not final:
-                    raise _StopRequested
-                if out_of_time:
-                    if main:
-                        tqdm.write(f"time limit of {tc.time_limit:g} min reached: saved step "
-                                   f"{step} to {folder}; --resume continues to step {steps}")
-                    break
-    except _StopRequested:  # every process is here after the same whole step
-        bar.close()
-        if main and step > last_saved:
-            _save(folder, stage, ema, opt, scaler, gen, step)
-        procs.barrier()  # no process leaves (and ends the launch) before the save is done
-        if main:
-            tqdm.write(f"interrupted: saved step {step} to {folder}; continue with --resume")
-        raise KeyboardInterrupt from None
-    except KeyboardInterrupt:  # a second Ctrl-C: this process stops at once
-        bar.close()
-        if updating:
-            tqdm.write(f"interrupted while updating the weights; the last checkpoint in {folder} "
-                       f"is step {last_saved}; continue with --resume")
-            raise
-        if rng_at_step_start is not None:  # stopped before the update: undo the step's draws
-            gen.set_state(rng_at_step_start)
-        if main and step > last_saved and not procs.distributed:
-            _save(folder, stage, ema, opt, scaler, gen, step)
-            tqdm.write(f"interrupted: saved step {step} to {folder}; continue with --resume")
-        raise
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
-    procs.barrier()
-    return model
-
-
-class _StopRequested(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM reached some process: all stop after the same whole step."""
-
-
-@dataclass(frozen=True)
-class BatchRows:
-    """Where this process's micro-batches lie in the global batch of a step."""
-
-    global_batch: int
-    rows: range  # this process's rows
-    micro: int  # rows per micro-batch
-
-
-def _forward_backward(stage: Stage, net: nn.Module, x_local: torch.Tensor, gen: torch.Generator,
-                      where: BatchRows, cfg: Config, tc: TrainConfig,
-                      scaler: torch.amp.GradScaler | None, last_saved: int, step: int
-                      ) -> dict[str, torch.Tensor]:
-    """Accumulate the gradients of this process's micro-batches; their mean loss terms.
-
-    Each micro-batch rewinds the trainer generator to the step's start and draws for the whole
-    global batch, keeping its rows (`BatchShard`), so the step is the single-process one.
-    Gradients are synchronised between processes on the last micro-batch only.
-    """
-    chunks = x_local.split(where.micro)
-    start_state = gen.get_state()
-    totals: dict[str, torch.Tensor] = {}
-    for j, x0 in enumerate(chunks):
-        gen.set_state(start_state)
-        lo = where.rows.start + j * where.micro
-        draws = BatchShard(gen, where.global_batch, lo, lo + len(x0))
-        if cfg.data.hflip:
-            x0 = random_hflip(x0, draws)
-        last = j == len(chunks) - 1
-        sync = (net.no_sync() if isinstance(net, DistributedDataParallel) and not last
-                else contextlib.nullcontext())
-        with sync, _anomaly_mode(tc.detect_anomaly):
-            with _autocast(x0.device, tc.mixed_precision):
-                terms = stage.loss_fn(net, x0, draws)
-            loss = terms["loss"] / len(chunks)
-            try:
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            except RuntimeError as exc:
-                if not tc.detect_anomaly or "nan values" not in str(exc):
-                    raise
-                raise TrainingError(
-                    f"anomaly detection, {stage.name} step {step + 1}: {exc} The warning "
-                    "above shows the forward operation that made it. Nothing was saved "
-                    f"from this step on (the last checkpoint is step {last_saved})"
-                ) from None
-        for k, v in terms.items():
-            totals[k] = totals.get(k, 0) + v.detach().float() / len(chunks)
-    return totals
 
 
 def _ema_model(model: nn.Module, ema: EMA | None) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import click
+import torch
 
 from .. import __version__
 from ..checkpoint import CheckpointError
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingError as exc:  # a run folder in the way (2), a diverged run (1)
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except torch.OutOfMemoryError as exc:  # a batch the GPU cannot hold (training says more)
+        what = ". ".join(str(exc).split(". ")[:2]).strip()  # torch's first two sentences
+        click.echo(f"error: {what}; lower --batch-size and run again", err=True)
+        sys.exit(2)
     except OSError as exc:  # a full disk, permissions, a wrong path: one line, no traceback
         click.echo(f"error: {_os_error_message(exc)}", err=True)
         sys.exit(2 if isinstance(exc, USAGE_OS_ERRORS) else 1)
