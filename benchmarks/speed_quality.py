@@ -49,6 +49,7 @@ from speed_quality_report import judge, markdown, targets
 
 LIMIT_MINUTES = {"smoke": 3, "standard": 75, "long": 150, "gpu": 9}
 MARKER = ".speed_quality"  # a work folder this script made (and may clear)
+MIN_KL_NATS = 20.0  # a VAE that carries less has nearly collapsed (see the KL-weight comparison)
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,16 @@ BUDGETS = {
                        cells=(("ddim", "uniform", STEPS), ("dpmpp_2m", "trailing", STEPS)),
                        forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
                        bootstrap=100),
-    # <= 150 min on the 2-core CPU, in the background; S = 100 is left out (its cells alone
-    # would cost about as much as the 50 and 25 together).
+    # <= 150 min on the 2-core CPU, in the background (one thread, on a machine shared with
+    # other work): classifier ~4 min, two KL weights 100 steps each (~5 min), the VAE 6 min,
+    # the form2 refiner 15 min and the baseline the same steps (~12 min), then 2 models x 3
+    # (sampler, spacing) x 95 steps x 2,000 samples (~50-70 min). S = 100 is left out here:
+    # it alone would cost another ~15-25 min.
     "long": Budget(classifier_steps=1500, classifier_width=16, vae_steps=10 ** 6,
                    refiner_steps=10 ** 6, batch_size=64, n=2000, cells=right_spacings(FEW_STEPS),
                    forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
-                   vae_minutes=8, refiner_minutes=20, kl_weights=(1.0, 0.1, 0.02),
-                   vae_compare_steps=200, bootstrap=200),
+                   vae_minutes=6, refiner_minutes=15, kl_weights=(1.0, 0.1),
+                   vae_compare_steps=100, bootstrap=200),
     # One device call of at most 9 minutes on the lent H100/H200 (benchmarks/gpu.sh).
     "gpu": Budget(classifier_steps=3000, classifier_width=32, vae_steps=10 ** 6,
                   refiner_steps=10 ** 6, batch_size=128, n=5000,
@@ -371,7 +375,12 @@ def train_vae_stage(s: Session, cfg: Config, extractor,
                          "steps": steps_reached(run, "vae")})
             log(f"  VAE kl_weight {w:g}: KL {rows[-1]['kl_nats']:.1f} nats, MSE "
                 f"{rows[-1]['mse_per_pixel_01']:.4f}, FID alone {cell['fid']:.1f}")
-        best = min(rows, key=lambda r: r["fid_alone"])
+        # The largest weight whose VAE carries at least MIN_KL_NATS: below that the posterior
+        # has nearly collapsed and x_hat tells the refiner little. (Early in training the
+        # VAE-alone FID ranks noise, so it is reported, not used to choose.)
+        informative = [r for r in rows if r["kl_nats"] >= MIN_KL_NATS]
+        best = (max(informative, key=lambda r: r["kl_weight"]) if informative
+                else max(rows, key=lambda r: r["kl_nats"]))
         return Path(best["run"]), rows
 
     if budget.kl_weights:

@@ -131,7 +131,7 @@ def markdown(r: dict) -> str:
         f"{c['z_dim']} | {c['mse_per_pixel_01']:.4f} | {c['fid_alone']:.2f} |\n"
         for c in v["kl_weight_candidates"])
     kl_table = ("Candidate KL weights, each trained for the same steps and scored alone (the "
-                "lowest FID goes on training):\n\n| KL weight | steps | KL (nats) | active "
+                "largest KL weight whose VAE carries at least 20 nats goes on training):\n\n| KL weight | steps | KL (nats) | active "
                 "dims | MSE a pixel ([0, 1]) | FID alone |\n|---:|---:|---:|---|---:|---:|\n"
                 + kl_rows + "\n") if kl_rows else ""
     return (
