@@ -8,7 +8,8 @@ so batch size never changes an image.
 
 Beyond sampling, the same refiner turns any x_hat into an image: a real image's reconstruction
 (`reconstruct`), a coarse image the user gives (`refine_images`), optionally starting, SDEdit
-style, from the image itself noised to an intermediate step (`initial_state`).
+style, from the image itself noised to an intermediate step (`initial_state`). `invert` encodes
+a real image to (z, y_T), from which `decode_latents` gives it back almost exactly.
 
 How fast the refiner runs is the pipeline's own state, set by `compile` and `use_channels_last`
 or by the `SampleConfig` fields of the same names at the next `refine`; neither changes an
@@ -32,7 +33,7 @@ from .config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, from
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
 from .prior import PRIOR_DIR, GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .rng import randn_like_per_sample, sample_generators
-from .samplers import get_sampler, sampler_options
+from .samplers import ddim_invert, get_sampler, sampler_options
 from .unet import CHANNELS_LAST_DEVICES, UNet
 from .vae import VAE
 
@@ -49,6 +50,17 @@ class Generation:
     """A batch of generated images in [-1, 1] (B, C, H, W), with the z and x_hat behind them."""
 
     images: torch.Tensor
+    z: torch.Tensor | None = None
+    x_hat: torch.Tensor | None = None
+
+
+@dataclass
+class Inversion:
+    """Real images encoded by `DiffuseVAE.invert`: the sampler's first state y_T (B, C, H, W)
+    (the paper's x_T in the coordinate y of docs/method.md#shifted-coordinate, N(0, I)-like in
+    every formulation), with z = mu(x) and x_hat = D(z) (None without a VAE)."""
+
+    y_T: torch.Tensor
     z: torch.Tensor | None = None
     x_hat: torch.Tensor | None = None
 
@@ -247,12 +259,15 @@ class DiffuseVAE:
             timesteps = respaced_timesteps(self.diffusion.timesteps, sample.steps, sample.spacing)
         options = {k: getattr(sample, k) for k in sampler_options(sample.sampler)}
         y0 = get_sampler(sample.sampler)(
-            make_eps_fn(self._network(), self.form, x_hat,
-                        z if self.unet.config.z_dim else None, sample.guidance),
-            y_T, self.schedule, timesteps,
+            self._eps_fn(x_hat, z, sample.guidance), y_T, self.schedule, timesteps,
             generators=generators, clip_fn=self.form.clip_fn(x_hat) if sample.clip else None,
             callback=callback, **options)
         return self.form.readback(y0, x_hat).clamp(-1, 1)
+
+    def _eps_fn(self, x_hat: torch.Tensor | None, z: torch.Tensor | None, guidance: float):
+        """The refiner as the samplers' noise predictor, given x_hat and (if it takes one) z."""
+        return make_eps_fn(self._network(), self.form, x_hat,
+                           z if self.unet.config.z_dim else None, guidance)
 
     # ---- refining given images --------------------------------------------------------------
 
@@ -313,6 +328,59 @@ class DiffuseVAE:
         z = self.encode(x)
         return self.refine_images(self.decode(z), sample, z, x.to(self.device), start_step,
                                   first_index, callback)
+
+    # ---- inversion: real images to (z, y_T) and back (docs/method.md#inversion) -------------
+
+    @torch.inference_mode()
+    def invert(self, x: torch.Tensor, sample: SampleConfig, fixed_point: int = 0,
+               tol: float = 0.0, callback: Callable | None = None) -> Inversion:
+        """Encode real images x (B, C, H, W) in [-1, 1] to z = mu(x), x_hat = D(z) and y_T, the
+        state from which DDIM on ``sample``'s steps, spacing, guidance and clipping returns x.
+
+        Runs deterministic DDIM backwards (`ddim_invert`) with ``fixed_point`` iterations per
+        step (stopping early per image below ``tol``); `decode_latents(z, y_T, sample)` decodes.
+        An unconditional refiner inverts x itself (no z, no x_hat).
+        """
+        sample.validate(self.diffusion.timesteps)
+        if sample.sampler != "ddim" or sample.eta != 0:
+            raise ConfigError("inversion runs deterministic DDIM backwards, and only that decodes "
+                              f"back to the input; got sampler {sample.sampler} with eta "
+                              f"{sample.eta:g}: use --sampler ddim --eta 0")
+        self._check_guidance(sample.guidance)
+        self._run_as(sample)
+        x = x.to(device=self.device, dtype=next(self.unet.parameters()).dtype)
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ConfigError(f"the refiner takes images of shape {self.image_shape}; got "
+                              f"{tuple(x.shape[1:])}")
+        z = x_hat = None
+        if self.vae is not None:
+            z = self.encode(x)
+            x_hat = self.decode(z)
+        timesteps = respaced_timesteps(self.diffusion.timesteps, sample.steps, sample.spacing)
+        y_T = ddim_invert(self._eps_fn(x_hat, z, sample.guidance), self.form.target(x, x_hat),
+                          self.schedule, timesteps,
+                          clip_fn=self.form.clip_fn(x_hat) if sample.clip else None,
+                          callback=callback, fixed_point=fixed_point, tol=tol)
+        return Inversion(y_T, z, x_hat)
+
+    @torch.inference_mode()
+    def decode_latents(self, z: torch.Tensor | None, y_T: torch.Tensor, sample: SampleConfig,
+                       first_index: int = 0, callback: Callable | None = None) -> Generation:
+        """Images from latents: x_hat = D(z), then the sampler from the first state y_T; image i
+        with the noise of (sample.seed, first_index + i) if the sampler draws any.
+
+        From an `invert` result with the same ``sample``: the inverted images; with another z
+        (an edit, an interpolation): that z with the input's details. z is None without a VAE.
+        """
+        gens = sample_generators(sample.seed, range(first_index, first_index + len(y_T)))
+        x_hat = None
+        if self.vae is not None:
+            if z is None:
+                raise ConfigError("decoding latents of a DiffuseVAE needs z as well as y_T")
+            z = z.to(self.device)
+            x_hat = self.decode(z)
+        y_T = y_T.to(device=self.device, dtype=next(self.unet.parameters()).dtype)
+        return Generation(self.refine(x_hat, z, gens, sample, callback, y_T=y_T), z, x_hat)
 
     # ---- generation -------------------------------------------------------------------------
 
