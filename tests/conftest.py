@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs and a briefly trained run folder on `digits`."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -33,6 +34,21 @@ def run_cli(*args) -> int:
 def seeded():
     """Every test starts from the same global seed, so that none can fail by chance."""
     torch.manual_seed(0)
+
+
+def reseal(folder) -> None:
+    """Rewrite `folder`'s manifest to the hashes of its files as they are now, as if they had
+    been written so: what lies behind the manifest check (a crafted or hand-edited file) can
+    then be tested. The manifest is not signed, so anyone who edits a folder can do the same."""
+    from pathlib import Path
+
+    from diffusevae.storage import MANIFEST_FORMAT, MANIFEST_NAME, atomic_write_json, sha256_file
+
+    folder = Path(folder)
+    names = json.loads((folder / MANIFEST_NAME).read_text())["files"]
+    atomic_write_json(folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": {
+        name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
+        for name in names if (folder / name).is_file()}})
 
 
 def tiny_config(**overrides):

@@ -29,7 +29,7 @@ from diffusevae.train import RunFolderError, TrainingError, train_vae
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
-from conftest import tiny_config
+from conftest import reseal, tiny_config
 
 PACKAGE = Path(diffusevae.__file__).parent
 
@@ -220,13 +220,13 @@ def test_a_malicious_trainer_state_is_refused_without_running_it(tmp_path):
     torch.load(tmp_path / "control.pt", weights_only=False)
     assert (tmp_path / "control-marker").exists()
 
-    # in a folder without a manifest: weights_only refuses it
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    _malicious_state(legacy / TRAINER_STATE_NAME, tmp_path / "marker1")
-    with pytest.warns(UserWarning, match="no manifest.json"):
-        with pytest.raises(CheckpointError, match="refused to load .*could run code"):
-            load_trainer_state(legacy / TRAINER_STATE_NAME)
+    # listed in its folder's manifest (written through a commit, as someone who rewrites the
+    # manifest too could): weights_only refuses it
+    forged = tmp_path / "forged"
+    storage.save_files(forged, {TRAINER_STATE_NAME: lambda tmp: _malicious_state(
+        Path(tmp), tmp_path / "marker1")})
+    with pytest.raises(CheckpointError, match="refused to load .*could run code"):
+        load_trainer_state(forged / TRAINER_STATE_NAME)
     assert not (tmp_path / "marker1").exists()
 
     # in a folder with a manifest: the hash refuses it before anything is unpickled
@@ -235,9 +235,9 @@ def test_a_malicious_trainer_state_is_refused_without_running_it(tmp_path):
     _malicious_state(run / "vae" / TRAINER_STATE_NAME, tmp_path / "marker2")
     with pytest.raises(CheckpointError, match="has changed since it was written"):
         load_trainer_state(run / "vae" / TRAINER_STATE_NAME)
-    # and through the command line: one line, exit 2, nothing run
-    (run / "vae" / MANIFEST_NAME).unlink()
-    with pytest.warns(UserWarning), pytest.raises(SystemExit) as exc:
+    # and through the command line, with the manifest rewritten to match: exit 2, nothing run
+    reseal(run / "vae")
+    with pytest.raises(SystemExit) as exc:
         main(["train-vae", "--run", str(run), "--steps", "4", "--resume", "--quiet"])
     assert exc.value.code == 2
     assert not (tmp_path / "marker2").exists()
@@ -245,9 +245,9 @@ def test_a_malicious_trainer_state_is_refused_without_running_it(tmp_path):
 
 def test_a_pickle_in_place_of_weights_is_refused(tmp_path):
     VAE(VAEConfig()).save_pretrained(tmp_path)
-    (tmp_path / MANIFEST_NAME).unlink()
     _malicious_state(tmp_path / "model.safetensors", tmp_path / "marker")
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="not a safetensors"):
+    reseal(tmp_path)  # the manifest matches: only the safetensors reader stands in the way
+    with pytest.raises(CheckpointError, match="not a safetensors"):
         VAE.from_pretrained(tmp_path)
     assert not (tmp_path / "marker").exists()
 
@@ -282,15 +282,19 @@ def test_a_changed_file_is_refused_with_its_name_and_both_hashes(tmp_path, name)
         VAE.from_pretrained(tmp_path)
 
 
-def test_a_folder_without_a_manifest_loads_with_a_warning(tmp_path):
+def test_a_model_folder_without_its_manifest_is_refused(tmp_path):
     model = VAE(VAEConfig())
     model.save_pretrained(tmp_path)
+    ckpt.save_trainer_state(tmp_path, {"step": 3})
     (tmp_path / MANIFEST_NAME).unlink()
-    with pytest.warns(UserWarning, match="no manifest.json"):
-        again = VAE.from_pretrained(tmp_path)
-    assert _same(again.state_dict(), model.state_dict())
-    model.save_pretrained(tmp_path)  # saving again adds the manifest
-    assert (tmp_path / MANIFEST_NAME).is_file()
+    with pytest.raises(CheckpointError, match=r"has no manifest.json.*save the model again"):
+        VAE.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"has no manifest.json"):
+        load_trainer_state(tmp_path / TRAINER_STATE_NAME)
+    model.save_pretrained(tmp_path)  # saving again writes a manifest of what it saved
+    assert _same(VAE.from_pretrained(tmp_path).state_dict(), model.state_dict())
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["files"].keys() == {
+        "config.json", "model.safetensors"}
 
 
 def test_a_file_added_after_the_save_is_refused(tmp_path):

@@ -8,8 +8,8 @@ A model folder (``RUN/vae/``, ``RUN/refiner/``) holds:
 - ``manifest.json``: the SHA-256 and size of each of those files, checked on every load.
 
 The weights and config are written as one commit, the trainer state as another (storage.py): a
-process killed at any moment leaves a folder that loads. A folder without a manifest (older
-versions) loads with a warning; a file whose hash differs is refused, naming the file.
+process killed at any moment leaves a folder that loads. A model folder without its manifest
+is refused, and so is a file whose hash differs, naming the file.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 EMA_NAME = "ema.safetensors"
 TRAINER_STATE_NAME = "trainer_state.pt"
-CHECKED_FILES = (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, TRAINER_STATE_NAME)
+CHECKED_FILES = (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, TRAINER_STATE_NAME)  # in the manifest
 # Sections besides "config" that a model folder's config.json must carry, by model kind.
 _SECTIONS: dict[str, dict[str, type]] = {"refiner": {"diffusion": DiffusionConfig}}
 
@@ -84,7 +84,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 def _load_tensors(path: Path, device: str | torch.device, model_folder: bool) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the model folder is incomplete")
-    data = read_checked(path, warn_unchecked=model_folder)
+    data = read_checked(path, require_manifest=model_folder)
     try:
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -97,7 +97,7 @@ def load_trainer_state(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; there is no trainer state to resume from")
-    data = read_checked(path, warn_unchecked=True)
+    data = read_checked(path, require_manifest=True)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refused a global: not plain data
@@ -119,8 +119,7 @@ def load_trainer_state(path: str | Path) -> dict:
 
 def save_trainer_state(folder: str | Path, state: dict) -> None:
     """Write ``trainer_state.pt`` (plain tensors and numbers) as a commit of `folder`."""
-    save_files(folder, {TRAINER_STATE_NAME: lambda tmp: torch.save(state, tmp)},
-               legacy=CHECKED_FILES)
+    save_files(folder, {TRAINER_STATE_NAME: lambda tmp: torch.save(state, tmp)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,8 +140,7 @@ def save_model_folder(folder: str | Path, kind: str, config: Any,
     if ema_state_dict is not None:
         writers[EMA_NAME] = _tensor_writer(ema_state_dict)
     writers[CONFIG_NAME] = lambda tmp: Path(tmp).write_text(meta + "\n")
-    save_files(folder, writers, remove=() if ema_state_dict is not None else (EMA_NAME,),
-               legacy=CHECKED_FILES)
+    save_files(folder, writers, remove=() if ema_state_dict is not None else (EMA_NAME,))
 
 
 def _require_all_fields(cls: type, data: Any, where: str) -> None:
@@ -167,7 +165,7 @@ def read_model_config(folder: str | Path, kind: str, config_cls: type) -> tuple[
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
     try:
-        meta = json.loads(read_checked(path, warn_unchecked=True))
+        meta = json.loads(read_checked(path, require_manifest=True))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
     sections = _SECTIONS.get(kind, {})

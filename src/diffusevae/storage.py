@@ -27,7 +27,6 @@ import json
 import os
 import secrets
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -160,28 +159,26 @@ def read_manifest(folder: str | Path) -> dict | None:
     try:
         manifest = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} cannot be read ({exc}); the file is corrupt. Delete it "
-                              "to load the folder unchecked, or restore the folder") from None
+        raise CheckpointError(f"{path} cannot be read ({exc}); the file is corrupt, so the "
+                              "folder's files cannot be checked. Restore the folder from a "
+                              "backup, or save (or train) the model again") from None
     entries = [] if not isinstance(manifest, dict) else [
         *(manifest.get("files") or {}).values(), *(manifest.get("pending") or {}).values()]
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or \
             not isinstance(manifest.get("pending", {}), dict) or \
             not all(isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in entries):
         raise CheckpointError(f"{path} is not a diffusevae manifest (a 'files' mapping of sha256 "
-                              "entries); delete it to load the folder unchecked, or restore the "
-                              "folder")
+                              "entries); restore the folder from a backup, or save (or train) "
+                              "the model again")
     return manifest
 
 
-def _current_entries(folder: Path, legacy: Iterable[str]) -> dict[str, dict]:
-    """The committed entries of `folder`, settling a commit that a kill left pending.
-
-    A folder without a manifest (older versions) has its `legacy` files hashed once, here.
-    """
+def _current_entries(folder: Path) -> dict[str, dict]:
+    """The committed entries of `folder` (none for a new folder), settling a commit that a
+    kill left pending."""
     manifest = read_manifest(folder)
     if manifest is None:
-        return {name: _sha256_file(folder / name) for name in legacy
-                if (folder / name).is_file()}
+        return {}
     files = dict(manifest["files"])
     for name, entry in manifest.get("pending", {}).items():
         if (folder / name).is_file() and _sha256_file(folder / name) == entry:
@@ -190,19 +187,18 @@ def _current_entries(folder: Path, legacy: Iterable[str]) -> dict[str, dict]:
 
 
 def save_files(folder: str | Path, writers: dict[str, Callable[[str], None]],
-               remove: Iterable[str] = (), legacy: Iterable[str] = ()) -> None:
+               remove: Iterable[str] = ()) -> None:
     """Write several files of a folder as one commit (module docstring), manifest last.
 
     `writers` maps a file name to a function writing that file's content to a given path;
-    `remove` names files to delete in the same commit; `legacy` names the files to list when
-    the folder has no manifest yet (one written by an older version).
+    `remove` names files to delete in the same commit.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in list(writers) + [MANIFEST_NAME]:  # leftovers of a killed commit
         for stale in folder.glob(f".{name}.*.tmp"):
             _unlink(stale)
-    files = _current_entries(folder, legacy)
+    files = _current_entries(folder)
     temps: dict[str, str] = {}
     try:
         for name, write in writers.items():
@@ -230,14 +226,11 @@ def save_files(folder: str | Path, writers: dict[str, Callable[[str], None]],
             _unlink(tmp)
 
 
-_WARNED_UNCHECKED: set[str] = set()  # folders without a manifest: one warning each
+def read_checked(path: Path, require_manifest: bool = False) -> bytes:
+    """The bytes of `path`, checked against its folder's manifest.
 
-
-def read_checked(path: Path, warn_unchecked: bool = False) -> bytes:
-    """The bytes of `path`, checked against its folder's manifest when the folder has one.
-
-    Without a manifest (a folder of an older version) it is read unchecked, with a warning
-    (once per folder) if `warn_unchecked`.
+    A folder without a manifest is refused if `require_manifest` (a model folder always has
+    one); otherwise (files saved on their own, such as a fitted prior) it is read unchecked.
     """
     try:
         data = path.read_bytes()
@@ -246,11 +239,11 @@ def read_checked(path: Path, warn_unchecked: bool = False) -> bytes:
                               "permissions and that the disk is readable") from None
     manifest = read_manifest(path.parent)
     if manifest is None:
-        if warn_unchecked and str(path.parent) not in _WARNED_UNCHECKED:
-            _WARNED_UNCHECKED.add(str(path.parent))
-            warnings.warn(f"{path.parent} has no {MANIFEST_NAME} (written by an older diffusevae?),"
-                          " so its files cannot be checked for corruption; save the model again "
-                          "to add one", stacklevel=3)
+        if require_manifest:
+            raise CheckpointError(
+                f"{path.parent} has no {MANIFEST_NAME}, which diffusevae writes with every model "
+                "folder, so its files cannot be checked: the folder is incomplete or was not "
+                "written by diffusevae. Restore it from a backup, or save the model again")
         return data
     accepted = [e for e in (manifest["files"].get(path.name),
                             manifest.get("pending", {}).get(path.name)) if e]
