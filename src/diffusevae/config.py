@@ -239,6 +239,7 @@ class SampleConfig:
     spacing: str = "uniform"
     var_type: str = "fixedlarge"
     clip: bool = True
+    keep_eps: bool = False  # DDIM: step with the network's eps after clipping (official code)
     temperature: float = 1.0
     guidance: float = 0.0
     seed: int = 0
@@ -263,6 +264,9 @@ class SampleConfig:
         _check_choice("sample.spacing", self.spacing, names.SPACINGS)
         _check_choice("sample.var_type", self.var_type, names.VAR_TYPES)
         _check_positive("sample.eta", self.eta, allow_zero=True)
+        if self.keep_eps and self.sampler != "ddim":
+            raise ConfigError(f"sample.keep_eps is a DDIM setting; sample with ddim or leave "
+                              f"--keep-eps out (got sampler {self.sampler})")
         _check_positive("sample.temperature", self.temperature, allow_zero=True)
         _check_positive("sample.guidance", self.guidance, allow_zero=True)
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_model_folder
-from .config import ConfigError, DiffusionConfig, to_dict
+from .checkpoint import CONFIG_NAME, read_json, save_model_folder
+from .config import ConfigError, DataConfig, DiffusionConfig, from_dict, to_dict
 from .storage import CheckpointError, sha256_file
 from .unet_official import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .vae_official import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig, parse_widths
@@ -418,13 +418,17 @@ def build_imported(vae_ckpt: dict, ddpm_ckpt: dict, num_heads: int | None,
 
 
 def import_official(vae_path: str | Path, ddpm_path: str | Path, run_dir: str | Path,
-                    num_heads: int | None = None) -> dict:
+                    num_heads: int | None = None, dataset: str | None = None,
+                    data_dir: str | Path | None = None) -> dict:
     """Import an official VAE checkpoint and DDPM checkpoint into a new run folder ``run_dir``
     (``vae/`` and ``refiner/``); returns a summary of what was imported.
 
     ``num_heads``: the refiner's attention heads, which the weights do not record (8 in the
-    official CIFAR-10 configuration, 1 in the CelebA ones). Nothing is written unless both
-    files import; an existing model in ``run_dir`` is never overwritten.
+    official CIFAR-10 configuration, 1 in the CelebA ones). ``dataset``/``data_dir``: the
+    images the models were trained on (e.g. "cifar10", or "folder" and the CelebA folder),
+    recorded for the commands that read them (`RunFolder.training_data`); without them the
+    run knows only the images' size. Nothing is written unless both files import; an
+    existing model in ``run_dir`` is never overwritten.
     """
     vae_path, ddpm_path, run_dir = Path(vae_path), Path(ddpm_path), Path(run_dir)
     for stage in ("vae", "refiner"):
@@ -436,11 +440,16 @@ def import_official(vae_path: str | Path, ddpm_path: str | Path, run_dir: str | 
     vae, unet, diffusion = build_imported(vae_ckpt, ddpm_ckpt, num_heads, str(vae_path),
                                           str(ddpm_path))
     vae_copy = any(k.startswith(VAE_COPY) for k in ddpm_ckpt["state_dict"])
+    data = DataConfig(dataset=dataset or "folder",
+                      data_dir=None if data_dir is None else str(data_dir),
+                      image_size=vae.config.image_size, channels=vae.config.channels)
+    data.validate()
     sources = {"vae": _provenance(vae_path, vae_ckpt, "the VAE"),
                "refiner": _provenance(ddpm_path, ddpm_ckpt,
                                       "target_network.decoder (the EMA UNet)")}
     save_model_folder(run_dir / "vae", vae.kind, vae.config, vae.state_dict(),
-                      extra={"arch": OFFICIAL_ARCH, "imported_from": sources["vae"]})
+                      extra={"arch": OFFICIAL_ARCH, "imported_from": sources["vae"],
+                             "data": to_dict(data)})
     save_model_folder(run_dir / "refiner", "refiner", unet.config, unet.state_dict(),
                       extra={"arch": OFFICIAL_ARCH, "diffusion": to_dict(diffusion),
                              "imported_from": sources["refiner"]})
@@ -449,6 +458,16 @@ def import_official(vae_path: str | Path, ddpm_path: str | Path, run_dir: str | 
             "vae_parameters": vae.num_parameters(), "unet_parameters": unet.num_parameters(),
             "unet": unet.summary(), "vae_copy_checked": bool(vae_copy),
             "timesteps": diffusion.timesteps}
+
+
+def imported_data(vae_dir: str | Path) -> DataConfig | None:
+    """The data recorded by `import_official` in an imported VAE's folder; None for a VAE
+    trained here (its training config says) or a folder without one."""
+    path = Path(vae_dir) / CONFIG_NAME
+    meta = read_json(path) if path.is_file() else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict):
+        return None
+    return from_dict(DataConfig, meta["data"], where=f"{path}:data")
 
 
 def _provenance(path: Path, data: dict, network: str) -> dict:

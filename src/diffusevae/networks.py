@@ -16,7 +16,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import UNetConfig, VAEConfig
 from .unet import UNet
-from .unet_official import OfficialUNetConfig, build_official_unet
+from .unet_official import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .vae import VAE
 from .vae_official import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig
 
@@ -27,6 +27,12 @@ ARCHITECTURES = {
     ("refiner", None): (UNetConfig, UNet),
     ("refiner", OFFICIAL_ARCH): (OfficialUNetConfig, build_official_unet),
 }
+
+
+def arch_record(model: nn.Module) -> dict:
+    """What a model folder's config.json must add for `model` to load again: {"arch": ...}
+    for an official network, nothing for ours."""
+    return {"arch": OFFICIAL_ARCH} if isinstance(model, (OfficialVAE, OfficialUNetBase)) else {}
 
 
 def load_network(folder: str | Path, kind: str, use_ema: bool = True,

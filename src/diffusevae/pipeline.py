@@ -342,10 +342,11 @@ class DiffuseVAE:
         An unconditional refiner inverts x itself (no z, no x_hat).
         """
         sample.validate(self.diffusion.timesteps)
-        if sample.sampler != "ddim" or sample.eta != 0:
+        if sample.sampler != "ddim" or sample.eta != 0 or sample.keep_eps:
             raise ConfigError("inversion runs deterministic DDIM backwards, and only that decodes "
                               f"back to the input; got sampler {sample.sampler} with eta "
-                              f"{sample.eta:g}: use --sampler ddim --eta 0")
+                              f"{sample.eta:g}{' and --keep-eps' * sample.keep_eps}: use "
+                              "--sampler ddim --eta 0 (without --keep-eps)")
         self._check_guidance(sample.guidance)
         self._run_as(sample)
         x = x.to(device=self.device, dtype=next(self.unet.parameters()).dtype)

@@ -79,13 +79,16 @@ def prepare(schedule: Schedule, timesteps: Tensor | Sequence[int], y_T: Tensor,
 
 
 def _denoise(eps_fn: EpsFn, chain: Chain, y: Tensor, i: int,
-             clip_fn: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, Tensor]:
-    """eps and y0 predictions at respaced step i, clipped if asked."""
+             clip_fn: Callable[[Tensor], Tensor] | None,
+             keep_eps: bool = False) -> tuple[Tensor, Tensor]:
+    """eps and y0 predictions at respaced step i, clipped if asked (then eps is derived again
+    from the clipped y0, unless ``keep_eps``)."""
     eps = eps_fn(y, chain.t[i])
     y0 = predict_y0(chain.floats, y, i, eps)
     if clip_fn is not None:
         y0 = clip_fn(y0)
-        eps = predict_eps(chain.floats, y, i, y0)  # the clipped prediction, seen as noise again
+        if not keep_eps:  # the clipped prediction, seen as noise again
+            eps = predict_eps(chain.floats, y, i, y0)
     return eps, y0
 
 
@@ -120,8 +123,13 @@ def ddpm(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
 
 def ddim(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int], *,
          generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
-         callback: Callback | None = None, eta: float = 0.0) -> Tensor:
-    """DDIM with stochasticity eta on the respaced steps (Song et al. 2021, eq. 12)."""
+         callback: Callback | None = None, eta: float = 0.0, keep_eps: bool = False) -> Tensor:
+    """DDIM with stochasticity eta on the respaced steps (Song et al. 2021, eq. 12).
+
+    ``keep_eps``: with ``clip_fn``, step with the network's eps and the clipped y0, as the
+    official DiffuseVAE sampler does (docs/method.md#official-checkpoints), instead of the eps
+    of the clipped y0. The two differ only where clipping changes the prediction.
+    """
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta}")
     chain = prepare(schedule, timesteps, y_T, generators)
@@ -134,7 +142,7 @@ def ddim(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
 
     y, S = y_T, chain.S
     for k, i in enumerate(reversed(range(S))):
-        eps, y0 = _denoise(eps_fn, chain, y, i, clip_fn)
+        eps, y0 = _denoise(eps_fn, chain, y, i, clip_fn, keep_eps)
         y = c_y0[i] * y0 + c_eps[i] * eps
         if sigma[i] > 0:
             y = y + sigma[i] * noise_like(generators, y)

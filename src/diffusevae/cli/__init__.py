@@ -47,7 +47,7 @@ def cli(ctx: click.Context) -> None:
             f"accelerate launch (under a launcher: {', '.join(SPLIT_COMMANDS)})")
 
 
-from . import control, demo, evaluate, generate, train  # noqa: E402,F401  (each module adds its commands)
+from . import control, demo, evaluate, generate, importing, train  # noqa: E402,F401  (each adds its commands)
 
 
 def main(argv: list[str] | None = None) -> None:

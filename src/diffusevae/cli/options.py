@@ -142,6 +142,9 @@ def sampling_options(fn):
                      help="Classifier-free guidance weight w (needs --p-uncond in training)."),
         click.option("--clip/--no-clip", default=True, show_default=True,
                      help="Clip predicted images to [-1, 1]."),
+        click.option("--keep-eps", is_flag=True,
+                     help="DDIM: after clipping, step with the network's eps, as the "
+                          "official DiffuseVAE sampler (reproduces its samples)."),
         click.option("--ema/--no-ema", "use_ema", default=True, show_default=True,
                      help="Use the EMA weights."),
         speed_options,
