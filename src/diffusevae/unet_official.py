@@ -35,6 +35,7 @@ z path was never enabled): ``z_dim`` is 0.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from torch import nn
 
 from .checkpoint import save_model_folder
 from .config import ConfigError
-from .unet import Upsample, norm_silu  # Upsample: the same layer, named alike
+from .unet import UNet, Upsample, norm_silu  # Upsample: the same layer, named alike
 from .vae_official import OFFICIAL_ARCH
 
 FAMILIES = ("openai", "ddim")
@@ -161,19 +162,11 @@ class OfficialUNetBase(nn.Module):
         save_model_folder(folder, self.kind, self.config, self.state_dict(), ema_state_dict,
                           extra={"arch": OFFICIAL_ARCH})
 
-    def num_parameters(self) -> int:
-        """The number of parameters."""
-        return sum(p.numel() for p in self.parameters())
+    num_parameters = UNet.num_parameters  # the same count and line as our UNet's
 
     def summary(self) -> str:
         """One line: family, size, widths and where attention is."""
-        cfg = self.config
-        attn = ",".join(str(r) for r in sorted(cfg.attn_resolutions, reverse=True))
-        mults = ",".join(str(m) for m in cfg.channel_mults)
-        return (f"official {cfg.family} UNet: {self.num_parameters() / 1e6:.2f}M parameters, "
-                f"{cfg.image_size}x{cfg.image_size}, ch {cfg.base_channels} x ({mults}), "
-                f"{cfg.num_res_blocks} res blocks, attention at "
-                f"{attn + ' + middle' if attn else 'middle only'}, {cfg.num_heads} head(s)")
+        return f"official {self.config.family} " + UNet.summary(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,13 +222,9 @@ class OpenAIAttention(nn.Module):
         return x + self.proj_out(out).reshape(b, c, h, w)
 
 
-class OpenAIDownsample(nn.Module):
-    def __init__(self, ch: int) -> None:
-        super().__init__()
-        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+def openai_downsample(ch: int) -> nn.Sequential:
+    """A stride-2 3x3 conv, named "op" as the openai layout names it."""
+    return nn.Sequential(OrderedDict(op=nn.Conv2d(ch, ch, 3, stride=2, padding=1)))
 
 
 class Step(nn.ModuleList):
@@ -271,7 +260,7 @@ class OpenAIUNet(OfficialUNetBase):
                 self.input_blocks.append(Step(layers))
                 skips.append(cur)
             if level < last:
-                self.input_blocks.append(Step([OpenAIDownsample(cur)]))
+                self.input_blocks.append(Step([openai_downsample(cur)]))
                 skips.append(cur)
         self.middle_block = Step([res(cur, cur), OpenAIAttention(cur, heads), res(cur, cur)])
         self.output_blocks = nn.ModuleList()
