@@ -431,6 +431,7 @@ def import_official(vae_path: str | Path, ddpm_path: str | Path, run_dir: str | 
     existing model in ``run_dir`` is never overwritten.
     """
     vae_path, ddpm_path, run_dir = Path(vae_path), Path(ddpm_path), Path(run_dir)
+    DataConfig(dataset=dataset or "folder", channels=3).validate()  # before the long reads
     for stage in ("vae", "refiner"):
         if (run_dir / stage).exists():
             raise OfficialCheckpointError(f"{run_dir / stage} already exists; import into a new "
