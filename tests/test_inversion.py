@@ -3,13 +3,16 @@ through the pipeline, and on a trained run."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
 from diffusevae.config import ConfigError, DataConfig, DiffusionConfig, SampleConfig, UNetConfig
 from diffusevae.data import build_dataset
 from diffusevae.diffusion import FORMULATIONS, get_formulation, make_eps_fn, respaced_timesteps
-from diffusevae.pipeline import DiffuseVAE
+from diffusevae.pipeline import DiffuseVAE, Inversion
 from diffusevae.rng import sample_generators
 from diffusevae.samplers import ddim, ddim_invert
 from test_pipeline import _pipe
@@ -234,3 +237,37 @@ def test_inverted_reconstructions_beat_fresh_noise_on_a_trained_run(trained_run)
     first, fixed = (_psnr(pipe.decode_latents(inv.z, inv.y_T, sample).images, x)
                     for inv in (pipe.invert(x, sample), pipe.invert(x, sample, fixed_point=2)))
     assert first > fresh + 10 and fixed > first + 10 and fixed > 40, (fresh, first, fixed)
+
+
+# --------------------------------------------------------------------------------------------
+# Saved latents
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["form2", "uncond"])
+def test_saved_latents_reload_to_the_same_images(form, tmp_path):
+    pipe = _denoiser_pipe(form, 0.2 if form != "uncond" else 0.0, 16 if form != "uncond" else 0)
+    guidance = 1.0 if form != "uncond" else 0.0
+    sample = SampleConfig(n=4, steps=12, spacing="trailing", guidance=guidance)
+    inv = pipe.invert(_images(), sample, fixed_point=3)
+    inv.save(tmp_path / "latents.npz", sample, run="somewhere", fixed_point=3)
+    loaded, meta = Inversion.load(tmp_path / "latents.npz")
+    assert meta["run"] == "somewhere" and meta["fixed_point"] == 3
+    assert meta["decode"] == {"steps": 12, "spacing": "trailing", "guidance": guidance,
+                              "clip": True}
+    assert torch.equal(loaded.y_T, inv.y_T) and loaded.x_hat is None
+    assert (loaded.z is None) == (form == "uncond")
+    # decoded with the saved settings, from a default config: the same images
+    settings = replace(SampleConfig(n=4), **meta["decode"])
+    again = pipe.decode_latents(loaded.z, loaded.y_T, settings).images
+    assert torch.equal(again, pipe.decode_latents(inv.z, inv.y_T, sample).images)
+    assert (again - _images()).abs().max() < 1e-4
+
+
+def test_a_wrong_latents_file_is_one_clear_error(tmp_path):
+    np.savez(tmp_path / "other.npz", images=np.zeros((2, 1, 4, 4)))
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "pickled.npz", y_T=np.zeros((1, 1, 4, 4)),
+             meta=np.array([{"decode": {}}], dtype=object))
+    for name in ("other.npz", "text.npz", "pickled.npz", "missing.npz"):
+        with pytest.raises(ConfigError, match="--save-latents"):
+            Inversion.load(tmp_path / name)

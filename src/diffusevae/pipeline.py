@@ -20,12 +20,14 @@ be a model in training) until asked.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -34,6 +36,7 @@ from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respace
 from .prior import PRIOR_DIR, GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .rng import randn_like_per_sample, sample_generators
 from .samplers import ddim_invert, get_sampler, sampler_options
+from .storage import _atomic_write
 from .unet import CHANNELS_LAST_DEVICES, UNet
 from .vae import VAE
 
@@ -63,6 +66,44 @@ class Inversion:
     y_T: torch.Tensor
     z: torch.Tensor | None = None
     x_hat: torch.Tensor | None = None
+
+    DECODE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "spacing", "guidance", "clip")
+    """The `SampleConfig` fields that must equal the inversion's for decoding to return x."""
+
+    def save(self, path: str | Path, sample: SampleConfig, **info) -> None:
+        """Write z and y_T to an `.npz` (arrays only), with the settings that decode them
+        (`DECODE_FIELDS` of ``sample``) and ``info`` as JSON; x_hat is D(z) again on loading."""
+        meta = {"decode": {k: getattr(sample, k) for k in self.DECODE_FIELDS}, **info}
+        arrays = {"y_T": self.y_T.float().cpu().numpy(), "meta": np.array(json.dumps(meta))}
+        if self.z is not None:
+            arrays["z"] = self.z.float().cpu().numpy()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+        _atomic_write(Path(path), write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["Inversion", dict]:
+        """The latents of `save` (without x_hat), and its settings: ``meta["decode"]`` are the
+        `SampleConfig` fields to decode them with."""
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            meta = json.loads(str(arrays.pop("meta")))
+            y_T = torch.from_numpy(arrays.pop("y_T"))
+            z = torch.from_numpy(arrays.pop("z")) if "z" in arrays else None
+            ok = y_T.ndim == 4 and set(meta.get("decode", {})) == set(cls.DECODE_FIELDS) and (
+                z is None or (z.ndim == 2 and len(z) == len(y_T)))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path} cannot be read as saved latents ({exc}); write it with "
+                              "--invert --save-latents") from None
+        if not ok:
+            raise ConfigError(f"{path} does not hold the latents of --save-latents (z, y_T and "
+                              "their settings); write it again with --invert --save-latents")
+        return cls(y_T, z), meta
+
 
 
 def save_refiner(folder: str | Path, unet: UNet, ema_state_dict: dict | None,
