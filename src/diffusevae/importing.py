@@ -90,6 +90,10 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass the path of a downloaded .ckpt file")
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        raise OfficialCheckpointError(f"reading {path} safely needs torch 2.5 or newer (it "
+                                      f"lists a file's objects before loading); this is torch "
+                                      f"{torch.__version__}: upgrade it")
     if not zipfile.is_zipfile(path):
         raise OfficialCheckpointError(f"{path} is not a PyTorch checkpoint (torch.save's zip "
                                       "format); is it truncated, or another kind of file?")
