@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -128,3 +129,58 @@ def test_throughput_benchmark_smoke(tmp_path):
         assert heading in md
     assert md.count("**pass**") + md.count("**FAIL**") == \
         sum(t["passed"] is not None for t in r["targets"])
+
+
+@pytest.mark.benchmark_smoke
+def test_gpu_checks_script_runs_the_gpu_path_on_the_cpu(tmp_path):
+    """benchmarks/gpu_checks.sh without a GPU: the CUDA tests skip, and B2's gpu budget runs
+    at a tiny size on the CPU (gpu-smoke), through every mode and precision."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPU_CHECKS_CPU": "1", "OUT": str(out)}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")],
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in out.iterdir()}
+    assert files == {"throughput_cuda.json", "throughput_cuda.md", "throughput.log",
+                     "cuda_tests.log", "cuda_tests.xml", "gpu.txt"}  # at most 8 come back
+    if not torch.cuda.is_available():
+        assert "skipped" in (out / "cuda_tests.log").read_text()
+
+    r = json.loads((out / "throughput_cuda.json").read_text())
+    s = r["settings"]
+    assert r["budget"] == "gpu-smoke" and r["targets_judged"] is False
+    assert r["machine"]["device"] == "cpu" and r["machine"]["device_name"]
+    # the ceilings in every precision, conv ceilings where the precision has its own tensors
+    assert set(r["ceiling"]["by_precision"]) == {"fp32", "tf32", "bf16"}
+    for p, c in r["ceiling"]["by_precision"].items():
+        assert positive(c["matmul"]["gflops"])
+        assert set(c["conv"]) == (set() if p == "tf32" else set(s["presets"]))
+    # every planned sampling variant measured (the smoke's time shares are ample)
+    planned = {(p, m, prec, b) for p, m, prec, batches in s["sampling_plan"] for b in batches}
+    assert {(p, m, prec) for p, m, prec, _ in planned} >= {
+        ("cifar10", mode, prec) for mode in ("eager", "compiled", "cudagraphs")
+        for prec in ("fp32", "bf16")}
+    assert {(c["preset"], c["mode"], c["precision"], c["batch"]) for c in r["sampling"]} \
+        == planned
+    for c in r["sampling"]:
+        assert "skipped" not in c, c
+        assert positive(c["ours"]["images_per_s"]) and fraction(c["ours"]["outside_unet_fraction"])
+    for preset, variants in r["agreement"].items():
+        for name in ("compiled", "cudagraphs"):  # fp32: the same numbers as eager
+            assert variants[name]["compiled_vs_eager"] < 1e-4, (preset, name)
+        assert variants["compiled-bf16"]["compiled_vs_eager"] < 1e-4
+    # training: fp32 measured with its MFU; bf16 refused on the CPU, said so
+    by = {(t["mode"], t["precision"]): t for t in r["training"]}
+    assert set(by) == {(m, p) for m in ("eager", "compiled") for p in ("fp32", "bf16")}
+    for mode in ("eager", "compiled"):
+        assert positive(by[mode, "fp32"]["images_per_s"]) and positive(by[mode, "fp32"]["mfu"])
+        if not torch.cuda.is_available():
+            assert "needs a GPU" in by[mode, "bf16"]["skipped"]
+    targets = {t["id"]: t for t in r["targets"]}
+    assert set(targets) == {"ours_vs_peer", "sampler_arithmetic", "small_batch_speedup",
+                            "training_mfu", "compiled_training"}
+    assert targets["sampler_arithmetic"]["passed"] is None  # no batch 128 at this size
+    for key in ("small_batch_speedup", "training_mfu", "compiled_training"):
+        assert targets[key]["passed"] in (True, False) and positive(targets[key]["measured"])
+    md = (out / "throughput_cuda.md").read_text()
+    assert "# B2 throughput (gpu-smoke budget)" in md and "skipped: --mixed-precision" in md
