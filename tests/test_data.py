@@ -19,7 +19,8 @@ from PIL import Image
 
 from diffusevae import data
 from diffusevae.config import DataConfig
-from diffusevae.data import DataError, build_dataset, dataset_description, random_hflip
+from diffusevae.data import (DataError, build_dataset, dataset_description, open_image_folder,
+                             random_hflip, read_image)
 
 
 def _no_network(url: str, dest: Path) -> None:
@@ -412,3 +413,22 @@ def test_random_hflip_flips_exactly_the_masked_images():
     assert not torch.equal(out, random_hflip(x, torch.Generator().manual_seed(8)))
     with pytest.raises(ValueError, match="batch"):
         random_hflip(x[0])
+
+
+def test_user_images_with_another_channel_count_are_refused(tmp_path):
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "gray_as_rgb.png")
+    assert len(open_image_folder(tmp_path, 16, 1)) == 1  # equal channels: grayscale
+    colour = np.zeros((20, 20, 3), np.uint8)
+    colour[..., 0] = 200
+    Image.fromarray(colour).save(tmp_path / "red.png")
+    with pytest.raises(DataError, match="red.png.*--convert-channels"):
+        open_image_folder(tmp_path, 16, 1)
+    assert len(open_image_folder(tmp_path, 16, 1, convert=True)) == 2
+    with pytest.raises(DataError, match="grayscale"):
+        open_image_folder(tmp_path, 16, 3)
+    one = read_image(tmp_path / "gray_as_rgb.png", 16, 1)  # one file: the same loading
+    torch.testing.assert_close(one, open_image_folder(tmp_path, 16, 1, convert=True)[0][0])
+    assert one.shape == (1, 16, 16) and abs(float(one.mean()) - (90 / 127.5 - 1)) < 1e-6
+    with pytest.raises(DataError, match="red.png is colour.*--convert-channels"):
+        read_image(tmp_path / "red.png", 16, 1)
+    assert read_image(tmp_path / "red.png", 16, 3).shape == (3, 16, 16)

@@ -25,7 +25,8 @@ from conftest import run_cli
 from diffusevae.classifier import ClassifierConfig, train_classifier
 from diffusevae.config import DataConfig
 from diffusevae.distributed import Processes
-from diffusevae.evaluation import collect, folder_source, npz_source
+from diffusevae.evaluation import collect
+from diffusevae.sources import folder_source, npz_source
 from diffusevae.features import Extractor
 from diffusevae.images import save_pngs
 from diffusevae.metrics import load_stats

@@ -17,7 +17,7 @@ import torch
 
 from diffusevae.classifier import Classifier, ClassifierConfig, train_classifier
 from diffusevae.config import DataConfig
-from diffusevae.evaluation import dataset_source, npz_source
+from diffusevae.sources import dataset_source, npz_source
 from diffusevae.features import INCEPTION_FILE, classifier_extractor, inception_extractor
 from diffusevae.images import save_pngs
 

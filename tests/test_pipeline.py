@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from diffusevae.checkpoint import CheckpointError
-from diffusevae.config import ConfigError, DiffusionConfig, UNetConfig, VAEConfig
-from diffusevae.diffusion import Schedule, respaced_timesteps
+from diffusevae.config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
+from diffusevae.diffusion import Schedule, q_sample, respaced_timesteps
 from diffusevae.pipeline import DiffuseVAE
+from diffusevae.rng import sample_generators
 from diffusevae.samplers import ddim
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
@@ -142,3 +143,19 @@ def test_the_vae_alone_draws_the_same_z_as_the_pipeline():
     torch.testing.assert_close(x_hat, out.x_hat)
     z_tail, _ = pipe.vae.sample_indexed(3, range(3, 5))
     torch.testing.assert_close(z_tail, out.z[3:])  # a sample does not depend on its batch
+
+
+def test_sdedit_starts_at_the_nearest_step_from_the_noised_image():
+    pipe = _pipe()
+    sample = SampleConfig(n=2, steps=10)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    x_hat = torch.zeros_like(x)
+    y, taus = pipe.initial_state(sample_generators(0, [0, 1]), sample, x_hat, x, 430)
+    assert taus.tolist() == [0, 100, 200, 300, 400]
+    eps, _ = pipe.initial_state(sample_generators(0, [0, 1]), sample)
+    torch.testing.assert_close(y, q_sample(pipe.schedule, x - x_hat, 400, eps))
+    # starting at step 0, the chain is one nearly noiseless step: the image comes back
+    out = pipe.reconstruct(x, SampleConfig(n=2, steps=10), start_step=0)
+    assert (out.images - x).abs().max() < 0.05
+    fresh = pipe.reconstruct(x, SampleConfig(n=2, steps=10))
+    assert (fresh.images - x).abs().max() > 0.2

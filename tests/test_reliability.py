@@ -23,10 +23,8 @@ from diffusevae import storage
 from diffusevae.checkpoint import (MANIFEST_NAME, TRAINER_STATE_NAME, CheckpointError,
                                    DiskFullError, load_trainer_state)
 from diffusevae.cli import main
-from diffusevae.config import UNetConfig, VAEConfig
-from diffusevae.pipeline import DiffuseVAE
+from diffusevae.config import VAEConfig
 from diffusevae.train import RunFolderError, TrainingError, train_vae
-from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
 from conftest import reseal, tiny_config
@@ -394,23 +392,6 @@ def test_a_full_disk_is_found_before_sampling_starts(tmp_path, monkeypatch):
     writer = NpzStreamWriter(tmp_path / "samples.npz", 10_000)
     with pytest.raises(DiskFullError, match="disk is full"):
         writer.write(0, images=np.zeros((2, 16, 16, 1), np.uint8))
-
-
-# --------------------------------------------------------------------------------------------
-# A run folder whose two stages do not belong together
-# --------------------------------------------------------------------------------------------
-
-def test_a_vae_from_another_preset_is_found_at_load(tmp_path):
-    torch.manual_seed(0)
-    VAE(VAEConfig(channels=3)).save_pretrained(tmp_path / "vae")  # RGB VAE, grayscale refiner
-    from diffusevae.pipeline import save_refiner
-    from diffusevae.config import DiffusionConfig
-
-    save_refiner(tmp_path / "refiner", UNet(UNetConfig(base_channels=16)), None,
-                 DiffusionConfig())
-    with pytest.raises(CheckpointError, match=r"vae makes 16x16x3 images but .*refiner refines "
-                                              r"16x16x1 images.*different presets"):
-        DiffuseVAE.from_pretrained(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

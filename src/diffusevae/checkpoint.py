@@ -230,24 +230,6 @@ def load_weights(model: torch.nn.Module, folder: str | Path, use_ema: bool = Fal
     return model
 
 
-def check_vae_matches_refiner(vae_config: Any, unet_config: Any, run_dir: str | Path) -> None:
-    """Refuse a run whose ``vae/`` and ``refiner/`` were made for different images or latents."""
-    vae_shape = (vae_config.image_size, vae_config.channels)
-    unet_shape = (unet_config.image_size, unet_config.channels)
-    run_dir = Path(run_dir)
-    if vae_shape != unet_shape:
-        raise CheckpointError(
-            f"{run_dir / 'vae'} makes {vae_shape[0]}x{vae_shape[0]}x{vae_shape[1]} images but "
-            f"{run_dir / 'refiner'} refines {unet_shape[0]}x{unet_shape[0]}x{unet_shape[1]} "
-            "images: the two come from different presets. Put the refiner beside the VAE it "
-            "was trained with (or retrain it with `diffusevae train-refiner`)")
-    if unet_config.z_dim and unet_config.z_dim != vae_config.z_dim:
-        raise CheckpointError(
-            f"{run_dir / 'refiner'} is conditioned on a {unet_config.z_dim}-d z but the VAE in "
-            f"{run_dir / 'vae'} has a {vae_config.z_dim}-d latent: the two come from different "
-            "runs. Put the refiner beside the VAE it was trained with")
-
-
 # --------------------------------------------------------------------------------------------
 # Reproducibility records
 # --------------------------------------------------------------------------------------------

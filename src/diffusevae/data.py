@@ -47,6 +47,7 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DIGITS_TEST = 300  # test images of the fixed digits split
 MAX_NAMED = 10  # bad files named in the warning before "and N more"
+MAX_USER_NAMED = 5  # images of the wrong kind named in an error before "and N more"
 
 
 class DataError(ValueError):
@@ -333,9 +334,66 @@ class ImageFolder(Dataset):
         except Exception as exc:
             raise DataError(f"cannot read {self.paths[i]} any more ({exc}); was it changed "
                             "after the dataset was built?") from None
-        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-        x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-        return x.float() / 127.5 - 1.0, -1
+        return _to_tensor(im), -1
+
+
+def _to_tensor(im: Image.Image) -> Tensor:
+    """A decoded image as float32 (C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+    return x.float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Images a user gives a trained model (refine, reconstruct --input, interpolate, edit)
+# --------------------------------------------------------------------------------------------
+
+def native_channels(path: Path) -> int:
+    """1 if an image file is grayscale (also RGB with equal channels), else 3."""
+    with Image.open(path) as im:
+        if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+            return 1
+        rgb = np.asarray(im.convert("RGB"))
+    return 1 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() else 3
+
+
+def _wrong_channels(paths: list[Path], channels: int, root: Path | None = None) -> str | None:
+    """The error for the images among `paths` of another channel count than the model's."""
+    wrong = [p for p in paths if native_channels(p) != channels]
+    if not wrong:
+        return None
+    kind = "colour (RGB)" if channels == 1 else "grayscale"
+    names = ", ".join((p.relative_to(root) if root else p).as_posix()
+                      for p in wrong[:MAX_USER_NAMED])
+    more = f" and {len(wrong) - MAX_USER_NAMED} more" if len(wrong) > MAX_USER_NAMED else ""
+    where = f" in {root}" if root else ""
+    what = (f"{names} is {kind}" if len(paths) == 1 else
+            f"{len(wrong)} of the {len(paths)} images{where} are {kind} ({names}{more})")
+    return (f"{what} but the model takes {channels}-channel images; convert them, or pass "
+            "--convert-channels")
+
+
+def open_image_folder(folder: str | Path, image_size: int, channels: int,
+                      convert: bool = False) -> ImageFolder:
+    """A folder of images resized for the model; with images of another channel count a
+    DataError, unless ``convert`` (then RGB becomes luma and gray is repeated, as in training).
+    """
+    dataset = ImageFolder(folder, image_size, channels)
+    error = None if convert else _wrong_channels(dataset.paths, channels, dataset.root)
+    if error:
+        raise DataError(error)
+    return dataset
+
+
+def read_image(path: str | Path, image_size: int, channels: int,
+               convert: bool = False) -> Tensor:
+    """One image file as the model takes it, (C, H, W) in [-1, 1], loaded as `ImageFolder`
+    loads a folder's; another channel count is refused unless ``convert``."""
+    path = Path(path)
+    error = None if convert else _wrong_channels([path], channels)
+    if error:
+        raise DataError(error)
+    return _to_tensor(_open_image(path, channels, image_size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Evaluating samples: stream images through a feature extractor into statistics, score them
 against a reference, and record the whole protocol (docs/method.md#evaluation).
 
-Images travel as uint8 batches (B, H, W, C) from one of four sources: a folder of images, an
-`.npz` (``images``, as `diffusevae sample` writes), a trained run (sampled on the fly with
-`DiffuseVAE.iter_generate`), or a run's VAE alone (x_hat = D(z)). No source holds all images:
-each batch goes through the extractor into `StatsAccumulator` / `ISAccumulator` and is dropped.
+Images come as uint8 batches (B, H, W, C) from a `sources.Source`: a folder of images, an
+`.npz`, a trained run sampled on the fly, or a run's VAE alone. No source holds all images: each
+batch goes through the extractor into `StatsAccumulator` / `ISAccumulator` and is dropped.
 The reference is a dataset split (``fashion-mnist:test``), whose statistics are cached, or a
-statistics `.npz`, a folder or a samples `.npz`.
+statistics `.npz`, a folder or a samples `.npz`. `Scoring` and `evaluate_to_folder` are what
+the `evaluate` command does: which reference and features by default, and where it writes.
 
 Under a launcher (``torchrun``, ``accelerate launch``; `distributed.processes`) each process
 reads or draws a contiguous share of a source's batches, and the statistics are combined
@@ -17,268 +17,32 @@ reference cache, scores, and writes `metrics.json` and the grid.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
-import zipfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
 from . import metrics as M
-from .checkpoint import atomic_write_json, read_json
-from .config import ConfigError, DataConfig, SampleConfig, config_from_json
-from .data import IMAGE_EXTENSIONS, build_dataset
+from .checkpoint import atomic_write_json
+from .classifier import ClassifierConfig, train_classifier
+from .config import DataConfig, SampleConfig, get_preset
 from .distributed import Processes
-from .features import Extractor
-from .images import make_grid, save_png, to_uint8
+from .features import Extractor, build_extractor
+from .images import make_grid, save_png
 from .names import DATASETS
+from .run import RunFolder
+from .sources import (EvaluationError, Source, dataset_source, path_source, run_source,
+                      vae_source)
 
-Batches = Iterator[np.ndarray]  # uint8 (B, H, W, C)
 GRID_SIZE = 64
-
-
-class EvaluationError(ConfigError):
-    """Samples or a reference cannot be evaluated as given; the message says what to do."""
-
-
-# --------------------------------------------------------------------------------------------
-# Sources of samples
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Source:
-    """Where images come from: their shape (H, W, C), count, batches, the protocol.
-
-    Batch k holds images ``k * batch_size`` up to ``(k + 1) * batch_size`` (fewer in the
-    last); ``read(ks)`` yields the batches numbered ``ks`` (ascending), so that processes
-    splitting the batch numbers read or draw each image once, in the batches one process would.
-    """
-
-    kind: str  # folder | npz | run | vae | dataset
-    shape: tuple[int, int, int]
-    n: int
-    batch_size: int
-    read: Callable[[range], Batches]
-    protocol: dict = field(default_factory=dict)
-
-    @property
-    def n_batches(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def rows(self, k: int) -> range:
-        """The indices of the images of batch k."""
-        return range(k * self.batch_size, min(self.n, (k + 1) * self.batch_size))
-
-    def batches(self, ks: range | None = None) -> Batches:
-        """The batches numbered `ks` (default: all), uint8 (B, H, W, C)."""
-        return self.read(range(self.n_batches) if ks is None else ks)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _read_image(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "LA") else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr  # (H, W, C)
-
-
-def folder_source(folder: str | Path, batch_size: int = 250) -> Source:
-    """The images directly in `folder` (sorted by name), e.g. the ``images/`` of `sample`."""
-    folder = Path(folder)
-    files = _image_files(folder)
-    if not files:
-        raise EvaluationError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
-                              "pass a folder of samples, or the samples.npz of `sample`")
-    shape = _read_image(files[0]).shape
-
-    def read(ks: range) -> Batches:
-        for k in ks:
-            part = files[k * batch_size:(k + 1) * batch_size]
-            batch = [_read_image(p) for p in part]
-            bad = next((p for p, a in zip(part, batch) if a.shape != shape), None)
-            if bad is not None:
-                raise EvaluationError(f"{bad} is {_read_image(bad).shape}, but {files[0]} is "
-                                      f"{shape}: all samples must have one size")
-            yield np.stack(batch)
-
-    return Source("folder", shape, len(files), batch_size, read, {"samples": str(folder)})
-
-
-def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fh)
-    read = {(1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    if read is None:
-        raise EvaluationError(f"unsupported .npy version {version}")
-    return read(fh)
-
-
-def npz_source(path: str | Path, batch_size: int = 250) -> Source:
-    """The uint8 ``images`` (N, H, W, C) of an `.npz` (``arr_0`` as fallback), read in chunks."""
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-            key = "images" if "images" in names else "arr_0" if "arr_0" in names else None
-            if key is None:
-                raise EvaluationError(f"{path} holds no 'images' array (found: "
-                                      f"{', '.join(names) or 'nothing'}); pass the samples.npz "
-                                      "written by `diffusevae sample`")
-            with zf.open(f"{key}.npy") as fh:
-                shape, fortran, dtype = _npy_header(fh)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise EvaluationError(f"cannot read {path} as an .npz file: {exc}") from None
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
-        raise EvaluationError(f"{path}:{key} is {dtype} {shape}; expected uint8 images "
-                              "(N, H, W, C) with C = 1 or 3, as `diffusevae sample` writes")
-    row = int(np.prod(shape[1:]))
-
-    def read(ks: range) -> Batches:
-        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
-            _npy_header(fh)
-            data_start = fh.tell()
-            for k in ks:
-                i = k * batch_size
-                if fh.tell() != data_start + i * row:
-                    fh.seek(data_start + i * row)  # another process reads the batches between
-                count = min(batch_size, shape[0] - i)
-                buf = fh.read(count * row)
-                if len(buf) != count * row:
-                    raise EvaluationError(f"{path}:{key} is truncated at image {i}")
-                yield np.frombuffer(buf, np.uint8).reshape(count, *shape[1:]).copy()
-
-    return Source("npz", tuple(shape[1:]), shape[0], batch_size, read, {"samples": str(path)})
-
-
-def _sampling_record(folder: Path) -> dict:
-    """The settings `diffusevae sample` wrote beside its samples, if any."""
-    record = folder / "sampling.json"
-    if not record.is_file():
-        return {"note": "no sampling.json beside the samples: sampler, steps, seed and EMA "
-                        "unknown"}
-    settings = read_json(record)
-    keys = ("run", "formulation", "n", "sampler", "steps", "seed", "use_ema", "eta", "spacing",
-            "var_type", "temperature", "guidance", "clip")
-    return {k: settings.get(k) for k in keys} | {"settings_from": str(record)}
-
-
-def path_source(path: str | Path, batch_size: int = 250) -> Source:
-    """A folder of images, an `.npz`, or the output folder of `sample` (its samples.npz)."""
-    path = Path(path)
-    if path.is_dir() and (path / "samples.npz").is_file():
-        path = path / "samples.npz"
-    elif path.is_dir() and (path / "images").is_dir():
-        path = path / "images"
-    if path.is_file() and path.suffix == ".npz":
-        source = npz_source(path, batch_size)
-        source.protocol |= _sampling_record(path.parent)
-    elif path.is_dir():
-        source = folder_source(path, batch_size)
-        parent = path.parent if path.name == "images" else path
-        source.protocol |= _sampling_record(parent)
-    else:
-        raise EvaluationError(f"samples {path} are neither a folder of images nor an .npz")
-    return source
-
-
-def sample_protocol(sample: SampleConfig) -> dict:
-    """The sampling settings every reported number names (docs/method.md#evaluation)."""
-    return {"n": sample.n, "sampler": sample.sampler, "steps": sample.steps,
-            "seed": sample.seed, "use_ema": sample.use_ema, "eta": sample.eta,
-            "spacing": sample.spacing, "var_type": sample.var_type,
-            "temperature": sample.temperature, "guidance": sample.guidance, "clip": sample.clip,
-            "batch_size": sample.batch_size}
-
-
-def run_source(run_dir: str | Path, sample: SampleConfig, device: torch.device | str = "cpu",
-               pipe=None) -> Source:
-    """Samples drawn from a trained run on the fly, batch by batch: the images `sample` writes
-    with the same settings (`DiffuseVAE.generate_batch`)."""
-    from .pipeline import DiffuseVAE
-
-    pipe = pipe or DiffuseVAE.from_pretrained(run_dir, use_ema=sample.use_ema, device=device)
-    sample.validate(pipe.diffusion.timesteps)
-    c, h, w = pipe.image_shape
-
-    def read(ks: range) -> Batches:
-        for k in ks:
-            yield to_uint8(pipe.generate_batch(sample, source.rows(k)).images)
-
-    protocol = {"run": str(run_dir), "formulation": pipe.diffusion.form,
-                **sample_protocol(sample)}
-    source = Source("run", (h, w, c), sample.n, sample.batch_size, read, protocol)
-    return source
-
-
-def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
-               use_ema: bool = True, temperature: float = 1.0,
-               device: torch.device | str = "cpu") -> Source:
-    """The VAE alone: x_hat = D(z), z drawn per sample exactly as `DiffuseVAE` draws it."""
-    from .vae import VAE
-
-    folder = Path(run_dir) / "vae"
-    if not (folder / "config.json").is_file():
-        raise EvaluationError(f"{run_dir} has no VAE ({folder} is missing)")
-    vae = VAE.from_pretrained(folder, use_ema=use_ema, device=device).eval()
-    c = vae.config
-
-    def read(ks: range) -> Batches:
-        with torch.inference_mode():
-            for k in ks:
-                _, x_hat = vae.sample_indexed(seed, source.rows(k), temperature)
-                yield to_uint8(x_hat)
-
-    protocol = {"run": str(run_dir), "formulation": "vae", "n": n, "sampler": "vae",
-                "steps": 0, "seed": seed, "use_ema": use_ema, "temperature": temperature,
-                "batch_size": batch_size}
-    source = Source("vae", (c.image_size, c.image_size, c.channels), n, batch_size, read,
-                    protocol)
-    return source
-
-
-def dataset_source(data: DataConfig, split: str, limit: int | None = None,
-                   batch_size: int = 500) -> Source:
-    """A dataset split as uint8 images (the first `limit` images, when given)."""
-    ds = build_dataset(data, split)
-    n = len(ds) if limit is None else min(limit, len(ds))
-
-    def read(ks: range) -> Batches:
-        for k in ks:
-            yield to_uint8(torch.stack([ds[j][0] for j in source.rows(k)]))
-
-    protocol = {"dataset": data.dataset, "split": split, "n": n,
-                "description": getattr(ds, "description", ""),
-                "fingerprint": dataset_fingerprint(ds)}
-    source = Source("dataset", (data.image_size, data.image_size, data.channels), n,
-                    batch_size, read, protocol)
-    return source
-
-
-def dataset_fingerprint(ds) -> str:
-    """A short hash of a dataset's content (pixels and labels; for folders names and sizes)."""
-    digest = hashlib.sha256()
-    if hasattr(ds, "images") and torch.is_tensor(ds.images):
-        digest.update(ds.images.numpy().tobytes())
-        digest.update(ds.labels.numpy().tobytes())
-    elif hasattr(ds, "paths"):
-        for p in ds.paths:
-            st = p.stat()
-            digest.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
-    else:
-        digest.update(getattr(ds, "description", type(ds).__name__).encode())
-    return digest.hexdigest()[:12]
+# Datasets at the size and channels they come in (digits: as this library resizes them).
+NATIVE_SIZES = {"digits": (16, 1), "fashion-mnist": (28, 1), "mnist": (28, 1), "cifar10": (32, 3)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,13 +312,32 @@ def summary_line(result: dict) -> str:
             f"({ref.get('n')} images)")
 
 
-def run_data_config(run_dir: str | Path) -> DataConfig | None:
-    """The data a run was trained on, from its recorded config (None when there is none)."""
-    for stage in ("vae", "refiner"):
-        path = Path(run_dir) / stage / "train_config.json"
-        if path.is_file():
-            return config_from_json(read_json(path)).data
-    return None
+# --------------------------------------------------------------------------------------------
+# What a command compares with, and in which features
+# --------------------------------------------------------------------------------------------
+
+def dataset_config(dataset: str, data_dir: str | None = None) -> DataConfig:
+    """A dataset at its native size, without flips: what a classifier of it is trained on."""
+    if dataset not in NATIVE_SIZES:
+        raise EvaluationError(f"{dataset!r} has no native size; choose one of "
+                              f"{', '.join(NATIVE_SIZES)}, or give a run (--run)")
+    size, channels = NATIVE_SIZES[dataset]
+    preset = dataset if dataset in ("digits", "fashion-mnist", "cifar10") else None
+    data = get_preset(preset).data if preset else DataConfig(dataset=dataset)
+    return replace(data, dataset=dataset, data_dir=data_dir, image_size=size,
+                   channels=channels, hflip=False)
+
+
+def reference_data(run: str | Path | None, data_dir: str | None = None,
+                   ref: str | None = None) -> DataConfig | None:
+    """The data a dataset reference is read with: the run's own (its files in `data_dir` when
+    given), else, for a DATASET:SPLIT `ref` and a `data_dir`, that dataset there."""
+    data = RunFolder(run).data_config() if run is not None and Path(run).is_dir() else None
+    if data is not None and data_dir is not None:
+        data = replace(data, data_dir=data_dir)
+    if data is None and data_dir is not None and ref and ":" in ref:
+        data = DataConfig(dataset=ref.split(":")[0], data_dir=data_dir)
+    return data
 
 
 def default_reference(data: DataConfig | None) -> str:
@@ -564,3 +347,92 @@ def default_reference(data: DataConfig | None) -> str:
                               "fashion-mnist:test), a statistics .npz or a folder of images")
     return f"{data.dataset}:test"
 
+
+def train_classifier_for(dataset: str | None, run: str | Path | None,
+                         out: str | Path | None = None, data_dir: str | None = None, *,
+                         width: int = 32, **train) -> tuple[Path, DataConfig, dict]:
+    """What `train-classifier` does: train the feature classifier of a named dataset (at its
+    native size) or of a run's data, into `out` (default: ``RUN/classifier``).
+
+    Returns the folder, the data and `train_classifier`'s report; ``train``: its settings
+    (steps, batch_size, lr, seed, device, progress).
+    """
+    if (dataset is None) == (run is None):
+        raise EvaluationError("give exactly one of --dataset DATASET and --run RUN")
+    if run is not None:
+        data = reference_data(run, data_dir)
+        if data is None:
+            raise EvaluationError(f"{run} records no training data (no vae/ or refiner/ "
+                                  "train_config.json); use --dataset instead")
+        folder = Path(out) if out is not None else RunFolder(run).classifier_dir
+    else:
+        data = dataset_config(dataset, data_dir)
+        if out is None:
+            raise EvaluationError("say where to write the classifier: --out DIR")
+        folder = Path(out)
+    cfg = ClassifierConfig(image_size=data.image_size, channels=data.channels, width=width)
+    _, report = train_classifier(data, folder, cfg=cfg, **train)
+    return folder, data, report
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What samples are compared with and in which features: the flags `evaluate` and `sweep`
+    share. ``ref`` None: the test split of the run's dataset; ``classifier`` None: the run's
+    ``classifier/`` when it has one."""
+
+    ref: str | None = None  # DATASET:SPLIT, a statistics .npz, a samples .npz or a folder
+    extractor: str = "inception"  # or "classifier"
+    inception_weights: str | None = None
+    classifier: str | None = None
+    data_dir: str | None = None  # where the reference dataset's files are
+    ref_limit: int | None = None  # only the first N reference images
+    cache_dir: str | None = None  # reference statistics cache
+
+    def resolve(self, run: str | Path | None, device: torch.device | str = "cpu"
+                ) -> tuple[str, DataConfig | None, Extractor]:
+        """The reference, the data config it is read with, and the extractor, for samples of
+        `run` (None: samples of no known run)."""
+        data = reference_data(run, self.data_dir, self.ref)
+        classifier = self.classifier
+        if (self.extractor == "classifier" and classifier is None and run is not None
+                and RunFolder(run).has_classifier()):
+            classifier = str(RunFolder(run).classifier_dir)
+        extractor = build_extractor(self.extractor, inception_weights=self.inception_weights,
+                                    classifier=classifier, device=device)
+        return self.ref or default_reference(data), data, extractor
+
+
+def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
+                       run: str | Path | None = None, sample: SampleConfig | None = None,
+                       vae_only: bool = False, out: str | Path | None = None,
+                       processes: Processes | None = None, progress: bool = True,
+                       **options) -> tuple[dict, Path]:
+    """What `evaluate` does: score `samples` (a folder, an .npz or the folder of `sample`), or
+    samples drawn from `run` with `sample` (its VAE alone with `vae_only`); writes
+    ``metrics.json`` to `out` (default: beside the samples, or ``RUN/eval/SAMPLER-STEPS``).
+
+    Returns the record and the folder. ``options``: `evaluate`'s (kid_subsets, max_kept...).
+    """
+    if (samples is None) == (run is None):
+        raise EvaluationError("give exactly one of --samples PATH and --run RUN")
+    procs = processes or Processes(torch.device("cpu"))
+    if samples is not None:
+        source = path_source(samples)
+        run = source.protocol.get("run")  # the run that made them, as sampling.json says
+        samples = Path(samples)
+        out_dir = Path(out) if out else (samples if samples.is_dir() else samples.parent)
+    else:
+        sample = sample or SampleConfig()
+        if vae_only:
+            source = vae_source(run, sample.n, sample.seed, sample.batch_size, sample.use_ema,
+                                sample.temperature, procs.device)
+        else:
+            source = run_source(run, sample, procs.device)
+        tag = "vae" if vae_only else f"{sample.sampler}-{sample.steps}"
+        out_dir = Path(out) if out else RunFolder(run).output_dir("evaluate") / tag
+    ref, data, extractor = scoring.resolve(run, procs.device)
+    result = evaluate(source, ref, extractor, data=data, cache_dir=scoring.cache_dir,
+                      ref_limit=scoring.ref_limit, out=out_dir, progress=progress,
+                      processes=procs, **options)
+    return result, out_dir

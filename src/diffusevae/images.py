@@ -95,7 +95,7 @@ class NpzStreamWriter:
     Each array lives in a memory-mapped ``.npy`` beside the target while it is written, so
     50,000 samples never sit in memory; `close()` streams them into the zip and renames it into
     place atomically. With ``resume=True`` the parts a killed writer left are reopened, so the
-    caller can fill in the rows it had not written (the caller keeps count: see sampling.py).
+    caller can fill in the rows it had not written (the caller keeps count: see outputs.py).
     """
 
     def __init__(self, path: str | Path, n: int, resume: bool = False):

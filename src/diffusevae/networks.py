@@ -8,6 +8,7 @@ written by our training has no "arch" and gets our `VAE` / `UNet`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -44,7 +45,10 @@ def load_network(folder: str | Path, kind: str, use_ema: bool = True,
     if not path.is_file():
         raise ckpt.CheckpointError(f"{path} is missing; is this a model folder written by "
                                    "diffusevae?")
-    meta = ckpt.read_json(path)
+    try:  # checked against the manifest first, so that an edited file is named as such
+        meta = json.loads(ckpt.read_checked(path, require_manifest=True))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
     arch = meta.get("arch") if isinstance(meta, dict) else None  # read_model_config explains
     if (kind, arch) not in ARCHITECTURES:
         raise ckpt.CheckpointError(f"{path} names the architecture {arch!r}, which this version "

@@ -30,17 +30,15 @@ from typing import Callable, ClassVar, Iterator
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, from_dict, to_dict
+from .config import ConfigError, DiffusionConfig, SampleConfig
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
-from .prior import PRIOR_DIR, GaussianMixture, draw_latents, load_run_prior, save_mixture
+from .prior import GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .rng import randn_like_per_sample, sample_generators
 from .samplers import ddim_invert, get_sampler, sampler_options
 from .storage import _atomic_write
+from .run import RunFolder, save_refiner
 from .unet import CHANNELS_LAST_DEVICES, UNet
 from .vae import VAE
-
-REFINER_KIND = "refiner"
 
 
 def _has_cpp_compiler() -> bool:
@@ -105,24 +103,6 @@ class Inversion:
         return cls(y_T, z), meta
 
 
-
-def save_refiner(folder: str | Path, unet: UNet, ema_state_dict: dict | None,
-                 diffusion: DiffusionConfig) -> None:
-    """A refiner folder: the UNet's config plus the diffusion settings, and its weights."""
-    ckpt.save_model_folder(folder, REFINER_KIND, unet.config, unet.state_dict(), ema_state_dict,
-                           extra={"diffusion": to_dict(diffusion)})
-
-
-def load_refiner(folder: str | Path, use_ema: bool = True,
-                 device: str | torch.device = "cpu") -> tuple[UNet, DiffusionConfig]:
-    """The refiner UNet of ``folder`` and the diffusion settings it was trained with."""
-    unet_cfg, meta = ckpt.read_model_config(folder, REFINER_KIND, UNetConfig)
-    diffusion = from_dict(DiffusionConfig, meta.get("diffusion", {}),
-                          where=f"{Path(folder) / ckpt.CONFIG_NAME}:diffusion")
-    unet = ckpt.load_weights(UNet(unet_cfg), folder, use_ema).to(device).eval()
-    return unet, diffusion
-
-
 class DiffuseVAE:
     """The two stages together: ``generate`` samples z, decodes x_hat and refines it.
 
@@ -153,30 +133,21 @@ class DiffuseVAE:
                         channels_last: bool | None = None) -> "DiffuseVAE":
         """Load ``folder/refiner``, ``folder/vae`` when the formulation needs one, and
         ``folder/prior`` when an Ex-PDE mixture was fitted; the refiner's memory layout as
-        `use_channels_last` chooses (None: by device)."""
-        folder = Path(folder)
-        if not (folder / "refiner" / ckpt.CONFIG_NAME).exists():
-            raise ckpt.CheckpointError(
-                f"{folder / 'refiner'} holds no trained refiner; train one with "
-                f"`diffusevae train-refiner --run {folder}`"
-            )
-        unet, diffusion = load_refiner(folder / "refiner", use_ema, device)
-        vae = None
-        if get_formulation(diffusion.form).uses_vae:
-            vae = VAE.from_pretrained(folder / "vae", use_ema=use_ema, device=device).eval()
-            ckpt.check_vae_matches_refiner(vae.config, unet.config, folder)
-        pipe = cls(vae, unet, diffusion, load_run_prior(folder) if vae is not None else None)
+        `use_channels_last` chooses (None: by device). ``folder``: a path or a `RunFolder`."""
+        run = RunFolder(folder)
+        vae, unet, diffusion = run.load_models(device, use_ema)
+        pipe = cls(vae, unet, diffusion, load_run_prior(run) if vae is not None else None)
         return pipe.use_channels_last(channels_last)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``folder/vae`` (if any), ``folder/refiner`` and ``folder/prior`` (if any),
         the layout of a run folder."""
-        folder = Path(folder)
+        run = RunFolder(folder)
         if self.vae is not None:
-            self.vae.save_pretrained(folder / "vae")
-        save_refiner(folder / "refiner", self.unet, None, self.diffusion)
+            self.vae.save_pretrained(run.vae_dir)
+        save_refiner(run.refiner_dir, self.unet, None, self.diffusion)
         if self.prior is not None:
-            save_mixture(folder / PRIOR_DIR, self.prior, {})
+            save_mixture(run.prior_dir, self.prior, {})
 
     @property
     def device(self) -> torch.device:
@@ -244,7 +215,8 @@ class DiffuseVAE:
 
     # ---- the core: refine a batch of x_hat --------------------------------------------------
 
-    def _check_guidance(self, guidance: float) -> None:
+    def check_guidance(self, guidance: float) -> None:
+        """Refuse a guidance weight this refiner cannot use (before any work is done)."""
         if guidance < 0:
             raise ConfigError(f"guidance must be >= 0; got {guidance}")
         if guidance > 0 and (not self.form.conditioned or self.diffusion.p_uncond == 0):
@@ -292,7 +264,7 @@ class DiffuseVAE:
         respaced steps), e.g. one made by `initial_state` or an interpolated noise.
         """
         sample.validate(self.diffusion.timesteps)
-        self._check_guidance(sample.guidance)
+        self.check_guidance(sample.guidance)
         self._run_as(sample)
         if y_T is None:
             y_T, timesteps = self.initial_state(generators, sample)
@@ -388,7 +360,7 @@ class DiffuseVAE:
                               f"back to the input; got sampler {sample.sampler} with eta "
                               f"{sample.eta:g}{' and --keep-eps' * sample.keep_eps}: use "
                               "--sampler ddim --eta 0 (without --keep-eps)")
-        self._check_guidance(sample.guidance)
+        self.check_guidance(sample.guidance)
         self._run_as(sample)
         x = x.to(device=self.device, dtype=next(self.unet.parameters()).dtype)
         if tuple(x.shape[1:]) != self.image_shape:

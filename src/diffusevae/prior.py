@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from torch import Tensor
+from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoint import (
@@ -35,12 +38,13 @@ from .checkpoint import (
     read_json,
 )
 from .config import ConfigError
+from .data import build_dataset
 from .rng import randn_like_per_sample, sample_generators
+from .run import RunFolder
 from .storage import sha256_file
 from .vae import VAE
 
 PRIORS = ("normal", "gmm")
-PRIOR_DIR = "prior"
 GMM_FILE = "gmm.safetensors"
 PRIOR_JSON = "prior.json"
 HELDOUT_FRACTION = 0.1  # of the images held out when the dataset has no test split
@@ -88,12 +92,6 @@ class GaussianMixture:
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log p(z) per row of z (B, d), in nats, float64."""
-        from torch.distributions import (
-            Categorical,
-            MixtureSameFamily,
-            MultivariateNormal,
-        )
-
         mix = MixtureSameFamily(Categorical(probs=self.weights),
                                 MultivariateNormal(self.means, scale_tril=self.scale_tril))
         return mix.log_prob(z.detach().double().cpu())
@@ -167,9 +165,6 @@ def fit_mixture(z: Tensor, components: int, seed: int = 0,
 
     Returns the mixture and a small report (converged, iterations).
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture as SkGaussianMixture
-
     if components < 1:
         raise ConfigError(f"--components must be >= 1; got {components}")
     if len(z) < 2 * components:
@@ -195,13 +190,6 @@ def loglik_per_dim(mixture: GaussianMixture | None, z: Tensor) -> float:
 # The prior folder of a run
 # --------------------------------------------------------------------------------------------
 
-def vae_weights_file(run_dir: str | Path) -> Path:
-    """The VAE weights a run's commands load (EMA weights when present)."""
-    folder = Path(run_dir) / "vae"
-    ema = folder / "ema.safetensors"
-    return ema if ema.is_file() else folder / "model.safetensors"
-
-
 def save_mixture(folder: str | Path, mixture: GaussianMixture, info: dict) -> None:
     """Write ``gmm.safetensors`` and then ``prior.json`` (kind, shapes, `info`)."""
     folder = Path(folder)
@@ -226,11 +214,12 @@ def load_mixture(folder: str | Path) -> tuple[GaussianMixture, dict]:
 
 def load_run_prior(run_dir: str | Path) -> GaussianMixture | None:
     """The run's fitted mixture (``RUN/prior``), or None; warns if the VAE changed since."""
-    folder = Path(run_dir) / PRIOR_DIR
+    run = RunFolder(run_dir)
+    folder = run.prior_dir
     if not (folder / PRIOR_JSON).is_file():
         return None
     mixture, meta = load_mixture(folder)
-    weights = vae_weights_file(run_dir)
+    weights = run.weights_file("vae")
     if meta.get("vae_sha256") and weights.is_file() and sha256_file(weights) != meta["vae_sha256"]:
         warnings.warn(f"{folder} was fitted to an earlier version of the run's VAE; refit it with "
                       f"`diffusevae fit-prior --run {run_dir}`", stacklevel=2)
@@ -246,24 +235,20 @@ def fit_prior(run_dir: str | Path, components: int, use_mean: bool = False,
     mixture next to N(0, I)'s, on the test split's latents (or on the last 10% of the images
     when the dataset has no test split).
     """
-    from .config import config_from_json
-    from .data import build_dataset
-    from .train import load_vae_of_run
-
-    run_dir = Path(run_dir)
-    cfg = config_from_json(read_json(run_dir / "vae" / "train_config.json"))
-    vae = load_vae_of_run(run_dir, torch.device(device))
-    train = build_dataset(cfg.data, "train")
-    if cfg.data.dataset == "folder":  # no test split: hold out the last 10% of the images
+    run = RunFolder(run_dir)
+    vae = run.load_vae(device)
+    data = run.training_data()
+    train = build_dataset(data, "train")
+    if data.dataset == "folder":  # no test split: hold out the last 10% of the images
         n_held = max(1, int(len(train) * HELDOUT_FRACTION))
         train_idx = subset_indices(len(train) - n_held, max_images, seed)
         held, held_idx = train, list(range(len(train) - n_held, len(train)))
         held_name = f"the last {n_held} images of the folder"
     else:
         train_idx = subset_indices(len(train), max_images, seed)
-        held = build_dataset(cfg.data, "test")
+        held = build_dataset(data, "test")
         held_idx = subset_indices(len(held), max_images, seed)
-        held_name = f"{len(held_idx)} images of the {cfg.data.dataset} test split"
+        held_name = f"{len(held_idx)} images of the {data.dataset} test split"
     z_train, _ = encode_dataset(vae, train, train_idx, use_mean, seed, batch_size, device)
     z_held, _ = encode_dataset(vae, held, held_idx, use_mean, seed + 1, batch_size, device)
     mixture, fit_info = fit_mixture(z_train, components, seed)
@@ -275,7 +260,7 @@ def fit_prior(run_dir: str | Path, components: int, use_mean: bool = False,
             "normal_heldout": round(loglik_per_dim(None, z_held), 4),
             "gmm_train": round(loglik_per_dim(mixture, z_train), 4),
         },
-        "vae_sha256": sha256_file(vae_weights_file(run_dir)),
+        "vae_sha256": sha256_file(run.weights_file("vae")),
     }
-    save_mixture(run_dir / PRIOR_DIR, mixture, report)
-    return {"components": components, "z_dim": mixture.z_dim, **report}
+    save_mixture(run.prior_dir, mixture, report)
+    return {"components": components, "z_dim": mixture.z_dim, **report, "folder": run.prior_dir}

@@ -16,9 +16,11 @@ import torch
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import ConfigError, DataConfig, SampleConfig
-from .evaluation import (EvaluationError, _jsonable, evaluate, machine, metric_names,
-                         reference_stats, run_source, vae_source)
+from .evaluation import Scoring, _jsonable, evaluate, machine, metric_names, reference_stats
 from .features import Extractor
+from .pipeline import DiffuseVAE
+from .run import RunFolder
+from .sources import EvaluationError, run_source, vae_source
 
 
 def require_matplotlib():
@@ -60,8 +62,6 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
 
     Every cell uses `base`'s spacing; `bootstrap` > 0 adds a 95% interval to each FID.
     """
-    from .pipeline import DiffuseVAE
-
     base = base or SampleConfig()
     names = names or model_names(runs)
     if not runs or not samplers or not steps:
@@ -186,3 +186,23 @@ def write_sweep(record: dict, out_dir: str | Path, stem: str = "sweep",
     atomic_write_text(paths[1], header + markdown_table(record["cells"], names))
     plot_fid(record["cells"], paths[2], names["fid"])
     return paths
+
+
+def sweep_to_folder(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
+                    scoring: Scoring, *, base: SampleConfig | None = None,
+                    include_vae: bool = True, out: str | Path | None = None,
+                    device: torch.device | str = "cpu", progress: bool = True,
+                    on_cell: Callable[[dict], None] | None = None) -> tuple[dict, list[Path]]:
+    """What `sweep` does: score the grid against the reference of the first run (`Scoring`)
+    and write ``sweep.json``, ``sweep.md``, ``sweep.png`` and the grids to `out` (default:
+    ``FIRST_RUN/sweep``); returns the record and the three paths."""
+    require_matplotlib()  # fail before the sampling, not after
+    if not runs:
+        raise ConfigError("a sweep needs at least one run")
+    ref, data, extractor = scoring.resolve(runs[0], device)
+    out_dir = RunFolder(runs[0]).output_dir("sweep", out)
+    record = sweep(list(runs), samplers, steps, n, ref, extractor, base=base,
+                   include_vae=include_vae, data=data, cache_dir=scoring.cache_dir,
+                   ref_limit=scoring.ref_limit, grid_dir=out_dir, device=device,
+                   progress=progress, on_cell=on_cell)
+    return record, write_sweep(record, out_dir)

@@ -1,7 +1,8 @@
 """The two training stages: the VAE (stage 1), then the refiner on the frozen VAE (stage 2).
 
 Each builds its model, loss, export and previews as a `Stage` and hands it to the shared loop,
-`training_loop.fit` (exact resume, checkpoints, numerical guards, interruption handling).
+`training_loop.fit` (exact resume, checkpoints, numerical guards, interruption handling): this
+module says *what* each stage trains, training_loop.py *how* any stage is trained.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import build_dataset
 from .diffusion import Schedule, get_formulation, training_loss
 from .distributed import processes
 from .rng import BatchShard
 from .images import save_grid, side_by_side
-from .pipeline import DiffuseVAE, save_refiner
+from .pipeline import DiffuseVAE
+from .run import RunFolder, save_refiner
 from .training_loop import (EMA, RunFolderError, Stage, StepBatches,  # noqa: F401 (re-exported)
                             TrainingError, fit, total_steps)
 from .unet import UNet
@@ -77,19 +78,6 @@ def refiner_unet_config(cfg: Config, vae: VAE | None):
     return replace(cfg.unet, cond=form.conditioned, z_dim=z_dim)
 
 
-def load_vae_of_run(run_dir: str | Path, device: torch.device) -> VAE:
-    """The trained VAE of a run folder, frozen, or a clear error if there is none."""
-    folder = Path(run_dir) / "vae"
-    if not (folder / ckpt.CONFIG_NAME).exists():
-        raise RunFolderError(
-            f"{folder} holds no trained VAE; train one first with "
-            f"`diffusevae train-vae --run {run_dir}`, or use --form uncond for the baseline"
-        )
-    vae = VAE.from_pretrained(folder, use_ema=True, device=device).eval()
-    vae.requires_grad_(False)
-    return vae
-
-
 def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
                   progress: bool = True) -> UNet:
     """Train the refiner of `cfg.diffusion.form` on the frozen VAE of the run; ``RUN/refiner/``."""
@@ -97,7 +85,7 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
     procs = processes(tc.device)
     device = procs.device
     form = get_formulation(cfg.diffusion.form)
-    vae = load_vae_of_run(run_dir, device) if form.uses_vae else None
+    vae = RunFolder(run_dir).load_vae(device) if form.uses_vae else None
     if vae is not None and (vae.config.image_size, vae.config.channels) != (
             cfg.data.image_size, cfg.data.channels):
         raise ConfigError(

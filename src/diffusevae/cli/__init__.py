@@ -17,6 +17,8 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import DataError
 from ..distributed import launched
+from ..storage import DISK_FULL_ERRNOS, DiskFullError
+from ..train import TrainingError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
 # OS errors that mean the user pointed at the wrong place (exit 2); others are the machine's (1)
@@ -47,13 +49,11 @@ def cli(ctx: click.Context) -> None:
             f"accelerate launch (under a launcher: {', '.join(SPLIT_COMMANDS)})")
 
 
-from . import control, demo, evaluate, generate, importing, train  # noqa: E402,F401  (each adds its commands)
+from . import demo, evaluate, generate, importing, latents, train  # noqa: E402,F401  (each adds its commands)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; user errors become one line on stderr and exit status 2."""
-    from ..train import TrainingError
-
     try:
         cli.main(args=argv, prog_name="diffusevae", standalone_mode=False)
     except click.exceptions.Abort:
@@ -81,8 +81,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _os_error_message(exc: OSError) -> str:
     """What went wrong with a file, and what to do, in one line."""
-    from ..storage import DISK_FULL_ERRNOS, DiskFullError
-
     if isinstance(exc, DiskFullError):
         return str(exc.strerror)  # names the file and what to do already
     where = f": {exc.filename}" if exc.filename else ""

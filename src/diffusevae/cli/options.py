@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 
 import click
 import torch
 import yaml
 
-from ..checkpoint import read_json
-from ..config import PRESETS, Config, config_from_json, resolve, to_dict
+from ..config import PRESETS, Config, SampleConfig, resolve, to_dict
+from ..distributed import resolve_device
 from ..names import DATASETS, DEVICES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
+from ..prior import PRIORS
+from ..run import RunFolder
 
 
 def run_option(required: bool = True):
@@ -80,11 +82,11 @@ _TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "l
 
 def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None) -> Config:
     """Preset (or the run's recorded config), file, flags, --set; validated."""
-    recorded = Path(run_dir) / "vae" / "train_config.json"
+    run = RunFolder(run_dir)
     preset = kw["preset"]
     base = None
-    if preset is None and recorded.is_file():
-        base = config_from_json(read_json(recorded))  # the run's own data and architecture
+    if preset is None and run.train_config_path("vae").is_file():
+        base = run.train_config("vae")  # the run's own data and architecture
     overrides = {f"data.{k}": kw[k] for k in ("dataset", "data_dir", "download", "hflip")}
     overrides |= {f"{section}.{k}": kw[k] for k in _TRAIN_FIELDS}
     overrides |= extra or {}
@@ -96,8 +98,6 @@ def dry_run(cfg: Config) -> None:
 
 
 def device_of(name: str) -> torch.device:
-    from ..distributed import resolve_device
-
     return resolve_device(name)
 
 
@@ -119,39 +119,74 @@ def speed_options(fn):
     return fn
 
 
-def sampling_options(fn):
-    options = [
-        click.option("--n", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Number of samples."),
-        click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
-                     help="Sampling steps (respaced from the 1000 of training)."),
-        click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim",
-                     show_default=True, help="dpmpp_2m: DPM-Solver++(2M), deterministic; best "
-                     "with --spacing trailing."),
-        click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="DDIM noise: 0 deterministic, 1 like DDPM."),
-        click.option("--spacing", type=click.Choice(SPACINGS),
-                     default="uniform", show_default=True, help="Which timesteps to visit."),
-        click.option("--var-type", type=click.Choice(VAR_TYPES),
-                     default="fixedlarge", show_default=True, help="DDPM step variance."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0), default=1.0,
-                     show_default=True, help="Scale of the initial noise."),
-        click.option("--guidance", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Classifier-free guidance weight w (needs --p-uncond in training)."),
-        click.option("--clip/--no-clip", default=True, show_default=True,
-                     help="Clip predicted images to [-1, 1]."),
-        click.option("--keep-eps", is_flag=True,
-                     help="DDIM: after clipping, step with the network's eps, as the "
-                          "official DiffuseVAE sampler (reproduces its samples)."),
-        click.option("--ema/--no-ema", "use_ema", default=True, show_default=True,
-                     help="Use the EMA weights."),
-        speed_options,
-        device_option,
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def sampling_options(n: int | None = 64, seed: bool = True):
+    """The sampling flags (one per `SampleConfig` field) and --device, for every command that
+    samples or refines; ``n``: the default of --n (None: no --n, the command counts its own
+    images); ``seed``: whether the command takes --seed. `sample_config` reads them back."""
+    def decorate(fn):
+        options = [
+            click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+                         help="Sampling steps (respaced from the 1000 of training)."),
+            click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim",
+                         show_default=True, help="dpmpp_2m: DPM-Solver++(2M), deterministic; "
+                         "best with --spacing trailing."),
+            click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                         help="DDIM noise: 0 deterministic, 1 like DDPM."),
+            click.option("--spacing", type=click.Choice(SPACINGS), default="uniform",
+                         show_default=True, help="Which timesteps to visit."),
+            click.option("--var-type", type=click.Choice(VAR_TYPES), default="fixedlarge",
+                         show_default=True, help="DDPM step variance."),
+            click.option("--batch-size", type=click.IntRange(min=1), default=64,
+                         show_default=True),
+            click.option("--temperature", type=click.FloatRange(min=0), default=1.0,
+                         show_default=True, help="Scale of the initial noise."),
+            click.option("--guidance", type=click.FloatRange(min=0), default=0.0,
+                         show_default=True,
+                         help="Classifier-free guidance weight w (needs --p-uncond in training)."),
+            click.option("--clip/--no-clip", default=True, show_default=True,
+                         help="Clip predicted images to [-1, 1]."),
+            click.option("--keep-eps", is_flag=True,
+                         help="DDIM: after clipping, step with the network's eps, as the "
+                              "official DiffuseVAE sampler (reproduces its samples)."),
+            click.option("--ema/--no-ema", "use_ema", default=True, show_default=True,
+                         help="Use the EMA weights."),
+            speed_options,
+            device_option,
+        ]
+        if seed:
+            options.insert(0, click.option("--seed", type=int, default=0, show_default=True,
+                                           help="Seed of the noise (image i: (seed, i))."))
+        if n is not None:
+            options.insert(0, click.option("--n", type=click.IntRange(min=1), default=n,
+                                           show_default=True, help="Number of samples."))
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
 
 
+def sample_config(kw: dict, **fields) -> SampleConfig:
+    """The `SampleConfig` of the sampling flags in `kw` (taken out of it), and `fields`."""
+    names = [f.name for f in dataclasses.fields(SampleConfig)]
+    return SampleConfig(**{k: kw.pop(k) for k in names if k in kw}, **fields)
+
+
+def flags_given(names) -> list[str]:
+    """The flags among the parameters `names` that the command line set (not defaults)."""
+    ctx = click.get_current_context()
+    given = [k for k in names
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    return ["--ema/--no-ema" if k == "use_ema" else "--" + k.replace("_", "-") for k in given]
+
+
+start_step_option = click.option(
+    "--start-step", type=click.IntRange(min=0), default=None,
+    help="SDEdit: start from the image noised to this step (0..999) instead of fresh noise; "
+         "low keeps the image, high redraws it.")
+convert_option = click.option(
+    "--convert-channels", is_flag=True,
+    help="Convert images of another channel count (RGB to luma, gray repeated) instead of "
+         "refusing them.")
+prior_option = click.option(
+    "--prior", type=click.Choice(PRIORS), default="normal", show_default=True,
+    help="z ~ N(0, I), or the Ex-PDE mixture of `diffusevae fit-prior`.")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import click
 
 from ..config import PRESETS
 from ..distributed import processes
 from ..names import FORMS
+from ..run import RunFolder
+from ..train import train_refiner, train_vae
 from . import cli
 from .options import build_config, config_options, dry_run, run_option
 
@@ -41,11 +42,9 @@ def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
     cfg = build_config(run_dir, "train_vae", kw, {"vae.kl_weight": kl_weight})
     if kw["dry_run"]:
         return dry_run(cfg)
-    from ..train import train_vae
-
     train_vae(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
     if processes(cfg.train_vae.device).is_main:
-        click.echo(f"VAE written to {Path(run_dir) / 'vae'}")
+        click.echo(f"VAE written to {RunFolder(run_dir).vae_dir}")
 
 
 @cli.command("train-refiner")
@@ -66,8 +65,6 @@ def train_refiner_cmd(run_dir: str, form: str | None, p_uncond: float | None, z_
         cfg = replace(cfg, unet=replace(cfg.unet, z_dim=cfg.vae.z_dim)).validate()
     if kw["dry_run"]:
         return dry_run(cfg)
-    from ..train import train_refiner
-
     train_refiner(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
     if processes(cfg.train_refiner.device).is_main:
-        click.echo(f"refiner written to {Path(run_dir) / 'refiner'}")
+        click.echo(f"refiner written to {RunFolder(run_dir).refiner_dir}")

@@ -1,4 +1,5 @@
-"""Control through z: interpolation, directions, editing, refining given images; the commands."""
+"""latents.py (interpolation, attribute directions, editing) and, end to end, the commands that
+control generation through z or refine given images."""
 
 import json
 import shutil
@@ -9,12 +10,10 @@ import torch
 from PIL import Image
 
 from diffusevae.config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
-from diffusevae.control import (attribute_directions, edit_latents, interpolation_frames, lerp,
-                                match_labels, open_image_folder, read_attribute_table, slerp)
+from diffusevae.latents import (attribute_directions, edit_latents, interpolation_frames, lerp,
+                                match_labels, read_attribute_table, slerp)
 from diffusevae.data import DataError
-from diffusevae.diffusion import q_sample
 from diffusevae.pipeline import DiffuseVAE
-from diffusevae.rng import sample_generators
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
@@ -109,35 +108,6 @@ def test_editing_holds_the_noise_across_lambdas():
         torch.testing.assert_close(still.images[:, col], plain, atol=1e-4, rtol=0)
     moved = edit_latents(pipe, torch.ones(16), [0.0, 2.0], sample)
     torch.testing.assert_close(moved.z[:, 1] - moved.z[:, 0], torch.full((3, 16), 2.0))
-
-
-def test_sdedit_starts_at_the_nearest_step_from_the_noised_image():
-    pipe = _pipe()
-    sample = SampleConfig(n=2, steps=10)
-    x = torch.rand(2, 1, 16, 16) * 2 - 1
-    x_hat = torch.zeros_like(x)
-    y, taus = pipe.initial_state(sample_generators(0, [0, 1]), sample, x_hat, x, 430)
-    assert taus.tolist() == [0, 100, 200, 300, 400]
-    eps, _ = pipe.initial_state(sample_generators(0, [0, 1]), sample)
-    torch.testing.assert_close(y, q_sample(pipe.schedule, x - x_hat, 400, eps))
-    # starting at step 0, the chain is one nearly noiseless step: the image comes back
-    out = pipe.reconstruct(x, SampleConfig(n=2, steps=10), start_step=0)
-    assert (out.images - x).abs().max() < 0.05
-    fresh = pipe.reconstruct(x, SampleConfig(n=2, steps=10))
-    assert (fresh.images - x).abs().max() > 0.2
-
-
-def test_user_images_with_another_channel_count_are_refused(tmp_path):
-    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "gray_as_rgb.png")
-    assert len(open_image_folder(tmp_path, 16, 1)) == 1  # equal channels: grayscale
-    colour = np.zeros((20, 20, 3), np.uint8)
-    colour[..., 0] = 200
-    Image.fromarray(colour).save(tmp_path / "red.png")
-    with pytest.raises(DataError, match="red.png.*--convert-channels"):
-        open_image_folder(tmp_path, 16, 1)
-    assert len(open_image_folder(tmp_path, 16, 1, convert=True)) == 2
-    with pytest.raises(DataError, match="grayscale"):
-        open_image_folder(tmp_path, 16, 3)
 
 
 # ---- the commands end to end -------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Control through z: interpolation, attribute directions and editing (docs/method.md).
 
+The commands that write these as folders are in outputs.py; this module computes them.
+
 z decides the global content of an image (what x_hat = D(z) shows); the diffusion noise decides
 the details the refiner adds. So:
 
@@ -22,9 +24,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors
@@ -32,10 +32,11 @@ from .checkpoint import read_json
 from .config import ConfigError, DataConfig, SampleConfig
 from .data import DataError, ImageFolder, build_dataset
 from .pipeline import DiffuseVAE, Generation
+from .prior import encode_dataset, subset_indices
 from .rng import sample_generators
+from .run import RunFolder
 
 MODES = ("lerp", "slerp", "xt")
-ATTRIBUTES_DIR = "attributes"
 DIRECTIONS_FILE = "directions.safetensors"
 NAMES_FILE = "names.json"
 CLASS_NAMES = {
@@ -166,6 +167,26 @@ def class_labels(classes: Tensor, num_classes: int) -> Tensor:
     return torch.nn.functional.one_hot(classes.long(), num_classes).bool()
 
 
+def principal_directions(z: Tensor, k: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean (d,), the first k principal directions (k, d) and the standard deviation of z
+    along each (k,) of latents z (N, d): the directions in which encoded images vary most.
+
+    Unit vectors, by decreasing variance; each one's sign makes its largest coordinate
+    positive, so that a recomputation gives the same sliders.
+    """
+    if z.ndim != 2 or len(z) < 2:
+        raise ValueError(f"principal directions need latents (N, d) with N >= 2; got "
+                         f"{tuple(z.shape)}")
+    k = min(k, *z.shape)
+    mean = z.double().mean(0)
+    _, s, vh = torch.linalg.svd(z.double() - mean, full_matrices=False)  # rows of vh: directions
+    vectors = vh[:k]
+    top = vectors.abs().argmax(1)
+    vectors = vectors * vectors.gather(1, top[:, None]).sign()
+    std = s[:k] / math.sqrt(len(z) - 1)
+    return mean.float(), vectors.float(), std.float()
+
+
 def read_attribute_table(path: str | Path) -> tuple[list[str], list[str], Tensor]:
     """(file names, attribute names, labels (N, A) bool) of a label table.
 
@@ -231,7 +252,7 @@ def slug(name: str) -> str:
 def save_directions(run_dir: str | Path, names: Sequence[str], directions: Tensor,
                     info: dict) -> Path:
     """Write ``RUN/attributes/directions.safetensors`` and ``names.json``; returns the folder."""
-    folder = Path(run_dir) / ATTRIBUTES_DIR
+    folder = RunFolder(run_dir).attributes_dir
     atomic_save_tensors(folder / DIRECTIONS_FILE, {"directions": directions.float()})
     atomic_write_json(folder / NAMES_FILE, {"names": list(names), **info})
     return folder
@@ -239,7 +260,7 @@ def save_directions(run_dir: str | Path, names: Sequence[str], directions: Tenso
 
 def load_directions(run_dir: str | Path) -> tuple[list[str], Tensor]:
     """The attribute names and directions (A, d) of a run, or an error saying how to make them."""
-    folder = Path(run_dir) / ATTRIBUTES_DIR
+    folder = RunFolder(run_dir).attributes_dir
     if not (folder / NAMES_FILE).is_file():
         raise CheckpointError(f"{folder} holds no attribute directions; compute them with "
                               f"`diffusevae attributes --run {run_dir}`")
@@ -266,15 +287,11 @@ def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None
     """Encode a run's training set (or ``input_dir``), compute one direction per attribute of
     ``labels_csv`` (or per class, class vs rest), save them in ``RUN/attributes/``.
 
-    Returns a summary: names, positives per attribute, images encoded.
+    Returns a summary: names, positives per attribute, images encoded, and the folder.
     """
-    from .config import config_from_json
-    from .prior import encode_dataset, subset_indices
-    from .train import load_vae_of_run
-
-    cfg = config_from_json(read_json(Path(run_dir) / "vae" / "train_config.json"))
-    vae = load_vae_of_run(run_dir, torch.device(device))
-    data = cfg.data
+    run = RunFolder(run_dir)
+    vae = run.load_vae(device)
+    data = run.training_data(images_only=input_dir is not None)
     if input_dir is not None:
         data = DataConfig(dataset="folder", data_dir=str(input_dir),
                           image_size=data.image_size, channels=data.channels)
@@ -297,11 +314,12 @@ def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None
     directions = attribute_directions(z, labels, names)
     source = str(labels_csv) if labels_csv is not None else f"{data.dataset} class labels"
     positives = labels.sum(0).tolist()
-    save_directions(run_dir, names, directions, {
+    folder = save_directions(run, names, directions, {
         "source": source, "images": len(idx), "latents": "means" if use_mean else "samples",
         "positives": positives,
     })
-    return {"names": names, "positives": positives, "images": len(idx), "source": source}
+    return {"names": names, "positives": positives, "images": len(idx), "source": source,
+            "folder": folder}
 
 
 @torch.inference_mode()
@@ -329,35 +347,3 @@ def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
                                     for k in ("images", "z", "x_hat"))))
     return Generation(*(torch.stack([getattr(c, k) for c in columns], 1)
                         for k in ("images", "z", "x_hat")))
-
-
-# --------------------------------------------------------------------------------------------
-# Images a user gives
-# --------------------------------------------------------------------------------------------
-
-def native_channels(path: Path) -> int:
-    """1 if an image file is grayscale (also RGB with equal channels), else 3."""
-    with Image.open(path) as im:
-        if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
-            return 1
-        rgb = np.asarray(im.convert("RGB"))
-    return 1 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() else 3
-
-
-def open_image_folder(folder: str | Path, image_size: int, channels: int,
-                      convert: bool = False) -> ImageFolder:
-    """A folder of images resized for the model; with images of another channel count a
-    DataError, unless ``convert`` (then RGB becomes luma and gray is repeated, as in training).
-    """
-    dataset = build_dataset(DataConfig(dataset="folder", data_dir=str(folder),
-                                       image_size=image_size, channels=channels))
-    if not convert:
-        wrong = [p for p in dataset.paths if native_channels(p) != channels]
-        if wrong:
-            kind = "colour (RGB)" if channels == 1 else "grayscale"
-            names = ", ".join(p.relative_to(dataset.root).as_posix() for p in wrong[:MAX_NAMED])
-            more = f" and {len(wrong) - MAX_NAMED} more" if len(wrong) > MAX_NAMED else ""
-            raise DataError(f"{len(wrong)} of the {len(dataset)} images in {folder} are {kind} "
-                            f"({names}{more}) but the model takes {channels}-channel images; "
-                            "convert them, or pass --convert-channels")
-    return dataset

@@ -1,0 +1,451 @@
+"""What each output command writes, as functions: a Python user gets the folders the CLI gets.
+
+================================  ============  ===============================================
+function                          command       writes to ``out`` (default: ``RUN/<folder>``,
+                                                `run.OUTPUT_DIRS`)
+================================  ============  ===============================================
+`sample_to_folder`                sample        images/000000.png ..., grid.png, [stages.png],
+                                                samples.npz (images, z, x_hat), sampling.json
+`sample_vae_to_folder`            sample-vae    images/, grid.png, samples.npz (images, z)
+`reconstruct_to_folder`           reconstruct   images/, grid.png; refined: also x_hat/ and
+                                                reconstruct.json
+`refine_to_folder`                refine        images/ (named like the inputs), grid.png,
+                                                refine.json
+`interpolate_to_folder`           interpolate   grid.png (a row per mode), MODE.gif,
+                                                MODE_x_hat.png, interpolate.json
+`edit_to_folder`                  edit          NAME.png, NAME_x_hat.png per attribute, edit.json
+`demo_to_folder`                  demo          a trained run with reconstructions/ and samples/
+================================  ============  ===============================================
+
+What the other commands write lives beside what they compute: ``fit-prior``
+(`prior.fit_prior`, RUN/prior), ``attributes`` (`latents.compute_directions`, RUN/attributes),
+``train-classifier`` and ``evaluate`` (evaluation.py), ``sweep`` (`sweep.sweep_to_folder`).
+Every writer here returns a `Written`: the folder, and one line saying what is in it. Image i
+of every command gets the noise of (seed, i), so a rerun writes the same pictures.
+
+Sampling streams batches to disk, so 50,000 samples never sit in memory. Resuming
+(``resume=True``, ``sample --resume``): after each batch its rows are flushed to the
+memory-mapped parts of the `.npz` and then ``sampling.json`` (settings, environment, ``done``:
+samples on disk, ``complete``) is rewritten atomically. A killed run resumes at index ``done``
+with the same batches, so its images equal those of an uninterrupted run; settings, device or
+weights that differ from the recorded ones are refused.
+
+Several processes (``torchrun`` / ``accelerate launch``; `distributed.processes`) share the
+batches round by round: in each round process r draws the r-th of the next `world` batches,
+cut at multiples of the batch size as one process cuts them (so every image is byte-identical
+to a single process's on the same device type), and writes its PNG files; the main process
+gathers the round's arrays, writes their rows and then ``done``, the end of the round. Every
+sample before ``done`` is thus on disk whatever the number of processes, and a run resumes
+with any number of them. Only the main process writes the `.npz`, the grids and
+``sampling.json``, and prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import CheckpointError, atomic_write_json, environment, read_json
+from .config import ConfigError, SampleConfig, resolve
+from .data import build_dataset, open_image_folder, read_image
+from .distributed import Processes
+from .images import NpzStreamWriter, save_gif, save_grid, save_png, save_pngs, side_by_side
+from .images import to_uint8
+from .latents import MODES, edit_latents, find_direction, interpolation_frames
+from .latents import load_directions, slug
+from .pipeline import DiffuseVAE, Generation
+from .run import RunFolder
+from .train import train_refiner, train_vae
+
+GRID_SIZE = 64  # images in grid.png
+STAGES_SIZE = 32  # pairs in stages.png
+GIF_SCALE = 4  # small images are upscaled in GIFs so that a viewer shows them at a usable size
+
+
+@dataclass
+class Written:
+    """What a writer wrote: the folder, and one line for the user saying what is in it."""
+
+    folder: Path
+    summary: str
+
+
+def _processes(device: str | torch.device | Processes) -> Processes:
+    """The processes given, or this one alone on `device`."""
+    return device if isinstance(device, Processes) else Processes(torch.device(device))
+
+
+def _pipeline(run: RunFolder, sample: SampleConfig, device: torch.device) -> DiffuseVAE:
+    """The run's pipeline, with the settings checked against it before any work is done."""
+    pipe = DiffuseVAE.from_pretrained(run, use_ema=sample.use_ema, device=device)
+    sample.validate(pipe.diffusion.timesteps)
+    pipe.check_guidance(sample.guidance)
+    return pipe
+
+
+def _write_record(path: Path, sample: SampleConfig, **extra) -> None:
+    """The settings of a command beside its images."""
+    atomic_write_json(path, {**dataclasses.asdict(sample), **extra})
+
+
+# --------------------------------------------------------------------------------------------
+# sample
+# --------------------------------------------------------------------------------------------
+
+def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | Path | None = None,
+                     device: str | torch.device | Processes = "cpu", show_stages: bool = False,
+                     progress: bool = True, prior: str = "normal",
+                     resume: bool = False) -> Written:
+    """Generate ``sample.n`` images from the run and write them to `out_dir` (`sample`).
+
+    ``device``: a device, or the processes of a launched command (`distributed.processes`),
+    every one of which calls this; they share the batches (module docstring).
+    ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
+    ``resume``: continue an interrupted run in `out_dir` (module docstring).
+    """
+    procs = _processes(device)
+    run = RunFolder(run_dir)
+    out_dir = run.output_dir("sample", out_dir)
+    pipe = _pipeline(run, sample, procs.device)  # fails before anything is written
+    if prior != "normal":
+        pipe.draw_z([], prior)  # as does a missing prior
+    settings = {
+        **dataclasses.asdict(sample),
+        "run": str(run),
+        "formulation": pipe.diffusion.form,
+        "prior": prior,
+        "device": procs.device.type,  # cuda:0 and cuda:1 draw alike, the CPU otherwise
+        "weights": run.weights_digest(sample.use_ema, pipe.vae is not None, prior != "normal"),
+    }
+    written = Written(out_dir, f"{sample.n} samples written to {out_dir}")
+    start, to_write = procs.on_main(lambda: _plan(out_dir, settings, sample.n, resume))
+    if start is None:
+        if procs.is_main:
+            tqdm.write(f"{out_dir} already holds the {sample.n} samples of these settings")
+        return written
+    record = {**settings, "environment": environment(procs.device, sample.seed),
+              "diffusevae_version": __version__, "torch_version": torch.__version__,
+              "processes": procs.world}
+    t0 = time.time()
+
+    def progress_to(done: int, complete: bool = False) -> None:
+        atomic_write_json(out_dir / "sampling.json", {
+            **record, "done": done, "complete": complete,
+            "seconds": round(time.time() - t0, 2)})
+
+    if to_write:
+        _write_samples(pipe, sample, out_dir, procs, start, prior, show_stages,
+                       progress and procs.is_main, progress_to)
+    if procs.is_main:
+        progress_to(sample.n, complete=True)
+    procs.barrier()  # every process returns with the folder complete
+    return written
+
+
+def _plan(out_dir: Path, settings: dict, n: int, resume: bool) -> tuple[int | None, bool]:
+    """Where to start (None: nothing left), and whether there is anything to write."""
+    start = _resume_point(out_dir, settings) if resume else 0
+    npz_path = out_dir / "samples.npz"
+    # done == n and no parts left: killed after the .npz was packed; only the record is missing
+    return start, start is not None and (
+        start < n or NpzStreamWriter.parts_folder(npz_path).is_dir() or not npz_path.is_file())
+
+
+def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs: Processes,
+                   start: int, prior: str, show_stages: bool, progress: bool,
+                   progress_to: Callable[[int], None]) -> None:
+    """Draw the samples from `start` on, round by round, into PNG files and the `.npz`."""
+    main = procs.is_main
+    bar = tqdm(total=sample.n, initial=start, desc="sample", unit="img", disable=not progress,
+               dynamic_ncols=True)
+
+    def on_step(i: int, n_steps: int, *_) -> None:
+        bar.set_postfix_str(f"step {i + 1}/{n_steps}")
+
+    def draw(rows: range) -> tuple[int, dict[str, np.ndarray]]:
+        """This process's batch: drawn, its PNG files written, its arrays for the `.npz`."""
+        gen = pipe.generate_batch(sample, rows, on_step if main else None, prior)
+        images = to_uint8(gen.images)
+        save_pngs(images, out_dir / "images", rows.start)
+        arrays = {"images": images}
+        if gen.z is not None:
+            arrays |= {"z": gen.z.float().cpu().numpy(), "x_hat": to_uint8(gen.x_hat)}
+        return rows.start, arrays
+
+    npz = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        npz = NpzStreamWriter(out_dir / "samples.npz", sample.n, resume=start > 0)
+        progress_to(start)
+    for batches in _rounds(start, sample, procs.world):
+        mine = batches[procs.rank] if procs.rank < len(batches) else None
+        made = procs.gather_objects(None if mine is None else draw(mine))
+        if npz is not None:
+            for first, arrays in filter(None, made):
+                npz.write(first, **arrays)
+            npz.flush()  # the rows are on disk before the record that counts them
+            progress_to(batches[-1].stop)
+            bar.update(batches[-1].stop - batches[0].start)
+    bar.close()
+    if npz is not None:
+        images = npz.arrays["images"]
+        scale = max(1, 64 // images.shape[1])  # small images are enlarged to be seen
+        save_grid(np.array(images[:GRID_SIZE]), out_dir / "grid.png", scale=scale)
+        if show_stages and "x_hat" in npz.arrays:
+            k = min(STAGES_SIZE, sample.n)
+            pairs = np.stack([npz.arrays["x_hat"][:k], images[:k]], axis=1)  # x_hat | image
+            save_grid(pairs.reshape(-1, *images.shape[1:]), out_dir / "stages.png",
+                      nrow=8, scale=scale)
+        npz.close()
+
+
+def _rounds(start: int, sample: SampleConfig, world: int) -> Iterator[list[range]]:
+    """The batches from sample `start` on (a multiple of the batch size, or n), `world` at a
+    time: batch k holds samples k * batch_size up to (k + 1) * batch_size, as one process cuts
+    them, and when a round ends every sample before its last batch's end has been drawn."""
+    size = sample.batch_size
+    batches = [range(first, min(first + size, sample.n))
+               for first in range(start, sample.n, size)]
+    for i in range(0, len(batches), world):
+        yield batches[i:i + world]
+
+
+def _resume_point(out_dir: Path, settings: dict) -> int | None:
+    """The first sample index an interrupted run in `out_dir` has not written (None: it is
+    complete); refuses settings that differ from the recorded ones."""
+    path = out_dir / "sampling.json"
+    if not path.is_file():
+        tqdm.write(f"nothing to resume in {out_dir}; starting from sample 0")
+        return 0
+    old = read_json(path)
+    now = json.loads(json.dumps(settings))  # as JSON gives it back
+    ignored = ("run", "weights", *SampleConfig.SPEED_FIELDS)  # speed changes no image
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in now.items()
+               if k in old and k not in ignored and old[k] != v]
+    if "weights" in old and old["weights"] != now["weights"]:
+        changed.append("the model's weights (the run was retrained or replaced since)")
+    elif not all(now["weights"].values()) and \
+            Path(str(old.get("run"))).resolve() != Path(now["run"]).resolve():
+        changed.append(f"run {old.get('run')!r} -> {now['run']!r}")
+    if changed:
+        raise ConfigError(
+            f"cannot resume the sampling run in {out_dir} with other settings: "
+            f"{'; '.join(changed)}. Resume with the recorded settings (see {path}), sample into "
+            "another --out folder, or leave out --resume to start over")
+    if old.get("complete", "done" not in old):  # files of older versions were written last
+        return None
+    done = old.get("done")
+    if not isinstance(done, int) or not 0 <= done <= now["n"]:
+        raise CheckpointError(f"{path} is damaged (done = {done!r}); sample again without "
+                              "--resume")
+    return done
+
+
+# --------------------------------------------------------------------------------------------
+# sample-vae
+# --------------------------------------------------------------------------------------------
+
+def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None = None,
+                         seed: int = 0, temperature: float = 1.0, batch_size: int = 256,
+                         device: str | torch.device = "cpu", progress: bool = True) -> Written:
+    """Sample the VAE alone, x = D(z) with z ~ N(0, t^2 I) (`sample-vae`): sample i is the
+    x_hat that `sample` refines for the same seed and i."""
+    run = RunFolder(run_dir)
+    vae = run.load_vae(device)
+    out_dir = run.output_dir("sample-vae", out_dir)
+    first: list[np.ndarray] = []
+    with NpzStreamWriter(out_dir / "samples.npz", n) as npz, torch.inference_mode():
+        for start in tqdm(range(0, n, batch_size), desc="sample-vae", disable=not progress):
+            z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
+                                          temperature)
+            images = to_uint8(x_hat)
+            save_pngs(images, out_dir / "images", start)
+            npz.write(start, images=images, z=z.cpu().numpy())
+            first.extend(images[: max(0, GRID_SIZE - len(first))])
+    save_grid(np.stack(first), out_dir / "grid.png")
+    return Written(out_dir, f"{n} VAE samples written to {out_dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# reconstruct and refine: images a user gives (or a test split)
+# --------------------------------------------------------------------------------------------
+
+def _in_batches(fn: Callable[[torch.Tensor, int], Generation], x: torch.Tensor,
+                batch_size: int) -> Generation:
+    """Concatenate the `Generation`s of ``fn(batch, first_index)`` over batches of x."""
+    parts = [fn(x[i:i + batch_size], i) for i in range(0, len(x), batch_size)]
+    cat = [None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
+           for k in ("images", "z", "x_hat")]
+    return Generation(*cat)
+
+
+def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
+                          out_dir: str | Path | None = None, input_dir: str | Path | None = None,
+                          refine: bool | None = None, start_step: int | None = None,
+                          convert_channels: bool = False,
+                          device: str | torch.device = "cpu") -> Written:
+    """Encode ``sample.n`` images (of `input_dir`, else the run's test split) and decode them
+    with the VAE; with the refiner (``refine``, default: when the run has one) refine x_hat
+    too, from fresh noise or from the input noised to `start_step` (`reconstruct`)."""
+    run = RunFolder(run_dir)
+    refine = run.has_refiner() if refine is None else refine
+    vae = None if refine else run.load_vae(device)
+    data = run.training_data(images_only=bool(input_dir))
+    if input_dir:  # the same loading and channel check as `refine` and `edit`
+        dataset = open_image_folder(input_dir, data.image_size, data.channels,
+                                    convert=convert_channels)
+    else:
+        dataset = build_dataset(data, "test" if data.dataset != "folder" else "train")
+    x = torch.stack([dataset[i][0] for i in range(min(sample.n, len(dataset)))]).to(device)
+    out_dir = run.output_dir("reconstruct", out_dir)
+    if not refine:
+        with torch.inference_mode():
+            recon = vae.reconstruct(x)
+        save_pngs(to_uint8(recon), out_dir / "images")
+        save_grid(side_by_side(x, recon), out_dir / "grid.png", nrow=8, scale=2)
+        return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} "
+                                "(grid.png: input | VAE)")
+    sample = replace(sample, n=len(x))
+    pipe = _pipeline(run, sample, torch.device(device))
+    out = _in_batches(lambda xb, i: pipe.reconstruct(xb, sample, start_step, i), x,
+                      sample.batch_size)
+    save_pngs(to_uint8(out.images), out_dir / "images")
+    save_pngs(to_uint8(out.x_hat), out_dir / "x_hat")
+    save_grid(side_by_side(x, out.x_hat, out.images), out_dir / "grid.png", nrow=12, scale=2)
+    _write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step)
+    return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} "
+                            "(grid.png: input | VAE x_hat | refined)")
+
+
+def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleConfig,
+                     out_dir: str | Path | None = None, start_step: int | None = None,
+                     convert_channels: bool = False,
+                     device: str | torch.device = "cpu") -> Written:
+    """Refine every image of `input_dir`, resized to the model's size and taken as x_hat
+    (a z-conditioned refiner gets z = mu(x_hat)); from fresh noise, or from the image noised
+    to `start_step` (`refine`). ``sample.n`` is ignored: every image is refined."""
+    run = RunFolder(run_dir)
+    pipe = _pipeline(run, sample, torch.device(device))
+    c, s, _ = pipe.image_shape
+    dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    sample = replace(sample, n=len(x))
+    out_dir = run.output_dir("refine", out_dir)
+    gen = _in_batches(lambda xb, i: pipe.refine_images(xb, sample, start_step=start_step,
+                                                       first_index=i), x, sample.batch_size)
+    for path, img in zip(dataset.paths, to_uint8(gen.images)):
+        save_png(img, (out_dir / "images" / path.relative_to(dataset.root)).with_suffix(".png"))
+    save_grid(side_by_side(x[:GRID_SIZE], gen.images[:GRID_SIZE]), out_dir / "grid.png",
+              nrow=8, scale=2)
+    _write_record(out_dir / "refine.json", sample, run=str(run), input=str(input_dir),
+                  start_step=start_step, convert_channels=convert_channels)
+    return Written(out_dir, f"{len(x)} refined images written to {out_dir} "
+                            "(grid.png: input | refined)")
+
+
+# --------------------------------------------------------------------------------------------
+# interpolate and edit: control through z (latents.py)
+# --------------------------------------------------------------------------------------------
+
+def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
+                          out_dir: str | Path | None = None, modes: Sequence[str] = (),
+                          frames: int = 8, seed_a: int = 0, seed_b: int = 1,
+                          image_a: str | Path | None = None, image_b: str | Path | None = None,
+                          prior: str = "normal", convert_channels: bool = False,
+                          device: str | torch.device = "cpu") -> Written:
+    """Interpolate between sample 0 of two seeds, or two image files (z = mu), in each of
+    `modes` (default: all the run can do): a GIF per mode and grid.png, a row per mode
+    (`interpolate`). ``sample.n`` and ``sample.seed`` are replaced by `frames` and `seed_a`."""
+    if (image_a is None) != (image_b is None):
+        raise ConfigError("give both --image-a and --image-b, or neither (then --seed-a and "
+                          "--seed-b choose the endpoints)")
+    run = RunFolder(run_dir)
+    sample = replace(sample, n=frames, seed=seed_a)
+    pipe = _pipeline(run, sample, torch.device(device))
+    modes = tuple(modes) or (MODES if pipe.vae is not None else ("xt",))
+    z_a = z_b = None
+    if image_a is not None:
+        c, s, _ = pipe.image_shape
+        z_a, z_b = pipe.encode(torch.stack([read_image(p, s, c, convert_channels)
+                                            for p in (image_a, image_b)]))
+    out_dir = run.output_dir("interpolate", out_dir)
+    rows = []
+    for mode in modes:
+        gen = interpolation_frames(pipe, mode, frames, sample, seed_a, seed_b, z_a, z_b, prior)
+        images = to_uint8(gen.images)
+        rows.append(images)
+        big = [f.repeat(GIF_SCALE, 0).repeat(GIF_SCALE, 1) for f in images]
+        save_gif(big + big[::-1][1:-1], out_dir / f"{mode}.gif")  # there and back
+        if gen.x_hat is not None and mode != "xt":
+            save_grid(to_uint8(gen.x_hat), out_dir / f"{mode}_x_hat.png", nrow=frames, scale=2)
+    save_grid(np.concatenate(rows), out_dir / "grid.png", nrow=frames, scale=2)
+    _write_record(out_dir / "interpolate.json", sample, run=str(run), modes=list(modes),
+                  seed_a=seed_a, seed_b=seed_b, image_a=None if image_a is None else str(image_a),
+                  image_b=None if image_b is None else str(image_b), prior=prior)
+    return Written(out_dir, f"interpolation written to {out_dir}: grid.png (rows: "
+                            f"{', '.join(modes)}) and {', '.join(m + '.gif' for m in modes)}")
+
+
+def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequence[float],
+                   sample: SampleConfig, out_dir: str | Path | None = None,
+                   input_dir: str | Path | None = None, prior: str = "normal",
+                   convert_channels: bool = False,
+                   device: str | torch.device = "cpu") -> Written:
+    """Move ``sample.n`` samples (or the images of `input_dir`, z = mu) along the run's
+    attribute directions: a grid per attribute, rows = images, columns = lambda, the same
+    noise along a row (`edit`)."""
+    run = RunFolder(run_dir)
+    all_names, directions = load_directions(run)
+    chosen = {name: find_direction(all_names, directions, name) for name in attributes}
+    pipe = _pipeline(run, sample, torch.device(device))
+    z = None
+    if input_dir is not None:
+        c, s, _ = pipe.image_shape
+        dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
+        z = pipe.encode(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    out_dir = run.output_dir("edit", out_dir)
+    for name, direction in chosen.items():
+        gen = edit_latents(pipe, direction, lambdas, sample, z, prior)
+        save_grid(to_uint8(gen.images.flatten(0, 1)), out_dir / f"{slug(name)}.png",
+                  nrow=len(lambdas), scale=2)
+        save_grid(to_uint8(gen.x_hat.flatten(0, 1)), out_dir / f"{slug(name)}_x_hat.png",
+                  nrow=len(lambdas), scale=2)
+    _write_record(out_dir / "edit.json", sample, run=str(run), attributes=list(attributes),
+                  lambdas=list(lambdas), input=None if input_dir is None else str(input_dir),
+                  prior=prior)
+    return Written(out_dir, f"edits written to {out_dir}: "
+                            f"{', '.join(slug(k) + '.png' for k in chosen)} (rows: images, "
+                            f"columns: lambda {', '.join(f'{v:g}' for v in lambdas)})")
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+def demo_to_folder(run_dir: str | Path | None = None, preset: str = "digits",
+                   vae_steps: int | None = None, refiner_steps: int | None = None,
+                   device: str | torch.device = "cpu", progress: bool = True) -> Written:
+    """Train both stages of `preset` briefly (resuming a run already there), then write
+    reconstructions and x_hat | refined samples into the run (`demo`; default folder
+    ``runs/demo-PRESET``)."""
+    run = RunFolder(run_dir or f"runs/demo-{preset}")
+    cfg = resolve(preset, overrides={"train_vae.steps": vae_steps,
+                                     "train_refiner.steps": refiner_steps})
+    t0 = time.time()
+    # resume=True: a second `demo` continues (or just reuses) the first one's run
+    train_vae(cfg, run, resume=True, progress=progress)
+    train_refiner(cfg, run, resume=True, progress=progress)
+    recon = reconstruct_to_folder(run, SampleConfig(n=32), device=device)
+    samples = sample_to_folder(run, SampleConfig(n=64, steps=10), device=device,
+                               show_stages=True, progress=progress)
+    return Written(run.root, f"demo done in {time.time() - t0:.0f} s: see "
+                             f"{recon.folder / 'grid.png'} and {samples.folder / 'stages.png'}")
