@@ -3,6 +3,7 @@ control generation through z or refine given images."""
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,9 +12,13 @@ from PIL import Image
 
 from diffusevae.config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
 from diffusevae.latents import (attribute_directions, edit_latents, interpolation_frames, lerp,
-                                match_labels, read_attribute_table, slerp)
-from diffusevae.data import DataError
+                                load_directions, match_labels, read_attribute_table,
+                                save_directions, slerp)
+from diffusevae.data import DataError, build_dataset, read_image
+from diffusevae.images import save_grid, side_by_side, to_uint8
 from diffusevae.pipeline import DiffuseVAE
+from diffusevae.prior import subset_indices
+from diffusevae.run import RunFolder
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
@@ -132,48 +137,122 @@ def _write_pngs(folder, n, channels=1):
         Image.fromarray(g.integers(0, 255, shape, dtype=np.uint8)).save(folder / f"im{i}.png")
 
 
-def test_every_control_command_on_digits(guided_run, tmp_path, capsys):
-    r, fast = guided_run, ["--steps", "2", "--guidance", "1.0"]
-    assert run("reconstruct", "--run", r, "--n", "3", *fast, "--start-step", "300") == 0
-    rec = r / "reconstructions"
-    assert len(list((rec / "images").glob("*.png"))) == 3
-    assert len(list((rec / "x_hat").glob("*.png"))) == 3
-    width = Image.open(rec / "grid.png").size[0]
-    assert width > 3 * 2 * 16  # input | x_hat | refined, side by side
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
 
+
+def _grid(images: np.ndarray, nrow: int, path) -> np.ndarray:
+    """uint8 images (B, H, W, C) laid out as the commands lay out their grids, read back."""
+    save_grid(images, path, nrow=nrow, scale=2)
+    return _png(path)
+
+
+FAST = ["--steps", "2", "--guidance", "1.0"]
+SETTINGS = SampleConfig(steps=2, guidance=1.0)  # what FAST asks for, the rest the defaults
+
+
+def test_reconstruct_writes_the_pipelines_reconstructions_from_the_start_step(guided_run,
+                                                                              tmp_path):
+    assert run("reconstruct", "--run", guided_run, "--n", "3", *FAST, "--start-step", "300",
+               "--out", tmp_path / "rec") == 0
+    test = build_dataset(RunFolder(guided_run).data_config(), "test")
+    x = torch.stack([test[i][0] for i in range(3)])
+    want = DiffuseVAE.from_pretrained(guided_run).reconstruct(x, replace(SETTINGS, n=3),
+                                                              start_step=300)
+    images, x_hat = to_uint8(want.images), to_uint8(want.x_hat)
+    for i in range(3):
+        assert np.array_equal(_png(tmp_path / "rec" / "images" / f"{i:06d}.png"), images[i, ..., 0])
+        assert np.array_equal(_png(tmp_path / "rec" / "x_hat" / f"{i:06d}.png"), x_hat[i, ..., 0])
+    assert np.array_equal(_png(tmp_path / "rec" / "grid.png"),  # input | x_hat | refined
+                          _grid(side_by_side(x, want.x_hat, want.images), 12, tmp_path / "g.png"))
+
+
+def test_refine_writes_the_pipelines_refined_images_under_the_inputs_names(guided_run,
+                                                                           tmp_path):
     _write_pngs(tmp_path / "coarse" / "sub", 2)
-    assert run("refine", "--run", r, "--input", tmp_path / "coarse", "--out", tmp_path / "ref",
-               *fast) == 0
-    assert (tmp_path / "ref" / "images" / "sub" / "im1.png").is_file()
+    assert run("refine", "--run", guided_run, "--input", tmp_path / "coarse",
+               "--out", tmp_path / "ref", *FAST) == 0
+    x = torch.stack([read_image(tmp_path / "coarse" / "sub" / f"im{i}.png", 16, 1)
+                     for i in range(2)])
+    want = to_uint8(DiffuseVAE.from_pretrained(guided_run).refine_images(
+        x, replace(SETTINGS, n=2)).images)
+    for i in range(2):
+        assert np.array_equal(_png(tmp_path / "ref" / "images" / "sub" / f"im{i}.png"),
+                              want[i, ..., 0])
 
-    assert run("interpolate", "--run", r, "--frames", "3", *fast) == 0
-    grid = Image.open(r / "interpolation" / "grid.png")
-    assert grid.size[1] > 3 * 2 * 16  # three rows: lerp, slerp, xt
-    gif = Image.open(r / "interpolation" / "slerp.gif")
-    assert gif.n_frames == 4  # 3 frames there, 1 on the way back
-    assert run("interpolate", "--run", r, "--frames", "2", "--mode", "lerp", *fast,
-               "--image-a", tmp_path / "coarse/sub/im0.png",
-               "--image-b", tmp_path / "coarse/sub/im1.png", "--out", tmp_path / "ip") == 0
-    assert (tmp_path / "ip" / "lerp.gif").is_file()
 
-    assert run("attributes", "--run", r, "--max-images", "300") == 0
+def test_interpolate_writes_the_frames_of_every_mode(guided_run, tmp_path):
+    assert run("interpolate", "--run", guided_run, "--frames", "3", *FAST,
+               "--out", tmp_path / "ip") == 0
+    pipe = DiffuseVAE.from_pretrained(guided_run)
+    rows = [interpolation_frames(pipe, mode, 3, replace(SETTINGS, n=3), 0, 1).images
+            for mode in ("lerp", "slerp", "xt")]
+    assert np.array_equal(_png(tmp_path / "ip" / "grid.png"),
+                          _grid(to_uint8(torch.cat(rows)), 3, tmp_path / "g.png"))
+    assert Image.open(tmp_path / "ip" / "slerp.gif").n_frames == 4  # 3 there, 1 back
+
+    _write_pngs(tmp_path / "ends", 2)
+    assert run("interpolate", "--run", guided_run, "--frames", "2", "--mode", "lerp", *FAST,
+               "--image-a", tmp_path / "ends" / "im0.png", "--image-b",
+               tmp_path / "ends" / "im1.png", "--out", tmp_path / "two") == 0
+    z = pipe.encode(torch.stack([read_image(tmp_path / "ends" / f"im{i}.png", 16, 1)
+                                 for i in range(2)]))
+    frames = interpolation_frames(pipe, "lerp", 2, replace(SETTINGS, n=2), z_a=z[0], z_b=z[1])
+    assert np.array_equal(_png(tmp_path / "two" / "grid.png"),
+                          _grid(to_uint8(frames.images), 2, tmp_path / "g2.png"))
+
+
+def test_attributes_are_class_mean_differences_and_edit_moves_along_one(guided_run, tmp_path,
+                                                                         capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(guided_run, run_dir)
+    assert run("attributes", "--run", run_dir, "--max-images", "300") == 0
     assert "'7'" in capsys.readouterr().out
-    names = json.loads((r / "attributes" / "names.json").read_text())["names"]
+    names, directions = load_directions(run_dir)
     assert names == [str(i) for i in range(10)]
-    assert run("edit", "--run", r, "--attribute", "3", "--lambdas", "-1,0,1", "--n", "2",
-               *fast) == 0
-    edited = Image.open(r / "edit" / "3.png")
-    assert edited.size[0] > edited.size[1]  # 3 columns of lambda, 2 rows of images
-    assert run("edit", "--run", r, "--attribute", "7", "--input", tmp_path / "coarse",
-               *fast, "--out", tmp_path / "ed") == 0
-    assert (tmp_path / "ed" / "7.png").is_file()
+    # written out: mean mu of the class minus mean mu of the rest, over the seeded subset
+    train = build_dataset(RunFolder(run_dir).data_config(), "train")
+    idx = subset_indices(len(train), 300, 0)
+    mu = RunFolder(run_dir).load_vae().encode(torch.stack([train[i][0] for i in idx]))[0]
+    labels = torch.tensor([int(train[i][1]) for i in idx])
+    want = torch.stack([mu[labels == c].mean(0) - mu[labels != c].mean(0) for c in range(10)])
+    torch.testing.assert_close(directions, want, atol=1e-5, rtol=1e-5)
 
-    # labels from a CSV, for a folder of images
-    rows = "\n".join(f"sub/im{i}.png,{1 if i else -1}" for i in range(2))
-    (tmp_path / "labels.csv").write_text(f"file,Bright\n{rows}\n")
-    assert run("attributes", "--run", r, "--labels", tmp_path / "labels.csv",
+    # this VAE saw 4 steps: its class directions are ~0.005 long and move no pixel, so the
+    # edits go along a long direction stored beside them
+    wide = 3 * torch.randn(16, generator=torch.Generator().manual_seed(0))
+    save_directions(run_dir, [*names, "wide"], torch.cat([directions, wide[None]]), {})
+    assert run("edit", "--run", run_dir, "--attribute", "wide", "--lambdas", "-1,0,1", "--n",
+               "2", *FAST, "--out", tmp_path / "ed") == 0
+    pipe = DiffuseVAE.from_pretrained(run_dir)
+    moved = edit_latents(pipe, wide, [-1.0, 0.0, 1.0], replace(SETTINGS, n=2))
+    assert np.array_equal(_png(tmp_path / "ed" / "wide.png"),  # rows: samples, columns: lambda
+                          _grid(to_uint8(moved.images.flatten(0, 1)), 3, tmp_path / "g.png"))
+    plain = to_uint8(pipe.generate(2, steps=2, guidance=1.0))  # lambda = 0 is `sample`'s
+    assert np.abs(to_uint8(moved.images[:, 1]).astype(int) - plain).max() <= 1
+
+    _write_pngs(tmp_path / "mine", 2)
+    assert run("edit", "--run", run_dir, "--attribute", "wide", "--lambdas", "0,2", "--input",
+               tmp_path / "mine", *FAST, "--out", tmp_path / "ed2") == 0
+    z = pipe.encode(torch.stack([read_image(tmp_path / "mine" / f"im{i}.png", 16, 1)
+                                 for i in range(2)]))
+    mine = edit_latents(pipe, wide, [0.0, 2.0], replace(SETTINGS, n=2), z)
+    assert np.array_equal(_png(tmp_path / "ed2" / "wide.png"),
+                          _grid(to_uint8(mine.images.flatten(0, 1)), 2, tmp_path / "g2.png"))
+
+
+def test_attributes_from_a_labels_csv_for_a_folder_of_images(guided_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(guided_run, run_dir)
+    _write_pngs(tmp_path / "coarse" / "sub", 2)
+    (tmp_path / "labels.csv").write_text("file,Bright\nsub/im0.png,-1\nsub/im1.png,1\n")
+    assert run("attributes", "--run", run_dir, "--labels", tmp_path / "labels.csv",
                "--input", tmp_path / "coarse") == 0
-    assert json.loads((r / "attributes" / "names.json").read_text())["names"] == ["Bright"]
+    names, directions = load_directions(run_dir)
+    mu = RunFolder(run_dir).load_vae().encode(torch.stack(
+        [read_image(tmp_path / "coarse" / "sub" / f"im{i}.png", 16, 1) for i in range(2)]))[0]
+    assert names == ["Bright"]  # one image with it, one without: the difference of the two
+    torch.testing.assert_close(directions[0], mu[1] - mu[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["rgb", "missing-file", "row-count", "guidance",
