@@ -236,6 +236,7 @@ def fit_prior(run_dir: str | Path, components: int, use_mean: bool = False,
     when the dataset has no test split).
     """
     run = RunFolder(run_dir)
+    run.require_writable("fit-prior")
     vae = run.load_vae(device)
     data = run.training_data()
     train = build_dataset(data, "train")

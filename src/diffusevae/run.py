@@ -18,6 +18,7 @@ run adds is which folders exist, which of them belong together, and where output
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,6 +40,10 @@ ATTRIBUTES_DIR = "attributes"
 CLASSIFIER_DIR = "classifier"
 TRAIN_CONFIG_NAME = "train_config.json"  # the resolved config a stage was trained with
 REFINER_KIND = "refiner"
+MODEL_CARD = "MODEL.md"  # a published model: the commands read it and never write into it
+OUTPUTS_ROOT = "diffusevae-outputs"  # a read-only run's outputs: OUTPUTS_ROOT/<run name>/...
+# The files of a stage that travel with an exported model, besides its config and weights.
+EXPORTED_RECORDS = (TRAIN_CONFIG_NAME, "log.csv", "environment.json")
 # Where each output command writes when not given --out, relative to the run folder.
 OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
                "reconstruct": "reconstructions", "refine": "refined",
@@ -130,7 +135,23 @@ class RunFolder:
         if command not in OUTPUT_DIRS:
             raise ValueError(f"no default output folder for {command!r}; known: "
                              f"{', '.join(OUTPUT_DIRS)}")
-        return self.root / OUTPUT_DIRS[command]
+        base = Path(OUTPUTS_ROOT) / self.root.resolve().name if self.read_only else self.root
+        return base / OUTPUT_DIRS[command]
+
+    @property
+    def read_only(self) -> bool:
+        """A published model (it has a MODEL.md), or a folder this process may not write:
+        outputs then go under ``diffusevae-outputs/<run name>/`` in the current directory."""
+        return (self.root / MODEL_CARD).is_file() or (
+            self.root.is_dir() and not os.access(self.root, os.W_OK))
+
+    def require_writable(self, what: str) -> None:
+        """Refuse to write `what` into a read-only run, saying what to do instead."""
+        if self.read_only:
+            raise RunFolderError(
+                f"{self.root} is a published model (read only), so {what} cannot write into "
+                f"it; export a copy to work on (`diffusevae export --run {self.root} --out "
+                "DIR`) and pass that as --run")
 
     # ---- what the run holds ---------------------------------------------------------------
 
@@ -245,3 +266,29 @@ class RunFolder:
             for path in sorted(p for p in self.prior_dir.glob("*") if p.is_file()):
                 out[f"{PRIOR_DIR}/{path.name}"] = sha256_file(path)
         return out
+
+    # ---- sharing ---------------------------------------------------------------------------
+
+    def export(self, dest: str | os.PathLike) -> "RunFolder":
+        """A copy of the trained models to share: each stage's EMA weights (its trained
+        weights where it kept no EMA) become the weights of a new model folder, with its
+        config, training config and log; the prior and attribute directions go along. No
+        trainer state, nothing pickled; `dest` must not exist yet."""
+        dest = RunFolder(dest)
+        if dest.root.exists():
+            raise RunFolderError(f"{dest.root} exists; export into a new folder")
+        if self.has_vae():
+            vae = self.load_vae(use_ema=True)
+            ckpt.save_model_folder(dest.vae_dir, "vae", vae.config, vae.state_dict(),
+                                   extra=arch_record(vae))
+        if self.has_refiner():
+            unet, diffusion = self.load_refiner(use_ema=True)
+            save_refiner(dest.refiner_dir, unet, None, diffusion)
+        for stage in STAGES:
+            for name in EXPORTED_RECORDS:
+                if (self.stage_dir(stage) / name).is_file():
+                    shutil.copy2(self.stage_dir(stage) / name, dest.stage_dir(stage) / name)
+        for folder in (self.prior_dir, self.attributes_dir):  # their VAE digests still hold:
+            if folder.is_dir():  # the exported weights are the bytes they were fitted on
+                shutil.copytree(folder, dest.root / folder.name)
+        return dest

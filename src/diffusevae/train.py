@@ -36,6 +36,7 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
               progress: bool = True) -> VAE:
     """Train the VAE of `cfg` on `cfg.data`; writes ``RUN/vae/``."""
     tc = cfg.train_vae
+    RunFolder(run_dir).require_writable("train-vae")
     procs = processes(tc.device)
     device = procs.device
     dataset = build_dataset(cfg.data, "train")
@@ -82,6 +83,7 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
                   progress: bool = True) -> UNet:
     """Train the refiner of `cfg.diffusion.form` on the frozen VAE of the run; ``RUN/refiner/``."""
     tc = cfg.train_refiner
+    RunFolder(run_dir).require_writable("train-refiner")
     procs = processes(tc.device)
     device = procs.device
     form = get_formulation(cfg.diffusion.form)

@@ -1,0 +1,163 @@
+"""Make the shipped model folders from a finished B1 run.
+
+    python benchmarks/ship_model.py --results benchmarks/results/speed_quality_long.json
+
+Reads the B1 results (which runs were trained, how long, and what they scored) and writes:
+
+- ``models/fashion-mnist/``: the form2 DiffuseVAE: the VAE and the refiner (their EMA weights
+  as the folders' weights, configs, manifests, training configs and logs), the Ex-PDE prior
+  fitted on the training set, one attribute direction per class, 32 test images in
+  ``examples/`` for the demo, and ``MODEL.md`` (the model card, written from the results);
+- ``models/fashion-mnist-uncond/``: the plain DDPM baseline trained alongside it.
+
+No trainer state and nothing pickled goes in. A folder with a MODEL.md is a published model:
+the commands read it and write their outputs elsewhere (`RunFolder.read_only`).
+`make model` retrains both from scratch (B1 at the `long` budget, then this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from diffusevae.config import DataConfig
+from diffusevae.data import build_dataset
+from diffusevae.images import save_png, to_uint8
+from diffusevae.latents import compute_directions
+from diffusevae.prior import fit_prior
+from diffusevae.run import RunFolder
+
+EXAMPLES = 32  # test images for the demo's reconstructions and edits
+CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+           "bag", "ankle-boot")
+
+
+def write_examples(dest: Path, data_dir: str | None) -> None:
+    """The first EXAMPLES images of the Fashion-MNIST test split as PNGs, named by class."""
+    test = build_dataset(DataConfig(dataset="fashion-mnist", data_dir=data_dir,
+                                    image_size=28, channels=1), "test")
+    for i in range(EXAMPLES):
+        x, label = test[i]
+        save_png(to_uint8(x[None])[0], dest / "examples" / f"{i:04d}_{CLASSES[label]}.png")
+
+
+def fid_rows(results: dict, model: str) -> str:
+    """The model's FIDs at 10 steps (and the VAE alone) as markdown rows."""
+    rows = []
+    for c in results["cells"]:
+        if c["model"] != model or (c["sampler"] != "vae" and c["steps"] != 10):
+            continue
+        what = "VAE alone (x̂)" if c["sampler"] == "vae" else \
+            f"{c['sampler']}, {c['spacing']} spacing, 10 steps"
+        ci = c.get("fid_ci95")
+        rows.append(f"| {what} | {c['fid']:.2f} | "
+                    f"{'–' if not ci else f'[{ci[0]:.2f}, {ci[1]:.2f}]'} |")
+    return "\n".join(rows)
+
+
+def model_card(results: dict, name: str, model: str, prior: dict | None) -> str:
+    """MODEL.md, from the B1 results that trained the model."""
+    v, m, s = results["vae"], results["machine"], results["settings"]
+    form = results["models"][model]["formulation"]
+    steps = results["refiner_steps"][form]
+    epochs = results["refiner_epochs"][form]
+    stem = f"speed_quality_{results['budget']}"
+    complete = "" if results.get("complete", True) else (
+        " The benchmark was stopped before every cell was measured; the table holds the cells "
+        "it finished.")
+    vae_part = "" if form == "uncond" else (
+        f"- VAE: KL weight {v['kl_weight']:g}, {v['steps']} optimiser steps ({v['epochs']} "
+        f"epochs); on the 10,000 test images it carries {v['kl_nats']:.1f} nats an image "
+        f"({v['active_dims']} of {v['z_dim']} latent dimensions active) and reconstructs with "
+        f"an MSE of {v['mse_per_pixel_01']:.4f} a pixel (images in [0, 1]).\n")
+    prior_part = "" if prior is None else (
+        f"- Ex-PDE prior: a {prior['components']}-component Gaussian mixture over z, fitted on "
+        f"the encoded training set (held-out log-likelihood {prior['loglik_per_dim']['gmm_heldout']}"
+        f" nats a dimension, against {prior['loglik_per_dim']['normal_heldout']} for N(0, I)); "
+        "`sample --prior gmm` uses it.\n- Attribute directions: one per Fashion-MNIST class "
+        "(class mean minus the rest's mean in z); `edit --attribute NAME`.\n"
+        "- `examples/`: the first 32 test images, for the demo.\n")
+    return f"""# {name}
+
+A DiffuseVAE trained on Fashion-MNIST (28x28 grey garments, 60,000 training images; the
+Debian package `dataset-fashion-mnist`), by this project's B1 benchmark, on a CPU.
+
+## What is in it
+
+- Formulation: `{form}`; the noise schedule and sampler settings are in `refiner/config.json`.
+{vae_part}- Refiner: a {s['config']['unet']['base_channels']}-channel UNet (channel multipliers
+  {tuple(s['config']['unet']['channel_mults'])}, {s['config']['unet']['num_res_blocks']} residual block a
+  level), {steps} optimiser steps at batch {s['budget']['batch_size']} ({epochs} epochs).
+{prior_part}- Weights: the exponential moving averages of training, in safetensors, each folder
+  with a checked manifest. No optimiser state, nothing pickled.
+
+Trained with `python benchmarks/speed_quality.py --budget {results['budget']}` (seed
+{s['seed']}) on {m['platform']} ({m['cpu_count']} CPU cores, torch {m['torch']}, one thread);
+each stage had a wall-clock budget, so the step counts above are what that machine reached.
+
+## How good it is
+
+FID in the features of a Fashion-MNIST classifier trained by the benchmark (test accuracy
+{100 * results['classifier']['test_accuracy']:.2f}%), {s['n']} samples against the 10,000 test
+images, with a 95% bootstrap interval; not Inception FID. From
+`benchmarks/results/{stem}.md`, which holds every step count and the baseline.{complete}
+
+| sampler | FID | 95% interval |
+|---|---:|---|
+{fid_rows(results, model)}
+
+## Use
+
+```bash
+diffusevae sample --run {name_path(name)} --n 64 --steps 10 --sampler dpmpp_2m --spacing trailing --show-stages --out my-samples
+```
+
+or in Python: `DiffuseVAE.from_pretrained("{name_path(name)}")`. Outputs never go into this
+folder: each command writes to `--out`, or under `diffusevae-outputs/` in the current
+directory.
+
+## Retrain
+
+`make model` (about 2.5 hours on 2 CPU cores; B1's `long` budget, then
+`benchmarks/ship_model.py`). On a GPU, `benchmarks/gpu.sh` trains longer in minutes.
+
+## Licence
+
+The weights: MIT, like this package. Fashion-MNIST: MIT (Zalando Research).
+"""
+
+
+def name_path(name: str) -> str:
+    return f"models/{name}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="benchmarks/results/speed_quality_long.json")
+    parser.add_argument("--models", default="models", help="Where the model folders go.")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files.")
+    parser.add_argument("--components", type=int, default=10, help="Ex-PDE mixture components.")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    results = json.loads(Path(args.results).read_text())
+    for model, name, extras in (("diffusevae-form2", "fashion-mnist", True),
+                                ("ddpm-uncond", "fashion-mnist-uncond", False)):
+        source = RunFolder(results["models"][model]["run"])
+        dest = Path(args.models) / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        source.export(dest)
+        prior = None
+        if extras:
+            prior = fit_prior(dest, args.components, device=args.device)
+            compute_directions(dest, device=args.device)
+            write_examples(dest, args.data_dir)
+        (dest / "MODEL.md").write_text(model_card(results, name, model, prior))
+        size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+        print(f"{dest}: {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
