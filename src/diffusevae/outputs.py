@@ -241,7 +241,7 @@ def _resume_point(out_dir: Path, settings: dict) -> int | None:
             f"cannot resume the sampling run in {out_dir} with other settings: "
             f"{'; '.join(changed)}. Resume with the recorded settings (see {path}), sample into "
             "another --out folder, or leave out --resume to start over")
-    if old.get("complete", "done" not in old):  # files of older versions were written last
+    if old.get("complete") is True:
         return None
     done = old.get("done")
     if not isinstance(done, int) or not 0 <= done <= now["n"]:
