@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -165,6 +163,12 @@ def fit_mixture(z: Tensor, components: int, seed: int = 0,
 
     Returns the mixture and a small report (converged, iterations).
     """
+    # Imported here, not at the top: every command imports this module (for sampling), and
+    # importing scikit-learn took a third of `import diffusevae` when measured; only fitting
+    # needs it.
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
     if components < 1:
         raise ConfigError(f"--components must be >= 1; got {components}")
     if len(z) < 2 * components:
