@@ -108,7 +108,7 @@ def test_train_vae_flags_and_files(tmp_path, files, capsys, args, message):
     (["train-vae", "--preset", "nope"], "Invalid value for '--preset'"),
     (["train-refiner", "--form", "form3"], "Invalid value for '--form'"),
     (["presets", "--name", "nope"], "Invalid value for '--name'"),
-    (["demo", "--vae-steps", "0"], "must be > 0"),
+    (["demo", "--train", "--vae-steps", "0"], "must be > 0"),
 ])
 def test_click_level_errors(tmp_path, capsys, args, message):
     if args[0] not in ("presets",):
