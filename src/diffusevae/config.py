@@ -21,10 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names
-
-
-class ConfigError(ValueError):
-    """A configuration a user gave cannot be used; the message says what to change."""
+from .errors import ConfigError
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .config import DataConfig
+from .errors import DataError
 from .names import DATASETS
 from .rng import BatchShard
 
@@ -48,10 +49,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DIGITS_TEST = 300  # test images of the fixed digits split
 MAX_NAMED = 10  # bad files named in the warning before "and N more"
 MAX_USER_NAMED = 5  # images of the wrong kind named in an error before "and N more"
-
-
-class DataError(ValueError):
-    """A dataset cannot be loaded as asked; the message says what is wrong and what to do."""
 
 
 # --------------------------------------------------------------------------------------------

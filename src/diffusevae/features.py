@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .errors import ExtractorError
 from .storage import sha256_file
 
 EXTRACTORS = ("inception", "classifier")
@@ -34,10 +34,6 @@ INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_
                  + INCEPTION_FILE)
 DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
                  "digits": "digits", "folder": "image-folder"}
-
-
-class ExtractorError(ConfigError):
-    """A feature extractor cannot be built as asked; the message says how to fix it."""
 
 
 @dataclass

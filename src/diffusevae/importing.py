@@ -38,7 +38,8 @@ import torch
 
 from .checkpoint import CONFIG_NAME, read_json, save_model_folder
 from .config import ConfigError, DataConfig, DiffusionConfig, from_dict, to_dict
-from .storage import CheckpointError, sha256_file
+from .errors import OfficialCheckpointError
+from .storage import sha256_file
 from .unet_official import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .vae_official import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig, parse_widths
 
@@ -54,10 +55,6 @@ HEADS_HINT = ("the official configurations use 8 heads for CIFAR-10 and 1 for th
               "CelebA-HQ models")
 
 Shapes = dict[str, tuple[int, ...]]
-
-
-class OfficialCheckpointError(CheckpointError):
-    """An official checkpoint cannot be imported; the message says why and what to do."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.linalg
 
 from .checkpoint import _atomic_write
+from .errors import MetricError
 
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusevae/stats")
 MAX_KEPT = 10_000  # features kept (a uniform reservoir) for KID
@@ -37,10 +38,6 @@ IS_SPLITS = 10
 SQRTM_EPS = 1e-6  # added to both covariances when their product is singular
 MAX_IMAG = 1e-3  # largest imaginary part of the square root's diagonal we drop silently
 Reduce = Callable[[np.ndarray], np.ndarray]  # an array -> its elementwise sum or max over parts
-
-
-class MetricError(ValueError):
-    """A metric cannot be computed from what was given; the message says what to do."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,17 +21,14 @@ import torch
 from PIL import Image
 
 from .checkpoint import read_json
-from .config import ConfigError, DataConfig, SampleConfig
+from .config import DataConfig, SampleConfig
 from .data import IMAGE_EXTENSIONS, build_dataset
+from .errors import EvaluationError
 from .images import to_uint8
 from .pipeline import DiffuseVAE
 from .run import RunFolder
 
 Batches = Iterator[np.ndarray]  # uint8 (B, H, W, C)
-
-
-class EvaluationError(ConfigError):
-    """Samples or a reference cannot be evaluated as given; the message says what to do."""
 
 
 @dataclass

@@ -30,18 +30,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .errors import CheckpointError, DiskFullError
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 SLOW_WRITE_ENV = "DIFFUSEVAE_TEST_SLOW_WRITE"
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQUOT: not Windows
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder or file is missing, incomplete, corrupt or unsafe; names the file."""
-
-
-class DiskFullError(OSError):
-    """The disk filled up during a write; the previous file is intact (the message says so)."""
 
 
 # --------------------------------------------------------------------------------------------

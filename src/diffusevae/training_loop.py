@@ -45,16 +45,11 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, TrainConfig, to_dict
 from .data import random_hflip
 from .distributed import Processes
+from .errors import OutOfMemoryError
 from .rng import BatchShard
 from .training_state import (EMA, RunFolderError, TrainingError,  # noqa: F401 (re-exported)
                              TrainingState, check_resume, record_environment)
 from .unet import CHANNELS_LAST_DEVICES
-
-
-class OutOfMemoryError(TrainingError):
-    """A step does not fit in the device's memory: a smaller batch will (exit status 2)."""
-
-    exit_code = 2
 
 
 class StepBatches(Sampler[list[int]]):

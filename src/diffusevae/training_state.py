@@ -20,21 +20,10 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import Config, TrainConfig, to_dict
 from .distributed import Processes
+from .errors import RunFolderError, TrainingError
 
 if TYPE_CHECKING:
     from .training_loop import Stage
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a run folder in the way); says what to do."""
-
-    exit_code = 1  # of the command line
-
-
-class RunFolderError(TrainingError):
-    """The run folder is not in the state the command needs (a usage error: exit status 2)."""
-
-    exit_code = 2
 
 
 # Settings a run may change when it resumes: they do not change what it computes (beyond

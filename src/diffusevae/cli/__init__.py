@@ -13,16 +13,9 @@ import click
 import torch
 
 from .. import __version__
-from ..checkpoint import CheckpointError
-from ..config import ConfigError
-from ..data import DataError
 from ..distributed import launched
-from ..storage import DISK_FULL_ERRNOS, DiskFullError
-from ..train import TrainingError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError)
-# OS errors that mean the user pointed at the wrong place (exit 2); others are the machine's (1)
-USAGE_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+from ..errors import DiffuseVAEError, DiskFullError, exit_status
+from ..storage import DISK_FULL_ERRNOS
 
 
 # The commands that split their work over the processes of torchrun / accelerate launch; the
@@ -53,7 +46,8 @@ from . import demo, evaluate, generate, importing, latents, train  # noqa: E402,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the command line; user errors become one line on stderr and exit status 2."""
+    """Run the command line; the errors of errors.py become one line on stderr and their exit
+    status (2: the input; 1: the environment)."""
     try:
         cli.main(args=argv, prog_name="diffusevae", standalone_mode=False)
     except click.exceptions.Abort:
@@ -62,19 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except USER_ERRORS as exc:
+    except (DiffuseVAEError, FileNotFoundError) as exc:  # their messages say what to do
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except TrainingError as exc:  # a run folder in the way (2), a diverged run (1)
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        sys.exit(exit_status(exc))
     except torch.OutOfMemoryError as exc:  # a batch the GPU cannot hold (training says more)
         what = ". ".join(str(exc).split(". ")[:2]).strip()  # torch's first two sentences
         click.echo(f"error: {what}; lower --batch-size and run again", err=True)
         sys.exit(2)
     except OSError as exc:  # a full disk, permissions, a wrong path: one line, no traceback
         click.echo(f"error: {_os_error_message(exc)}", err=True)
-        sys.exit(2 if isinstance(exc, USAGE_OS_ERRORS) else 1)
+        sys.exit(exit_status(exc))
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -1,0 +1,97 @@
+"""The errors a user can meet, in one place, and the command line's exit status for each.
+
+Exit status 2, the input: a flag, config, file, dataset, checkpoint or reference that cannot be
+used, or a run folder that is not in the state the command needs. Exit status 1, the
+environment: training that cannot go on (a non-finite loss), a full disk, an unreadable device.
+Every message says what is wrong and what to do; the command line prints it as one line
+(`cli.main`). Any other exception is a bug, and ends with a traceback.
+
+The errors of the input subclass ``ValueError`` (a wrong value) or ``RuntimeError`` (a wrong
+state), so that callers that catch those keep working.
+"""
+
+from __future__ import annotations
+
+
+class DiffuseVAEError(Exception):
+    """Base of the package's user-facing errors; `exit_code` is the command line's status."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------------------------
+# Exit status 2: the input
+# --------------------------------------------------------------------------------------------
+
+class ConfigError(DiffuseVAEError, ValueError):
+    """A configuration a user gave cannot be used; the message says what to change."""
+
+
+class DataError(DiffuseVAEError, ValueError):
+    """A dataset cannot be loaded as asked; the message says what is wrong and what to do."""
+
+
+class ExtractorError(ConfigError):
+    """A feature extractor cannot be built as asked; the message says how to fix it."""
+
+
+class EvaluationError(ConfigError):
+    """Samples or a reference cannot be evaluated as given; the message says what to do."""
+
+
+class MetricError(DiffuseVAEError, ValueError):
+    """A metric cannot be computed from what was given; the message says what to do."""
+
+
+class CheckpointError(DiffuseVAEError, RuntimeError):
+    """A checkpoint folder or file is missing, incomplete, corrupt or unsafe; names the file."""
+
+
+class OfficialCheckpointError(CheckpointError):
+    """An official checkpoint cannot be imported; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Training: exit status 1 (it cannot go on), or 2 where the input is to blame
+# --------------------------------------------------------------------------------------------
+
+class TrainingError(DiffuseVAEError, RuntimeError):
+    """Training cannot go on (non-finite losses, gradients or weights); says what to do."""
+
+    exit_code = 1
+
+
+class RunFolderError(TrainingError):
+    """The run folder is not in the state the command needs (a usage error: exit status 2)."""
+
+    exit_code = 2
+
+
+class OutOfMemoryError(TrainingError):
+    """A step does not fit in the device's memory: a smaller batch will (exit status 2)."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------------------------
+# The file system
+# --------------------------------------------------------------------------------------------
+
+class DiskFullError(OSError):
+    """The disk filled up during a write; the previous file is intact (the message says so).
+
+    An ``OSError`` (errno ENOSPC or EDQUOT), so that code that handles OS errors handles it."""
+
+
+# OS errors that mean the user pointed at the wrong place (2); the others are the machine's (1)
+USAGE_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                   FileExistsError)
+
+
+def exit_status(exc: BaseException) -> int | None:
+    """The command line's exit status for `exc`: 2 the input, 1 the environment, None a bug."""
+    if isinstance(exc, DiffuseVAEError):
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        return 2 if isinstance(exc, USAGE_OS_ERRORS) else 1
+    return None
