@@ -30,7 +30,7 @@ from .diffusion import get_formulation
 from .importing import imported_data
 from .networks import arch_record, load_network
 from .storage import sha256_file
-from .training_loop import RunFolderError
+from .training_state import RunFolderError
 from .unet import UNet
 from .vae import VAE
 
