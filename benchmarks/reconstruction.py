@@ -1,8 +1,8 @@
 """B3: how faithfully a trained DiffuseVAE reconstructs real images, with and without inversion.
 
-    python benchmarks/reconstruction.py                          # 1,000 test images, the shipped model
-    python benchmarks/reconstruction.py --run runs/fm --n 200    # any trained run, fewer images
-    python benchmarks/reconstruction.py --smoke --run RUN --out /tmp/b3   # seconds; CI runs it
+    python benchmarks/reconstruction.py                        # 1,000 images, the shipped model
+    python benchmarks/reconstruction.py --run runs/fm --n 200  # any trained run, fewer images
+    python benchmarks/reconstruction.py --smoke --run RUN --out /tmp/b3  # seconds; CI runs it
 
 On the first N images of the run's test split (Fashion-MNIST for the shipped model), measures
 PSNR, MSE and SSIM against the input and the time per image of:
@@ -265,8 +265,8 @@ def markdown(r: dict) -> str:
              f"{s['seed']}; fixed-point runs stop per image once a step moves by less than "
              f"{s['tol']:g} (RMS). Metrics {s['metrics']}. Device "
              f"{r['machine']['device_name']} ({r['machine']['device']}), revision "
-             f"{(r['git_revision'] or '?')[:10]}{' (uncommitted changes)' if r['git_dirty'] else ''}"
-             f", {r['date']}.", ""]
+             f"{(r['git_revision'] or '?')[:10]}"
+             f"{' (uncommitted changes)' if r['git_dirty'] else ''}, {r['date']}.", ""]
     rows = [[m["label"], fmt(m["psnr_db"]), fmt(m["psnr_db_std"]), fmt(m["mse"], ".2e"),
              fmt(m["ssim"], ".4f"), fmt(m["seconds_per_image"], ".1f", 1e3),
              fmt(m["network_evals_per_image"], ".0f")] for m in r["methods"].values()]

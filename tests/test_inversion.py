@@ -3,18 +3,25 @@ through the pipeline, and on a trained run."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusevae.config import ConfigError, DataConfig, DiffusionConfig, SampleConfig, UNetConfig
-from diffusevae.data import build_dataset
+from diffusevae.data import build_dataset, read_image
 from diffusevae.diffusion import FORMULATIONS, get_formulation, make_eps_fn, respaced_timesteps
+from diffusevae.images import save_grid, side_by_side, to_uint8
+from diffusevae.latents import edit_latents, interpolation_frames, save_directions
 from diffusevae.pipeline import DiffuseVAE, Inversion
 from diffusevae.rng import sample_generators
+from diffusevae.run import RunFolder
 from diffusevae.samplers import ddim, ddim_invert
+from conftest import run_cli
 from test_pipeline import _pipe
 from test_samplers import MU, SCHEDULE, SIGMA, X_HAT, oracle_model
 
@@ -203,8 +210,12 @@ def test_inversion_needs_deterministic_ddim():
         _denoiser_pipe(p_uncond=0.0).invert(_images(), SampleConfig(guidance=1.0))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_inversion_on_cuda_matches_the_cpu():
+    """On the device the round trip is as exact as on the CPU; against the CPU, y_T agrees to
+    2e-2 (cuDNN runs the VAE's float32 convolutions in TF32, 10 bits of mantissa, so z and x_hat
+    differ by ~1e-3 relative, and y_T follows them)."""
     cpu = _denoiser_pipe()
     sample = SampleConfig(n=4, steps=20, guidance=1.0)
     ref = cpu.invert(_images(), sample, fixed_point=6, tol=1e-6)
@@ -212,7 +223,7 @@ def test_inversion_on_cuda_matches_the_cpu():
     gpu.unet.cuda(), gpu.vae.cuda()
     out = gpu.invert(_images().cuda(), sample, fixed_point=6, tol=1e-6)
     assert out.y_T.is_cuda
-    torch.testing.assert_close(out.y_T.cpu(), ref.y_T, atol=1e-3, rtol=0)
+    torch.testing.assert_close(out.y_T.cpu(), ref.y_T, atol=2e-2, rtol=0)
     back = gpu.decode_latents(out.z, out.y_T, sample).images.cpu()
     assert (back - _images()).abs().max() < 1e-3
 
@@ -271,3 +282,122 @@ def test_a_wrong_latents_file_is_one_clear_error(tmp_path):
     for name in ("other.npz", "text.npz", "pickled.npz", "missing.npz"):
         with pytest.raises(ConfigError, match="--save-latents"):
             Inversion.load(tmp_path / name)
+
+
+# --------------------------------------------------------------------------------------------
+# The commands: reconstruct / edit / interpolate with --invert, end to end
+# --------------------------------------------------------------------------------------------
+
+INV = ["--steps", "3", "--invert", "--inversion-steps", "5", "--fixed-point", "2"]
+INV_SETTINGS = SampleConfig(steps=5)  # what INV decodes with (the fresh-noise column: 3 steps)
+WIDE = 3 * torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _grid(images: np.ndarray, nrow: int, path) -> np.ndarray:
+    """uint8 images (B, H, W, C) laid out as the commands lay out their grids, read back."""
+    save_grid(images, path, nrow=nrow, scale=2)
+    return _png(path)
+
+
+@pytest.fixture(scope="module")
+def inverted(trained_run, tmp_path_factory):
+    """A copy of the trained run with a long attribute direction ("wide"; this run's class
+    directions move no pixel), three of its test images as PNG files, and `reconstruct
+    --invert --save-latents` of them: (run, folder, the images, the output folder)."""
+    root = tmp_path_factory.mktemp("inverted")
+    run = root / "run"
+    shutil.copytree(trained_run, run)
+    save_directions(run, ["wide"], WIDE, {})
+    test = build_dataset(RunFolder(run).data_config(), "test")
+    (root / "in").mkdir()
+    for i in range(3):
+        Image.fromarray(to_uint8(test[i][0][None])[0, ..., 0]).save(root / "in" / f"im{i}.png")
+    x = torch.stack([read_image(root / "in" / f"im{i}.png", 16, 1) for i in range(3)])
+    assert run_cli("reconstruct", "--run", run, "--input", root / "in", *INV, "--save-latents",
+                   "--out", root / "rec") == 0
+    return run, root / "in", x, root / "rec"
+
+
+def test_reconstruct_invert_writes_the_inverted_images_and_their_latents(inverted, tmp_path):
+    run, _, x, rec = inverted
+    pipe = DiffuseVAE.from_pretrained(run)
+    inv = pipe.invert(x, replace(INV_SETTINGS, n=3), fixed_point=2, tol=1e-4)
+    want = pipe.decode_latents(inv.z, inv.y_T, replace(INV_SETTINGS, n=3)).images
+    fresh = pipe.reconstruct(x, SampleConfig(n=3, steps=3))
+    for i in range(3):
+        assert np.array_equal(_png(rec / "inverted" / f"{i:06d}.png"), to_uint8(want)[i, ..., 0])
+    assert np.array_equal(_png(rec / "grid.png"),  # input | x_hat | fresh noise | inverted
+                          _grid(side_by_side(x, fresh.x_hat, fresh.images, want), 16,
+                                tmp_path / "g.png"))
+    loaded, meta = Inversion.load(rec / "latents.npz")
+    assert torch.equal(loaded.y_T, inv.y_T) and torch.equal(loaded.z, inv.z)
+    assert meta["decode"]["steps"] == 5 and meta["invert"] == {"steps": 5, "fixed_point": 2,
+                                                               "tol": 1e-4}
+    assert _psnr(want, x) > _psnr(fresh.images, x) + 10
+    assert json.loads((rec / "reconstruct.json").read_text())["invert"]["fixed_point"] == 2
+
+
+def test_edit_at_lambda_0_with_invert_returns_the_reconstruction(inverted, tmp_path):
+    run, images, _, rec = inverted
+    assert run_cli("edit", "--run", run, "--attribute", "wide", "--lambdas", "0", "--input",
+                   images, *INV, "--out", tmp_path / "ed") == 0
+    recon = np.stack([_png(rec / "inverted" / f"{i:06d}.png")[..., None] for i in range(3)])
+    assert np.array_equal(_png(tmp_path / "ed" / "wide.png"),
+                          _grid(recon, 1, tmp_path / "g.png"))
+
+
+def test_edit_from_saved_latents_equals_edit_with_invert(inverted, tmp_path):
+    run, images, _, rec = inverted
+    args = ["edit", "--run", run, "--attribute", "wide", "--lambdas", "0,1.5"]
+    assert run_cli(*args, "--input", images, *INV, "--out", tmp_path / "a") == 0
+    assert run_cli(*args, "--latents", rec / "latents.npz", "--out", tmp_path / "b") == 0
+    grid = _png(tmp_path / "a" / "wide.png")
+    assert np.array_equal(grid, _png(tmp_path / "b" / "wide.png"))
+    pipe = DiffuseVAE.from_pretrained(run)
+    inv, _ = Inversion.load(rec / "latents.npz")
+    moved = edit_latents(pipe, WIDE[0], [0.0, 1.5], replace(INV_SETTINGS, n=3), inv.z,
+                         y_T=inv.y_T).images
+    assert np.array_equal(grid, _grid(to_uint8(moved.flatten(0, 1)), 2, tmp_path / "g.png"))
+    assert (moved[:, 1] - moved[:, 0]).abs().max() > 0.1  # lambda moves the images
+
+
+def test_interpolate_invert_ends_on_the_two_images(inverted, tmp_path):
+    run, images, x, _ = inverted
+    assert run_cli("interpolate", "--run", run, "--image-a", images / "im0.png", "--image-b",
+                   images / "im1.png", "--mode", "slerp", "--frames", "3", *INV,
+                   "--out", tmp_path / "ip") == 0
+    pipe = DiffuseVAE.from_pretrained(run)
+    settings = replace(INV_SETTINGS, n=3)
+    inv = pipe.invert(x[:2], settings, fixed_point=2, tol=1e-4)
+    frames = interpolation_frames(pipe, "slerp", 3, settings, z_a=inv.z[0], z_b=inv.z[1],
+                                  y_T_a=inv.y_T[0], y_T_b=inv.y_T[1]).images
+    assert np.array_equal(_png(tmp_path / "ip" / "grid.png"),
+                          _grid(to_uint8(frames), 3, tmp_path / "g.png"))
+    ends = frames[[0, 2]]
+    assert _psnr(ends, x[:2]) > 30, _psnr(ends, x[:2])
+
+
+@pytest.mark.parametrize("case", ["no-invert", "sampler", "save", "edit-input", "interp-images",
+                                  "no-refine", "both", "bad-latents"])
+def test_inversion_flags_errors_exit_2_with_one_line(inverted, tmp_path, capsys, case):
+    run, images, _, _ = inverted
+    rec = ["reconstruct", "--run", run, "--input", images, "--out", tmp_path / "o"]
+    edit = ["edit", "--run", run, "--attribute", "wide", "--out", tmp_path / "o"]
+    (tmp_path / "bad.npz").write_text("no")
+    args, message = {
+        "no-invert": (rec + ["--fixed-point", "3"], "--fixed-point sets the inversion"),
+        "sampler": (rec + ["--invert", "--sampler", "dpmpp_2m"], "--sampler ddim --eta 0"),
+        "save": (rec + ["--save-latents"], "add --invert"),
+        "edit-input": (edit + ["--invert"], "give --input DIR"),
+        "interp-images": (["interpolate", "--run", run, "--invert"], "--image-a and --image-b"),
+        "no-refine": (rec + ["--invert", "--no-refine"], "--no-refine"),
+        "both": (edit + ["--input", images, "--latents", tmp_path / "bad.npz"], "not both"),
+        "bad-latents": (edit + ["--latents", tmp_path / "bad.npz"], "--save-latents"),
+    }[case]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -269,6 +269,24 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class InvertConfig:
+    """How real images are inverted to (z, y_T) (docs/method.md#inversion): DDIM run backwards
+    on ``steps`` respaced steps, with up to ``fixed_point`` iterations per step, an image
+    stopping once an iteration moves it by less than ``tol`` (RMS). Decoding takes the same
+    steps (and the sample settings' spacing, guidance and clipping)."""
+
+    steps: int = 50
+    fixed_point: int = 0
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check_types("invert", self)
+        _check_positive("invert.steps", self.steps)
+        _check_positive("invert.fixed_point", self.fixed_point, allow_zero=True)
+        _check_positive("invert.tol", self.tol, allow_zero=True)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything a run needs; one section per concern."""
 

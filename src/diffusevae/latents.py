@@ -99,14 +99,17 @@ def interpolate(a: Tensor, b: Tensor, frames: int, method: str = "slerp") -> Ten
 @torch.inference_mode()
 def interpolation_frames(pipe: DiffuseVAE, mode: str, frames: int, sample: SampleConfig,
                          seed_a: int = 0, seed_b: int = 1, z_a: Tensor | None = None,
-                         z_b: Tensor | None = None, prior: str = "normal") -> Generation:
+                         z_b: Tensor | None = None, prior: str = "normal",
+                         y_T_a: Tensor | None = None, y_T_b: Tensor | None = None) -> Generation:
     """Refined frames (F, C, H, W) from a to b, with z and x_hat behind them.
 
     "lerp" / "slerp": z moves from z_a to z_b, the noise is that of seed_a in every frame.
     "xt": z stays z_a, the initial noise is slerped from seed_a's to seed_b's (the per-step
     noise, if the sampler adds any, stays seed_a's). Endpoints not given as latents (e.g. mu of
     two images) are sample 0 of each seed from ``prior``: frame 0 is then exactly sample 0 of
-    ``generate(seed=seed_a)``.
+    ``generate(seed=seed_a)``. Given first states ``y_T_a`` and ``y_T_b`` (C, H, W) (inverted
+    images, `DiffuseVAE.invert`), every mode slerps from one to the other in place of the
+    seeds' noise, so that with DDIM the end frames are the two images.
     """
     if mode not in MODES:
         raise ConfigError(f"interpolation mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -118,11 +121,15 @@ def interpolation_frames(pipe: DiffuseVAE, mode: str, frames: int, sample: Sampl
     gens_b = sample_generators(seed_b, [0])
     if pipe.vae is not None and from_seeds:  # advances every generator alike, as `generate`
         z_a, z_b = pipe.draw_z(gens, prior)[0], pipe.draw_z(gens_b, prior)[0]
+    y = None  # the first states: fresh noise from gens unless set
+    if y_T_a is not None:
+        y = interpolate(y_T_a.to(pipe.device), y_T_b.to(pipe.device), frames, "slerp")
     if mode == "xt":
         z = None if z_a is None else z_a.reshape(1, -1).expand(frames, -1).to(pipe.device)
-        y_a, _ = pipe.initial_state(gens, sample)  # (F, C, H, W), identical rows
-        y_b, _ = pipe.initial_state(gens_b, sample)
-        y = interpolate(y_a[0], y_b[0], frames, "slerp")
+        if y is None:
+            y_a, _ = pipe.initial_state(gens, sample)  # (F, C, H, W), identical rows
+            y_b, _ = pipe.initial_state(gens_b, sample)
+            y = interpolate(y_a[0], y_b[0], frames, "slerp")
         x_hat = None if z is None else pipe.decode(z)
         return Generation(pipe.refine(x_hat, z, gens, sample, y_T=y), z, x_hat)
     if z_b is None:
@@ -130,7 +137,7 @@ def interpolation_frames(pipe: DiffuseVAE, mode: str, frames: int, sample: Sampl
     z = interpolate(z_a.reshape(-1).to(pipe.device), z_b.reshape(-1).to(pipe.device), frames,
                     mode)
     x_hat = pipe.decode(z)
-    return Generation(pipe.refine(x_hat, z, gens, sample), z, x_hat)
+    return Generation(pipe.refine(x_hat, z, gens, sample, y_T=y), z, x_hat)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,6 +297,7 @@ def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None
     Returns a summary: names, positives per attribute, images encoded, and the folder.
     """
     run = RunFolder(run_dir)
+    run.require_writable("attributes")
     vae = run.load_vae(device)
     data = run.training_data(images_only=input_dir is not None)
     if input_dir is not None:
@@ -325,12 +333,14 @@ def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None
 @torch.inference_mode()
 def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
                  sample: SampleConfig, z: Tensor | None = None,
-                 prior: str = "normal") -> Generation:
+                 prior: str = "normal", y_T: Tensor | None = None) -> Generation:
     """Refine D(z + lambda d) for every lambda; images and x_hat (B, L, C, H, W), z (B, L, d).
 
     Image b gets the noise of (sample.seed, b) in every column, so only lambda changes along a
     row. ``z`` (B, d), e.g. mu of real images; None draws ``sample.n`` latents from ``prior``
-    as `generate` does, so the lambda = 0 column is exactly `generate`'s output.
+    as `generate` does, so the lambda = 0 column is exactly `generate`'s output. ``y_T``
+    (B, C, H, W): each image's first state in every column instead of its fresh noise (the
+    inverted state of `DiffuseVAE.invert`: with DDIM the lambda = 0 column is then the image).
     """
     n = sample.n if z is None else len(z)
     columns = []
@@ -342,7 +352,9 @@ def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
             z0 = pipe.draw_z(gens, prior) if z is None else z[first:idx.stop].to(pipe.device)
             z_l = z0 + float(lam) * direction.to(device=z0.device, dtype=z0.dtype)
             x_hat = pipe.decode(z_l)
-            parts.append(Generation(pipe.refine(x_hat, z_l, gens, sample), z_l, x_hat))
+            start = None if y_T is None else y_T[first:idx.stop].to(pipe.device)
+            parts.append(Generation(pipe.refine(x_hat, z_l, gens, sample, y_T=start), z_l,
+                                    x_hat))
         columns.append(Generation(*(torch.cat([getattr(p, k) for p in parts])
                                     for k in ("images", "z", "x_hat"))))
     return Generation(*(torch.stack([getattr(c, k) for c in columns], 1)

@@ -8,12 +8,14 @@ function                          command       writes to ``out`` (default: ``RU
                                                 samples.npz (images, z, x_hat), sampling.json
 `sample_vae_to_folder`            sample-vae    images/, grid.png, samples.npz (images, z)
 `reconstruct_to_folder`           reconstruct   images/, grid.png; refined: also x_hat/ and
-                                                reconstruct.json
+                                                reconstruct.json; inverted: also inverted/,
+                                                [latents.npz]
 `refine_to_folder`                refine        images/ (named like the inputs), grid.png,
                                                 refine.json
 `interpolate_to_folder`           interpolate   grid.png (a row per mode), MODE.gif,
                                                 MODE_x_hat.png, interpolate.json
-`edit_to_folder`                  edit          NAME.png, NAME_x_hat.png per attribute, edit.json
+`edit_to_folder`                  edit          NAME.png, NAME_x_hat.png per attribute, edit.json,
+                                                [latents.npz]
 `demo_to_folder`                  demo          a trained run with reconstructions/ and samples/
 ================================  ============  ===============================================
 
@@ -55,14 +57,14 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointError, atomic_write_json, environment, read_json
-from .config import ConfigError, SampleConfig, resolve
+from .config import ConfigError, InvertConfig, SampleConfig, resolve
 from .data import build_dataset, open_image_folder, read_image
 from .distributed import Processes
 from .images import NpzStreamWriter, save_gif, save_grid, save_png, save_pngs, side_by_side
 from .images import to_uint8
 from .latents import MODES, edit_latents, find_direction, interpolation_frames
 from .latents import load_directions, slug
-from .pipeline import DiffuseVAE, Generation
+from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion
 from .run import RunFolder
 from .train import train_refiner, train_vae
 
@@ -279,25 +281,81 @@ def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None
 # reconstruct and refine: images a user gives (or a test split)
 # --------------------------------------------------------------------------------------------
 
-def _in_batches(fn: Callable[[torch.Tensor, int], Generation], x: torch.Tensor,
-                batch_size: int) -> Generation:
-    """Concatenate the `Generation`s of ``fn(batch, first_index)`` over batches of x."""
+def _in_batches(fn: Callable[[torch.Tensor, int], Generation | Inversion], x: torch.Tensor,
+                batch_size: int) -> Generation | Inversion:
+    """Concatenate the `Generation`s (or `Inversion`s) of ``fn(batch, first_index)`` over
+    batches of x."""
     parts = [fn(x[i:i + batch_size], i) for i in range(0, len(x), batch_size)]
-    cat = [None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
-           for k in ("images", "z", "x_hat")]
-    return Generation(*cat)
+    cat = [None if getattr(parts[0], f.name) is None else
+           torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(parts[0])]
+    return type(parts[0])(*cat)
+
+
+# --------------------------------------------------------------------------------------------
+# inversion (docs/method.md#inversion): real images to (z, y_T), and back
+# --------------------------------------------------------------------------------------------
+
+def _inverted(pipe: DiffuseVAE, x: torch.Tensor, sample: SampleConfig,
+              invert: InvertConfig) -> tuple[Inversion, SampleConfig]:
+    """x inverted batch by batch, and the settings that decode it: ``sample`` on the
+    inversion's steps."""
+    sample = replace(sample, steps=invert.steps)
+    inv = _in_batches(lambda xb, i: pipe.invert(xb, sample, invert.fixed_point, invert.tol), x,
+                      sample.batch_size)
+    return inv, sample
+
+
+def _decoded(pipe: DiffuseVAE, inv: Inversion, sample: SampleConfig) -> Generation:
+    """The images of inverted latents (`DiffuseVAE.decode_latents`), batch by batch."""
+    return _in_batches(lambda yb, i: pipe.decode_latents(
+        None if inv.z is None else inv.z[i:i + len(yb)], yb, sample, i), inv.y_T,
+        sample.batch_size)
+
+
+def _check_inverting(invert: InvertConfig | None, save_latents: bool, images: bool,
+                     sample: SampleConfig, what: str = "--input DIR") -> None:
+    """Refuse inversion options that cannot apply, before any work: ``images``: whether there
+    are images to invert."""
+    if invert is not None and not images:
+        raise ConfigError(f"--invert inverts given images; give {what}")
+    if invert is not None:
+        check_decodes_inversion(sample)
+    if save_latents and invert is None:
+        raise ConfigError("--save-latents writes the latents of --invert; add --invert")
+
+
+def _load_latents(pipe: DiffuseVAE, path: str | Path,
+                  sample: SampleConfig) -> tuple[Inversion, SampleConfig]:
+    """The latents of ``--save-latents`` for this run's pipeline, and ``sample`` with the
+    settings they decode with."""
+    inv, meta = Inversion.load(path)
+    theirs = (tuple(inv.y_T.shape[1:]), None if inv.z is None else inv.z.shape[1])
+    ours = (pipe.image_shape, None if pipe.vae is None else pipe.vae.config.z_dim)
+    if theirs != ours:
+        raise ConfigError(f"{path} holds latents of another model (image shape and z size "
+                          f"{theirs}; this run: {ours}); invert the images again with this run")
+    sample = replace(sample, **meta["decode"])
+    check_decodes_inversion(sample)
+    return inv, sample
 
 
 def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
                           out_dir: str | Path | None = None, input_dir: str | Path | None = None,
                           refine: bool | None = None, start_step: int | None = None,
-                          convert_channels: bool = False,
-                          device: str | torch.device = "cpu") -> Written:
+                          convert_channels: bool = False, device: str | torch.device = "cpu",
+                          invert: InvertConfig | None = None,
+                          save_latents: bool = False) -> Written:
     """Encode ``sample.n`` images (of `input_dir`, else the run's test split) and decode them
     with the VAE; with the refiner (``refine``, default: when the run has one) refine x_hat
-    too, from fresh noise or from the input noised to `start_step` (`reconstruct`)."""
+    too, from fresh noise or from the input noised to `start_step` (`reconstruct`). With
+    ``invert`` also invert them and decode the inverted latents (inverted/, the last column of
+    grid.png), and with ``save_latents`` write those latents to latents.npz."""
     run = RunFolder(run_dir)
     refine = run.has_refiner() if refine is None else refine
+    _check_inverting(invert, save_latents, True, sample)
+    if invert is not None and not refine:
+        raise ConfigError("--invert decodes with the refiner: use a run that has one, without "
+                          "--no-refine")
     vae = None if refine else run.load_vae(device)
     data = run.training_data(images_only=bool(input_dir))
     if input_dir:  # the same loading and channel check as `refine` and `edit`
@@ -320,10 +378,21 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
                       sample.batch_size)
     save_pngs(to_uint8(out.images), out_dir / "images")
     save_pngs(to_uint8(out.x_hat), out_dir / "x_hat")
-    save_grid(side_by_side(x, out.x_hat, out.images), out_dir / "grid.png", nrow=12, scale=2)
-    _write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step)
-    return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} "
-                            "(grid.png: input | VAE x_hat | refined)")
+    columns, what = [x, out.x_hat, out.images], "input | VAE x_hat | refined"
+    if invert is not None:
+        inv, settings = _inverted(pipe, x, sample, invert)
+        inverted = _decoded(pipe, inv, settings).images
+        save_pngs(to_uint8(inverted), out_dir / "inverted")
+        columns.append(inverted)
+        what += f" | inverted ({invert.steps} steps)"
+        if save_latents:
+            inv.save(out_dir / "latents.npz", settings, run=str(run), invert=dataclasses.asdict(
+                invert), input=None if input_dir is None else str(input_dir))
+    save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=4 * len(columns), scale=2)
+    _write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step,
+                  invert=None if invert is None else dataclasses.asdict(invert))
+    return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} (grid.png: {what})"
+                            + ("; latents.npz: z and y_T" if invert and save_latents else ""))
 
 
 def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleConfig,
@@ -361,26 +430,36 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
                           frames: int = 8, seed_a: int = 0, seed_b: int = 1,
                           image_a: str | Path | None = None, image_b: str | Path | None = None,
                           prior: str = "normal", convert_channels: bool = False,
-                          device: str | torch.device = "cpu") -> Written:
+                          device: str | torch.device = "cpu",
+                          invert: InvertConfig | None = None) -> Written:
     """Interpolate between sample 0 of two seeds, or two image files (z = mu), in each of
     `modes` (default: all the run can do): a GIF per mode and grid.png, a row per mode
-    (`interpolate`). ``sample.n`` and ``sample.seed`` are replaced by `frames` and `seed_a`."""
+    (`interpolate`). ``sample.n`` and ``sample.seed`` are replaced by `frames` and `seed_a`.
+    With ``invert`` the two images are inverted and their first states slerped in every mode,
+    so that the end frames are the images themselves."""
     if (image_a is None) != (image_b is None):
         raise ConfigError("give both --image-a and --image-b, or neither (then --seed-a and "
                           "--seed-b choose the endpoints)")
+    _check_inverting(invert, False, image_a is not None, sample, "--image-a and --image-b")
     run = RunFolder(run_dir)
     sample = replace(sample, n=frames, seed=seed_a)
     pipe = _pipeline(run, sample, torch.device(device))
     modes = tuple(modes) or (MODES if pipe.vae is not None else ("xt",))
-    z_a = z_b = None
+    z_a = z_b = y_a = y_b = None
     if image_a is not None:
         c, s, _ = pipe.image_shape
-        z_a, z_b = pipe.encode(torch.stack([read_image(p, s, c, convert_channels)
-                                            for p in (image_a, image_b)]))
+        x = torch.stack([read_image(p, s, c, convert_channels) for p in (image_a, image_b)])
+        if invert is None:
+            z_a, z_b = pipe.encode(x)
+        else:
+            inv, sample = _inverted(pipe, x, sample, invert)
+            z_a, z_b = (None, None) if inv.z is None else inv.z
+            y_a, y_b = inv.y_T
     out_dir = run.output_dir("interpolate", out_dir)
     rows = []
     for mode in modes:
-        gen = interpolation_frames(pipe, mode, frames, sample, seed_a, seed_b, z_a, z_b, prior)
+        gen = interpolation_frames(pipe, mode, frames, sample, seed_a, seed_b, z_a, z_b, prior,
+                                   y_a, y_b)
         images = to_uint8(gen.images)
         rows.append(images)
         big = [f.repeat(GIF_SCALE, 0).repeat(GIF_SCALE, 1) for f in images]
@@ -390,7 +469,8 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
     save_grid(np.concatenate(rows), out_dir / "grid.png", nrow=frames, scale=2)
     _write_record(out_dir / "interpolate.json", sample, run=str(run), modes=list(modes),
                   seed_a=seed_a, seed_b=seed_b, image_a=None if image_a is None else str(image_a),
-                  image_b=None if image_b is None else str(image_b), prior=prior)
+                  image_b=None if image_b is None else str(image_b), prior=prior,
+                  invert=None if invert is None else dataclasses.asdict(invert))
     return Written(out_dir, f"interpolation written to {out_dir}: grid.png (rows: "
                             f"{', '.join(modes)}) and {', '.join(m + '.gif' for m in modes)}")
 
@@ -398,30 +478,48 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
 def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequence[float],
                    sample: SampleConfig, out_dir: str | Path | None = None,
                    input_dir: str | Path | None = None, prior: str = "normal",
-                   convert_channels: bool = False,
-                   device: str | torch.device = "cpu") -> Written:
+                   convert_channels: bool = False, device: str | torch.device = "cpu",
+                   invert: InvertConfig | None = None, save_latents: bool = False,
+                   latents: str | Path | None = None) -> Written:
     """Move ``sample.n`` samples (or the images of `input_dir`, z = mu) along the run's
     attribute directions: a grid per attribute, rows = images, columns = lambda, the same
-    noise along a row (`edit`)."""
+    noise along a row (`edit`). With ``invert`` the images are inverted and each row holds its
+    image's inverted first state, so that lambda = 0 is the image and the edits keep its
+    details; ``latents``: the latents.npz of ``--save-latents`` instead of images."""
+    _check_inverting(invert, save_latents, input_dir is not None, sample)
+    if latents is not None and input_dir is not None:
+        raise ConfigError("give --input DIR or --latents FILE, not both")
     run = RunFolder(run_dir)
     all_names, directions = load_directions(run)
     chosen = {name: find_direction(all_names, directions, name) for name in attributes}
     pipe = _pipeline(run, sample, torch.device(device))
-    z = None
-    if input_dir is not None:
+    out_dir = run.output_dir("edit", out_dir)
+    z = y_T = None
+    if latents is not None:
+        inv, sample = _load_latents(pipe, latents, sample)
+        z, y_T = inv.z, inv.y_T
+    elif input_dir is not None:
         c, s, _ = pipe.image_shape
         dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
-        z = pipe.encode(torch.stack([dataset[i][0] for i in range(len(dataset))]))
-    out_dir = run.output_dir("edit", out_dir)
+        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        if invert is None:
+            z = pipe.encode(x)
+        else:
+            inv, sample = _inverted(pipe, x, sample, invert)
+            z, y_T = inv.z, inv.y_T
+            if save_latents:
+                inv.save(out_dir / "latents.npz", sample, run=str(run),
+                         invert=dataclasses.asdict(invert), input=str(input_dir))
     for name, direction in chosen.items():
-        gen = edit_latents(pipe, direction, lambdas, sample, z, prior)
+        gen = edit_latents(pipe, direction, lambdas, sample, z, prior, y_T)
         save_grid(to_uint8(gen.images.flatten(0, 1)), out_dir / f"{slug(name)}.png",
                   nrow=len(lambdas), scale=2)
         save_grid(to_uint8(gen.x_hat.flatten(0, 1)), out_dir / f"{slug(name)}_x_hat.png",
                   nrow=len(lambdas), scale=2)
     _write_record(out_dir / "edit.json", sample, run=str(run), attributes=list(attributes),
                   lambdas=list(lambdas), input=None if input_dir is None else str(input_dir),
-                  prior=prior)
+                  prior=prior, invert=None if invert is None else dataclasses.asdict(invert),
+                  latents=None if latents is None else str(latents))
     return Written(out_dir, f"edits written to {out_dir}: "
                             f"{', '.join(slug(k) + '.png' for k in chosen)} (rows: images, "
                             f"columns: lambda {', '.join(f'{v:g}' for v in lambdas)})")

@@ -103,6 +103,16 @@ class Inversion:
         return cls(y_T, z), meta
 
 
+def check_decodes_inversion(sample: SampleConfig) -> None:
+    """Refuse sampler settings that do not decode an inversion back to its images: only
+    deterministic DDIM (eta 0, the eps of the clipped prediction) is the chain it ran back."""
+    if sample.sampler != "ddim" or sample.eta != 0 or sample.keep_eps:
+        raise ConfigError("inversion runs deterministic DDIM backwards, and only that decodes "
+                          f"back to the input; got sampler {sample.sampler} with eta "
+                          f"{sample.eta:g}{' and --keep-eps' * sample.keep_eps}: use "
+                          "--sampler ddim --eta 0 (without --keep-eps)")
+
+
 class DiffuseVAE:
     """The two stages together: ``generate`` samples z, decodes x_hat and refines it.
 
@@ -355,11 +365,7 @@ class DiffuseVAE:
         An unconditional refiner inverts x itself (no z, no x_hat).
         """
         sample.validate(self.diffusion.timesteps)
-        if sample.sampler != "ddim" or sample.eta != 0 or sample.keep_eps:
-            raise ConfigError("inversion runs deterministic DDIM backwards, and only that decodes "
-                              f"back to the input; got sampler {sample.sampler} with eta "
-                              f"{sample.eta:g}{' and --keep-eps' * sample.keep_eps}: use "
-                              "--sampler ddim --eta 0 (without --keep-eps)")
+        check_decodes_inversion(sample)
         self.check_guidance(sample.guidance)
         self._run_as(sample)
         x = x.to(device=self.device, dtype=next(self.unet.parameters()).dtype)

@@ -9,8 +9,9 @@ from ..distributed import processes
 from ..outputs import (reconstruct_to_folder, refine_to_folder, sample_to_folder,
                        sample_vae_to_folder)
 from . import cli
-from .options import (convert_option, device_of, device_option, prior_option, run_option,
-                      sample_config, sampling_options, start_step_option)
+from .options import (convert_option, device_of, device_option, inversion_options, invert_config,
+                      prior_option, run_option, sample_config, sampling_options,
+                      start_step_option)
 
 
 @cli.command()
@@ -63,14 +64,19 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
               help="Also refine x_hat with the run's refiner [when the run has one].")
 @start_step_option
 @convert_option
+@inversion_options()
 @sampling_options(n=16)
 def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bool | None,
-                start_step: int | None, convert_channels: bool, device: str, **kw) -> None:
+                start_step: int | None, convert_channels: bool, device: str,
+                save_latents: bool, **kw) -> None:
     """Encode images and decode them with the VAE; with a refiner, refine x_hat too (from
     fresh noise, or from the input noised to --start-step): PNG files and a side-by-side grid.
-    --n: the number of images."""
+    --n: the number of images. --invert adds the inverted reconstruction (inverted/, the last
+    column of the grid)."""
+    invert = invert_config(kw)
     written = reconstruct_to_folder(run_dir, sample_config(kw), out, input_dir, refine,
-                                    start_step, convert_channels, device_of(device))
+                                    start_step, convert_channels, device_of(device), invert,
+                                    save_latents)
     click.echo(written.summary)
 
 

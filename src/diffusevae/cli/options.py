@@ -8,7 +8,7 @@ import click
 import torch
 import yaml
 
-from ..config import PRESETS, Config, SampleConfig, resolve, to_dict
+from ..config import PRESETS, Config, ConfigError, InvertConfig, SampleConfig, resolve, to_dict
 from ..distributed import resolve_device
 from ..names import DATASETS, DEVICES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
 from ..prior import PRIORS
@@ -169,6 +169,50 @@ def sample_config(kw: dict, **fields) -> SampleConfig:
     """The `SampleConfig` of the sampling flags in `kw` (taken out of it), and `fields`."""
     names = [f.name for f in dataclasses.fields(SampleConfig)]
     return SampleConfig(**{k: kw.pop(k) for k in names if k in kw}, **fields)
+
+
+def inversion_options(save_latents: bool = True):
+    """--invert and its settings (one per `InvertConfig` field), and --save-latents;
+    `invert_config` reads them back."""
+    def decorate(fn):
+        options = [
+            click.option("--invert", is_flag=True,
+                         help="Invert the images with DDIM (docs/method.md#inversion): decoding "
+                              "returns them, details included."),
+            click.option("--inversion-steps", type=click.IntRange(min=1),
+                         default=InvertConfig.steps, show_default=True,
+                         help="DDIM steps of the inversion and of its decoding."),
+            click.option("--fixed-point", type=click.IntRange(min=0),
+                         default=InvertConfig.fixed_point, show_default=True,
+                         help="Fixed-point iterations per inversion step: accurate at 10-20 "
+                              "steps, each one network call per step more."),
+            click.option("--inversion-tol", type=click.FloatRange(min=0),
+                         default=InvertConfig.tol, show_default=True,
+                         help="An image stops iterating at a step once it moves by less (RMS)."),
+        ]
+        if save_latents:
+            options.append(click.option(
+                "--save-latents", is_flag=True,
+                help="Also write z and the inverted y_T to latents.npz (edit --latents reads "
+                     "it)."))
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def invert_config(kw: dict) -> InvertConfig | None:
+    """The `InvertConfig` of the inversion flags in `kw` (taken out of it); None without
+    --invert, where setting one of them is an error."""
+    names = {"inversion_steps": "steps", "fixed_point": "fixed_point", "inversion_tol": "tol"}
+    values = {field: kw.pop(flag) for flag, field in names.items()}
+    if kw.pop("invert"):
+        return InvertConfig(**values)
+    given = flags_given(names)
+    if given:
+        raise ConfigError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the "
+                          "inversion; add --invert")
+    return None
 
 
 def flags_given(names) -> list[str]:
