@@ -16,12 +16,12 @@ function                          command       writes to ``out`` (default: ``RU
                                                 MODE_x_hat.png, interpolate.json
 `edit_to_folder`                  edit          NAME.png, NAME_x_hat.png per attribute, edit.json,
                                                 [latents.npz]
-`demo_to_folder`                  demo          a trained run with reconstructions/ and samples/
 ================================  ============  ===============================================
 
 What the other commands write lives beside what they compute: ``fit-prior``
 (`prior.fit_prior`, RUN/prior), ``attributes`` (`latents.compute_directions`, RUN/attributes),
-``train-classifier`` and ``evaluate`` (evaluation.py), ``sweep`` (`sweep.sweep_to_folder`).
+``train-classifier`` and ``evaluate`` (evaluation.py), ``sweep`` (`sweep.sweep_to_folder`),
+``demo`` (demo.py).
 Every writer here returns a `Written`: the folder, and one line saying what is in it. Image i
 of every command gets the noise of (seed, i), so a rerun writes the same pictures.
 
@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointError, atomic_write_json, environment, read_json
-from .config import ConfigError, InvertConfig, SampleConfig, resolve
+from .config import ConfigError, InvertConfig, SampleConfig
 from .data import build_dataset, open_image_folder, read_image
 from .distributed import Processes
 from .images import NpzStreamWriter, save_gif, save_grid, save_png, save_pngs, side_by_side
@@ -66,7 +66,6 @@ from .latents import MODES, edit_latents, find_direction, interpolation_frames
 from .latents import load_directions, slug
 from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion
 from .run import RunFolder
-from .train import train_refiner, train_vae
 
 GRID_SIZE = 64  # images in grid.png
 STAGES_SIZE = 32  # pairs in stages.png
@@ -523,27 +522,3 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
     return Written(out_dir, f"edits written to {out_dir}: "
                             f"{', '.join(slug(k) + '.png' for k in chosen)} (rows: images, "
                             f"columns: lambda {', '.join(f'{v:g}' for v in lambdas)})")
-
-
-# --------------------------------------------------------------------------------------------
-# demo
-# --------------------------------------------------------------------------------------------
-
-def demo_to_folder(run_dir: str | Path | None = None, preset: str = "digits",
-                   vae_steps: int | None = None, refiner_steps: int | None = None,
-                   device: str | torch.device = "cpu", progress: bool = True) -> Written:
-    """Train both stages of `preset` briefly (resuming a run already there), then write
-    reconstructions and x_hat | refined samples into the run (`demo`; default folder
-    ``runs/demo-PRESET``)."""
-    run = RunFolder(run_dir or f"runs/demo-{preset}")
-    cfg = resolve(preset, overrides={"train_vae.steps": vae_steps,
-                                     "train_refiner.steps": refiner_steps})
-    t0 = time.time()
-    # resume=True: a second `demo` continues (or just reuses) the first one's run
-    train_vae(cfg, run, resume=True, progress=progress)
-    train_refiner(cfg, run, resume=True, progress=progress)
-    recon = reconstruct_to_folder(run, SampleConfig(n=32), device=device)
-    samples = sample_to_folder(run, SampleConfig(n=64, steps=10), device=device,
-                               show_stages=True, progress=progress)
-    return Written(run.root, f"demo done in {time.time() - t0:.0f} s: see "
-                             f"{recon.folder / 'grid.png'} and {samples.folder / 'stages.png'}")
