@@ -27,10 +27,10 @@ from . import checkpoint as ckpt
 from .config import (Config, DataConfig, DiffusionConfig, config_from_json, from_dict,
                      to_dict)
 from .diffusion import get_formulation
+from .errors import CheckpointError, RunFolderError
 from .importing import imported_data
 from .networks import arch_record, load_network
 from .storage import sha256_file
-from .training_state import RunFolderError
 from .unet import UNet
 from .vae import VAE
 
@@ -211,7 +211,7 @@ class RunFolder:
         """The run's refiner UNet and its diffusion settings, or an error saying how to train
         it."""
         if not self.has_refiner():
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{self.refiner_dir} holds no trained refiner; train one with "
                 f"`diffusevae train-refiner --run {self.root}`"
             )
@@ -233,13 +233,13 @@ class RunFolder:
         vae_shape = (vae_config.image_size, vae_config.channels)
         unet_shape = (unet_config.image_size, unet_config.channels)
         if vae_shape != unet_shape:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{self.vae_dir} makes {vae_shape[0]}x{vae_shape[0]}x{vae_shape[1]} images but "
                 f"{self.refiner_dir} refines {unet_shape[0]}x{unet_shape[0]}x{unet_shape[1]} "
                 "images: the two come from different presets. Put the refiner beside the VAE "
                 "it was trained with (or retrain it with `diffusevae train-refiner`)")
         if unet_config.z_dim and unet_config.z_dim != vae_config.z_dim:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{self.refiner_dir} is conditioned on a {unet_config.z_dim}-d z but the VAE in "
                 f"{self.vae_dir} has a {vae_config.z_dim}-d latent: the two come from different "
                 "runs. Put the refiner beside the VAE it was trained with")
