@@ -33,12 +33,12 @@ from .checkpoint import atomic_write_json
 from .classifier import ClassifierConfig, train_classifier
 from .config import DataConfig, SampleConfig, get_preset
 from .distributed import Processes
+from .errors import EvaluationError
 from .features import Extractor, build_extractor
 from .images import make_grid, save_png
 from .names import DATASETS
 from .run import RunFolder
-from .sources import (EvaluationError, Source, dataset_source, path_source, run_source,
-                      vae_source)
+from .sources import Source, dataset_source, path_source, run_source, vae_source
 
 GRID_SIZE = 64
 # Datasets at the size and channels they come in (digits: as this library resizes them).

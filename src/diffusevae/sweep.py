@@ -16,11 +16,12 @@ import torch
 
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import ConfigError, DataConfig, SampleConfig
+from .errors import EvaluationError
 from .evaluation import Scoring, _jsonable, evaluate, machine, metric_names, reference_stats
 from .features import Extractor
 from .pipeline import DiffuseVAE
 from .run import RunFolder
-from .sources import EvaluationError, run_source, vae_source
+from .sources import run_source, vae_source
 
 
 def require_matplotlib():
