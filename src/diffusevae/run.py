@@ -48,6 +48,7 @@ EXPORTED_RECORDS = (TRAIN_CONFIG_NAME, "log.csv", "environment.json")
 OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
                "reconstruct": "reconstructions", "refine": "refined",
                "interpolate": "interpolation", "edit": "edit", "evaluate": "eval",
+               "explore": "explore",
                "sweep": "sweep"}
 
 

@@ -42,7 +42,7 @@ def cli(ctx: click.Context) -> None:
             f"accelerate launch (under a launcher: {', '.join(SPLIT_COMMANDS)})")
 
 
-from . import demo, evaluate, generate, importing, latents, train  # noqa: E402,F401  (each adds its commands)
+from . import demo, evaluate, explore, export, generate, importing, latents, train  # noqa: E402,F401  (each adds its commands)
 
 
 def main(argv: list[str] | None = None) -> None:
