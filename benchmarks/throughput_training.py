@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from diffusevae.config import ConfigError
 from diffusevae.diffusion import Schedule, get_formulation, training_loss
 from diffusevae.distributed import processes
+from diffusevae.errors import ConfigError
 from diffusevae.training_loop import Stage, run_steps
 from diffusevae.unet import CHANNELS_LAST_DEVICES, UNet
 

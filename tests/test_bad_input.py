@@ -20,11 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffusevae.checkpoint import MANIFEST_NAME, CheckpointError
+from diffusevae.checkpoint import MANIFEST_NAME
 from diffusevae.cli import cli
-from diffusevae.config import (PRESETS, Config, ConfigError, DiffusionConfig, SampleConfig,
-                               UNetConfig, VAEConfig, apply_sets, config_from_json, from_dict,
-                               get_preset, merge, resolve, to_dict)
+from diffusevae.config import (PRESETS, Config, DiffusionConfig, SampleConfig, UNetConfig,
+                               VAEConfig, apply_sets, config_from_json, from_dict, get_preset,
+                               merge, resolve, to_dict)
+from diffusevae.errors import CheckpointError, ConfigError
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from diffusevae.config import (PRESETS, Config, ConfigError, apply_sets, config_from_json,
-                               from_dict, resolve, to_dict)
+from diffusevae.config import (PRESETS, Config, apply_sets, config_from_json, from_dict, resolve,
+                               to_dict)
+from diffusevae.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

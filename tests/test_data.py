@@ -19,8 +19,9 @@ from PIL import Image
 
 from diffusevae import data
 from diffusevae.config import DataConfig
-from diffusevae.data import (DataError, build_dataset, dataset_description, open_image_folder,
-                             random_hflip, read_image)
+from diffusevae.data import (build_dataset, dataset_description, open_image_folder, random_hflip,
+                             read_image)
+from diffusevae.errors import DataError
 
 
 def _no_network(url: str, dest: Path) -> None:

@@ -20,7 +20,8 @@ from conftest import run_cli, tiny_config
 from safetensors.torch import load_file
 
 from diffusevae.checkpoint import TRAINER_STATE_NAME, load_trainer_state
-from diffusevae.config import ConfigError, to_dict
+from diffusevae.config import to_dict
+from diffusevae.errors import ConfigError
 from diffusevae.train import train_refiner, train_vae
 
 WORKER = Path(__file__).with_name("distributed_worker.py")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import run_cli
+from diffusevae.errors import RunFolderError
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.run import MODEL_CARD, OUTPUTS_ROOT, RunFolder
 from diffusevae.storage import sha256_file
-from diffusevae.training_loop import RunFolderError
 
 
 def _files(folder: Path) -> dict[str, str]:

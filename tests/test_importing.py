@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from conftest import run_cli
 from diffusevae.config import SampleConfig
 from diffusevae.diffusion import Schedule, get_formulation, make_eps_fn, respaced_timesteps
-from diffusevae.importing import (OfficialCheckpointError, check_layout, formulation_of,
-                                  import_official, infer_unet_config, layout_of, on_meta,
-                                  official_vae_config, read_lightning_checkpoint,
-                                  split_refiner_state)
+from diffusevae.errors import OfficialCheckpointError
+from diffusevae.importing import (check_layout, formulation_of, import_official, infer_unet_config,
+                                  layout_of, on_meta, official_vae_config,
+                                  read_lightning_checkpoint, split_refiner_state)
 from diffusevae.networks import load_network
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.samplers import ddim

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusevae.config import ConfigError, DataConfig, DiffusionConfig, SampleConfig, UNetConfig
+from diffusevae.config import DataConfig, DiffusionConfig, SampleConfig, UNetConfig
 from diffusevae.data import build_dataset, read_image
 from diffusevae.diffusion import FORMULATIONS, get_formulation, make_eps_fn, respaced_timesteps
+from diffusevae.errors import ConfigError
 from diffusevae.images import save_grid, side_by_side, to_uint8
 from diffusevae.latents import edit_latents, interpolation_frames, save_directions
 from diffusevae.pipeline import DiffuseVAE, Inversion

@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusevae.config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
+from diffusevae.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
+from diffusevae.errors import ConfigError, DataError
 from diffusevae.latents import (attribute_directions, edit_latents, interpolation_frames, lerp,
                                 load_directions, match_labels, read_attribute_table,
                                 save_directions, slerp)
-from diffusevae.data import DataError, build_dataset, read_image
+from diffusevae.data import build_dataset, read_image
 from diffusevae.images import save_grid, side_by_side, to_uint8
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.prior import subset_indices

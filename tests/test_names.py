@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from diffusevae import features, names, prior
+from diffusevae import features, latents, names, prior
 from diffusevae.cli import cli
 from diffusevae.config import (ConfigError, DataConfig, DiffusionConfig, SampleConfig,
                                TrainConfig)
@@ -47,7 +47,7 @@ FLAGS = {
     "--dataset": names.DATASETS, "--form": names.FORMS, "--device": names.DEVICES,
     "--mixed-precision": names.PRECISIONS, "--sampler": names.SAMPLERS,
     "--spacing": names.SPACINGS, "--var-type": names.VAR_TYPES, "--prior": prior.PRIORS,
-    "--extractor": features.EXTRACTORS,
+    "--extractor": features.EXTRACTORS, "--mode": latents.MODES,
 }
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusevae.config import ConfigError, SampleConfig
+from diffusevae.config import SampleConfig
 from diffusevae.data import build_dataset, open_image_folder
+from diffusevae.errors import ConfigError
 from diffusevae.images import to_uint8
 from diffusevae.outputs import (interpolate_to_folder, reconstruct_to_folder, refine_to_folder,
                                 sample_to_folder)

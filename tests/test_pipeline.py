@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from diffusevae.checkpoint import CheckpointError
-from diffusevae.config import ConfigError, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
+from diffusevae.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
 from diffusevae.diffusion import Schedule, q_sample, respaced_timesteps
+from diffusevae.errors import CheckpointError, ConfigError
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.rng import sample_generators
 from diffusevae.samplers import ddim

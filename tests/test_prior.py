@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusevae.config import ConfigError, DiffusionConfig, UNetConfig, VAEConfig
+from diffusevae.config import DiffusionConfig, UNetConfig, VAEConfig
+from diffusevae.errors import ConfigError
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.prior import (GaussianMixture, fit_mixture, load_mixture, loglik_per_dim,
                               normal_log_prob, save_mixture)

@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 import diffusevae
 from diffusevae import checkpoint as ckpt
 from diffusevae import storage
-from diffusevae.checkpoint import (MANIFEST_NAME, TRAINER_STATE_NAME, CheckpointError,
-                                   DiskFullError, load_trainer_state)
+from diffusevae.checkpoint import MANIFEST_NAME, TRAINER_STATE_NAME, load_trainer_state
 from diffusevae.cli import main
 from diffusevae.config import VAEConfig
-from diffusevae.train import RunFolderError, TrainingError, train_vae
+from diffusevae.errors import CheckpointError, DiskFullError, RunFolderError, TrainingError
+from diffusevae.train import train_vae
 from diffusevae.vae import VAE
 
 from conftest import reseal, tiny_config

@@ -5,10 +5,9 @@ import os
 import pytest
 import torch
 
-from diffusevae.checkpoint import CheckpointError
 from diffusevae.config import DiffusionConfig, UNetConfig, VAEConfig
+from diffusevae.errors import CheckpointError, RunFolderError
 from diffusevae.run import OUTPUT_DIRS, RunFolder, load_refiner, save_refiner
-from diffusevae.train import RunFolderError
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffusevae.checkpoint import TRAINER_STATE_NAME, load_trainer_state
-from diffusevae.config import ConfigError
 from diffusevae.data import build_dataset
 from diffusevae.distributed import processes
-from diffusevae.train import (EMA, StepBatches, TrainingError, train_refiner, train_vae)
+from diffusevae.errors import ConfigError, TrainingError
+from diffusevae.train import EMA, StepBatches, train_refiner, train_vae
 from diffusevae.training_loop import Stage, run_steps
 from diffusevae.vae import VAE
 

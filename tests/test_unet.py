@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from diffusevae.checkpoint import CONFIG_NAME, CheckpointError
-from diffusevae.config import PRESETS, ConfigError, UNetConfig
+from diffusevae.checkpoint import CONFIG_NAME
+from diffusevae.config import PRESETS, UNetConfig
+from diffusevae.errors import CheckpointError, ConfigError
 from diffusevae.unet import AttnBlock, UNet, num_groups, timestep_embedding
 
 from conftest import reseal

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusevae.checkpoint import CheckpointError
-from diffusevae.config import PRESETS, ConfigError, VAEConfig
+from diffusevae.config import PRESETS, VAEConfig
+from diffusevae.errors import CheckpointError, ConfigError
 from diffusevae.vae import VAE, Block, parse_blocks
 
 

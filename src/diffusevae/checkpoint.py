@@ -30,10 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .config import ConfigError, DiffusionConfig, from_dict, to_dict
-from .storage import (MANIFEST_NAME, CheckpointError, DiskFullError, _atomic_write,  # noqa: F401
-                      _disk_full, atomic_write_json, atomic_write_text,
-                      read_checked, read_manifest, save_files)
+from .config import DiffusionConfig, from_dict, to_dict
+from .errors import CheckpointError, ConfigError
+from .storage import (MANIFEST_NAME, _atomic_write, _disk_full, atomic_write_json,  # noqa: F401
+                      atomic_write_text, read_checked, read_manifest, save_files)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

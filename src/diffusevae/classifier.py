@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .checkpoint import PretrainedMixin
-from .config import ConfigError, DataConfig, to_dict
+from .config import DataConfig, to_dict
 from .data import build_dataset
+from .errors import ConfigError
 
 CLASSIFIER_KIND = "classifier"
 

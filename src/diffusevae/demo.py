@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from .config import SampleConfig, resolve
+from .errors import RunFolderError
 from .latents import load_directions
 from .outputs import (Written, edit_to_folder, interpolate_to_folder, reconstruct_to_folder,
                       sample_to_folder)
 from .run import RunFolder
 from .train import train_refiner, train_vae
-from .training_loop import RunFolderError
 
 SHIPPED_MODEL = "models/fashion-mnist"
 TOUR_OUT = "diffusevae-outputs/demo"

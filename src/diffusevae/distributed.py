@@ -19,7 +19,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 T = TypeVar("T")
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError, _atomic_write
+from .checkpoint import _atomic_write
+from .errors import CheckpointError
 from .storage import DISK_FULL_ERRNOS, _disk_full
 
 

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from .checkpoint import CONFIG_NAME, read_json, save_model_folder
-from .config import ConfigError, DataConfig, DiffusionConfig, from_dict, to_dict
-from .errors import OfficialCheckpointError
+from .config import DataConfig, DiffusionConfig, from_dict, to_dict
+from .errors import ConfigError, OfficialCheckpointError
 from .storage import sha256_file
 from .unet_official import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .vae_official import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig, parse_widths

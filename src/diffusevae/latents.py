@@ -27,10 +27,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, atomic_save_tensors, atomic_write_json, load_tensors
+from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .checkpoint import read_json
-from .config import ConfigError, DataConfig, SampleConfig
-from .data import DataError, ImageFolder, build_dataset
+from .config import DataConfig, SampleConfig
+from .data import ImageFolder, build_dataset
+from .errors import CheckpointError, ConfigError, DataError
 from .pipeline import DiffuseVAE, Generation
 from .prior import encode_dataset, subset_indices
 from .rng import sample_generators

@@ -56,10 +56,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import CheckpointError, atomic_write_json, environment, read_json
-from .config import ConfigError, InvertConfig, SampleConfig
+from .checkpoint import atomic_write_json, environment, read_json
+from .config import InvertConfig, SampleConfig
 from .data import build_dataset, open_image_folder, read_image
 from .distributed import Processes
+from .errors import CheckpointError, ConfigError
 from .images import NpzStreamWriter, save_gif, save_grid, save_png, save_pngs, side_by_side
 from .images import to_uint8
 from .latents import MODES, edit_latents, find_direction, interpolation_frames

@@ -30,8 +30,9 @@ from typing import Callable, ClassVar, Iterator
 import numpy as np
 import torch
 
-from .config import ConfigError, DiffusionConfig, SampleConfig
+from .config import DiffusionConfig, SampleConfig
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
+from .errors import ConfigError
 from .prior import GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .rng import randn_like_per_sample, sample_generators
 from .samplers import ddim_invert, get_sampler, sampler_options

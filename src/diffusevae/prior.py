@@ -28,15 +28,9 @@ from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import (
-    CheckpointError,
-    atomic_save_tensors,
-    atomic_write_json,
-    load_tensors,
-    read_json,
-)
-from .config import ConfigError
+from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from .data import build_dataset
+from .errors import CheckpointError, ConfigError
 from .rng import randn_like_per_sample, sample_generators
 from .run import RunFolder
 from .storage import sha256_file

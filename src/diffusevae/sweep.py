@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from .checkpoint import atomic_write_json, atomic_write_text
-from .config import ConfigError, DataConfig, SampleConfig
-from .errors import EvaluationError
+from .config import DataConfig, SampleConfig
+from .errors import ConfigError, EvaluationError
 from .evaluation import Scoring, _jsonable, evaluate, machine, metric_names, reference_stats
 from .features import Extractor
 from .pipeline import DiffuseVAE

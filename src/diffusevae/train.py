@@ -14,16 +14,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError
+from .config import Config
 from .data import build_dataset
 from .diffusion import Schedule, get_formulation, training_loss
 from .distributed import processes
-from .rng import BatchShard
+from .errors import ConfigError
 from .images import save_grid, side_by_side
 from .pipeline import DiffuseVAE
+from .rng import BatchShard
 from .run import RunFolder, save_refiner
-from .training_loop import (EMA, RunFolderError, Stage, StepBatches,  # noqa: F401 (re-exported)
-                            TrainingError, fit, total_steps)
+from .training_loop import EMA, Stage, StepBatches, fit, total_steps  # noqa: F401 (re-exported)
 from .unet import UNet
 from .vae import VAE
 

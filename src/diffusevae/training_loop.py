@@ -42,13 +42,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, TrainConfig, to_dict
+from .config import Config, TrainConfig, to_dict
 from .data import random_hflip
 from .distributed import Processes
-from .errors import OutOfMemoryError
+from .errors import ConfigError, OutOfMemoryError, TrainingError
 from .rng import BatchShard
-from .training_state import (EMA, RunFolderError, TrainingError,  # noqa: F401 (re-exported)
-                             TrainingState, check_resume, record_environment)
+from .training_state import (EMA, TrainingState, check_resume,  # noqa: F401 (re-exported)
+                             record_environment)
 from .unet import CHANNELS_LAST_DEVICES
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import PretrainedMixin
-from .config import ConfigError, UNetConfig
+from .config import UNetConfig
+from .errors import ConfigError
 
 # Devices where the networks run channels-last (NHWC) by default, in sampling and training: the
 # CPU, where it was measured faster (README "Fast sampling"), and CUDA, whose convolutions run

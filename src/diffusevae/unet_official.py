@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import save_model_folder
-from .config import ConfigError
+from .errors import ConfigError
 from .unet import UNet, Upsample, norm_silu  # Upsample: the same layer, named alike
 from .vae_official import OFFICIAL_ARCH
 

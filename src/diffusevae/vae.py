@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import PretrainedMixin
-from .config import ConfigError, VAEConfig
+from .config import VAEConfig
+from .errors import ConfigError
 from .rng import BatchShard, randn_like_per_sample, sample_generators
 
 _TOKEN = re.compile(r"^(\d+)([xdut])(\d+)$")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import save_model_folder
-from .config import ConfigError
+from .errors import ConfigError
 from .vae import VAE, Block, parse_blocks
 
 # The value of config.json's "arch" for the networks of this module and unet_official.py.

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ..config import ConfigError, SampleConfig
+from ..config import SampleConfig
 from ..distributed import processes
+from ..errors import ConfigError
 from ..evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
 from ..features import EXTRACTORS
 from ..names import DATASETS, SPACINGS

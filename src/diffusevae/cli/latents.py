@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..latents import MODES, compute_directions
 from ..outputs import edit_to_folder, interpolate_to_folder
 from ..prior import fit_prior

@@ -8,8 +8,9 @@ import click
 import torch
 import yaml
 
-from ..config import PRESETS, Config, ConfigError, InvertConfig, SampleConfig, resolve, to_dict
+from ..config import PRESETS, Config, InvertConfig, SampleConfig, resolve, to_dict
 from ..distributed import resolve_device
+from ..errors import ConfigError
 from ..names import DATASETS, DEVICES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
 from ..prior import PRIORS
 from ..run import RunFolder
