@@ -31,7 +31,7 @@ from . import __version__
 from . import metrics as M
 from .checkpoint import atomic_write_json
 from .classifier import ClassifierConfig, train_classifier
-from .config import DataConfig, SampleConfig, get_preset
+from .config import PRESETS, DataConfig, SampleConfig, get_preset
 from .distributed import Processes
 from .errors import EvaluationError
 from .features import Extractor, build_extractor
@@ -322,7 +322,7 @@ def dataset_config(dataset: str, data_dir: str | None = None) -> DataConfig:
         raise EvaluationError(f"{dataset!r} has no native size; choose one of "
                               f"{', '.join(NATIVE_SIZES)}, or give a run (--run)")
     size, channels = NATIVE_SIZES[dataset]
-    preset = dataset if dataset in ("digits", "fashion-mnist", "cifar10") else None
+    preset = dataset if dataset in PRESETS else None  # a preset named after the dataset
     data = get_preset(preset).data if preset else DataConfig(dataset=dataset)
     return replace(data, dataset=dataset, data_dir=data_dir, image_size=size,
                    channels=channels, hflip=False)
