@@ -1,4 +1,6 @@
-"""The layers of the package: a module imports only from the layers below it (README "Layout").
+"""The layers of the package, bottom to top: the foundation (config, storage, rng, names,
+errors, checkpoint), the maths and the networks, the run folder and what uses it, the command
+line. A module imports only from the layers below it.
 
 Read from the source (every import, at the top or inside a function), so that an import that
 climbs a layer fails here rather than in a newcomer's head.
