@@ -187,7 +187,7 @@ def test_our_ddim_from_the_same_noise_gives_the_official_samples(imported, name)
 
 
 def test_keep_eps_is_a_ddim_setting_that_changes_nothing_where_nothing_is_clipped(imported):
-    from diffusevae.config import ConfigError
+    from diffusevae.errors import ConfigError
 
     with pytest.raises(ConfigError, match="keep_eps is a DDIM setting"):
         SampleConfig(sampler="dpmpp_2m", keep_eps=True)

@@ -7,9 +7,9 @@ import pytest
 
 from diffusevae import features, latents, names, prior
 from diffusevae.cli import cli
-from diffusevae.config import (ConfigError, DataConfig, DiffusionConfig, SampleConfig,
-                               TrainConfig)
+from diffusevae.config import DataConfig, DiffusionConfig, SampleConfig, TrainConfig
 from diffusevae.diffusion import FORMULATIONS, respaced_timesteps
+from diffusevae.errors import ConfigError
 from diffusevae.samplers import SAMPLERS, sampler_options
 
 # each config field that takes a name, and the registry it must accept exactly
