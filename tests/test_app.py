@@ -42,6 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's packages
 TIMEOUT = 120  # seconds the browser waits for the page (a loaded 2-core machine is slow)
+MAX_IMAGES = 500  # training images encoded for the principal directions: enough, and quick
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -80,7 +81,8 @@ def run_with_attributes(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def explorer(run_with_attributes, tmp_path_factory) -> Explorer:
-    return Explorer.from_run(run_with_attributes, tmp_path_factory.mktemp("explore"))
+    return Explorer.from_run(run_with_attributes, tmp_path_factory.mktemp("explore"),
+                             max_images=MAX_IMAGES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,14 +154,14 @@ def test_directions_are_cached_in_the_output_folder_not_the_run(explorer, run_wi
     (published / "MODEL.md").write_text("a published model\n")
     files = sorted((p, p.stat().st_mtime_ns) for p in published.rglob("*"))
     monkeypatch.chdir(tmp_path)
-    fresh = Explorer.from_run(published)  # computes them again, under the current folder
+    fresh = Explorer.from_run(published, max_images=MAX_IMAGES)  # again, under this folder
     assert fresh.out_dir == Path("diffusevae-outputs/published/explore")
     assert (fresh.out_dir / app.CACHE_FILE).is_file()
     assert sorted((p, p.stat().st_mtime_ns) for p in published.rglob("*")) == files
     assert all(torch.allclose(a.vector, b.vector) for a, b in zip(fresh.directions,
                                                                   explorer.directions))
     monkeypatch.setattr(app, "encode_dataset", lambda *a, **k: pytest.fail("re-encoded"))
-    again = app.latent_directions(run, explorer.out_dir, explorer.pipe)
+    again = app.latent_directions(run, explorer.out_dir, explorer.pipe, MAX_IMAGES)
     assert all(torch.equal(a.vector, b.vector) for a, b in zip(again, explorer.directions))
 
 
@@ -247,11 +249,11 @@ def test_cli_warns_when_not_on_loopback(explorer, run_with_attributes, tmp_path,
     out = explorer.out_dir  # its slider directions are cached there already
     run = run_with_attributes
     assert run_cli("explore", "--run", run, "--host", "0.0.0.0", "--port", 7999,
-                   "--out", out, "--device", "cpu") == 0
+                   "--out", out, "--device", "cpu", "--max-images", MAX_IMAGES) == 0
     err = capsys.readouterr().err
     assert "warning: serving on 0.0.0.0" in err and len(err.strip().splitlines()) == 1
     assert served == {"host": "0.0.0.0", "port": 7999, "out": out}
-    assert run_cli("explore", "--run", run, "--out", out) == 0
+    assert run_cli("explore", "--run", run, "--out", out, "--max-images", MAX_IMAGES) == 0
     assert served["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
     assert run_cli("explore", "--run", tmp_path / "none") == 2  # no refiner: one line
 

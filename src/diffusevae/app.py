@@ -446,7 +446,7 @@ def _sliders(gr, explorer: Explorer) -> list:
         if group:
             with gr.Column(min_width=200):
                 gr.Markdown(title)
-                sliders += [gr.Slider(-d.limit, d.limit, 0.0, step=0.05 * d.limit,
+                sliders += [gr.Slider(-d.limit, d.limit, 0.0, step=0.125,
                                       label=d.name) for d in group]
     return sliders
 
@@ -474,14 +474,15 @@ def _generate_tab(gr, explorer: Explorer, settings: list) -> None:
 def _latent_tab(gr, demo, explorer: Explorer, settings: list) -> None:
     state = gr.State(None)
     with gr.Row():
-        with gr.Column(min_width=300):
+        with gr.Column(scale=2, min_width=300):
             with gr.Row():
                 seed = gr.Number(0, precision=0, minimum=0, label="seed")
                 draw = gr.Button("Draw z", variant="primary")
-            x_hat = gr.Image(label="x̂ = D(z)", format="png", interactive=False,
-                             elem_id="latent-xhat")
-            refined = gr.Image(label="refined (noise held fixed)", format="png",
-                               interactive=False, elem_id="latent-refined")
+            with gr.Row():
+                x_hat = gr.Image(label="x̂ = D(z)", format="png", interactive=False,
+                                 elem_id="latent-xhat")
+                refined = gr.Image(label="refined (fixed noise)", format="png",
+                                   interactive=False, elem_id="latent-refined")
         sliders = _sliders(gr, explorer)
     zeros = [0.0] * len(sliders)
 
