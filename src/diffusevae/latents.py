@@ -10,7 +10,9 @@ the details the refiner adds. So:
   details (mode "xt");
 - an attribute is a direction in z: d = mean z of the images that have it minus mean z of those
   that do not (`attribute_directions`); z + lambda d adds it (lambda > 0) or removes it
-  (lambda < 0), and lambda = 1 moves by the whole gap between the two groups (`edit_latents`).
+  (lambda < 0), and lambda = 1 moves by the whole gap between the two groups (`edit_latents`);
+- the principal directions of encoded latents (`principal_directions`) are the axes along which
+  the data vary most, with no labels needed (the sliders of `diffusevae explore`, app.py).
 
 "Noise held fixed" means every frame (or every lambda) of an image gets generators in the same
 state: the same initial noise and the same per-step noise.
