@@ -433,7 +433,7 @@ def _end_of_step(state: TrainingState, ctx: StepContext, report: _Report, folder
         report.log(step, means, state.opt.param_groups[0]["lr"])
     if step % tc.ckpt_every == 0 or final:
         if main:
-            state.save(folder, ctx.stage)
+            state.save(folder, ctx.stage.name, ctx.stage.export)
         state.last_saved = step
     if main and (step % tc.sample_every == 0 or final):
         with _eval_mode(state.model):
@@ -450,7 +450,7 @@ def _stop_after_step(state: TrainingState, ctx: StepContext, folder: Path,
     report.bar.close()
     main = ctx.procs.is_main
     if main and state.step > state.last_saved:
-        state.save(folder, ctx.stage)
+        state.save(folder, ctx.stage.name, ctx.stage.export)
     ctx.procs.barrier()  # no process leaves (and ends the launch) before the save is done
     if main:
         tqdm.write(f"interrupted: saved step {state.step} to {folder}; continue with --resume")
@@ -468,7 +468,7 @@ def _stop_at_once(state: TrainingState, ctx: StepContext, folder: Path,
     if state.rng_at_step_start is not None:  # stopped before the update: undo the step's draws
         state.gen.set_state(state.rng_at_step_start)
     if ctx.procs.is_main and state.step > state.last_saved and not ctx.procs.distributed:
-        state.save(folder, ctx.stage)
+        state.save(folder, ctx.stage.name, ctx.stage.export)
         tqdm.write(f"interrupted: saved step {state.step} to {folder}; continue with --resume")
     raise KeyboardInterrupt
 

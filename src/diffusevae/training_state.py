@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,10 +21,6 @@ from . import checkpoint as ckpt
 from .config import Config, TrainConfig, to_dict
 from .distributed import Processes
 from .errors import RunFolderError, TrainingError
-
-if TYPE_CHECKING:
-    from .training_loop import Stage
-
 
 # Settings a run may change when it resumes: they do not change what it computes (beyond
 # float rounding, as the number of processes does not either).
@@ -90,9 +86,11 @@ class TrainingState:
         self.updating = False
         self.rng_at_step_start: torch.Tensor | None = None
 
-    def save(self, folder: Path, stage: "Stage") -> None:
-        """Trainer state first (everything resuming needs, one atomic file), then the export."""
-        _check_finite(stage.name, self.model, self.ema, self.step)
+    def save(self, folder: Path, name: str,
+             export: Callable[[Path, nn.Module, dict | None], None]) -> None:
+        """Trainer state first (everything resuming needs, one atomic file), then the stage's
+        export (`Stage.export`: config.json + safetensors) of stage `name`."""
+        _check_finite(name, self.model, self.ema, self.step)
         ckpt.save_trainer_state(folder, {
             "step": self.step,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -101,7 +99,7 @@ class TrainingState:
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "generator": self.gen.get_state(),  # the global RNG is reseeded at each step
         })
-        stage.export(folder, self.model, self.ema.shadow if self.ema else None)
+        export(folder, self.model, self.ema.shadow if self.ema else None)
 
     def load(self, path: Path, device: torch.device) -> None:
         """Restore everything from ``trainer_state.pt``, or say that it is another run's."""
