@@ -1,6 +1,7 @@
 """`export` and published (read-only) models: what a shared model folder holds, that it samples
 as the run it came from, and that no command writes into it."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,20 @@ def _files(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def published(trained_run, tmp_path_factory):
-    """The trained run exported, with a prior, then marked published by its model card."""
-    assert run_cli("fit-prior", "--run", trained_run, "--components", "2") == 0
+def source(trained_run, tmp_path_factory):
+    """A copy of the session's trained run (which other tests need without a prior), with a
+    fitted prior."""
+    run = tmp_path_factory.mktemp("source") / "run"
+    shutil.copytree(trained_run, run)
+    assert run_cli("fit-prior", "--run", run, "--components", "2") == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def published(source, tmp_path_factory):
+    """The run exported, then marked published by its model card."""
     dest = tmp_path_factory.mktemp("models") / "tiny"
-    assert run_cli("export", "--run", trained_run, "--out", dest) == 0
+    assert run_cli("export", "--run", source, "--out", dest) == 0
     (dest / MODEL_CARD).write_text("# tiny\n")
     return dest
 
@@ -38,10 +48,10 @@ def test_export_holds_weights_configs_and_prior_without_trainer_state(published)
     assert not any(n.endswith((".pt", ".pkl", ".pickle")) for n in names)
 
 
-def test_exported_model_samples_as_the_runs_ema_weights(trained_run, published):
+def test_exported_model_samples_as_the_runs_ema_weights(source, published):
     kw = dict(n=4, steps=3, seed=5, prior="gmm", return_latents=True)
     ours = DiffuseVAE.from_pretrained(published).generate(**kw)
-    theirs = DiffuseVAE.from_pretrained(trained_run, use_ema=True).generate(**kw)
+    theirs = DiffuseVAE.from_pretrained(source, use_ema=True).generate(**kw)
     torch.testing.assert_close(ours.images, theirs.images, rtol=0, atol=0)
     torch.testing.assert_close(ours.z, theirs.z, rtol=0, atol=0)
 
