@@ -82,7 +82,7 @@ def model_card(results: dict, name: str, model: str, prior: dict | None) -> str:
     return f"""# {name}
 
 A DiffuseVAE trained on Fashion-MNIST (28x28 grey garments, 60,000 training images; the
-Debian package `dataset-fashion-mnist`), by this project's B1 benchmark, on a CPU.
+Debian package `dataset-fashion-mnist`), by this project's B1 benchmark, on {m['device']}.
 
 ## What is in it
 
@@ -94,7 +94,7 @@ Debian package `dataset-fashion-mnist`), by this project's B1 benchmark, on a CP
   with a checked manifest. No optimiser state, nothing pickled.
 
 Trained with `python benchmarks/speed_quality.py --budget {results['budget']}` (seed
-{s['seed']}) on {m['platform']} ({m['cpu_count']} CPU cores, torch {m['torch']}, one thread);
+{s['seed']}) on {m['platform']} ({m['cpu_count']} CPU cores, torch {m['torch']}, {m['threads']} thread(s));
 each stage had a wall-clock budget, so the step counts above are what that machine reached.
 
 ## How good it is
