@@ -1,11 +1,14 @@
 """How long a slider move takes in `diffusevae explore`: from the request to the refined image.
 
 Starts `diffusevae explore` on a free port of 127.0.0.1 (or measures a running one, --url),
-draws z, then makes --moves slider moves through the server with Gradio's Python client, each a
-new position of a few sliders (seeded), timing each from the request to the refined image's
-bytes fetched, as a browser would fetch it. The same moves are then timed in this process
-through the callback alone (`Explorer.move`, no server), which splits the total into the
-model's work and the web's. Target (issue "diffusevae explore"): median and p95 at most 0.5 s
+draws z, then makes --moves slider moves through the server, each a new position of a few
+sliders (seeded), timing each from the request to the refined image's bytes fetched. A move
+takes the page's own path: the sliders' event skips Gradio's queue, so the page POSTs the
+values to /gradio_api/run/move in its session and fetches the image it names (Gradio's Python
+client would instead go through the queue and its event stream, which the page never uses for
+a move, and adds about 0.2 s of its own). The same moves are then timed in this process
+through the callback alone (`Explorer.move`, no server, the server's thread count), which
+splits the total into the model's work and the web's. Target (issue "diffusevae explore"): median and p95 at most 0.5 s
 for the fashion-mnist model at 10 steps on a 2-core CPU.
 
     python benchmarks/explorer_latency.py --run models/fashion-mnist
@@ -31,7 +34,7 @@ import torch
 
 from common import fmt, log, provenance, table, write_results
 
-from diffusevae.app import Explorer, Settings
+from diffusevae.app import Explorer, Settings, serving_threads
 
 TARGET_S = 0.5
 SLIDERS_MOVED = 3  # sliders that change at each move
@@ -43,14 +46,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: str, cache: Path | None, device: str,
+def start_server(run: str, cache: Path | None, device: str, threads: int,
                  timeout: float) -> tuple[subprocess.Popen, str]:
     """`diffusevae explore` in a child process; its URL once it answers."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     out = [] if cache is None else ["--out", str(cache)]
     proc = subprocess.Popen([sys.executable, "-m", "diffusevae", "explore", "--run", run,
-                             "--port", str(port), *out, "--device", device])
+                             "--port", str(port), *out, "--device", device,
+                             "--threads", str(threads)])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -87,23 +91,37 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 def through_server(url: str, settings: Settings, moves: list[list[float]],
                    pid: int | None) -> tuple[list[float], list[float | None]]:
-    """Seconds from each move's request to its refined image's bytes, and the server
-    process's CPU seconds for it (None for a server started elsewhere)."""
+    """Seconds from each move's request to its refined image's bytes, as the page makes it,
+    and the server process's CPU seconds for it (None for a server started elsewhere)."""
     from gradio_client import Client
 
     client = Client(url, verbose=False, download_files=False)
     args = (settings.steps, settings.sampler, settings.guidance, settings.temperature,
             settings.prior)
-    client.predict(*args, 0, api_name="/draw")
-    client.predict(*args, *moves[0], api_name="/move")  # warm-up, not counted
+    client.predict(*args, 0, api_name="/draw")  # z of seed 0, kept in the session's state
+    config = httpx.get(url + "config", timeout=30).json()
+    move = next(d for d in config["dependencies"] if d.get("api_name") == "move")
+    if move.get("queue", True):
+        sys.exit("error: the explorer's move event goes through the queue; this benchmark "
+                 "times the page's direct path")
+
+    def request(values: list[float]) -> dict:
+        body = {"data": [None, *args, *values], "fn_index": move["id"],  # None: the state
+                "session_hash": client.session_hash, "event_data": None, "trigger_id": None}
+        answer = http.post(url + "gradio_api/run/move", json=body, timeout=60)
+        answer.raise_for_status()
+        return answer.json()["data"][1]  # x_hat, refined
+
     times, cpu = [], []
-    for values in moves[1:]:
-        t0, c0 = time.perf_counter(), cpu_seconds(pid)
-        _, refined = client.predict(*args, *values, api_name="/move")
-        httpx.get(refined["url"], timeout=30).raise_for_status()
-        times.append(time.perf_counter() - t0)
-        c1 = cpu_seconds(pid)
-        cpu.append(None if c0 is None or c1 is None else c1 - c0)
+    with httpx.Client() as http:
+        request(moves[0])  # warm-up, not counted
+        for values in moves[1:]:
+            t0, c0 = time.perf_counter(), cpu_seconds(pid)
+            refined = request(values)
+            http.get(refined["url"], timeout=30).raise_for_status()
+            times.append(time.perf_counter() - t0)
+            c1 = cpu_seconds(pid)
+            cpu.append(None if c0 is None or c1 is None else c1 - c0)
     return times, cpu
 
 
@@ -164,6 +182,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the server's torch threads [its default: all cores but one]")
     parser.add_argument("--cache", type=Path, default=None,
                         help="The explorer's --out (its cached slider directions) [its default].")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -173,13 +193,15 @@ def main() -> None:
         sys.exit("error: --moves must be at least 2")
 
     settings = Settings(steps=args.steps)
+    threads = serving_threads(torch.device(args.device), args.threads)
     explorer = Explorer.from_run(args.run, args.cache, args.device)  # also fills the cache
     limits = [d.limit for d in explorer.directions]
     moves = positions(args.moves + 1, len(limits), limits, args.seed)  # +1: the warm-up
     proc = None
     if args.url is None:
         log("starting diffusevae explore")
-        proc, args.url = start_server(args.run, args.cache, args.device, args.start_timeout)
+        proc, args.url = start_server(args.run, args.cache, args.device, threads,
+                                      args.start_timeout)
     try:
         log(f"{args.moves} moves through {args.url}")
         served = through_server(args.url, settings, moves, proc and proc.pid)
@@ -188,9 +210,10 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     log(f"{args.moves} moves through the callback alone")
+    torch.set_num_threads(threads)
     alone = in_process(explorer, settings, moves)
     result = {"run": args.run, "url": args.url, "settings": vars(settings),
-              "sliders": len(limits), "threads": torch.get_num_threads(),
+              "sliders": len(limits), "threads": threads,
               "measured": {"through the server": summary(*served),
                            "callback alone": summary(*alone)},
               "load_average": [round(x, 2) for x in os.getloadavg()],

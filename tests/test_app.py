@@ -143,6 +143,15 @@ def test_settings_are_checked():
         Settings().sample(1.5)
 
 
+def test_the_server_leaves_one_core_to_the_web_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert app.serving_threads(torch.device("cpu")) == 1
+    assert app.serving_threads(torch.device("cpu"), threads=2) == 2  # asked for: kept
+    assert app.serving_threads(torch.device("cuda")) == 2  # the GPU does the work
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert app.serving_threads(torch.device("cpu")) == 1  # never zero
+
+
 def test_directions_are_cached_in_the_output_folder_not_the_run(explorer, run_with_attributes,
                                                                    tmp_path, monkeypatch):
     run = run_with_attributes
@@ -244,17 +253,19 @@ def test_cli_warns_when_not_on_loopback(explorer, run_with_attributes, tmp_path,
     from diffusevae.cli import explore
 
     served = {}
-    monkeypatch.setattr(explore, "serve", lambda ex, host, port: served.update(
-        host=host, port=port, out=ex.out_dir))
+    monkeypatch.setattr(explore, "serve", lambda ex, host, port, threads: served.update(
+        host=host, port=port, out=ex.out_dir, threads=threads))
     out = explorer.out_dir  # its slider directions are cached there already
     run = run_with_attributes
     assert run_cli("explore", "--run", run, "--host", "0.0.0.0", "--port", 7999,
                    "--out", out, "--device", "cpu", "--max-images", MAX_IMAGES) == 0
     err = capsys.readouterr().err
     assert "warning: serving on 0.0.0.0" in err and len(err.strip().splitlines()) == 1
-    assert served == {"host": "0.0.0.0", "port": 7999, "out": out}
-    assert run_cli("explore", "--run", run, "--out", out, "--max-images", MAX_IMAGES) == 0
+    assert served == {"host": "0.0.0.0", "port": 7999, "out": out, "threads": None}
+    assert run_cli("explore", "--run", run, "--out", out, "--max-images", MAX_IMAGES,
+                   "--threads", 3) == 0
     assert served["host"] == "127.0.0.1" and "warning" not in capsys.readouterr().err
+    assert served["threads"] == 3
     assert run_cli("explore", "--run", tmp_path / "none") == 2  # no refiner: one line
 
 
@@ -271,7 +282,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(explorer):
     _need("gradio (the app extra)", _has_module("gradio"))
-    demo = app.serve(explorer, "127.0.0.1", free_port(), block=False)
+    demo = app.serve(explorer, "127.0.0.1", free_port(), block=False,
+                     threads=torch.get_num_threads())  # the suite's other tests keep theirs
     yield demo.local_url
     demo.close()
 

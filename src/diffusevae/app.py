@@ -41,7 +41,7 @@ from .config import SampleConfig
 from .data import build_dataset, read_image
 from .errors import ConfigError, DataError, DiffuseVAEError
 from .images import make_grid, save_gif, to_uint8
-from .latents import interpolation_frames, load_directions, principal_directions
+from .latents import MODES, interpolation_frames, load_directions, principal_directions
 from .pipeline import DiffuseVAE
 from .prior import PRIORS, encode_dataset, subset_indices
 from .rng import sample_generators
@@ -537,7 +537,7 @@ def _interpolate_tab(gr, explorer: Explorer, settings: list) -> None:
     with gr.Row():
         source = gr.Radio(["two seeds", "two test images", "two uploads"], value="two seeds",
                           label="endpoints")
-        mode = gr.Radio(["slerp", "lerp", "xt"], value="slerp", label="mode",
+        mode = gr.Radio(list(MODES), value="slerp", label="mode",
                         info="slerp / lerp: z moves, noise fixed; xt: the noise moves, z fixed")
         frames = gr.Slider(2, MAX_FRAMES, 8, step=1, label="frames")
     with gr.Row():
@@ -583,10 +583,25 @@ def build_app(explorer: Explorer):
     return demo
 
 
-def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+def serving_threads(device: torch.device, threads: int | None = None) -> int:
+    """torch's CPU threads while serving: ``threads`` if given; else, for a model on the CPU,
+    all cores but one, left to the web server. On 2 cores a slider move takes about half the
+    time with one thread as with two, which fight the server's own thread for the cores
+    (benchmarks/explorer_latency.py)."""
+    if threads is not None:
+        return threads
+    current = torch.get_num_threads()
+    return max(1, current - 1) if device.type == "cpu" else current
+
+
+def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+          threads: int | None = None):
     """Start the page on http://host:port/ (no share link, uploads capped at
     MAX_UPLOAD_BYTES); with ``block`` serve until Ctrl-C, else return the running app (its
-    ``close()`` stops it)."""
+    ``close()`` stops it).
+
+    ``threads``: torch's CPU threads for the model [`serving_threads`]."""
+    torch.set_num_threads(serving_threads(explorer.pipe.device, threads))
     demo = build_app(explorer)
     demo.queue(default_concurrency_limit=1)  # one model: requests take turns
     explorer.out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
                    "for a published, read-only model diffusevae-outputs/NAME/explore].")
 @click.option("--max-images", type=click.IntRange(min=2), default=10_000, show_default=True,
               help="Training images encoded (once) for the principal directions.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="torch's CPU threads for the model [all cores but one, left to the server]")
 @device_option
 def explore(run_dir: str, host: str, port: int, out: str | None, max_images: int,
-            device: str) -> None:
+            threads: int | None, device: str) -> None:
     """A web page to play with z: generate, move z along principal and attribute
     directions, encode and edit a real image, interpolate (needs the `app` extra)."""
     if host not in LOOPBACK:
@@ -32,4 +34,4 @@ def explore(run_dir: str, host: str, port: int, out: str | None, max_images: int
                    "local", err=True)
     explorer = Explorer.from_run(run_dir, out, device_of(device), max_images)
     click.echo(f"the explorer of {run_dir} is on http://{host}:{port}/ (Ctrl-C stops it)")
-    serve(explorer, host, port)
+    serve(explorer, host, port, threads=threads)
