@@ -51,6 +51,10 @@ class OfficialCheckpointError(CheckpointError):
     """An official checkpoint cannot be imported; the message says why and what to do."""
 
 
+class FolderInUseError(DiffuseVAEError, RuntimeError):
+    """Another process is writing the folder a command would write; names it (exit status 2)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Training: exit status 1 (it cannot go on), or 2 where the input is to blame
 # --------------------------------------------------------------------------------------------
