@@ -9,8 +9,9 @@ and `serve` starts it. Gradio is imported only there: the library runs without t
 - "Noise held fixed": every slider move refines with the generator of (seed, 0), or in exact
   mode from the real image's inverted y_T (`DiffuseVAE.invert`), so only z changes the picture.
 - Safe by default: the browser sends numbers and uploaded bytes, never a path; an upload is
-  checked (size, format, pixel count) before it is decoded, then loaded by `data.read_image`;
-  an error becomes a message in the page, and the server goes on serving.
+  read by the one loader of user images (`data.read_image`: size, format and pixel count
+  checked before it is decoded) under the explorer's smaller limits; an error becomes a
+  message in the page, and the server goes on serving.
 - Sliders: the first principal directions of the encoded training set (a unit: one standard
   deviation), computed once and cached in the explorer's output folder, never in the run folder
   (it may be a read-only shipped model); and the run's attribute directions (a unit: the whole
@@ -19,7 +20,6 @@ and `serve` starts it. Gradio is imported only there: the library runs without t
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import tempfile
@@ -33,12 +33,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from .config import SampleConfig
-from .data import build_dataset, read_image
+from .data import ImageLimits, build_dataset, read_image
 from .errors import ConfigError, DataError, DiffuseVAEError
 from .images import make_grid, save_gif, to_uint8
 from .latents import MODES, interpolation_frames, load_directions, principal_directions
@@ -57,7 +56,7 @@ MAX_FRAMES = 32  # Interpolate: frames per request
 MAX_STEPS = 100  # sampling steps a request may ask for (the latency target is at 10)
 MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096  # refused before decoding: a small file can claim a huge image
-UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what the folder loader reads (data.py)
+UPLOAD_LIMITS = ImageLimits(MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS)  # below the library's
 INVERSION_FIXED_POINT = 2  # fixed-point iterations per inverted step: closer at 10 steps
 CACHE_FILE = "latent_directions.safetensors"
 CACHE_RECORD = "latent_directions.json"  # what the cached directions were computed from
@@ -145,40 +144,21 @@ def view(images: Tensor, nrow: int | None = None, size: int = VIEW) -> np.ndarra
 def read_upload(data: bytes | None, image_size: int, channels: int) -> Tensor:
     """An uploaded image file as the model takes it, (C, H, W) in [-1, 1], or a DataError.
 
-    Refused: more than MAX_UPLOAD_BYTES, a format other than UPLOAD_FORMATS, more than
-    MAX_UPLOAD_PIXELS (read from the header, before any pixel is decoded), or another channel
-    count than the model's (as `refine` refuses it).
+    Read by the one loader of user images (`data.read_image`) under the explorer's own
+    limits, `UPLOAD_LIMITS`: more bytes or pixels (read from the header, before any pixel is
+    decoded), a format other than PNG, JPEG, WebP or BMP, or another channel count than the
+    model's (as `refine` refuses it) are refused.
     """
     if not data:
         raise DataError("no image was uploaded; choose a PNG, JPEG, WebP or BMP file")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise DataError(f"the upload is {len(data) / 2**20:.1f} MiB; the explorer takes images "
-                        f"up to {MAX_UPLOAD_BYTES // 2**20} MiB")
-    too_big = (f"pixels, more than the {MAX_UPLOAD_PIXELS:,} pixels the explorer decodes (a "
-               "decompression bomb?); resize it first")
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            kind, (w, h) = im.format, im.size
-    except Image.DecompressionBombError:  # PIL's own limit, far above ours
-        raise DataError(f"the upload claims billions of {too_big}") from None
-    except Exception:  # PIL: UnidentifiedImageError, truncated headers...
-        raise DataError("the upload is not an image the explorer reads; choose a PNG, JPEG, "
-                        "WebP or BMP file") from None
-    if kind not in UPLOAD_FORMATS:
-        raise DataError(f"the upload is a {kind} image; choose a PNG, JPEG, WebP or BMP file")
-    if w * h > MAX_UPLOAD_PIXELS:
-        raise DataError(f"the upload is {w}x{h} {too_big}")
-    # The library's loader reads files: hand it the bytes under a name chosen here.
+    # The loader reads files: hand it the bytes under a name chosen here.
     with tempfile.TemporaryDirectory(prefix="diffusevae-upload-") as tmp:
-        path = Path(tmp) / f"upload.{kind.lower()}"
+        path = Path(tmp) / "upload"
         path.write_bytes(data)
         try:
-            return read_image(path, image_size, channels)
+            return read_image(path, image_size, channels, limits=UPLOAD_LIMITS)
         except DataError as exc:  # name the upload, not the temporary file
             raise DataError(str(exc).replace(str(path), "the upload")) from None
-        except Exception:
-            raise DataError("the upload could not be decoded (truncated or corrupt); choose "
-                            "another file") from None
 
 
 # --------------------------------------------------------------------------------------------

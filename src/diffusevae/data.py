@@ -6,6 +6,12 @@ images. Nothing is downloaded unless `DataConfig.download` is set. Channel polic
 sources asked for 3 channels repeat their one channel; RGB sources asked for 1 channel become
 luma (ITU-R 601, as PIL's "L"). Images are resized to `DataConfig.image_size` when their native
 size differs. Data never leave the CPU here: moving batches to a device is the training loop's job.
+
+Every image file a user gives (a folder dataset, the inputs of refine, reconstruct, edit and
+interpolate, the samples and references of evaluate, the explorer's uploads) is read by one
+loader, `load_image`: file size and the pixel count its header claims are checked before a
+pixel is decoded (`ImageLimits`), 16-bit grayscale is scaled to 8 bits, transparency is
+flattened onto white, and output names of a folder's images never meet (`output_stems`).
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import tarfile
 import tempfile
 import urllib.request
 import warnings
 import zlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -273,52 +282,192 @@ def _cifar10(cfg: DataConfig, split: str) -> ArrayImages:
 
 
 # --------------------------------------------------------------------------------------------
-# A folder of image files (decoded lazily)
+# The one loader of user images: limits read from the header, then one way to decode
 # --------------------------------------------------------------------------------------------
 
-def _open_image(path: Path, channels: int, size: int) -> Image.Image:
-    """Decode, flatten transparency onto white, centre-crop to a square, resize, convert."""
-    with Image.open(path) as im:
-        im.load()
-        if "A" in im.getbands() or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        im = im.convert("RGB" if channels == 3 else "L")
+@dataclass(frozen=True)
+class ImageLimits:
+    """The most an image file may hold, checked before any pixel is decoded."""
+
+    max_bytes: int
+    max_pixels: int
+
+
+USER_IMAGES = ImageLimits(max_bytes=256 * 2**20, max_pixels=8192 * 8192)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what IMAGE_EXTENSIONS name, by content
+GRAY_MODES = ("1", "L", "LA", "La")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale PNGs
+_PIL_CLAIM = re.compile(r"\((\d+) pixels\)")  # in PIL's DecompressionBombError
+
+
+class _Unreadable(Exception):
+    """Not an image this loader reads, or one that cannot be decoded (the message says which):
+    a folder of training images skips such files, every other caller refuses them."""
+
+
+def _bomb(path: Path, claim: str, limits: ImageLimits) -> DataError:
+    return DataError(f"{path} claims {claim} pixels, more than the {limits.max_pixels:,} "
+                     "pixels this loader decodes (a decompression bomb?); it was not decoded: "
+                     "resize it or remove it")
+
+
+def _open(path: Path, limits: ImageLimits) -> Image.Image:
+    """The image's header (no pixel decoded yet), once its file size, format and pixel count
+    are within `limits`: a DataError beyond them, `_Unreadable` for a file of another kind."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _Unreadable(f"{path} cannot be opened ({exc.strerror})") from None
+    if size > limits.max_bytes:
+        raise DataError(f"{path} is {size / 2**20:.1f} MiB; images are read up to "
+                        f"{limits.max_bytes // 2**20} MiB: resize or recompress it, or remove "
+                        "it")
+    try:
+        im = Image.open(path)  # PIL's own bomb limit (far above ours) raises here
+    except Image.DecompressionBombError as exc:
+        claim = _PIL_CLAIM.search(str(exc))
+        raise _bomb(path, f"{int(claim[1]):,}" if claim else "billions of", limits) from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
+        raise _Unreadable(f"{path} cannot be opened ({exc.strerror})") from None
+    except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
+        raise _Unreadable(f"{path} is not an image this loader reads (PNG, JPEG, WebP or "
+                          "BMP)") from None
+    if im.format not in IMAGE_FORMATS:
+        im.close()
+        raise _Unreadable(f"{path} is a {im.format} image; this loader reads PNG, JPEG, WebP "
+                          "and BMP: convert it")
+    w, h = im.size
+    if w * h > limits.max_pixels:
+        im.close()
+        raise _bomb(path, f"{w}x{h}", limits)
+    return im
+
+
+def _decode(im: Image.Image) -> np.ndarray:
+    """A checked image as uint8 (H, W, C), C = 1 for grayscale modes and 3 for the others:
+    16-bit gray scaled by 255/65535 (never clipped), transparency flattened onto white,
+    palettes expanded."""
+    im.load()
+    if im.mode in SIXTEEN_BIT_MODES:
+        raw = np.asarray(im)
+        gray = np.rint(np.clip(raw.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+        key = im.info.get("transparency")
+        if isinstance(key, int):
+            gray[raw == key] = 255  # the transparent value shows as white, as alpha does
+        return gray[..., None]
+    gray = im.mode in GRAY_MODES
+    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    arr = np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8)
+    return arr[..., None] if gray else arr
+
+
+def _load(path: Path, limits: ImageLimits) -> np.ndarray:
+    """`load_image`, with files of another kind or undecodable as `_Unreadable`."""
+    im = _open(path, limits)
+    try:
+        with im:
+            return _decode(im)
+    except MemoryError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
+        raise _Unreadable(f"{path} could not be decoded (truncated or corrupt: {exc}); "
+                          "re-export it or remove it") from None
+
+
+def load_image(path: str | Path, limits: ImageLimits = USER_IMAGES) -> np.ndarray:
+    """One image file as uint8 (H, W, C) at its own size, C = 1 (grayscale) or 3: the one
+    loader of images a user gives. Refused with a DataError naming the file: more than
+    ``limits`` (file size, or the pixel count its header claims: never decoded), a format
+    other than IMAGE_FORMATS, a file that cannot be decoded."""
+    try:
+        return _load(Path(path), limits)
+    except _Unreadable as exc:
+        raise DataError(str(exc)) from None
+
+
+def image_channels(image: np.ndarray) -> int:
+    """1 if a loaded image (H, W, C) is grayscale (also RGB with equal channels), else 3."""
+    if image.shape[-1] == 1:
+        return 1
+    return 1 if (image[..., 0] == image[..., 1]).all() and (
+        image[..., 1] == image[..., 2]).all() else 3
+
+
+def _for_model(image: np.ndarray, channels: int, size: int) -> Tensor:
+    """A loaded image (H, W, C) as the model takes it, (channels, size, size) in [-1, 1]:
+    gray repeated to RGB or RGB made luma, centre-cropped to a square, resized (bicubic)."""
+    im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    im = im.convert("RGB" if channels == 3 else "L")
     w, h = im.size
     s = min(w, h)
     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
     # Crop first: resize(box=...) would let the filter read pixels outside the square.
-    return im.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    im = im.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
+    return x.float() / 127.5 - 1.0
 
+
+def output_stems(paths: list[Path], root: Path) -> list[str]:
+    """A distinct output name per image of a folder, for writing ``NAME.png``: its path under
+    ``root`` without the suffix (posix), unless two would meet, also on a file system that
+    ignores case: then the suffix joins the name (a.png, a.jpg: a_png, a_jpg), and a number
+    where that is not enough; never a name whose ``.png`` is another's folder."""
+    stems = [p.relative_to(root).with_suffix("").as_posix() for p in paths]
+    count = Counter(s.casefold() for s in stems)
+    folders = {s.rsplit("/", k)[0].casefold() for s in stems for k in range(1, s.count("/") + 1)}
+    names, taken = [], set()
+    for stem, path in zip(stems, paths):
+        name = f"{stem}_{path.suffix[1:].lower()}" if count[stem.casefold()] > 1 else stem
+        unique, k = name, 2
+        while unique.casefold() in taken or f"{unique}.png".casefold() in folders:
+            unique, k = f"{name}_{k}", k + 1
+        taken.add(unique.casefold())
+        names.append(unique)
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# A folder of image files (decoded lazily)
+# --------------------------------------------------------------------------------------------
 
 class ImageFolder(Dataset):
-    """Every png/jpg/jpeg/webp/bmp file under a folder, recursively; unreadable files skipped."""
+    """Every png/jpg/jpeg/webp/bmp file under a folder, recursively, read by `load_image`;
+    files it cannot read are skipped with a warning, a file beyond the limits is refused.
 
-    def __init__(self, root: str | Path, image_size: int, channels: int):
+    ``output_names``: a distinct name per image for writing it out (`output_stems`).
+    """
+
+    def __init__(self, root: str | Path, image_size: int, channels: int,
+                 limits: ImageLimits = USER_IMAGES):
         self.root, self.image_size, self.channels = Path(root).expanduser(), image_size, channels
+        self.limits = limits
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a folder; "
                             "pass --data-dir DIR pointing at a folder of images")
         paths = sorted(p for p in self.root.rglob("*")
                        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        self.paths, bad = [], []
+        self.paths, self.native, bad = [], [], []
         for path in paths:  # decode each file once now, so a bad file fails here, not mid-run
             try:
-                with Image.open(path) as im:
-                    im.load()
+                self.native.append(image_channels(_load(path, limits)))
                 self.paths.append(path)
-            except Exception:  # PIL raises OSError, SyntaxError, ValueError, bomb errors...
+            except _Unreadable:
                 bad.append(str(path.relative_to(self.root)))
         if bad:
             more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
-            warnings.warn(f"skipped {len(bad)} unreadable, truncated or corrupt image file(s) "
-                          f"in {self.root}: {', '.join(bad[:MAX_NAMED])}{more}; delete or "
-                          "re-export them to silence this warning", stacklevel=3)
+            warnings.warn(f"skipped {len(bad)} image file(s) in {self.root} that are not PNG, "
+                          f"JPEG, WebP or BMP, or are truncated or corrupt: "
+                          f"{', '.join(bad[:MAX_NAMED])}{more}; delete or re-export them to "
+                          "silence this warning", stacklevel=3)
         if not self.paths:
             found = f"{len(paths)} image file(s), none readable" if paths else "no image files"
             raise DataError(f"{self.root} holds {found} (looked recursively for "
                             f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}); pass --data-dir "
                             "DIR pointing at a folder of images")
+        self.output_names = output_stems(self.paths, self.root)
         self.description = (f"folder train: {len(self.paths)} images resized to "
                             f"{image_size}x{image_size}x{channels} from {self.root}")
 
@@ -327,36 +476,21 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         try:
-            im = _open_image(self.paths[i], self.channels, self.image_size)
-        except Exception as exc:
-            raise DataError(f"cannot read {self.paths[i]} any more ({exc}); was it changed "
-                            "after the dataset was built?") from None
-        return _to_tensor(im), -1
-
-
-def _to_tensor(im: Image.Image) -> Tensor:
-    """A decoded image as float32 (C, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)  # (C, H, W)
-    return x.float() / 127.5 - 1.0
+            image = _load(self.paths[i], self.limits)
+        except _Unreadable as exc:
+            raise DataError(f"{exc}; was it changed after the dataset was built?") from None
+        return _for_model(image, self.channels, self.image_size), -1
 
 
 # --------------------------------------------------------------------------------------------
 # Images a user gives a trained model (refine, reconstruct --input, interpolate, edit)
 # --------------------------------------------------------------------------------------------
 
-def native_channels(path: Path) -> int:
-    """1 if an image file is grayscale (also RGB with equal channels), else 3."""
-    with Image.open(path) as im:
-        if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
-            return 1
-        rgb = np.asarray(im.convert("RGB"))
-    return 1 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() else 3
-
-
-def _wrong_channels(paths: list[Path], channels: int, root: Path | None = None) -> str | None:
-    """The error for the images among `paths` of another channel count than the model's."""
-    wrong = [p for p in paths if native_channels(p) != channels]
+def _wrong_channels(paths: list[Path], native: list[int], channels: int,
+                    root: Path | None = None) -> str | None:
+    """The error for the images among `paths` (of `native` channels) of another channel count
+    than the model's."""
+    wrong = [p for p, c in zip(paths, native) if c != channels]
     if not wrong:
         return None
     kind = "colour (RGB)" if channels == 1 else "grayscale"
@@ -376,21 +510,23 @@ def open_image_folder(folder: str | Path, image_size: int, channels: int,
     DataError, unless ``convert`` (then RGB becomes luma and gray is repeated, as in training).
     """
     dataset = ImageFolder(folder, image_size, channels)
-    error = None if convert else _wrong_channels(dataset.paths, channels, dataset.root)
+    error = None if convert else _wrong_channels(dataset.paths, dataset.native, channels,
+                                                 dataset.root)
     if error:
         raise DataError(error)
     return dataset
 
 
-def read_image(path: str | Path, image_size: int, channels: int,
-               convert: bool = False) -> Tensor:
+def read_image(path: str | Path, image_size: int, channels: int, convert: bool = False,
+               limits: ImageLimits = USER_IMAGES) -> Tensor:
     """One image file as the model takes it, (C, H, W) in [-1, 1], loaded as `ImageFolder`
     loads a folder's; another channel count is refused unless ``convert``."""
     path = Path(path)
-    error = None if convert else _wrong_channels([path], channels)
+    image = load_image(path, limits)
+    error = None if convert else _wrong_channels([path], [image_channels(image)], channels)
     if error:
         raise DataError(error)
-    return _to_tensor(_open_image(path, channels, image_size))
+    return _for_model(image, channels, image_size)
 
 
 # --------------------------------------------------------------------------------------------
