@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -142,13 +143,10 @@ def reference_stats(ref: str, extractor: Extractor, shape: tuple[int, int, int],
     parsed = _parse_dataset_ref(ref)
     if parsed is None:
         path = Path(ref)
-        if path.suffix == ".npz" and path.is_file():
-            with np.load(path, allow_pickle=False) as npz:
-                is_stats = "mu" in npz.files
-            if is_stats:
-                return procs.on_main(lambda: _stats_file(path, extractor),
-                                     share=False) or (None, None)
-        source = path_source(path)
+        if path.suffix == ".npz" and path.is_file() and _holds_stats(path):
+            return procs.on_main(lambda: _stats_file(path, extractor),
+                                 share=False) or (None, None)
+        source = path_source(path, role="reference")
         stats = collect(source, extractor, max_kept, progress=progress, desc="reference",
                         processes=procs).stats
         return stats, {"reference": str(path), "kind": source.kind, "n": stats.n}
@@ -177,6 +175,16 @@ def reference_stats(ref: str, extractor: Extractor, shape: tuple[int, int, int],
     stats.meta = {**source.protocol, "extractor": extractor.describe()}
     procs.on_main(lambda: M.save_stats(path, stats))  # one writer of the cache file
     return stats, info | {"cached": False}
+
+
+def _holds_stats(path: Path) -> bool:
+    """Whether a reference `.npz` holds statistics (``mu``), not images."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return "mu" in npz.files
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise EvaluationError(f"reference {path} cannot be read as an .npz file ({exc}); pass "
+                              "statistics or samples written by diffusevae") from None
 
 
 def _stats_file(path: Path, extractor: Extractor) -> tuple[M.Stats, dict]:

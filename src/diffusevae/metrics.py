@@ -411,4 +411,7 @@ def load_stats(path: str | Path) -> Stats:
         raise MetricError(f"cannot read statistics {path}: {exc}") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise MetricError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise MetricError(f"{path} holds non-finite statistics (nan or inf in mu or sigma), "
+                          "which give no score; compute them again")
     return Stats(mu, sigma, n, features, meta)

@@ -18,14 +18,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .checkpoint import read_json
 from .config import DataConfig, SampleConfig
-from .data import IMAGE_EXTENSIONS, build_dataset
-from .errors import EvaluationError
+from .data import IMAGE_EXTENSIONS, USER_IMAGES, build_dataset, load_image
+from .errors import DataError, EvaluationError
 from .images import to_uint8
-from .pipeline import DiffuseVAE
+from .pipeline import DiffuseVAE, check_finite
 from .run import RunFolder
 
 Batches = Iterator[np.ndarray]  # uint8 (B, H, W, C)
@@ -65,33 +64,37 @@ def _image_files(folder: Path) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "LA") else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[..., None] if arr.ndim == 2 else arr  # (H, W, C)
+def _read_image(path: Path, role: str) -> np.ndarray:
+    """`data.load_image` (the one loader of user images), its error naming the role."""
+    try:
+        return load_image(path)
+    except DataError as exc:
+        raise EvaluationError(f"{role}: {exc}") from None
 
 
-def folder_source(folder: str | Path, batch_size: int = 250) -> Source:
-    """The images directly in `folder` (sorted by name), e.g. the ``images/`` of `sample`."""
+def folder_source(folder: str | Path, batch_size: int = 250, role: str = "samples") -> Source:
+    """The images directly in `folder` (sorted by name), e.g. the ``images/`` of `sample`;
+    ``role`` ("samples" or "reference") names them in errors."""
     folder = Path(folder)
     files = _image_files(folder)
     if not files:
-        raise EvaluationError(f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
-                              "pass a folder of samples, or the samples.npz of `sample`")
-    shape = _read_image(files[0]).shape
+        raise EvaluationError(f"{role} folder {folder} holds no image files "
+                              f"({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images, or "
+                              "the samples.npz of `sample`")
+    shape = _read_image(files[0], role).shape
 
     def read(ks: range) -> Batches:
         for k in ks:
             part = files[k * batch_size:(k + 1) * batch_size]
-            batch = [_read_image(p) for p in part]
-            bad = next((p for p, a in zip(part, batch) if a.shape != shape), None)
+            batch = [_read_image(p, role) for p in part]
+            bad = next(((p, a) for p, a in zip(part, batch) if a.shape != shape), None)
             if bad is not None:
-                raise EvaluationError(f"{bad} is {_read_image(bad).shape}, but {files[0]} is "
-                                      f"{shape}: all samples must have one size")
+                raise EvaluationError(f"{role}: {bad[0]} is {bad[1].shape} (H, W, C), but "
+                                      f"{files[0]} is {shape}: all images must have one size "
+                                      "and channel count")
             yield np.stack(batch)
 
-    return Source("folder", shape, len(files), batch_size, read, {"samples": str(folder)})
+    return Source("folder", shape, len(files), batch_size, read, {role: str(folder)})
 
 
 def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -103,24 +106,29 @@ def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read(fh)
 
 
-def npz_source(path: str | Path, batch_size: int = 250) -> Source:
-    """The uint8 ``images`` (N, H, W, C) of an `.npz` (``arr_0`` as fallback), read in chunks."""
+def npz_source(path: str | Path, batch_size: int = 250, role: str = "samples") -> Source:
+    """The uint8 ``images`` (N, H, W, C) of an `.npz` (``arr_0`` as fallback), read in chunks;
+    images of more pixels than `data.USER_IMAGES` allows are refused from the header."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as zf:
             names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
             key = "images" if "images" in names else "arr_0" if "arr_0" in names else None
             if key is None:
-                raise EvaluationError(f"{path} holds no 'images' array (found: "
+                raise EvaluationError(f"{role} {path} holds no 'images' array (found: "
                                       f"{', '.join(names) or 'nothing'}); pass the samples.npz "
                                       "written by `diffusevae sample`")
             with zf.open(f"{key}.npy") as fh:
                 shape, fortran, dtype = _npy_header(fh)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise EvaluationError(f"cannot read {path} as an .npz file: {exc}") from None
+        raise EvaluationError(f"cannot read {role} {path} as an .npz file: {exc}") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
-        raise EvaluationError(f"{path}:{key} is {dtype} {shape}; expected uint8 images "
+        raise EvaluationError(f"{role} {path}:{key} is {dtype} {shape}; expected uint8 images "
                               "(N, H, W, C) with C = 1 or 3, as `diffusevae sample` writes")
+    if shape[1] * shape[2] > USER_IMAGES.max_pixels:
+        raise EvaluationError(f"{role} {path}:{key} claims images of {shape[1]}x{shape[2]} "
+                              f"pixels, more than the {USER_IMAGES.max_pixels:,} read; pass "
+                              "smaller images")
     row = int(np.prod(shape[1:]))
 
     def read(ks: range) -> Batches:
@@ -134,10 +142,10 @@ def npz_source(path: str | Path, batch_size: int = 250) -> Source:
                 count = min(batch_size, shape[0] - i)
                 buf = fh.read(count * row)
                 if len(buf) != count * row:
-                    raise EvaluationError(f"{path}:{key} is truncated at image {i}")
+                    raise EvaluationError(f"{role} {path}:{key} is truncated at image {i}")
                 yield np.frombuffer(buf, np.uint8).reshape(count, *shape[1:]).copy()
 
-    return Source("npz", tuple(shape[1:]), shape[0], batch_size, read, {"samples": str(path)})
+    return Source("npz", tuple(shape[1:]), shape[0], batch_size, read, {role: str(path)})
 
 
 def _sampling_record(folder: Path) -> dict:
@@ -152,22 +160,26 @@ def _sampling_record(folder: Path) -> dict:
     return {k: settings.get(k) for k in keys} | {"settings_from": str(record)}
 
 
-def path_source(path: str | Path, batch_size: int = 250) -> Source:
-    """A folder of images, an `.npz`, or the output folder of `sample` (its samples.npz)."""
+def path_source(path: str | Path, batch_size: int = 250, role: str = "samples") -> Source:
+    """A folder of images, an `.npz`, or the output folder of `sample` (its samples.npz);
+    ``role`` ("samples" or "reference") names it in errors."""
     path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"{role} {path} does not exist; pass a folder of images, an .npz "
+                              "or the output folder of `sample`")
     if path.is_dir() and (path / "samples.npz").is_file():
         path = path / "samples.npz"
     elif path.is_dir() and (path / "images").is_dir():
         path = path / "images"
     if path.is_file() and path.suffix == ".npz":
-        source = npz_source(path, batch_size)
+        source = npz_source(path, batch_size, role)
         source.protocol |= _sampling_record(path.parent)
     elif path.is_dir():
-        source = folder_source(path, batch_size)
+        source = folder_source(path, batch_size, role)
         parent = path.parent if path.name == "images" else path
         source.protocol |= _sampling_record(parent)
     else:
-        raise EvaluationError(f"samples {path} are neither a folder of images nor an .npz")
+        raise EvaluationError(f"{role} {path} is neither a folder of images nor an .npz")
     return source
 
 
@@ -209,7 +221,8 @@ def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
         with torch.inference_mode():
             for k in ks:
                 _, x_hat = vae.sample_indexed(seed, source.rows(k), temperature)
-                yield to_uint8(x_hat)
+                yield to_uint8(check_finite(x_hat, "VAE samples", {"VAE": vae}, run_dir,
+                                            {"temperature": temperature}))
 
     protocol = {"run": str(run_dir), "formulation": "vae", "n": n, "sampler": "vae",
                 "steps": 0, "seed": seed, "use_ema": use_ema, "temperature": temperature,
