@@ -21,6 +21,7 @@ be a model in training) until asked.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 
 from .config import DiffusionConfig, SampleConfig
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .prior import GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .rng import randn_like_per_sample, sample_generators
 from .samplers import ddim_invert, get_sampler, sampler_options
@@ -95,12 +96,17 @@ class Inversion:
             z = torch.from_numpy(arrays.pop("z")) if "z" in arrays else None
             ok = y_T.ndim == 4 and set(meta.get("decode", {})) == set(cls.DECODE_FIELDS) and (
                 z is None or (z.ndim == 2 and len(z) == len(y_T)))
+            finite = bool(torch.isfinite(y_T).all()) and (z is None or bool(
+                torch.isfinite(z).all()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} cannot be read as saved latents ({exc}); write it with "
                               "--invert --save-latents") from None
         if not ok:
             raise ConfigError(f"{path} does not hold the latents of --save-latents (z, y_T and "
                               "their settings); write it again with --invert --save-latents")
+        if not finite:
+            raise ConfigError(f"{path} holds non-finite latents (nan or inf); write it again "
+                              "with --invert --save-latents")
         return cls(y_T, z), meta
 
 
@@ -112,6 +118,53 @@ def check_decodes_inversion(sample: SampleConfig) -> None:
                           f"back to the input; got sampler {sample.sampler} with eta "
                           f"{sample.eta:g}{' and --keep-eps' * sample.keep_eps}: use "
                           "--sampler ddim --eta 0 (without --keep-eps)")
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite output is never handed on: the first batch with nan or inf stops the command
+# --------------------------------------------------------------------------------------------
+
+def _broken(nets: dict[str, torch.nn.Module | None]) -> list[str]:
+    """The names of the networks whose weights or buffers hold nan or inf."""
+    return [name for name, net in nets.items() if net is not None and not all(
+        bool(torch.isfinite(v).all()) for v in net.state_dict().values()
+        if v.is_floating_point())]
+
+
+# Sampling settings beyond these are the likely cause of non-finite images (when the weights
+# are finite); within them the weights are.
+ORDINARY_SETTINGS = {"temperature": 2.0, "eta": 1.0, "guidance": 20.0}
+
+
+def check_finite(t: torch.Tensor, what: str, nets: dict[str, torch.nn.Module | None],
+                 source: str | Path | None = None,
+                 settings: dict[str, float] | None = None) -> torch.Tensor:
+    """`t` itself when it is finite; else the error naming the likely cause: weights of one
+    of `nets` that hold nan or inf, else sampling `settings` beyond `ORDINARY_SETTINGS`, else
+    weights that overflow. Callers check each batch before they write it, so nothing
+    non-finite is ever written."""
+    if bool(torch.isfinite(t).all()):
+        return t
+    where = f" of {source}" if source is not None else ""
+    broken = _broken(nets)
+    if broken:
+        raise CheckpointError(f"the {what} are not finite (nan or inf) because the "
+                              f"{' and '.join(broken)} weights{where} hold non-finite values; "
+                              "nothing was written for them: retrain, or restore the run "
+                              "from an intact copy")
+    settings = settings or {}
+    extreme = {k: v for k, v in settings.items()
+               if not abs(v) <= ORDINARY_SETTINGS.get(k, math.inf)}
+    if extreme:
+        used = ", ".join(f"{k} {v:g}" for k, v in extreme.items())
+        raise ConfigError(f"the {what} are not finite (nan or inf) with {used}; nothing was "
+                          "written for them: values this extreme make garbage, use ones "
+                          "nearer the defaults (temperature 1, eta 0 to 1, guidance 0 to 10)")
+    used = "".join(f", {k} {v:g}" for k, v in settings.items())
+    raise CheckpointError(f"the {what} are not finite (nan or inf) with ordinary inputs"
+                          f"{used}: the network weights{where} are finite but overflow, so "
+                          "the model is broken; nothing was written for them: retrain, or "
+                          "restore the run from an intact copy")
 
 
 class DiffuseVAE:
@@ -133,6 +186,7 @@ class DiffuseVAE:
             raise ConfigError("the latent prior does not fit this pipeline's VAE (no VAE, or "
                               "another z size); refit it with `diffusevae fit-prior`")
         self.prior = prior
+        self.source: Path | None = None  # the run folder it was loaded from, for messages
         self.compiled = False  # `compile` was called
         self.channels_last: bool | None = None  # the UNet's layout; None: as it was given
 
@@ -148,6 +202,7 @@ class DiffuseVAE:
         run = RunFolder(folder)
         vae, unet, diffusion = run.load_models(device, use_ema)
         pipe = cls(vae, unet, diffusion, load_run_prior(run) if vae is not None else None)
+        pipe.source = run.root
         return pipe.use_channels_last(channels_last)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -168,6 +223,14 @@ class DiffuseVAE:
     def image_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
         return (c.channels, c.image_size, c.image_size)
+
+    def _finite(self, t: torch.Tensor, what: str,
+                sample: SampleConfig | None = None) -> torch.Tensor:
+        """`t`, or the error naming why it is not finite (`check_finite`)."""
+        settings = None if sample is None else {
+            "temperature": sample.temperature, "eta": sample.eta, "guidance": sample.guidance}
+        return check_finite(t, what, {"refiner": self.unet, "VAE": self.vae}, self.source,
+                            settings)
 
     # ---- how fast the refiner runs ----------------------------------------------------------
 
@@ -286,7 +349,7 @@ class DiffuseVAE:
             self._eps_fn(x_hat, z, sample.guidance), y_T, self.schedule, timesteps,
             generators=generators, clip_fn=self.form.clip_fn(x_hat) if sample.clip else None,
             callback=callback, **options)
-        return self.form.readback(y0, x_hat).clamp(-1, 1)
+        return self._finite(self.form.readback(y0, x_hat), "images", sample).clamp(-1, 1)
 
     def _eps_fn(self, x_hat: torch.Tensor | None, z: torch.Tensor | None, guidance: float):
         """The refiner as the samplers' noise predictor, given x_hat and (if it takes one) z."""
@@ -305,12 +368,16 @@ class DiffuseVAE:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """z = mu(x) (B, z_dim), the VAE's posterior mean of images in [-1, 1]."""
         mu, _ = self._need_vae("encoding images").encode(x.to(self.device))
-        return mu
+        return self._finite(mu, "latents z of the images")
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """x_hat = D(z) (B, C, H, W), clamped to [-1, 1]."""
-        return self._need_vae("decoding z").decode(z.to(self.device)).clamp(-1, 1)
+        vae = self._need_vae("decoding z")
+        if not bool(torch.isfinite(z).all()):
+            raise ConfigError("the latents z to decode hold nan or inf (a broken latents file "
+                              "or prior?); nothing was written for them")
+        return self._finite(vae.decode(z.to(self.device)), "VAE decodings x_hat").clamp(-1, 1)
 
     @torch.inference_mode()
     def refine_images(self, x_hat: torch.Tensor, sample: SampleConfig,
@@ -382,7 +449,7 @@ class DiffuseVAE:
                           self.schedule, timesteps,
                           clip_fn=self.form.clip_fn(x_hat) if sample.clip else None,
                           callback=callback, fixed_point=fixed_point, tol=tol)
-        return Inversion(y_T, z, x_hat)
+        return Inversion(self._finite(y_T, "inverted first states y_T", sample), z, x_hat)
 
     @torch.inference_mode()
     def decode_latents(self, z: torch.Tensor | None, y_T: torch.Tensor, sample: SampleConfig,
@@ -409,7 +476,11 @@ class DiffuseVAE:
     def draw_z(self, generators: list[torch.Generator], prior: str = "normal") -> torch.Tensor:
         """(B, z_dim) latents from the prior, row b from ``generators[b]`` ("normal" or "gmm")."""
         vae = self._need_vae("a latent z")
-        return draw_latents(prior, generators, vae.config.z_dim, self.prior, self.device)
+        z = draw_latents(prior, generators, vae.config.z_dim, self.prior, self.device)
+        if not bool(torch.isfinite(z).all()):  # a mixture is checked when loaded: not expected
+            raise CheckpointError(f"the latents drawn from the {prior} prior are not finite; "
+                                  "refit it with `diffusevae fit-prior`")
+        return z
 
     @torch.inference_mode()
     def iter_generate(self, sample: SampleConfig, start: int = 0,
@@ -440,7 +511,7 @@ class DiffuseVAE:
         if self.vae is not None:
             # z first from each sample's own generator, then the diffusion noise
             z = self.draw_z(gens, prior)
-            x_hat = self.vae.decode(z).clamp(-1, 1)
+            x_hat = self.decode(z)
         images = self.refine(x_hat, z, gens, sample, callback)
         return Generation(images, z, x_hat)
 

@@ -53,11 +53,18 @@ class GaussianMixture:
         if K < 1 or m.ndim != 2 or m.shape[0] != K or c.shape != (K, m.shape[1], m.shape[1]):
             raise ValueError(f"a mixture needs weights (K,), means (K, d), covariances (K, d, d); "
                              f"got {tuple(w.shape)}, {tuple(m.shape)}, {tuple(c.shape)}")
+        for name, t in (("weights", w), ("means", m), ("covariances", c)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"the mixture {name} hold non-finite values (nan or inf)")
         if bool((w < 0).any()) or abs(float(w.sum()) - 1.0) > 1e-6:
-            raise ValueError("mixture weights must be >= 0 and sum to 1")
+            raise ValueError(f"mixture weights must be >= 0 and sum to 1; they sum to "
+                             f"{float(w.sum()):.6g}")
+        if not torch.allclose(c, c.transpose(1, 2), rtol=1e-6, atol=1e-9):
+            raise ValueError("every mixture covariance must be symmetric")
         L, info = torch.linalg.cholesky_ex(c)
-        if bool(info.any()):
-            raise ValueError("every mixture covariance must be positive definite")
+        if bool(info.any()) or not bool(torch.isfinite(L).all()):
+            raise ValueError("every mixture covariance must be positive definite (positive "
+                             "variances)")
         self.weights, self.means, self.covariances, self.scale_tril = w / w.sum(), m, c, L
         self.cum_weights = torch.cumsum(self.weights, 0)
 
