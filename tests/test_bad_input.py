@@ -148,13 +148,13 @@ def test_commands_on_an_empty_run_say_what_to_train_first(tmp_path, capsys, comm
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message, one_line", [
-    (["sample", "--steps", "0"], "0 is not in the range x>=1", False),
-    (["sample", "--eta", "-1"], "-1.0 is not in the range x>=0", False),
+    (["sample", "--steps", "0"], "0 is not in the range 1<=x<=", False),
+    (["sample", "--eta", "-1"], "-1.0 is not in the range 0<=x<=1", False),
     (["sample", "--n", "abc"], "'abc' is not a valid integer", False),
     (["sample", "--sampler", "euler"], "Invalid value for '--sampler'", False),
     (["sample", "--n", "1", "--steps", "1001"], "sample.steps must be in 1..1000", True),
     (["sample", "--n", "1", "--guidance", "1"], "--p-uncond", True),
-    (["sample-vae", "--n", "0"], "0 is not in the range x>=1", False),
+    (["sample-vae", "--n", "0"], "0 is not in the range 1<=x<=", False),
     (["reconstruct", "--input", "/no/such/folder"], "does not exist", False),
 ])
 def test_commands_on_a_trained_run(trained_run, tmp_path, capsys, args, message, one_line):

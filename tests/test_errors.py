@@ -90,8 +90,8 @@ def test_the_command_line_on_os_errors(monkeypatch, capsys):
     assert capsys.readouterr().err == ("error: the disk is full: writing x failed; free some "
                                        "space\n")
     assert _run(monkeypatch, PermissionError(errno.EACCES, "Permission denied", "/x")) == 2
-    assert capsys.readouterr().err == ("error: Permission denied: /x; check the path and its "
-                                       "permissions\n")
+    assert capsys.readouterr().err == ("error: Permission denied: /x; check its permissions "
+                                       "(and its folder's)\n")
     assert _run(monkeypatch, OSError(errno.EIO, "Input/output error")) == 1
 
 

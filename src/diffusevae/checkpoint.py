@@ -9,7 +9,9 @@ A model folder (``RUN/vae/``, ``RUN/refiner/``) holds:
 
 The weights and config are written as one commit, the trainer state as another (storage.py): a
 process killed at any moment leaves a folder that loads. A model folder without its manifest
-is refused, and so is a file whose hash differs, naming the file.
+is refused, and so is a file whose hash differs, naming the file. Every tensor file read here
+must hold finite numbers (a file of nan or inf weights would only draw black images), and every
+JSON file is read with config.parse_json's limits on size and nesting.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .config import DiffusionConfig, from_dict, to_dict
-from .errors import CheckpointError, ConfigError
+from .config import MAX_TEXT_BYTES, DiffusionConfig, from_dict, parse_json, to_dict
+from .errors import CheckpointError, ConfigError, quote
 from .storage import (MANIFEST_NAME, _atomic_write, _disk_full, atomic_write_json,  # noqa: F401
                       atomic_write_text, read_checked, read_manifest, save_files)
 
@@ -64,16 +66,25 @@ def atomic_torch_save(path: str | Path, obj: dict) -> None:
 # Reading
 # --------------------------------------------------------------------------------------------
 
-def read_json(path: str | Path) -> dict:
+def read_json(path: str | Path) -> Any:
+    """A JSON file of a run or model folder (size and nesting bounded: config.parse_json)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_TEXT_BYTES + 1)  # never more than the limit, however big
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return _parse(data, path)
+
+
+def _parse(data: bytes, path: Path) -> Any:
+    try:
+        return parse_json(data, str(path), error=CheckpointError)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; the file is corrupt or was not written by diffusevae: "
+                              "restore it or write it again") from None
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -89,6 +100,13 @@ def _load_tensors(path: Path, device: str | torch.device, model_folder: bool) ->
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({exc})") from None
+    bad = [k for k, v in tensors.items()
+           if v.dtype.is_floating_point and not torch.isfinite(v).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path} holds non-finite numbers (nan or inf) in {bad[0][:80]}"
+                              f"{more}; it would only give black images. Restore the file, "
+                              "or train or compute it again")
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -101,11 +119,10 @@ def load_trainer_state(path: str | Path) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refused a global: not plain data
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects, not only tensors and numbers, "
-            f"and loading it could run code ({first[:200]}). Do not use files from sources you "
-            "do not trust; delete it to restart this stage from step 0") from None
+            f"and loading it could run code ({_what_was_refused(exc)}). Do not use files from "
+            "sources you do not trust; delete it to restart this stage from step 0") from None
     except Exception as exc:  # truncation and zip errors land here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read trainer state {path}: the file is truncated or "
@@ -115,6 +132,15 @@ def load_trainer_state(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a diffusevae trainer state (no 'step' entry); "
                               "delete it to restart this stage from step 0")
     return state
+
+
+def _what_was_refused(exc: pickle.UnpicklingError) -> str:
+    """The line of torch's refusal that names the object, without its advice to load the file
+    with ``weights_only=False`` (which would run the code)."""
+    for line in str(exc).splitlines():
+        if "global" in line.lower() and "weights_only" not in line:
+            return line.strip()[:200]
+    return "an object that is not a tensor or a number"
 
 
 def save_trainer_state(folder: str | Path, state: dict) -> None:
@@ -164,17 +190,15 @@ def read_model_config(folder: str | Path, kind: str, config_cls: type) -> tuple[
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
-    try:
-        meta = json.loads(read_checked(path, require_manifest=True))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is corrupt") from None
+    meta = _parse(read_checked(path, require_manifest=True), path)
     sections = _SECTIONS.get(kind, {})
     if not isinstance(meta, dict) or not {"kind", "config", *sections} <= set(meta):
         keys = ", ".join(["kind", "config", *sections])
         raise CheckpointError(f"{path} lacks the keys {keys}; it is incomplete or was not "
                               "written by diffusevae")
     if meta["kind"] != kind:
-        raise CheckpointError(f"{folder} holds a {meta['kind']!r} model, not a {kind!r} model")
+        raise CheckpointError(f"{folder} holds a {quote(meta['kind'])} model, not a {kind!r} "
+                              "model")
     try:
         _require_all_fields(config_cls, meta["config"], f"{path}:config")
         config = from_dict(config_cls, meta["config"], where=f"{path}:config")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -21,20 +23,66 @@ from pathlib import Path
 from typing import Any
 
 from . import names
-from .errors import ConfigError
+from .errors import ConfigError, quote
+
+# --------------------------------------------------------------------------------------------
+# Bounds: every count, size and float a user can give has one, stated here. The config classes
+# check them, and the command line's types are built from them (cli/options.py). Each is far
+# beyond any real use, and small enough that no index, size or allocation derived from it
+# overflows.
+# --------------------------------------------------------------------------------------------
+
+SEED_MAX = 2**64 - 1  # a seed: what torch's generators take; rng.py uses all 64 bits
+MAX_SAMPLES = 10**8  # images one command draws, scores or writes (--n): 10^8
+MAX_BATCH = 65_536  # images in one batch
+MAX_STEPS = 10**9  # optimiser steps, and the intervals counted in them
+MAX_EPOCHS = 10**6
+MAX_TIMESTEPS = 100_000  # the diffusion's T, so also sampling and inversion steps
+MAX_IMAGE_SIZE = 4096  # pixels a side
+MAX_WIDTH = 65_536  # channels of a layer, dimensions of z
+MAX_LEVELS = 12  # resolutions of the UNet (channel_mults), blocks per level
+MAX_WORKERS = 256  # data-loading processes
+MAX_MINUTES = 10**7  # --time-limit (19 years)
+MAX_LR = 10.0  # a learning rate beyond it only diverges
+MAX_TEMPERATURE = 10.0  # the initial noise's scale: beyond it the refiner sees no image
+MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 DDPM's variance (Song et al. 2021, eq. 16)
+MAX_GUIDANCE = 100.0  # classifier-free guidance weight w
+MAX_FIXED_POINT = 1000  # fixed-point iterations per inversion step (10-20 are plenty)
+MAX_LAMBDA = 100.0  # |lambda| of an edit z + lambda d (1: the whole gap between two groups)
+MAX_LAMBDAS = 64  # lambdas of one edit (the columns of its grids)
+MAX_EDIT_IMAGES = 4096  # images x lambdas of one edit, all held in memory for its grids
+MAX_FRAMES = 1000  # frames of an interpolation, all held in memory for its GIF
+MAX_COMPONENTS = 1024  # components of the Ex-PDE mixture prior
+MAX_KEPT = 200_000  # features kept per set for KID (memory: this x the feature width)
+MAX_SUBSETS = 10_000  # KID subsets, IS splits
+MAX_THREADS = 1024
+MAX_CLASSIFIER_WIDTH = 1024  # channels of the evaluation classifier's first block
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """`seed` if it is an integer the generators take whole, [0, 2^64 - 1], else a ConfigError."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) \
+            or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{what} must be an integer from 0 to 2^64 - 1 = {SEED_MAX}; got "
+                          f"{quote(seed)}")
+    return int(seed)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {quote(value)}")
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+def _check_positive(name: str, value: float, allow_zero: bool = False,
+                    most: float | None = None) -> None:
+    """`value` finite and > 0 (>= 0 with `allow_zero`), and <= `most` where given."""
     if not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number; got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a finite number; got {quote(value)}")
+    if value < 0 or (value == 0 and not allow_zero) or (most is not None and value > most):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} must be {bound}; got {value!r}")
+        bound += "" if most is None else f" and <= {most:g}" if isinstance(most, float) \
+            else f" and <= {most}"
+        raise ConfigError(f"{name} must be {bound}; got {quote(value)}")
 
 
 def _is_of(value: Any, tp: Any) -> bool:
@@ -64,7 +112,7 @@ def _check_types(section: str, obj: Any) -> None:
         value = getattr(obj, name)
         if not _is_of(value, tp):
             kind = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            raise ConfigError(f"{section}.{name} must be of type {kind}; got {value!r}")
+            raise ConfigError(f"{section}.{name} must be of type {kind}; got {quote(value)}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +128,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _check_choice("data.dataset", self.dataset, names.DATASETS)
-        _check_positive("data.image_size", self.image_size)
+        _check_positive("data.image_size", self.image_size, most=MAX_IMAGE_SIZE)
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3; got {self.channels}")
 
@@ -106,19 +154,24 @@ class VAEConfig:
     def width_map(self) -> dict[int, int]:
         try:
             pairs = [item.split(":") for item in self.widths.split(",")]
-            return {int(r): int(c) for r, c in pairs}
+            widths = {int(r): int(c) for r, c in pairs}
         except ValueError:
             raise ConfigError(
-                f"vae.widths must read like '32:64,16:128,1:512'; got {self.widths!r}"
+                f"vae.widths must read like '32:64,16:128,1:512'; got {quote(self.widths)}"
             ) from None
+        for r, c in widths.items():
+            _check_positive(f"vae.widths' resolution {r}", r, most=MAX_IMAGE_SIZE)
+            _check_positive(f"vae.widths' width at {r}", c, most=MAX_WIDTH)
+        return widths
 
     def validate(self) -> None:
-        _check_positive("vae.z_dim", self.z_dim)
+        _check_positive("vae.image_size", self.image_size, most=MAX_IMAGE_SIZE)
+        _check_positive("vae.z_dim", self.z_dim, most=MAX_WIDTH)
         _check_positive("vae.kl_weight", self.kl_weight, allow_zero=True)
         if self.image_size not in self.width_map() or 1 not in self.width_map():
             raise ConfigError(
                 f"vae.widths must give a width for the image size {self.image_size} and for 1; "
-                f"got {self.widths!r}"
+                f"got {quote(self.widths)}"
             )
 
 
@@ -144,10 +197,20 @@ class UNetConfig:
     z_dim: int = 0
 
     def validate(self) -> None:
-        _check_positive("unet.base_channels", self.base_channels)
-        _check_positive("unet.num_res_blocks", self.num_res_blocks)
-        if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
-            raise ConfigError(f"unet.channel_mults must be positive; got {self.channel_mults}")
+        _check_positive("unet.image_size", self.image_size, most=MAX_IMAGE_SIZE)
+        _check_positive("unet.base_channels", self.base_channels, most=MAX_WIDTH)
+        _check_positive("unet.num_res_blocks", self.num_res_blocks, most=MAX_LEVELS)
+        _check_positive("unet.num_heads", self.num_heads, most=MAX_WIDTH)
+        _check_positive("unet.z_dim", self.z_dim, allow_zero=True, most=MAX_WIDTH)
+        if not 0 < len(self.channel_mults) <= MAX_LEVELS or any(
+                not 0 < m <= MAX_WIDTH // self.base_channels for m in self.channel_mults):
+            raise ConfigError(f"unet.channel_mults must be 1 to {MAX_LEVELS} positive numbers, "
+                              f"base_channels x each <= {MAX_WIDTH}; got "
+                              f"{quote(self.channel_mults)}")
+        if len(self.attn_resolutions) > MAX_LEVELS or any(
+                not 0 < r <= self.image_size for r in self.attn_resolutions):
+            raise ConfigError(f"unet.attn_resolutions must be at most {MAX_LEVELS} resolutions "
+                              f"of 1..{self.image_size}; got {quote(self.attn_resolutions)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"unet.dropout must be in [0, 1); got {self.dropout}")
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
@@ -169,12 +232,13 @@ class DiffusionConfig:
     p_uncond: float = 0.0  # per-sample conditioning dropout, for classifier-free guidance
 
     def validate(self) -> None:
-        _check_positive("diffusion.timesteps", self.timesteps)
+        _check_positive("diffusion.timesteps", self.timesteps, most=MAX_TIMESTEPS)
         _check_choice("diffusion.form", self.form, names.FORMS)
-        if not 0.0 < self.beta_start < self.beta_end < 1.0:
-            raise ConfigError("diffusion needs 0 < beta_start < beta_end < 1")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:  # false for nan too
+            raise ConfigError(f"diffusion needs 0 < beta_start < beta_end < 1; got "
+                              f"{quote(self.beta_start)} and {quote(self.beta_end)}")
         if not 0.0 <= self.p_uncond < 1.0:
-            raise ConfigError(f"diffusion.p_uncond must be in [0, 1); got {self.p_uncond}")
+            raise ConfigError(f"diffusion.p_uncond must be in [0, 1); got {quote(self.p_uncond)}")
 
 
 @dataclass(frozen=True)
@@ -203,19 +267,21 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC weights and batches; None: by device (unet.py)
 
     def validate(self) -> None:
-        _check_positive("train.lr", self.lr)
-        _check_positive("train.batch_size", self.batch_size)
-        _check_positive("train.grad_accum", self.grad_accum)
-        _check_positive("train.steps", self.steps)
+        _check_positive("train.lr", self.lr, most=MAX_LR)
+        _check_positive("train.batch_size", self.batch_size, most=MAX_BATCH)
+        _check_positive("train.grad_accum", self.grad_accum, most=self.batch_size)
+        _check_positive("train.steps", self.steps, most=MAX_STEPS)
         if self.epochs is not None:
-            _check_positive("train.epochs", self.epochs)
-        _check_positive("train.time_limit", self.time_limit, allow_zero=True)
-        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+            _check_positive("train.epochs", self.epochs, most=MAX_EPOCHS)
+        _check_positive("train.time_limit", self.time_limit, allow_zero=True, most=MAX_MINUTES)
+        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True, most=MAX_STEPS)
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1); got {self.ema_decay}")
+            raise ConfigError(f"train.ema_decay must be in [0, 1); got {quote(self.ema_decay)}")
         for name in ("log_every", "sample_every", "ckpt_every"):
-            _check_positive(f"train.{name}", getattr(self, name))
+            _check_positive(f"train.{name}", getattr(self, name), most=MAX_STEPS)
+        _check_positive("train.num_workers", self.num_workers, allow_zero=True, most=MAX_WORKERS)
+        check_seed(self.seed, "train.seed")
         _check_choice("train.device", self.device, names.DEVICES)
         _check_choice("train.mixed_precision", self.mixed_precision, names.PRECISIONS)
 
@@ -253,19 +319,22 @@ class SampleConfig:
 
     def validate(self, timesteps: int | None = 1000) -> None:
         _check_types("sample", self)
-        _check_positive("sample.n", self.n)
-        _check_positive("sample.batch_size", self.batch_size)
-        if self.steps < 1 or (timesteps is not None and self.steps > timesteps):
-            raise ConfigError(f"sample.steps must be in 1..{timesteps or 'T'}; got {self.steps}")
+        _check_positive("sample.n", self.n, most=MAX_SAMPLES)
+        _check_positive("sample.batch_size", self.batch_size, most=MAX_BATCH)
+        if not 1 <= self.steps <= (timesteps or MAX_TIMESTEPS):
+            raise ConfigError(f"sample.steps must be in 1..{timesteps or 'T'}; got "
+                              f"{quote(self.steps)}")
         _check_choice("sample.sampler", self.sampler, names.SAMPLERS)
         _check_choice("sample.spacing", self.spacing, names.SPACINGS)
         _check_choice("sample.var_type", self.var_type, names.VAR_TYPES)
-        _check_positive("sample.eta", self.eta, allow_zero=True)
+        _check_positive("sample.eta", self.eta, allow_zero=True, most=MAX_ETA)
         if self.keep_eps and self.sampler != "ddim":
             raise ConfigError(f"sample.keep_eps is a DDIM setting; sample with ddim or leave "
                               f"--keep-eps out (got sampler {self.sampler})")
-        _check_positive("sample.temperature", self.temperature, allow_zero=True)
-        _check_positive("sample.guidance", self.guidance, allow_zero=True)
+        _check_positive("sample.temperature", self.temperature, allow_zero=True,
+                        most=MAX_TEMPERATURE)
+        _check_positive("sample.guidance", self.guidance, allow_zero=True, most=MAX_GUIDANCE)
+        check_seed(self.seed, "sample.seed")
 
 
 @dataclass(frozen=True)
@@ -281,8 +350,9 @@ class InvertConfig:
 
     def __post_init__(self) -> None:
         _check_types("invert", self)
-        _check_positive("invert.steps", self.steps)
-        _check_positive("invert.fixed_point", self.fixed_point, allow_zero=True)
+        _check_positive("invert.steps", self.steps, most=MAX_TIMESTEPS)
+        _check_positive("invert.fixed_point", self.fixed_point, allow_zero=True,
+                        most=MAX_FIXED_POINT)
         _check_positive("invert.tol", self.tol, allow_zero=True)
 
 
@@ -404,7 +474,7 @@ PRESETS: dict[str, Config] = {
 def get_preset(name: str) -> Config:
     """The preset called `name` (a fresh copy is not needed: configs are frozen)."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {quote(name)}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -433,13 +503,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of fields; got {value!r}")
+            raise ConfigError(f"{where} must be a mapping of fields; got {quote(value)}")
         return from_dict(tp, value, where)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list; got {value!r}")
+            raise ConfigError(f"{where} must be a list; got {quote(value)}")
         return tuple(_coerce(v, args[0], where) for v in value)
     if tp is bool:
         if isinstance(value, bool):
@@ -448,18 +518,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(f"{where} must be true or false; got {value!r}")
+        raise ConfigError(f"{where} must be true or false; got {quote(value)}")
     if tp in (int, float, str):
         if tp is int and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{where} must be an integer; got {value!r}")
+            raise ConfigError(f"{where} must be an integer; got {quote(value)}")
         if isinstance(value, bool) and tp is not str:
-            raise ConfigError(f"{where} must be a number; got {value!r}")
+            raise ConfigError(f"{where} must be a number; got {quote(value)}")
         try:
             return tp(float(value)) if tp is int and isinstance(value, str) and "e" in value \
                 else tp(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{where} must be of type {tp.__name__}; got {value!r}") from None
+            raise ConfigError(f"{where} must be of type {tp.__name__}; got {quote(value)}") from None
     return value
+
+
+def _listed(keys: list[str], most: int = 6) -> str:
+    """Keys for a message: the first `most`, each cut short, then how many more."""
+    shown = ", ".join(quote(k)[1:-1] for k in keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
@@ -471,7 +547,7 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) in {where}: {', '.join(unknown)}; known keys are "
+            f"unknown key(s) in {where}: {_listed(unknown)}; known keys are "
             f"{', '.join(sorted(known))}"
         )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
@@ -485,7 +561,7 @@ def merge(cfg: Any, data: dict, where: str = "config") -> Any:
     unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise ConfigError(
-            f"unknown key(s) in {where}: {', '.join(unknown)}; known keys are "
+            f"unknown key(s) in {where}: {_listed(unknown)}; known keys are "
             f"{', '.join(sorted(known))}"
         )
     changes = {}
@@ -498,27 +574,140 @@ def merge(cfg: Any, data: dict, where: str = "config") -> Any:
     return replace(cfg, **changes)
 
 
+# --------------------------------------------------------------------------------------------
+# Reading the JSON and YAML a user can hand a command: size, nesting and aliases bounded
+# --------------------------------------------------------------------------------------------
+
+MAX_TEXT_BYTES = 16 * 2**20  # a JSON or YAML file a command reads (configs, records, manifests)
+MAX_NESTING = 64  # levels of lists and mappings in one
+MAX_YAML_VALUES = 100_000  # values of a YAML document, counted with its aliases expanded
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _too_big(size: int, where: str, error: type[Exception]) -> None:
+    if size > MAX_TEXT_BYTES:
+        raise error(f"{where} holds {size} bytes, more than the {MAX_TEXT_BYTES} a file read "
+                    "here may hold; it is not a file diffusevae wrote or reads")
+
+
+def _too_deep(depth: int, where: str, error: type[Exception]) -> None:
+    if depth > MAX_NESTING:
+        raise error(f"{where} nests lists or mappings more than {MAX_NESTING} levels deep; it "
+                    "is not a file diffusevae wrote or reads")
+
+
+def parse_json(text: str | bytes, where: str, error: type[Exception] = ConfigError) -> Any:
+    """`text` as JSON, refused (`error`, naming `where`) past MAX_TEXT_BYTES or MAX_NESTING
+    levels: the nesting is counted before parsing, which recurses once per level."""
+    _too_big(len(text), where, error)
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError as exc:
+            raise error(f"{where} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    brackets = re.sub(r"[^\[\]{}]", "", _JSON_STRING.sub("", text))
+    _too_deep(max(itertools.accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0),
+              where, error)
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise error(f"{where} is not valid JSON ({str(exc)[:200]})") from None
+
+
+def _yaml_children(node: Any) -> list:
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_yaml_graph(root: Any, where: str) -> None:
+    """Refuse a YAML document whose values, aliases expanded, pass MAX_YAML_VALUES (an alias
+    bomb: a few lines that expand to billions of values), that nests past MAX_NESTING, or that
+    holds itself. Walks the graph of nodes once, without expanding it."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key, children = id(node), _yaml_children(node)
+        if finished:
+            on_path.discard(key)
+            size[key] = min(MAX_YAML_VALUES + 1, 1 + sum(size[id(c)] for c in children))
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise ConfigError(f"{where}: an alias refers to a value that holds it; a config "
+                              "cannot contain itself")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+    _too_deep(depth[id(root)] - 1, where, ConfigError)
+    if size[id(root)] > MAX_YAML_VALUES:
+        raise ConfigError(f"{where} holds more than {MAX_YAML_VALUES} values once its aliases "
+                          "(*name) are expanded; write the values out instead")
+
+
+def _check_yaml_nesting(text: str, where: str) -> None:
+    """Count the levels in the parser's events (a loop) before the composer (which recurses
+    once per level) builds them."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            _too_deep(depth, where, ConfigError)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` as YAML (safe: plain values only), refused with a ConfigError naming `where` past
+    MAX_TEXT_BYTES, MAX_NESTING levels or MAX_YAML_VALUES values (aliases expanded)."""
+    import yaml
+
+    _too_big(len(text), where, ConfigError)
+    loader = yaml.SafeLoader(text)
+    try:
+        _check_yaml_nesting(text, where)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_graph(node, where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)  # YAML's own message spans several lines
+        why = (f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}" if mark
+               else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ConfigError(f"cannot parse {where}: {why}") from None
+    finally:
+        loader.dispose()
+
+
 def load_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file into a dict, with a clear error on failure."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
+        _too_big(path.stat().st_size, f"config file {path}", ConfigError)
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path} ({exc}); pass a readable YAML or "
                           "JSON text file") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # the parser's message names the line
-        mark = getattr(exc, "problem_mark", None)  # YAML's own message spans several lines
-        why = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}" if mark else exc
-        raise ConfigError(f"cannot parse config file {path}: {why}") from None
+    if path.suffix.lower() == ".json":
+        data = parse_json(text, f"config file {path}")
+    else:
+        data = parse_yaml(text, f"config file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -530,7 +719,7 @@ def apply_sets(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:
     """Apply ``section.field=value`` strings (the CLI's ``--set``)."""
     for item in assignments:
         if "=" not in item:
-            raise ConfigError(f"--set takes section.field=value; got {item!r}")
+            raise ConfigError(f"--set takes section.field=value; got {quote(item)}")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         nested: dict = {}

@@ -12,6 +12,8 @@ state), so that callers that catch those keep working.
 
 from __future__ import annotations
 
+import reprlib
+
 
 class DiffuseVAEError(Exception):
     """Base of the package's user-facing errors; `exit_code` is the command line's status."""
@@ -99,3 +101,31 @@ def exit_status(exc: BaseException) -> int | None:
     if isinstance(exc, OSError):
         return 2 if isinstance(exc, USAGE_OS_ERRORS) else 1
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Quoting a user's value in a message
+# --------------------------------------------------------------------------------------------
+
+QUOTE_LIMIT = 80  # characters of a user's value that a message quotes
+MESSAGE_LIMIT = 600  # characters of a whole message (the command line cuts any longer one)
+
+_REPR = reprlib.Repr()  # never expands more than a few items of each level
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to `limit` characters, for a message: a huge, deeply nested or
+    alias-expanded value (a YAML bomb) is shown by its first items, never built in full."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer with more digits than Python converts to text
+        text = f"<an integer of {value.bit_length()} bits>"  # type: ignore[union-attr]
+    return cut(text, limit)
+
+
+def cut(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` as one line of at most `limit` characters (the end replaced by "...")."""
+    text = " ".join(text.split("\n"))
+    return text if len(text) <= limit else text[:limit - 3] + "..."

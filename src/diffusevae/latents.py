@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .checkpoint import read_json
-from .config import DataConfig, SampleConfig
+from .config import MAX_EDIT_IMAGES, MAX_LAMBDA, MAX_LAMBDAS, DataConfig, SampleConfig
 from .data import ImageFolder, build_dataset
 from .errors import CheckpointError, ConfigError, DataError
 from .pipeline import DiffuseVAE, Generation
@@ -333,6 +333,25 @@ def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None
             "folder": folder}
 
 
+def check_lambdas(lambdas: Sequence[float], images: int | None = None) -> list[float]:
+    """The lambdas of an edit: 1 to MAX_LAMBDAS finite numbers of at most MAX_LAMBDA in size,
+    and, given the number of images, at most MAX_EDIT_IMAGES images x lambdas in all (they are
+    held in memory for the grids). A ConfigError says which bound is passed."""
+    lambdas = [float(lam) for lam in lambdas]
+    if not 0 < len(lambdas) <= MAX_LAMBDAS:
+        raise ConfigError(f"--lambdas takes 1 to {MAX_LAMBDAS} values; got {len(lambdas)}")
+    bad = [lam for lam in lambdas if not abs(lam) <= MAX_LAMBDA]  # nan too
+    if bad:
+        raise ConfigError(f"--lambdas must be finite numbers from -{MAX_LAMBDA:g} to "
+                          f"{MAX_LAMBDA:g} (1 moves by the whole gap between the two groups); "
+                          f"got {bad[0]}")
+    if images is not None and images * len(lambdas) > MAX_EDIT_IMAGES:
+        raise ConfigError(f"an edit of {images} images x {len(lambdas)} lambdas makes "
+                          f"{images * len(lambdas)} images, more than the {MAX_EDIT_IMAGES} one "
+                          "edit holds; use fewer images (--n) or fewer --lambdas")
+    return lambdas
+
+
 @torch.inference_mode()
 def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
                  sample: SampleConfig, z: Tensor | None = None,
@@ -346,6 +365,7 @@ def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
     inverted state of `DiffuseVAE.invert`: with DDIM the lambda = 0 column is then the image).
     """
     n = sample.n if z is None else len(z)
+    lambdas = check_lambdas(lambdas, n)
     columns = []
     for lam in lambdas:
         parts = []

@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..distributed import launched
-from ..errors import DiffuseVAEError, DiskFullError, exit_status
+from ..errors import DiffuseVAEError, DiskFullError, cut, exit_status
 from ..storage import DISK_FULL_ERRNOS
 
 
@@ -54,17 +54,18 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
+        exc.message = cut(exc.message)  # it may quote a whole flag value
         exc.show()
         sys.exit(exc.exit_code)
-    except (DiffuseVAEError, FileNotFoundError) as exc:  # their messages say what to do
-        click.echo(f"error: {exc}", err=True)
+    except DiffuseVAEError as exc:  # their messages say what to do
+        click.echo(f"error: {cut(str(exc))}", err=True)
         sys.exit(exit_status(exc))
     except torch.OutOfMemoryError as exc:  # a batch the GPU cannot hold (training says more)
         what = ". ".join(str(exc).split(". ")[:2]).strip()  # torch's first two sentences
         click.echo(f"error: {what}; lower --batch-size and run again", err=True)
         sys.exit(2)
     except OSError as exc:  # a full disk, permissions, a wrong path: one line, no traceback
-        click.echo(f"error: {_os_error_message(exc)}", err=True)
+        click.echo(f"error: {cut(_os_error_message(exc))}", err=True)
         sys.exit(exit_status(exc))
     except KeyboardInterrupt:
         sys.exit(130)
@@ -78,4 +79,8 @@ def _os_error_message(exc: OSError) -> str:
     if exc.errno in DISK_FULL_ERRNOS:
         return (f"the disk is full{where}; free some space (or write to another disk) and run "
                 "the command again (training: with --resume)")
-    return f"{exc.strerror or exc}{where}; check the path and its permissions"
+    if isinstance(exc, PermissionError):
+        return f"{exc.strerror or exc}{where}; check its permissions (and its folder's)"
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return f"{exc.strerror or exc}{where}; check the path"
+    return f"{exc.strerror or exc}{where}"  # the device's error (EIO...): no advice would fit

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..config import SampleConfig
+from ..config import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
+                      MAX_STEPS, MAX_SUBSETS, MAX_TIMESTEPS, SampleConfig)
 from ..distributed import processes
 from ..errors import ConfigError
 from ..evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
@@ -12,8 +13,8 @@ from ..features import EXTRACTORS
 from ..names import DATASETS, SPACINGS
 from ..sweep import sweep_to_folder
 from . import cli
-from .options import (device_of, device_option, flags_given, run_option, sample_config,
-                      sampling_options)
+from .options import (SEED, Finite, count, device_of, device_option, flags_given, run_option,
+                      sample_config, sampling_options)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -44,7 +45,7 @@ def feature_options(fn):
         click.option("--classifier", type=click.Path(file_okay=False),
                      help="Classifier folder from train-classifier [RUN/classifier]."),
         click.option("--data-dir", type=click.Path(), help="Where the reference dataset is."),
-        click.option("--ref-limit", type=click.IntRange(min=2),
+        click.option("--ref-limit", type=count(MAX_SAMPLES, 2),
                      help="Use only the first N reference images."),
         click.option("--cache-dir", type=click.Path(file_okay=False),
                      help="Reference statistics cache [~/.cache/diffusevae/stats]."),
@@ -69,13 +70,13 @@ def scoring(kw: dict) -> Scoring:
 @click.option("--out", type=click.Path(file_okay=False),
               help="Classifier folder to write [RUN/classifier].")
 @click.option("--data-dir", type=click.Path(), help="Where the dataset's files are.")
-@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3,
+@click.option("--steps", type=count(MAX_STEPS), default=1000, show_default=True)
+@click.option("--batch-size", type=count(MAX_BATCH, 2), default=128, show_default=True)
+@click.option("--lr", type=Finite(0, MAX_LR, min_open=True), default=2e-3,
               show_default=True, help="Peak learning rate (one-cycle schedule).")
-@click.option("--width", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--width", type=count(MAX_CLASSIFIER_WIDTH), default=32, show_default=True,
               help="Channels of the first conv block.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | None,
@@ -96,11 +97,11 @@ def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | No
 @click.option("--vae-only", is_flag=True, help="With --run: evaluate the VAE alone (x_hat).")
 @sampling_options()
 @feature_options
-@click.option("--kid-subsets", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--kid-subset-size", type=click.IntRange(min=2), default=1000, show_default=True)
-@click.option("--max-kept", type=click.IntRange(min=0), default=10_000, show_default=True,
+@click.option("--kid-subsets", type=count(MAX_SUBSETS), default=100, show_default=True)
+@click.option("--kid-subset-size", type=count(MAX_KEPT, 2), default=1000, show_default=True)
+@click.option("--max-kept", type=count(MAX_KEPT, 0), default=10_000, show_default=True,
               help="Features kept (uniform reservoir) per set for KID.")
-@click.option("--is-splits", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--is-splits", type=count(MAX_SUBSETS), default=10, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for metrics.json [beside the samples, or RUN/eval/SAMPLER-STEPS].")
 def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: str,
@@ -136,11 +137,11 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: s
               help="Comma-separated samplers, e.g. ddim,ddpm.")
 @click.option("--steps", "steps_list", default="5,10,25,50", show_default=True,
               help="Comma-separated step counts.")
-@click.option("--n", type=click.IntRange(min=2), default=1000, show_default=True,
+@click.option("--n", type=count(MAX_SAMPLES, 2), default=1000, show_default=True,
               help="Samples per cell.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--batch-size", type=count(MAX_BATCH), default=64, show_default=True)
+@click.option("--eta", type=Finite(0, MAX_ETA), default=0.0, show_default=True)
 @click.option("--spacing", type=click.Choice(SPACINGS), default="uniform",
               show_default=True)
 @click.option("--ema/--no-ema", "use_ema", default=True, show_default=True)

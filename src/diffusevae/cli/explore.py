@@ -6,7 +6,8 @@ import click
 
 from ..app import Explorer, serve
 from . import cli
-from .options import device_of, device_option, run_option
+from ..config import MAX_SAMPLES, MAX_THREADS
+from .options import count, device_of, device_option, run_option
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -19,9 +20,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Where the explorer keeps its cached slider directions and GIFs [RUN/explore; "
                    "for a published, read-only model diffusevae-outputs/NAME/explore].")
-@click.option("--max-images", type=click.IntRange(min=2), default=10_000, show_default=True,
+@click.option("--max-images", type=count(MAX_SAMPLES, 2), default=10_000, show_default=True,
               help="Training images encoded (once) for the principal directions.")
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=count(MAX_THREADS),
               help="torch's CPU threads for the model [all cores but one, left to the server]")
 @device_option
 def explore(run_dir: str, host: str, port: int, out: str | None, max_images: int,

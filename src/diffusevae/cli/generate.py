@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import click
 
+from ..config import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
 from ..distributed import processes
 from ..outputs import (reconstruct_to_folder, refine_to_folder, sample_to_folder,
                        sample_vae_to_folder)
 from . import cli
-from .options import (convert_option, device_of, device_option, inversion_options, invert_config,
-                      prior_option, run_option, sample_config, sampling_options,
-                      start_step_option)
+from .options import (SEED, Finite, convert_option, count, device_of, device_option, inversion_options, invert_config,
+                      overwrite_option, prior_option, run_option, sample_config,
+                      sampling_options, start_step_option)
 
 
 @cli.command()
@@ -22,8 +23,9 @@ from .options import (convert_option, device_of, device_option, inversion_option
 @prior_option
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out with the same settings.")
+@overwrite_option
 def sample(run_dir: str, out: str | None, show_stages: bool, device: str, resume: bool,
-           prior: str, **kw) -> None:
+           prior: str, overwrite: bool, **kw) -> None:
     """Generate with DiffuseVAE: PNG files, grid.png, samples.npz and sampling.json.
 
     Under torchrun or accelerate launch the processes share the samples (README "Sampling and
@@ -31,26 +33,27 @@ def sample(run_dir: str, out: str | None, show_stages: bool, device: str, resume
     """
     procs = processes(device)
     written = sample_to_folder(run_dir, sample_config(kw), out, procs, show_stages=show_stages,
-                               prior=prior, resume=resume)
+                               prior=prior, resume=resume, overwrite=overwrite)
     if procs.is_main:
         click.echo(written.summary)
 
 
 @cli.command("sample-vae")
 @run_option()
-@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--n", type=count(MAX_SAMPLES), default=64, show_default=True,
               help="Number of samples.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/vae_samples].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0, show_default=True,
               help="Scale of z ~ N(0, t^2 I).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=count(MAX_BATCH), default=256, show_default=True)
 @device_option
+@overwrite_option
 def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature: float,
-                   batch_size: int, device: str) -> None:
+                   batch_size: int, device: str, overwrite: bool) -> None:
     """Sample the VAE alone (z ~ N(0, I), x = D(z)): PNG files, a grid and an .npz."""
     written = sample_vae_to_folder(run_dir, n, out, seed, temperature, batch_size,
-                                   device_of(device))
+                                   device_of(device), overwrite=overwrite)
     click.echo(written.summary)
 
 
@@ -66,9 +69,10 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
 @convert_option
 @inversion_options()
 @sampling_options(n=16)
+@overwrite_option
 def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bool | None,
                 start_step: int | None, convert_channels: bool, device: str,
-                save_latents: bool, **kw) -> None:
+                save_latents: bool, overwrite: bool, **kw) -> None:
     """Encode images and decode them with the VAE; with a refiner, refine x_hat too (from
     fresh noise, or from the input noised to --start-step): PNG files and a side-by-side grid.
     --n: the number of images. --invert adds the inverted reconstruction (inverted/, the last
@@ -76,7 +80,7 @@ def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bo
     invert = invert_config(kw)
     written = reconstruct_to_folder(run_dir, sample_config(kw), out, input_dir, refine,
                                     start_step, convert_channels, device_of(device), invert,
-                                    save_latents)
+                                    save_latents, overwrite)
     click.echo(written.summary)
 
 
@@ -88,8 +92,9 @@ def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bo
 @start_step_option
 @convert_option
 @sampling_options(n=None)
+@overwrite_option
 def refine(run_dir: str, input_dir: str, out: str | None, start_step: int | None,
-           convert_channels: bool, device: str, **kw) -> None:
+           convert_channels: bool, device: str, overwrite: bool, **kw) -> None:
     """Refine any coarse images (another model's samples, upscaled or noisy images).
 
     Each image, resized to the model's size, is taken as x_hat; a z-conditioned refiner gets
@@ -97,5 +102,5 @@ def refine(run_dir: str, input_dir: str, out: str | None, start_step: int | None
     (input | refined) and refine.json.
     """
     written = refine_to_folder(run_dir, input_dir, sample_config(kw), out, start_step,
-                               convert_channels, device_of(device))
+                               convert_channels, device_of(device), overwrite)
     click.echo(written.summary)

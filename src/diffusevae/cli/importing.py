@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ..config import MAX_WIDTH
 from ..importing import import_official
 from . import cli
-from .options import run_option
+from .options import count, run_option
 
 _CKPT = click.Path(dir_okay=False, exists=True)
 
@@ -17,7 +18,7 @@ _CKPT = click.Path(dir_okay=False, exists=True)
 @click.option("--ddpm", "ddpm_path", type=_CKPT, required=True,
               help="The official DDPM checkpoint (.ckpt, form1 or form2) trained on that VAE.")
 @run_option()
-@click.option("--num-heads", type=click.IntRange(min=1), default=None,
+@click.option("--num-heads", type=count(MAX_WIDTH), default=None,
               help="Attention heads of the refiner, which the weights do not record: 8 for "
                    "the official CIFAR-10 models, 1 for the CelebA / CelebA-HQ ones.")
 @click.option("--dataset", default=None,

@@ -5,26 +5,27 @@ from __future__ import annotations
 
 import click
 
-from ..errors import ConfigError
-from ..latents import MODES, compute_directions
+from ..config import MAX_BATCH, MAX_COMPONENTS, MAX_FRAMES, MAX_SAMPLES
+from ..errors import ConfigError, quote
+from ..latents import MODES, check_lambdas, compute_directions
 from ..outputs import edit_to_folder, interpolate_to_folder
 from ..prior import fit_prior
 from . import cli
-from .options import (convert_option, device_of, device_option, inversion_options, invert_config,
-                      prior_option, run_option, sample_config, sampling_options)
+from .options import (SEED, convert_option, count, device_of, device_option, inversion_options,
+                      invert_config, prior_option, run_option, sample_config, sampling_options)
 
 
 @cli.command("fit-prior")
 @run_option()
-@click.option("--components", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--components", type=count(MAX_COMPONENTS), default=10, show_default=True,
               help="Mixture components K.")
 @click.option("--use-mean/--use-samples", default=False, show_default=True,
               help="Fit the posterior means mu(x), or samples z ~ q(z|x) (the aggregate "
                    "posterior, what the refiner saw in training).")
-@click.option("--max-images", type=click.IntRange(min=1), help="Encode at most N images "
+@click.option("--max-images", type=count(MAX_SAMPLES), help="Encode at most N images "
               "(a seeded random subset) of each split [all].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--batch-size", type=count(MAX_BATCH), default=256, show_default=True)
 @device_option
 def fit_prior_cmd(run_dir: str, components: int, use_mean: bool, max_images: int | None,
                   seed: int, batch_size: int, device: str) -> None:
@@ -48,12 +49,12 @@ def fit_prior_cmd(run_dir: str, components: int, use_mean: bool, max_images: int
                    "CelebA's list_attr_celeba reads too [the dataset's class labels].")
 @click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False),
               help="The folder of images the CSV describes [the run's training set].")
-@click.option("--max-images", type=click.IntRange(min=1),
+@click.option("--max-images", type=count(MAX_SAMPLES),
               help="Encode at most N images (a seeded random subset) [all].")
 @click.option("--use-mean/--use-samples", default=True, show_default=True,
               help="Average the posterior means mu(x), or samples z ~ q(z|x).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--batch-size", type=count(MAX_BATCH), default=256, show_default=True)
 @device_option
 def attributes(run_dir: str, labels_csv: str | None, input_dir: str | None,
                max_images: int | None, use_mean: bool, seed: int, batch_size: int,
@@ -75,10 +76,10 @@ def attributes(run_dir: str, labels_csv: str | None, input_dir: str | None,
 @click.option("--mode", "modes", type=click.Choice(MODES), multiple=True,
               help="lerp / slerp: z from a to b, noise fixed (global change); xt: z fixed, "
                    "initial noise slerped (detail change). Repeatable [all three].")
-@click.option("--frames", type=click.IntRange(min=2), default=8, show_default=True)
-@click.option("--seed-a", type=int, default=0, show_default=True,
+@click.option("--frames", type=count(MAX_FRAMES, 2), default=8, show_default=True)
+@click.option("--seed-a", type=SEED, default=0, show_default=True,
               help="Endpoint a: sample 0 of this seed (its noise is held fixed).")
-@click.option("--seed-b", type=int, default=1, show_default=True, help="Endpoint b.")
+@click.option("--seed-b", type=SEED, default=1, show_default=True, help="Endpoint b.")
 @click.option("--image-a", type=click.Path(exists=True, dir_okay=False),
               help="Endpoint a as an image (z = mu); needs --image-b.")
 @click.option("--image-b", type=click.Path(exists=True, dir_okay=False))
@@ -101,15 +102,15 @@ def interpolate(run_dir: str, modes: tuple[str, ...], frames: int, seed_a: int, 
 
 
 def _lambdas(ctx: click.Context, param: click.Parameter, text: str) -> list[float]:
-    """--lambdas as numbers."""
+    """--lambdas as numbers, checked (latents.check_lambdas)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
     if not values:
         raise ConfigError(f"--lambdas takes numbers separated by commas, e.g. -2,-1,0,1,2; got "
-                          f"{text!r}")
-    return values
+                          f"{quote(text)}")
+    return check_lambdas(values)
 
 
 @cli.command()
@@ -134,6 +135,8 @@ def edit(run_dir: str, names: tuple[str, ...], lambdas: list[float], input_dir: 
     rows = images, columns = lambda, the same noise along a row. Without --input: --n samples
     of --seed. With --input DIR --invert (or --latents FILE) each row keeps its image's
     inverted noise: lambda = 0 is the image itself, and the edits keep its details."""
+    if input_dir is None and latents is None:  # --n samples: the size is known before any work
+        check_lambdas(lambdas, kw["n"])
     invert = invert_config(kw)
     written = edit_to_folder(run_dir, names, lambdas, sample_config(kw), out, input_dir, prior,
                              convert_channels, device_of(device), invert, save_latents, latents)

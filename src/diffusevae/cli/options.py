@@ -3,17 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import click
 import torch
 import yaml
 
-from ..config import PRESETS, Config, InvertConfig, SampleConfig, resolve, to_dict
+from ..config import (MAX_BATCH, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_SAMPLES,
+                      MAX_TEMPERATURE, MAX_TIMESTEPS, PRESETS, SEED_MAX, Config, InvertConfig,
+                      SampleConfig, resolve, to_dict)
 from ..distributed import resolve_device
 from ..errors import ConfigError
 from ..names import DATASETS, DEVICES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
 from ..prior import PRIORS
 from ..run import RunFolder
+
+
+# --------------------------------------------------------------------------------------------
+# Types with the bounds config.py states: a value outside them is refused as it is parsed
+# --------------------------------------------------------------------------------------------
+
+def count(most: int, least: int = 1) -> click.IntRange:
+    """An integer flag from `least` to `most` (a bound of config.py)."""
+    return click.IntRange(least, most)
+
+
+class Finite(click.FloatRange):
+    """A float flag in a range, never nan or inf (click's FloatRange lets nan through)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number", param, ctx)
+        return rv
+
+
+SEED = click.IntRange(0, SEED_MAX)  # what the generators take, used whole (rng.py)
 
 
 def run_option(required: bool = True):
@@ -126,22 +153,22 @@ def sampling_options(n: int | None = 64, seed: bool = True):
     images); ``seed``: whether the command takes --seed. `sample_config` reads them back."""
     def decorate(fn):
         options = [
-            click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+            click.option("--steps", type=count(MAX_TIMESTEPS), default=10, show_default=True,
                          help="Sampling steps (respaced from the 1000 of training)."),
             click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim",
                          show_default=True, help="dpmpp_2m: DPM-Solver++(2M), deterministic; "
                          "best with --spacing trailing."),
-            click.option("--eta", type=click.FloatRange(min=0), default=0.0, show_default=True,
+            click.option("--eta", type=Finite(0, MAX_ETA), default=0.0, show_default=True,
                          help="DDIM noise: 0 deterministic, 1 like DDPM."),
             click.option("--spacing", type=click.Choice(SPACINGS), default="uniform",
                          show_default=True, help="Which timesteps to visit."),
             click.option("--var-type", type=click.Choice(VAR_TYPES), default="fixedlarge",
                          show_default=True, help="DDPM step variance."),
-            click.option("--batch-size", type=click.IntRange(min=1), default=64,
+            click.option("--batch-size", type=count(MAX_BATCH), default=64,
                          show_default=True),
-            click.option("--temperature", type=click.FloatRange(min=0), default=1.0,
+            click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0,
                          show_default=True, help="Scale of the initial noise."),
-            click.option("--guidance", type=click.FloatRange(min=0), default=0.0,
+            click.option("--guidance", type=Finite(0, MAX_GUIDANCE), default=0.0,
                          show_default=True,
                          help="Classifier-free guidance weight w (needs --p-uncond in training)."),
             click.option("--clip/--no-clip", default=True, show_default=True,
@@ -155,10 +182,10 @@ def sampling_options(n: int | None = 64, seed: bool = True):
             device_option,
         ]
         if seed:
-            options.insert(0, click.option("--seed", type=int, default=0, show_default=True,
+            options.insert(0, click.option("--seed", type=SEED, default=0, show_default=True,
                                            help="Seed of the noise (image i: (seed, i))."))
         if n is not None:
-            options.insert(0, click.option("--n", type=click.IntRange(min=1), default=n,
+            options.insert(0, click.option("--n", type=count(MAX_SAMPLES), default=n,
                                            show_default=True, help="Number of samples."))
         for option in reversed(options):
             fn = option(fn)
@@ -180,14 +207,14 @@ def inversion_options(save_latents: bool = True):
             click.option("--invert", is_flag=True,
                          help="Invert the images with DDIM (docs/method.md#inversion): decoding "
                               "returns them, details included."),
-            click.option("--inversion-steps", type=click.IntRange(min=1),
+            click.option("--inversion-steps", type=count(MAX_TIMESTEPS),
                          default=InvertConfig.steps, show_default=True,
                          help="DDIM steps of the inversion and of its decoding."),
-            click.option("--fixed-point", type=click.IntRange(min=0),
+            click.option("--fixed-point", type=count(MAX_FIXED_POINT, 0),
                          default=InvertConfig.fixed_point, show_default=True,
                          help="Fixed-point iterations per inversion step: accurate at 10-20 "
                               "steps, each one network call per step more."),
-            click.option("--inversion-tol", type=click.FloatRange(min=0),
+            click.option("--inversion-tol", type=Finite(min=0),
                          default=InvertConfig.tol, show_default=True,
                          help="An image stops iterating at a step once it moves by less (RMS)."),
         ]
@@ -225,7 +252,7 @@ def flags_given(names) -> list[str]:
 
 
 start_step_option = click.option(
-    "--start-step", type=click.IntRange(min=0), default=None,
+    "--start-step", type=count(MAX_TIMESTEPS - 1, 0), default=None,
     help="SDEdit: start from the image noised to this step (0..999) instead of fresh noise; "
          "low keeps the image, high redraws it.")
 convert_option = click.option(
@@ -235,3 +262,7 @@ convert_option = click.option(
 prior_option = click.option(
     "--prior", type=click.Choice(PRIORS), default="normal", show_default=True,
     help="z ~ N(0, I), or the Ex-PDE mixture of `diffusevae fit-prior`.")
+overwrite_option = click.option(
+    "--overwrite", is_flag=True,
+    help="Replace the outputs of an earlier command in the output folder (a folder that holds "
+         "files is refused otherwise); other files there are kept.")
