@@ -7,6 +7,7 @@ from diffusevae.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConf
 from diffusevae.diffusion import Schedule, q_sample, respaced_timesteps
 from diffusevae.errors import CheckpointError, ConfigError
 from diffusevae.pipeline import DiffuseVAE
+from diffusevae import rng
 from diffusevae.rng import sample_generators
 from diffusevae.samplers import ddim
 from diffusevae.unet import UNet
@@ -44,11 +45,11 @@ ROWS = {
 def _by_hand(pipe: DiffuseVAE, form: str, n: int, steps: int, seed: int,
              guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`generate` with DDIM (eta 0, uniform steps, clipping) as docs/method.md states it: sample
-    i's generator, seeded (seed * 1000003 + i) mod 2^64, gives z and then y_T; the network sees
+    i's generator, rng.generator(seed, SAMPLE, i), gives z and then y_T; the network sees
     [x_t, x_hat] (z through its embedding), and with guidance w the noise is
     (1 + w) eps(x_hat, z) - w eps(0, 0); the image's prediction is clipped to [-1, 1]."""
     target, seen, image = ROWS[form]
-    gens = [torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**64) for i in range(n)]
+    gens = [rng.generator(seed, rng.SAMPLE, i) for i in range(n)]
     z = x_hat = None
     if form != "uncond":
         z = torch.stack([torch.randn(16, generator=g) for g in gens])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffusevae.data import random_hflip
-from diffusevae.rng import BatchShard, noise_like, randn_like_per_sample, sample_generators
+from diffusevae.rng import (SAMPLE, BatchShard, generator, noise_like, randn_like_per_sample,
+                           sample_generators)
 from diffusevae.vae import VAE
 
 # --------------------------------------------------------------------------------------------
@@ -19,7 +20,7 @@ def test_sample_generators_are_seeded_from_seed_and_index():
     assert len(gens) == 2
     noise = randn_like_per_sample(gens, (2, 3), "cpu", torch.float64)
     assert noise.shape == (2, 2, 3) and noise.dtype == torch.float64
-    expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))
+    expected = torch.randn(2, 3, generator=generator(5, SAMPLE, 1))
     assert torch.equal(noise[1].float(), expected)
 
 

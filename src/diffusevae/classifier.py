@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import rng
 from .checkpoint import PretrainedMixin
 from .config import DataConfig, to_dict
 from .data import build_dataset
@@ -134,7 +135,7 @@ def train_classifier(data: DataConfig, out: str | Path, steps: int = 1500,
     num_classes = int(labels.max()) + 1 if labels is not None else 10
     cfg = cfg or ClassifierConfig(image_size=data.image_size, channels=data.channels,
                                   num_classes=num_classes)
-    torch.manual_seed(seed)
+    rng.seed_global(seed, rng.INIT)
     model = Classifier(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)

@@ -12,20 +12,102 @@ Two rules keep results reproducible however the work is split:
   runs in one process or is split over processes and micro-batches.
 
 The functions that draw take a ``torch.Generator``, a list of them (one per sample), a
-`BatchShard`, or None (the global RNG); nothing here knows about processes or networks. The
-seeds of a whole training run (initial weights, data order, dropout) are set where training
-starts and steps (train.py, training_loop.py).
+`BatchShard`, or None (the global RNG); nothing here knows about processes or networks.
+
+Every seed is derived here, by one function (`generator`): the run's seed (any integer of
+``[0, 2^64 - 1]``, `config.SEED_MAX`) and a purpose with its indices (sample i; epoch e; step s
+of process r...) are hashed by NumPy's ``SeedSequence`` into the generator's whole state. Why
+not ``manual_seed``: torch's CPU generator (MT19937) keeps only the low 32 bits of the seed it is
+given, so seeds that differ above bit 32 would draw the same numbers, and any mix of
+(seed, index) squeezed into 32 bits would collide within a run of ~10^5 samples. The hash
+fills all 624 words of the state instead: distinct (seed, purpose, indices) never share a
+stream in practice.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from .config import SEED_MAX, check_seed
+
 Generators = Sequence[torch.Generator] | torch.Generator | None
 """What a sampler draws its noise from: one generator per sample, one for the batch, or None."""
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds: one derivation for every generator
+# --------------------------------------------------------------------------------------------
+
+# The purposes a seed is used for (the first key of `generator`; each takes a fixed number of
+# indices, so that no two (purpose, indices) hash the same words).
+SAMPLE = 0  # (i,): sample i's draws (image, latent, sampler noise)
+EPOCH = 1  # (e,): the data order of epoch e
+STEP = 2  # (step, rank): the global RNG (dropout) of a training step in one process
+INIT = 3  # (): the initial weights of a training run
+TRAINER = 4  # (): the trainer generator (a step's noise, timesteps, flips)
+SUBSET = 5  # (): a seeded random subset of images
+LIBRARY = 6  # (what,): an integer seed for a library that takes one (scikit-learn, NumPy)
+
+_MT_WORDS = 624  # MT19937's state: 624 32-bit words
+# torch's CPU generator state: (initial seed u64, left i32, seeded i32, next u64, the words as
+# u64, then the Box-Muller caches, invalid in a fresh state). A fresh state is the template.
+_STATE_HEAD = struct.Struct("<QiiQ")
+_TEMPLATE = torch.Generator().get_state()
+if len(_TEMPLATE) != _STATE_HEAD.size + 8 * _MT_WORDS + 40:  # pragma: no cover
+    raise ImportError(f"torch {torch.__version__} keeps its CPU generator's state in another "
+                      "layout than diffusevae knows; tests/test_rng.py shows what to update")
+
+
+def seed_words(seed: int, *keys: int, words: int = _MT_WORDS) -> np.ndarray:
+    """`words` uint32 hashed from (seed, *keys) by NumPy's SeedSequence (each value in
+    [0, 2^64 - 1], written as two words, after their count: no two inputs give the same words)."""
+    values = (check_seed(seed), *keys)
+    entropy = [len(values)]
+    for v in values:
+        if not 0 <= int(v) <= SEED_MAX:
+            raise ValueError(f"a seed key must be in [0, 2^64 - 1]; got {v}")
+        entropy += [int(v) & 0xFFFFFFFF, int(v) >> 32]
+    return np.random.SeedSequence(entropy).generate_state(words, np.uint32)
+
+
+def derived_seed(seed: int, *keys: int, bits: int = 64) -> int:
+    """An integer of `bits` bits (<= 64) hashed from (seed, *keys): for what takes a plain seed
+    (a CUDA generator, scikit-learn's random_state, which takes 32 bits)."""
+    lo, hi = (int(w) for w in seed_words(seed, *keys, words=2))
+    return (lo | hi << 32) >> (64 - bits)
+
+
+def _cpu_state(seed: int, keys: tuple[int, ...]) -> Tensor:
+    state = bytearray(_TEMPLATE.numpy().tobytes())
+    _STATE_HEAD.pack_into(state, 0, derived_seed(seed, *keys), 1, 1, 0)  # left 1, seeded, next 0
+    words = seed_words(seed, *keys).astype("<u8").tobytes()
+    state[_STATE_HEAD.size:_STATE_HEAD.size + len(words)] = words
+    return torch.frombuffer(state, dtype=torch.uint8).clone()
+
+
+def generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of (seed, purpose, indices...): the one way this package seeds one.
+
+    On the CPU its whole MT19937 state comes from the hash; elsewhere (CUDA's Philox takes a
+    64-bit seed) a 64-bit hash seeds it.
+    """
+    g = torch.Generator(device=device)
+    if g.device.type == "cpu":
+        g.set_state(_cpu_state(seed, keys))
+    else:
+        g.manual_seed(derived_seed(seed, *keys))
+    return g
+
+
+def seed_global(seed: int, *keys: int) -> None:
+    """Seed torch's global generators (CPU and every accelerator) from (seed, *keys)."""
+    torch.manual_seed(derived_seed(seed, *keys))  # the accelerators: 64 bits
+    torch.set_rng_state(_cpu_state(seed, keys))  # the CPU: the whole state
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,9 +115,8 @@ Generators = Sequence[torch.Generator] | torch.Generator | None
 # --------------------------------------------------------------------------------------------
 
 def sample_generators(seed: int, indices: Sequence[int] | range) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded from the run seed and the sample's global index."""
-    return [torch.Generator().manual_seed((int(seed) * 1_000_003 + int(i)) % 2**64)
-            for i in indices]
+    """One CPU generator per sample, of the run seed and the sample's global index."""
+    return [generator(seed, SAMPLE, int(i)) for i in indices]
 
 
 def randn_like_per_sample(generators: Sequence[torch.Generator], shape_per_sample: Sequence[int],

@@ -21,6 +21,7 @@ from .distributed import processes
 from .errors import ConfigError
 from .images import save_grid, side_by_side
 from .pipeline import DiffuseVAE
+from . import rng
 from .rng import BatchShard
 from .run import RunFolder, save_refiner
 from .training_loop import EMA, Stage, StepBatches, fit, total_steps  # noqa: F401 (re-exported)
@@ -40,7 +41,7 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
     procs = processes(tc.device)
     device = procs.device
     dataset = build_dataset(cfg.data, "train")
-    torch.manual_seed(tc.seed)  # the initial weights depend on the seed alone
+    rng.seed_global(tc.seed, rng.INIT)  # the initial weights depend on the seed alone
     vae = VAE(cfg.vae)
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
 
@@ -96,7 +97,7 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
             f"{cfg.data.channels}; use the preset the VAE was trained with"
         )
     dataset = build_dataset(cfg.data, "train")
-    torch.manual_seed(tc.seed)
+    rng.seed_global(tc.seed, rng.INIT)
     unet = UNet(refiner_unet_config(cfg, vae))
     schedule = Schedule.from_config(cfg.diffusion)
     if procs.is_main:

@@ -7,8 +7,9 @@ warm-up, gradient clipping, the fp16 scaler, EMA with warm-up) and write what th
 benchmarks.
 
 Resuming is exact: the data order is a pure function of (seed, step) (`StepBatches`), every other
-random draw comes from one trainer generator (dropout's from a seed of (seed, step, process)),
-and the training state is one atomically written file.
+random draw comes from one trainer generator (dropout's from the global generator, seeded by
+(seed, step, process)), and the training state is one atomically written file. rng.py derives
+every one of these seeds.
 
 Several processes (torchrun, accelerate launch) train one model with DDP: each computes its
 rows of every global batch (`BatchShard` draws the whole batch's random numbers and keeps its
@@ -46,6 +47,7 @@ from .config import Config, TrainConfig, to_dict
 from .data import random_hflip
 from .distributed import Processes
 from .errors import ConfigError, OutOfMemoryError, TrainingError
+from . import rng
 from .rng import BatchShard
 from .training_state import (EMA, TrainingState, check_resume,  # noqa: F401 (re-exported)
                              record_environment)
@@ -72,7 +74,7 @@ class StepBatches(Sampler[list[int]]):
         for step in range(self.start, self.steps):
             e, k = divmod(step, self.per_epoch)
             if e != epoch:
-                gen = torch.Generator().manual_seed(self.seed * 7919 + e)
+                gen = rng.generator(self.seed, rng.EPOCH, e)
                 epoch, perm = e, torch.randperm(self.n, generator=gen)
             first = k * self.batch_size
             yield perm[first + self.rows.start:first + self.rows.stop].tolist()
@@ -176,7 +178,7 @@ def train_step(state: TrainingState, ctx: StepContext, x_local: torch.Tensor,
     tc, procs, device = ctx.tc, ctx.procs, ctx.procs.device
     state.rng_at_step_start = state.gen.get_state()
     # Dropout draws from the global RNG: a function of (seed, step, process).
-    torch.manual_seed(((tc.seed * 1_000_003 + state.step) * 4099 + procs.rank) % 2**63)
+    rng.seed_global(tc.seed, rng.STEP, state.step, procs.rank)
     for group in state.opt.param_groups:  # linear warm-up (docs/method.md)
         group["lr"] = tc.lr * min(1.0, (state.step + 1) / max(1, tc.warmup_steps))
     try:
