@@ -43,20 +43,21 @@ def tour_to_folder(model_dir: str | Path = SHIPPED_MODEL, out_dir: str | Path = 
             f"{model_dir} holds no trained DiffuseVAE; pass --model with a run folder (or a "
             "clone's models/fashion-mnist), or train one with `diffusevae demo --train`")
     out, t0 = Path(out_dir), time.time()
+    # overwrite: a second tour replaces the first one's pictures (nothing else is removed)
     samples = sample_to_folder(run, FAST, out / "samples", device, show_stages=True,
-                               progress=progress)
+                               progress=progress, overwrite=True)
     examples = run.root / EXAMPLES_DIR
     recon = reconstruct_to_folder(run, replace(FAST, n=16), out / "reconstructions",
                                   input_dir=examples if examples.is_dir() else None,
-                                  device=device)
+                                  device=device, overwrite=True)
     interp = interpolate_to_folder(run, replace(FAST, n=1), out / "interpolation", frames=8,
-                                   device=device)
+                                   device=device, overwrite=True)
     parts = [f"{samples.folder / 'stages.png'}", f"{recon.folder / 'grid.png'}",
              f"{interp.folder / 'grid.png'}"]
     if run.attributes_dir.is_dir():
         names, _ = load_directions(run)
         edit = edit_to_folder(run, names[:1], EDIT_LAMBDAS, replace(FAST, n=8),
-                              out / "edit", device=device)
+                              out / "edit", device=device, overwrite=True)
         parts.append(f"{edit.folder} ({names[0]})")
     return Written(out, f"demo done in {time.time() - t0:.0f} s: " + ", ".join(parts))
 
@@ -74,8 +75,8 @@ def train_to_folder(run_dir: str | Path | None = None, preset: str = "digits",
     # resume=True: a second demo continues (or just reuses) the first one's run
     train_vae(cfg, run, resume=True, progress=progress)
     train_refiner(cfg, run, resume=True, progress=progress)
-    recon = reconstruct_to_folder(run, SampleConfig(n=32), device=device)
+    recon = reconstruct_to_folder(run, SampleConfig(n=32), device=device, overwrite=True)
     samples = sample_to_folder(run, SampleConfig(n=64, steps=10), device=device,
-                               show_stages=True, progress=progress)
+                               show_stages=True, progress=progress, overwrite=True)
     return Written(run.root, f"demo done in {time.time() - t0:.0f} s: see "
                              f"{recon.folder / 'grid.png'} and {samples.folder / 'stages.png'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import _atomic_write
-from .errors import CheckpointError
+from .errors import CheckpointError, DiskFullError
 from .storage import DISK_FULL_ERRNOS, _disk_full
 
 
@@ -77,6 +78,19 @@ def save_gif(frames: list[np.ndarray], path: str | Path, duration_ms: int = 80) 
         tmp, format="GIF", save_all=True, append_images=pics[1:], duration=duration_ms, loop=0))
 
 
+def _check_room(folder: Path, n: int, row_shape: tuple[int, ...], dtype: np.dtype,
+                what: str) -> None:
+    """Refuse an array of `n` rows that the disk under `folder` cannot hold, before a byte of
+    it is allocated (an n in the quintillions must not reach numpy)."""
+    need = n * math.prod(row_shape) * np.dtype(dtype).itemsize
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DiskFullError(errno.ENOSPC, (
+            f"the disk is full: {what} for {n} samples needs {need / 1e9:.3g} GB in {folder}, "
+            f"and {free / 1e9:.3g} GB are free; nothing was written. Ask for fewer samples, or "
+            "free some space (or write to another disk) and run the command again"))
+
+
 def _reserve(path: Path) -> None:
     """Allocate a (sparse) file's blocks now: on a full disk this fails here, with ENOSPC,
     instead of killing the process (SIGBUS) when a memory-mapped page is written later."""
@@ -115,7 +129,8 @@ class NpzStreamWriter:
             except (OSError, ValueError) as exc:
                 raise CheckpointError(
                     f"cannot resume {self.path}: the partial arrays in {self.parts} are missing "
-                    f"or damaged ({exc}); start over without --resume") from None
+                    f"or damaged ({exc}); start over with --overwrite instead of --resume"
+                ) from None
         else:
             shutil.rmtree(self.parts, ignore_errors=True)  # parts of an abandoned run
             self.parts.mkdir(parents=True, exist_ok=True)
@@ -134,6 +149,8 @@ class NpzStreamWriter:
         """Store each named batch at rows ``start:start+len(batch)``."""
         for name, batch in batches.items():
             if name not in self.arrays:
+                _check_room(self.parts, self.n, batch.shape[1:], batch.dtype,
+                            f"{self.path.name}'s {name}")
                 self.arrays[name] = np.lib.format.open_memmap(
                     self.parts / f"{name}.npy", mode="w+", dtype=batch.dtype,
                     shape=(self.n, *batch.shape[1:]))

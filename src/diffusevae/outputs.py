@@ -25,12 +25,20 @@ What the other commands write lives beside what they compute: ``fit-prior``
 Every writer here returns a `Written`: the folder, and one line saying what is in it. Image i
 of every command gets the noise of (seed, i), so a rerun writes the same pictures.
 
-Sampling streams batches to disk, so 50,000 samples never sit in memory. Resuming
-(``resume=True``, ``sample --resume``): after each batch its rows are flushed to the
-memory-mapped parts of the `.npz` and then ``sampling.json`` (settings, environment, ``done``:
-samples on disk, ``complete``) is rewritten atomically. A killed run resumes at index ``done``
-with the same batches, so its images equal those of an uninterrupted run; settings, device or
-weights that differ from the recorded ones are refused.
+One writer per folder, and no stale files (`run.output_folder`): every writer holds the
+folder's lock while it writes, so a second command writing the same folder is refused with a
+line naming the first. A folder that already holds files is refused unless ``overwrite``
+(``--overwrite``), which first removes what these writers make there and keeps anything else,
+or ``resume`` (`sample`): a shorter run can never leave an earlier run's images beside its own.
+
+Sampling streams batches to disk, and draws them one at a time, so memory holds one batch
+whatever ``n`` is. Resuming (``resume=True``, ``sample --resume``): after each batch its rows
+are flushed to the memory-mapped parts of the `.npz` and then ``sampling.json`` (settings,
+environment, ``done``: samples on disk, ``complete``) is rewritten atomically. A killed run
+resumes at index ``done`` with the same batches, so its images equal those of an
+uninterrupted run; settings, device or weights that differ from the recorded ones are
+refused. Before it trusts ``done``, a resume removes the temporary files a kill left and
+checks that the PNG files it counts are there; from the first one missing, it draws again.
 
 Several processes (``torchrun`` / ``accelerate launch``; `distributed.processes`) share the
 batches round by round: in each round process r draws the r-th of the next `world` batches,
@@ -46,7 +54,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -66,7 +76,7 @@ from .images import to_uint8
 from .latents import MODES, edit_latents, find_direction, interpolation_frames
 from .latents import load_directions, slug
 from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion
-from .run import RunFolder
+from .run import RunFolder, output_folder
 
 GRID_SIZE = 64  # images in grid.png
 STAGES_SIZE = 32  # pairs in stages.png
@@ -106,13 +116,14 @@ def _write_record(path: Path, sample: SampleConfig, **extra) -> None:
 def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | Path | None = None,
                      device: str | torch.device | Processes = "cpu", show_stages: bool = False,
                      progress: bool = True, prior: str = "normal",
-                     resume: bool = False) -> Written:
+                     resume: bool = False, overwrite: bool = False) -> Written:
     """Generate ``sample.n`` images from the run and write them to `out_dir` (`sample`).
 
     ``device``: a device, or the processes of a launched command (`distributed.processes`),
     every one of which calls this; they share the batches (module docstring).
     ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
-    ``resume``: continue an interrupted run in `out_dir` (module docstring).
+    ``resume``: continue an interrupted run in `out_dir`; ``overwrite``: replace the outputs
+    there of an earlier command (module docstring).
     """
     procs = _processes(device)
     run = RunFolder(run_dir)
@@ -129,37 +140,65 @@ def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | P
         "weights": run.weights_digest(sample.use_ema, pipe.vae is not None, prior != "normal"),
     }
     written = Written(out_dir, f"{sample.n} samples written to {out_dir}")
-    start, to_write = procs.on_main(lambda: _plan(out_dir, settings, sample.n, resume))
-    if start is None:
+    with ExitStack() as held:  # the main process holds the folder's lock until all are done
+        start, to_write = procs.on_main(lambda: _plan(held.enter_context(output_folder(
+            out_dir, "sample", overwrite, resume)), settings, sample, resume))
+        if start is None:
+            if procs.is_main:
+                tqdm.write(f"{out_dir} already holds the {sample.n} samples of these settings")
+            return written
+        record = {**settings, "environment": environment(procs.device, sample.seed),
+                  "diffusevae_version": __version__, "torch_version": torch.__version__,
+                  "processes": procs.world}
+        t0 = time.time()
+
+        def progress_to(done: int, complete: bool = False) -> None:
+            atomic_write_json(out_dir / "sampling.json", {
+                **record, "done": done, "complete": complete,
+                "seconds": round(time.time() - t0, 2)})
+
+        if to_write:
+            _write_samples(pipe, sample, out_dir, procs, start, prior, show_stages,
+                           progress and procs.is_main, progress_to)
         if procs.is_main:
-            tqdm.write(f"{out_dir} already holds the {sample.n} samples of these settings")
-        return written
-    record = {**settings, "environment": environment(procs.device, sample.seed),
-              "diffusevae_version": __version__, "torch_version": torch.__version__,
-              "processes": procs.world}
-    t0 = time.time()
-
-    def progress_to(done: int, complete: bool = False) -> None:
-        atomic_write_json(out_dir / "sampling.json", {
-            **record, "done": done, "complete": complete,
-            "seconds": round(time.time() - t0, 2)})
-
-    if to_write:
-        _write_samples(pipe, sample, out_dir, procs, start, prior, show_stages,
-                       progress and procs.is_main, progress_to)
-    if procs.is_main:
-        progress_to(sample.n, complete=True)
-    procs.barrier()  # every process returns with the folder complete
+            progress_to(sample.n, complete=True)
+        procs.barrier()  # every process returns with the folder complete
     return written
 
 
-def _plan(out_dir: Path, settings: dict, n: int, resume: bool) -> tuple[int | None, bool]:
-    """Where to start (None: nothing left), and whether there is anything to write."""
-    start = _resume_point(out_dir, settings) if resume else 0
-    npz_path = out_dir / "samples.npz"
-    # done == n and no parts left: killed after the .npz was packed; only the record is missing
-    return start, start is not None and (
-        start < n or NpzStreamWriter.parts_folder(npz_path).is_dir() or not npz_path.is_file())
+def _plan(out_dir: Path, settings: dict, sample: SampleConfig,
+          resume: bool) -> tuple[int | None, bool]:
+    """Where to start (None: the folder holds the whole run), and whether there is anything to
+    write. A resume trusts ``done`` only as far as the PNG files it counts are on disk."""
+    if not resume:
+        return 0, True
+    done = _resume_point(out_dir, settings)
+    n, npz_path = sample.n, out_dir / "samples.npz"
+    parts = NpzStreamWriter.parts_folder(npz_path).is_dir()
+    counted = n if done is None else done
+    start = _first_missing(out_dir / "images", counted, sample.batch_size)
+    if start < counted:
+        tqdm.write(f"{out_dir / 'images'} lacks image {start:06d}.png or one after it, which "
+                   f"{out_dir / 'sampling.json'} counts as written; drawing again from there")
+    if 0 < start and not parts and not (start == n and npz_path.is_file()):
+        start = 0  # the rows before `start` are in no file any more: draw them again
+    if done is None and start == n:
+        return None, False
+    # start == n and no parts left: killed after the .npz was packed; only the record is missing
+    return start, start < n or parts or not npz_path.is_file()
+
+
+def _first_missing(images: Path, upto: int, batch_size: int) -> int:
+    """The start of the batch holding the first of ``images/000000.png ...`` (up to `upto`)
+    that is not on disk, else `upto`."""
+    try:
+        names = {entry.name for entry in os.scandir(images)}
+    except (FileNotFoundError, NotADirectoryError):
+        names = set()
+    for i in range(upto):
+        if f"{i:06d}.png" not in names:
+            return i - i % batch_size
+    return upto
 
 
 def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs: Processes,
@@ -213,12 +252,12 @@ def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs:
 def _rounds(start: int, sample: SampleConfig, world: int) -> Iterator[list[range]]:
     """The batches from sample `start` on (a multiple of the batch size, or n), `world` at a
     time: batch k holds samples k * batch_size up to (k + 1) * batch_size, as one process cuts
-    them, and when a round ends every sample before its last batch's end has been drawn."""
-    size = sample.batch_size
-    batches = [range(first, min(first + size, sample.n))
-               for first in range(start, sample.n, size)]
-    for i in range(0, len(batches), world):
-        yield batches[i:i + world]
+    them, and when a round ends every sample before its last batch's end has been drawn.
+    Made one round at a time: memory holds a round, whatever n is."""
+    size, n = sample.batch_size, sample.n
+    for first in range(start, n, size * world):
+        yield [range(b, min(b + size, n)) for b in range(first, min(first + size * world, n),
+                                                           size)]
 
 
 def _resume_point(out_dir: Path, settings: dict) -> int | None:
@@ -258,23 +297,25 @@ def _resume_point(out_dir: Path, settings: dict) -> int | None:
 
 def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None = None,
                          seed: int = 0, temperature: float = 1.0, batch_size: int = 256,
-                         device: str | torch.device = "cpu", progress: bool = True) -> Written:
+                         device: str | torch.device = "cpu", progress: bool = True,
+                         overwrite: bool = False) -> Written:
     """Sample the VAE alone, x = D(z) with z ~ N(0, t^2 I) (`sample-vae`): sample i is the
     x_hat that `sample` refines for the same seed and i."""
     run = RunFolder(run_dir)
     vae = run.load_vae(device)
     out_dir = run.output_dir("sample-vae", out_dir)
-    first: list[np.ndarray] = []
-    with NpzStreamWriter(out_dir / "samples.npz", n) as npz, torch.inference_mode():
-        for start in tqdm(range(0, n, batch_size), desc="sample-vae", disable=not progress):
-            z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
-                                          temperature)
-            images = to_uint8(x_hat)
-            save_pngs(images, out_dir / "images", start)
-            npz.write(start, images=images, z=z.cpu().numpy())
-            first.extend(images[: max(0, GRID_SIZE - len(first))])
-    save_grid(np.stack(first), out_dir / "grid.png")
-    return Written(out_dir, f"{n} VAE samples written to {out_dir}")
+    with output_folder(out_dir, "sample-vae", overwrite):
+        first: list[np.ndarray] = []
+        with NpzStreamWriter(out_dir / "samples.npz", n) as npz, torch.inference_mode():
+            for start in tqdm(range(0, n, batch_size), desc="sample-vae", disable=not progress):
+                z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
+                                              temperature)
+                images = to_uint8(x_hat)
+                save_pngs(images, out_dir / "images", start)
+                npz.write(start, images=images, z=z.cpu().numpy())
+                first.extend(images[: max(0, GRID_SIZE - len(first))])
+        save_grid(np.stack(first), out_dir / "grid.png")
+        return Written(out_dir, f"{n} VAE samples written to {out_dir}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +385,8 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
                           refine: bool | None = None, start_step: int | None = None,
                           convert_channels: bool = False, device: str | torch.device = "cpu",
                           invert: InvertConfig | None = None,
-                          save_latents: bool = False) -> Written:
+                          save_latents: bool = False,
+                          overwrite: bool = False) -> Written:
     """Encode ``sample.n`` images (of `input_dir`, else the run's test split) and decode them
     with the VAE; with the refiner (``refine``, default: when the run has one) refine x_hat
     too, from fresh noise or from the input noised to `start_step` (`reconstruct`). With
@@ -365,40 +407,42 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
         dataset = build_dataset(data, "test" if data.dataset != "folder" else "train")
     x = torch.stack([dataset[i][0] for i in range(min(sample.n, len(dataset)))]).to(device)
     out_dir = run.output_dir("reconstruct", out_dir)
-    if not refine:
-        with torch.inference_mode():
-            recon = vae.reconstruct(x)
-        save_pngs(to_uint8(recon), out_dir / "images")
-        save_grid(side_by_side(x, recon), out_dir / "grid.png", nrow=8, scale=2)
-        return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} "
-                                "(grid.png: input | VAE)")
-    sample = replace(sample, n=len(x))
-    pipe = _pipeline(run, sample, torch.device(device))
-    out = _in_batches(lambda xb, i: pipe.reconstruct(xb, sample, start_step, i), x,
-                      sample.batch_size)
-    save_pngs(to_uint8(out.images), out_dir / "images")
-    save_pngs(to_uint8(out.x_hat), out_dir / "x_hat")
-    columns, what = [x, out.x_hat, out.images], "input | VAE x_hat | refined"
-    if invert is not None:
-        inv, settings = _inverted(pipe, x, sample, invert)
-        inverted = _decoded(pipe, inv, settings).images
-        save_pngs(to_uint8(inverted), out_dir / "inverted")
-        columns.append(inverted)
-        what += f" | inverted ({invert.steps} steps)"
-        if save_latents:
-            inv.save(out_dir / "latents.npz", settings, run=str(run), invert=dataclasses.asdict(
-                invert), input=None if input_dir is None else str(input_dir))
-    save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=4 * len(columns), scale=2)
-    _write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step,
-                  invert=None if invert is None else dataclasses.asdict(invert))
-    return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} (grid.png: {what})"
-                            + ("; latents.npz: z and y_T" if invert and save_latents else ""))
+    with output_folder(out_dir, "reconstruct", overwrite):
+        if not refine:
+            with torch.inference_mode():
+                recon = vae.reconstruct(x)
+            save_pngs(to_uint8(recon), out_dir / "images")
+            save_grid(side_by_side(x, recon), out_dir / "grid.png", nrow=8, scale=2)
+            return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} "
+                                    "(grid.png: input | VAE)")
+        sample = replace(sample, n=len(x))
+        pipe = _pipeline(run, sample, torch.device(device))
+        out = _in_batches(lambda xb, i: pipe.reconstruct(xb, sample, start_step, i), x,
+                          sample.batch_size)
+        save_pngs(to_uint8(out.images), out_dir / "images")
+        save_pngs(to_uint8(out.x_hat), out_dir / "x_hat")
+        columns, what = [x, out.x_hat, out.images], "input | VAE x_hat | refined"
+        if invert is not None:
+            inv, settings = _inverted(pipe, x, sample, invert)
+            inverted = _decoded(pipe, inv, settings).images
+            save_pngs(to_uint8(inverted), out_dir / "inverted")
+            columns.append(inverted)
+            what += f" | inverted ({invert.steps} steps)"
+            if save_latents:
+                inv.save(out_dir / "latents.npz", settings, run=str(run), invert=dataclasses.asdict(
+                    invert), input=None if input_dir is None else str(input_dir))
+        save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=4 * len(columns), scale=2)
+        _write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step,
+                      invert=None if invert is None else dataclasses.asdict(invert))
+        return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} (grid.png: {what})"
+                                + ("; latents.npz: z and y_T" if invert and save_latents else ""))
 
 
 def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleConfig,
                      out_dir: str | Path | None = None, start_step: int | None = None,
                      convert_channels: bool = False,
-                     device: str | torch.device = "cpu") -> Written:
+                     device: str | torch.device = "cpu",
+                     overwrite: bool = False) -> Written:
     """Refine every image of `input_dir`, resized to the model's size and taken as x_hat
     (a z-conditioned refiner gets z = mu(x_hat)); from fresh noise, or from the image noised
     to `start_step` (`refine`). ``sample.n`` is ignored: every image is refined."""
@@ -409,16 +453,17 @@ def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleC
     x = torch.stack([dataset[i][0] for i in range(len(dataset))])
     sample = replace(sample, n=len(x))
     out_dir = run.output_dir("refine", out_dir)
-    gen = _in_batches(lambda xb, i: pipe.refine_images(xb, sample, start_step=start_step,
-                                                       first_index=i), x, sample.batch_size)
-    for path, img in zip(dataset.paths, to_uint8(gen.images)):
-        save_png(img, (out_dir / "images" / path.relative_to(dataset.root)).with_suffix(".png"))
-    save_grid(side_by_side(x[:GRID_SIZE], gen.images[:GRID_SIZE]), out_dir / "grid.png",
-              nrow=8, scale=2)
-    _write_record(out_dir / "refine.json", sample, run=str(run), input=str(input_dir),
-                  start_step=start_step, convert_channels=convert_channels)
-    return Written(out_dir, f"{len(x)} refined images written to {out_dir} "
-                            "(grid.png: input | refined)")
+    with output_folder(out_dir, "refine", overwrite):
+        gen = _in_batches(lambda xb, i: pipe.refine_images(xb, sample, start_step=start_step,
+                                                           first_index=i), x, sample.batch_size)
+        for path, img in zip(dataset.paths, to_uint8(gen.images)):
+            save_png(img, (out_dir / "images" / path.relative_to(dataset.root)).with_suffix(".png"))
+        save_grid(side_by_side(x[:GRID_SIZE], gen.images[:GRID_SIZE]), out_dir / "grid.png",
+                  nrow=8, scale=2)
+        _write_record(out_dir / "refine.json", sample, run=str(run), input=str(input_dir),
+                      start_step=start_step, convert_channels=convert_channels)
+        return Written(out_dir, f"{len(x)} refined images written to {out_dir} "
+                                "(grid.png: input | refined)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,7 +476,8 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
                           image_a: str | Path | None = None, image_b: str | Path | None = None,
                           prior: str = "normal", convert_channels: bool = False,
                           device: str | torch.device = "cpu",
-                          invert: InvertConfig | None = None) -> Written:
+                          invert: InvertConfig | None = None,
+                          overwrite: bool = False) -> Written:
     """Interpolate between sample 0 of two seeds, or two image files (z = mu), in each of
     `modes` (default: all the run can do): a GIF per mode and grid.png, a row per mode
     (`interpolate`). ``sample.n`` and ``sample.seed`` are replaced by `frames` and `seed_a`.
@@ -456,23 +502,26 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
             z_a, z_b = (None, None) if inv.z is None else inv.z
             y_a, y_b = inv.y_T
     out_dir = run.output_dir("interpolate", out_dir)
-    rows = []
-    for mode in modes:
-        gen = interpolation_frames(pipe, mode, frames, sample, seed_a, seed_b, z_a, z_b, prior,
-                                   y_a, y_b)
-        images = to_uint8(gen.images)
-        rows.append(images)
-        big = [f.repeat(GIF_SCALE, 0).repeat(GIF_SCALE, 1) for f in images]
-        save_gif(big + big[::-1][1:-1], out_dir / f"{mode}.gif")  # there and back
-        if gen.x_hat is not None and mode != "xt":
-            save_grid(to_uint8(gen.x_hat), out_dir / f"{mode}_x_hat.png", nrow=frames, scale=2)
-    save_grid(np.concatenate(rows), out_dir / "grid.png", nrow=frames, scale=2)
-    _write_record(out_dir / "interpolate.json", sample, run=str(run), modes=list(modes),
-                  seed_a=seed_a, seed_b=seed_b, image_a=None if image_a is None else str(image_a),
-                  image_b=None if image_b is None else str(image_b), prior=prior,
-                  invert=None if invert is None else dataclasses.asdict(invert))
-    return Written(out_dir, f"interpolation written to {out_dir}: grid.png (rows: "
-                            f"{', '.join(modes)}) and {', '.join(m + '.gif' for m in modes)}")
+    with output_folder(out_dir, "interpolate", overwrite):
+        rows = []
+        for mode in modes:
+            gen = interpolation_frames(pipe, mode, frames, sample, seed_a, seed_b, z_a, z_b,
+                                       prior, y_a, y_b)
+            images = to_uint8(gen.images)
+            rows.append(images)
+            big = [f.repeat(GIF_SCALE, 0).repeat(GIF_SCALE, 1) for f in images]
+            save_gif(big + big[::-1][1:-1], out_dir / f"{mode}.gif")  # there and back
+            if gen.x_hat is not None and mode != "xt":
+                save_grid(to_uint8(gen.x_hat), out_dir / f"{mode}_x_hat.png", nrow=frames,
+                          scale=2)
+        save_grid(np.concatenate(rows), out_dir / "grid.png", nrow=frames, scale=2)
+        _write_record(out_dir / "interpolate.json", sample, run=str(run), modes=list(modes),
+                      seed_a=seed_a, seed_b=seed_b,
+                      image_a=None if image_a is None else str(image_a),
+                      image_b=None if image_b is None else str(image_b), prior=prior,
+                      invert=None if invert is None else dataclasses.asdict(invert))
+        return Written(out_dir, f"interpolation written to {out_dir}: grid.png (rows: "
+                                f"{', '.join(modes)}) and {', '.join(m + '.gif' for m in modes)}")
 
 
 def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequence[float],
@@ -480,7 +529,8 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
                    input_dir: str | Path | None = None, prior: str = "normal",
                    convert_channels: bool = False, device: str | torch.device = "cpu",
                    invert: InvertConfig | None = None, save_latents: bool = False,
-                   latents: str | Path | None = None) -> Written:
+                   latents: str | Path | None = None,
+                   overwrite: bool = False) -> Written:
     """Move ``sample.n`` samples (or the images of `input_dir`, z = mu) along the run's
     attribute directions: a grid per attribute, rows = images, columns = lambda, the same
     noise along a row (`edit`). With ``invert`` the images are inverted and each row holds its
@@ -494,32 +544,33 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
     chosen = {name: find_direction(all_names, directions, name) for name in attributes}
     pipe = _pipeline(run, sample, torch.device(device))
     out_dir = run.output_dir("edit", out_dir)
-    z = y_T = None
-    if latents is not None:
-        inv, sample = _load_latents(pipe, latents, sample)
-        z, y_T = inv.z, inv.y_T
-    elif input_dir is not None:
-        c, s, _ = pipe.image_shape
-        dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
-        x = torch.stack([dataset[i][0] for i in range(len(dataset))])
-        if invert is None:
-            z = pipe.encode(x)
-        else:
-            inv, sample = _inverted(pipe, x, sample, invert)
+    with output_folder(out_dir, "edit", overwrite):
+        z = y_T = None
+        if latents is not None:
+            inv, sample = _load_latents(pipe, latents, sample)
             z, y_T = inv.z, inv.y_T
-            if save_latents:
-                inv.save(out_dir / "latents.npz", sample, run=str(run),
-                         invert=dataclasses.asdict(invert), input=str(input_dir))
-    for name, direction in chosen.items():
-        gen = edit_latents(pipe, direction, lambdas, sample, z, prior, y_T)
-        save_grid(to_uint8(gen.images.flatten(0, 1)), out_dir / f"{slug(name)}.png",
-                  nrow=len(lambdas), scale=2)
-        save_grid(to_uint8(gen.x_hat.flatten(0, 1)), out_dir / f"{slug(name)}_x_hat.png",
-                  nrow=len(lambdas), scale=2)
-    _write_record(out_dir / "edit.json", sample, run=str(run), attributes=list(attributes),
-                  lambdas=list(lambdas), input=None if input_dir is None else str(input_dir),
-                  prior=prior, invert=None if invert is None else dataclasses.asdict(invert),
-                  latents=None if latents is None else str(latents))
-    return Written(out_dir, f"edits written to {out_dir}: "
-                            f"{', '.join(slug(k) + '.png' for k in chosen)} (rows: images, "
-                            f"columns: lambda {', '.join(f'{v:g}' for v in lambdas)})")
+        elif input_dir is not None:
+            c, s, _ = pipe.image_shape
+            dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
+            x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+            if invert is None:
+                z = pipe.encode(x)
+            else:
+                inv, sample = _inverted(pipe, x, sample, invert)
+                z, y_T = inv.z, inv.y_T
+                if save_latents:
+                    inv.save(out_dir / "latents.npz", sample, run=str(run),
+                             invert=dataclasses.asdict(invert), input=str(input_dir))
+        for name, direction in chosen.items():
+            gen = edit_latents(pipe, direction, lambdas, sample, z, prior, y_T)
+            save_grid(to_uint8(gen.images.flatten(0, 1)), out_dir / f"{slug(name)}.png",
+                      nrow=len(lambdas), scale=2)
+            save_grid(to_uint8(gen.x_hat.flatten(0, 1)), out_dir / f"{slug(name)}_x_hat.png",
+                      nrow=len(lambdas), scale=2)
+        _write_record(out_dir / "edit.json", sample, run=str(run), attributes=list(attributes),
+                      lambdas=list(lambdas), input=None if input_dir is None else str(input_dir),
+                      prior=prior, invert=None if invert is None else dataclasses.asdict(invert),
+                      latents=None if latents is None else str(latents))
+        return Written(out_dir, f"edits written to {out_dir}: "
+                                f"{', '.join(slug(k) + '.png' for k in chosen)} (rows: images, "
+                                f"columns: lambda {', '.join(f'{v:g}' for v in lambdas)})")

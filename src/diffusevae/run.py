@@ -17,20 +17,24 @@ run adds is which folders exist, which of them belong together, and where output
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import (Config, DataConfig, DiffusionConfig, config_from_json, from_dict,
                      to_dict)
 from .diffusion import get_formulation
-from .errors import CheckpointError, RunFolderError
+from .errors import CheckpointError, ConfigError, RunFolderError
 from .importing import imported_data
 from .networks import arch_record, load_network
-from .storage import sha256_file
+from .storage import LOCK_NAME, folder_lock, sha256_file
 from .unet import UNet
 from .vae import VAE
 
@@ -50,6 +54,11 @@ OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
                "interpolate": "interpolation", "edit": "edit", "evaluate": "eval",
                "explore": "explore",
                "sweep": "sweep"}
+# What the output writers (outputs.py) make in a folder: `overwrite` removes these alone.
+OUTPUT_ENTRIES = ("images", "x_hat", "inverted", "grid.png", "stages.png", "samples.npz",
+                  "latents.npz", ".samples.parts", ".latents.parts", "sampling.json",
+                  "reconstruct.json", "refine.json", "interpolate.json", "edit.json",
+                  "*.gif", "*.png", ".*.tmp")  # MODE.gif, MODE_x_hat.png, NAME.png; temps
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +80,52 @@ def load_refiner(folder: str | Path, use_ema: bool = True,
     diffusion = from_dict(DiffusionConfig, meta.get("diffusion", {}),
                           where=f"{Path(folder) / ckpt.CONFIG_NAME}:diffusion")
     return unet, diffusion
+
+
+# --------------------------------------------------------------------------------------------
+# Output folders: one writer, no earlier outputs left behind
+# --------------------------------------------------------------------------------------------
+
+@contextmanager
+def output_folder(out_dir: Path, command: str, overwrite: bool,
+                  resume: bool = False) -> Iterator[Path]:
+    """`out_dir` locked for `command` (`storage.folder_lock`) while the block writes it, and
+    checked to hold no earlier outputs: emptied of them with `overwrite` (only of what the
+    writers make, `OUTPUT_ENTRIES`, saying what it removed and kept), kept by `resume` when it
+    holds a sampling run to resume (less the temporary files a kill left). A folder holding
+    files is refused otherwise, so a shorter run never leaves an earlier one's images beside
+    its own."""
+    with folder_lock(out_dir, command):
+        _clear_earlier(out_dir, command, overwrite,
+                       resume and (out_dir / "sampling.json").is_file())
+        yield out_dir
+
+
+def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -> None:
+    """Refuse a folder that holds files, unless `resume`; with `overwrite`, remove ours."""
+    entries = sorted(p for p in out_dir.iterdir() if p.name != LOCK_NAME)
+    if resume:
+        for tmp in [*out_dir.glob(".*.tmp"), *(out_dir / "images").glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)  # a kill during a write left it
+        return
+    if not entries:
+        return
+    names = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    if not overwrite:
+        again = " or --resume to continue an interrupted run," if command == "sample" else ""
+        raise ConfigError(
+            f"{out_dir} already holds files ({names}): pass --overwrite to replace the outputs "
+            f"of an earlier command,{again} or choose another --out folder")
+    ours = [p for p in entries if any(fnmatch.fnmatchcase(p.name, e) for e in OUTPUT_ENTRIES)]
+    for path in ours:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    kept = [p.name for p in entries if p not in ours]
+    tqdm.write(f"--overwrite: removed {len(ours)} earlier output(s) from {out_dir}"
+               + (f"; kept {len(kept)} file(s) diffusevae does not write there: "
+                  f"{', '.join(kept[:5])}" if kept else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +193,11 @@ class RunFolder:
                              f"{', '.join(OUTPUT_DIRS)}")
         base = Path(OUTPUTS_ROOT) / self.root.resolve().name if self.read_only else self.root
         return base / OUTPUT_DIRS[command]
+
+    def writing(self, part: str, command: str):
+        """A context manager holding the one-writer lock of ``RUN/<part>`` (a stage, the prior,
+        the attributes...) while `command` writes it (`storage.folder_lock`)."""
+        return folder_lock(self.root / part, command)
 
     @property
     def read_only(self) -> bool:
@@ -264,7 +324,8 @@ class RunFolder:
             files = (ckpt.read_manifest(path.parent) or {}).get("files") or {}
             out[f"{stage}/{path.name}"] = (files.get(path.name) or {}).get("sha256")
         if with_prior:  # the prior's files are small: hash them
-            for path in sorted(p for p in self.prior_dir.glob("*") if p.is_file()):
+            for path in sorted(p for p in self.prior_dir.glob("*")
+                               if p.is_file() and p.name != LOCK_NAME):
                 out[f"{PRIOR_DIR}/{path.name}"] = sha256_file(path)
         return out
 
@@ -291,5 +352,6 @@ class RunFolder:
                     shutil.copy2(self.stage_dir(stage) / name, dest.stage_dir(stage) / name)
         for folder in (self.prior_dir, self.attributes_dir):  # their VAE digests still hold:
             if folder.is_dir():  # the exported weights are the bytes they were fitted on
-                shutil.copytree(folder, dest.root / folder.name)
+                shutil.copytree(folder, dest.root / folder.name,
+                                ignore=shutil.ignore_patterns(LOCK_NAME))
         return dest

@@ -22,6 +22,7 @@ from .features import Extractor
 from .pipeline import DiffuseVAE
 from .run import RunFolder
 from .sources import run_source, vae_source
+from .storage import _atomic_write, folder_lock
 
 
 def require_matplotlib():
@@ -167,9 +168,10 @@ def plot_fid(cells: list[dict], path: str | Path, fid_name: str, title: str = ""
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_sweep(record: dict, out_dir: str | Path, stem: str = "sweep",
@@ -202,8 +204,9 @@ def sweep_to_folder(runs: list[str | Path], samplers: list[str], steps: list[int
         raise ConfigError("a sweep needs at least one run")
     ref, data, extractor = scoring.resolve(runs[0], device)
     out_dir = RunFolder(runs[0]).output_dir("sweep", out)
-    record = sweep(list(runs), samplers, steps, n, ref, extractor, base=base,
-                   include_vae=include_vae, data=data, cache_dir=scoring.cache_dir,
-                   ref_limit=scoring.ref_limit, grid_dir=out_dir, device=device,
-                   progress=progress, on_cell=on_cell)
-    return record, write_sweep(record, out_dir)
+    with folder_lock(out_dir, "sweep"):  # one sweep writes a folder at a time
+        record = sweep(list(runs), samplers, steps, n, ref, extractor, base=base,
+                       include_vae=include_vae, data=data, cache_dir=scoring.cache_dir,
+                       ref_limit=scoring.ref_limit, grid_dir=out_dir, device=device,
+                       progress=progress, on_cell=on_cell)
+        return record, write_sweep(record, out_dir)
