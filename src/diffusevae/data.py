@@ -323,7 +323,9 @@ def _open(path: Path, limits: ImageLimits) -> Image.Image:
                         f"{limits.max_bytes // 2**20} MiB: resize or recompress it, or remove "
                         "it")
     try:
-        im = Image.open(path)  # PIL's own bomb limit (far above ours) raises here
+        with warnings.catch_warnings():  # PIL warns of sizes our limit refuses below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)  # PIL's own bomb limit (far above ours) raises here
     except Image.DecompressionBombError as exc:
         claim = _PIL_CLAIM.search(str(exc))
         raise _bomb(path, f"{int(claim[1]):,}" if claim else "billions of", limits) from None
