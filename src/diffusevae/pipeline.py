@@ -375,8 +375,9 @@ class DiffuseVAE:
         """x_hat = D(z) (B, C, H, W), clamped to [-1, 1]."""
         vae = self._need_vae("decoding z")
         if not bool(torch.isfinite(z).all()):
-            raise ConfigError("the latents z to decode hold nan or inf (a broken latents file "
-                              "or prior?); nothing was written for them")
+            raise ConfigError("the latents z to decode hold nan or inf (from an extreme "
+                              "lambda, or a broken latents file or prior?); nothing was "
+                              "written for them")
         return self._finite(vae.decode(z.to(self.device)), "VAE decodings x_hat").clamp(-1, 1)
 
     @torch.inference_mode()
