@@ -79,6 +79,11 @@ def read_json(path: str | Path) -> Any:
     return _parse(data, path)
 
 
+def read_checked_json(path: str | Path) -> Any:
+    """A model folder's JSON file, checked against its manifest, then parsed with limits."""
+    return _parse(read_checked(Path(path), require_manifest=True), Path(path))
+
+
 def _parse(data: bytes, path: Path) -> Any:
     try:
         return parse_json(data, str(path), error=CheckpointError)
@@ -121,7 +126,7 @@ def load_trainer_state(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:  # weights_only refused a global: not plain data
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects, not only tensors and numbers, "
-            f"and loading it could run code ({_what_was_refused(exc)}). Do not use files from "
+            f"and loading it could run code ({what_was_refused(exc)}). Do not use files from "
             "sources you do not trust; delete it to restart this stage from step 0") from None
     except Exception as exc:  # truncation and zip errors land here
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -134,9 +139,10 @@ def load_trainer_state(path: str | Path) -> dict:
     return state
 
 
-def _what_was_refused(exc: pickle.UnpicklingError) -> str:
+def what_was_refused(exc: pickle.UnpicklingError) -> str:
     """The line of torch's refusal that names the object, without its advice to load the file
-    with ``weights_only=False`` (which would run the code)."""
+    with ``weights_only=False`` (which would run the code): for every message that reports a
+    refused pickle (features.py and importing.py print torch's first line, that advice)."""
     for line in str(exc).splitlines():
         if "global" in line.lower() and "weights_only" not in line:
             return line.strip()[:200]
@@ -190,7 +196,7 @@ def read_model_config(folder: str | Path, kind: str, config_cls: type) -> tuple[
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
-    meta = _parse(read_checked(path, require_manifest=True), path)
+    meta = read_checked_json(path)
     sections = _SECTIONS.get(kind, {})
     if not isinstance(meta, dict) or not {"kind", "config", *sections} <= set(meta):
         keys = ", ".join(["kind", "config", *sections])

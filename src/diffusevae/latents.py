@@ -31,9 +31,10 @@ from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .checkpoint import read_json
-from .config import MAX_EDIT_IMAGES, MAX_LAMBDA, MAX_LAMBDAS, DataConfig, SampleConfig
+from .config import (MAX_EDIT_IMAGES, MAX_FRAMES, MAX_LAMBDA, MAX_LAMBDAS, DataConfig,
+                     SampleConfig)
 from .data import ImageFolder, build_dataset
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, quote
 from .pipeline import DiffuseVAE, Generation
 from .prior import encode_dataset, subset_indices
 from .rng import sample_generators
@@ -89,14 +90,14 @@ def slerp(a: Tensor, b: Tensor, weights: Tensor) -> Tensor:
 
 def interpolate(a: Tensor, b: Tensor, frames: int, method: str = "slerp") -> Tensor:
     """``frames`` points from a to b inclusive, by "lerp" or "slerp"; (frames, *a.shape)."""
-    if frames < 2:
-        raise ConfigError(f"--frames must be >= 2; got {frames}")
+    if not 2 <= frames <= MAX_FRAMES:
+        raise ConfigError(f"--frames must be from 2 to {MAX_FRAMES}; got {quote(frames)}")
     weights = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
     if method == "lerp":
         return lerp(a, b, weights)
     if method == "slerp":
         return slerp(a, b, weights)
-    raise ConfigError(f"interpolation must be lerp or slerp; got {method!r}")
+    raise ConfigError(f"interpolation must be lerp or slerp; got {quote(method)}")
 
 
 @torch.inference_mode()
@@ -115,7 +116,8 @@ def interpolation_frames(pipe: DiffuseVAE, mode: str, frames: int, sample: Sampl
     seeds' noise, so that with DDIM the end frames are the two images.
     """
     if mode not in MODES:
-        raise ConfigError(f"interpolation mode must be one of {', '.join(MODES)}; got {mode!r}")
+        raise ConfigError(f"interpolation mode must be one of {', '.join(MODES)}; got "
+                          f"{quote(mode)}")
     if pipe.vae is None and mode != "xt":
         raise ConfigError(f"mode {mode!r} interpolates z, and this run's refiner "
                           f"({pipe.diffusion.form}) has no VAE; use --mode xt")
@@ -269,14 +271,18 @@ def save_directions(run_dir: str | Path, names: Sequence[str], directions: Tenso
 
 
 def load_directions(run_dir: str | Path) -> tuple[list[str], Tensor]:
-    """The attribute names and directions (A, d) of a run, or an error saying how to make them."""
-    folder = RunFolder(run_dir).attributes_dir
+    """The attribute names and directions (A, d) of a run, or an error saying how to make them.
+    Directions that are not finite are refused (load_tensors), naming the file."""
+    run = RunFolder(run_dir)
+    folder = run.attributes_dir
     if not (folder / NAMES_FILE).is_file():
         raise CheckpointError(f"{folder} holds no attribute directions; compute them with "
                               f"`diffusevae attributes --run {run_dir}`")
-    names = read_json(folder / NAMES_FILE).get("names", [])
+    record = read_json(folder / NAMES_FILE)
+    names = record.get("names") if isinstance(record, dict) else None
     directions = load_tensors(folder / DIRECTIONS_FILE).get("directions")
-    if directions is None or directions.ndim != 2 or len(directions) != len(names):
+    if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+            or directions is None or directions.ndim != 2 or len(directions) != len(names)):
         raise CheckpointError(f"{folder} is inconsistent; recompute it with "
                               f"`diffusevae attributes --run {run_dir}`")
     return names, directions
@@ -287,7 +293,9 @@ def find_direction(names: Sequence[str], directions: Tensor, name: str) -> Tenso
     for n, d in zip(names, directions):
         if n.lower() == name.lower() or slug(n).lower() == name.lower():
             return d
-    raise ConfigError(f"no attribute {name!r}; this run has: {', '.join(names)}")
+    more = f" and {len(names) - 3 * MAX_NAMED} more" if len(names) > 3 * MAX_NAMED else ""
+    raise ConfigError(f"no attribute {quote(name)}; this run has: "
+                      f"{', '.join(n[:40] for n in names[:3 * MAX_NAMED])}{more}")
 
 
 def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None,
@@ -373,6 +381,10 @@ def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
             idx = range(first, min(n, first + sample.batch_size))
             gens = sample_generators(sample.seed, idx)  # fresh: the same noise for every lambda
             z0 = pipe.draw_z(gens, prior) if z is None else z[first:idx.stop].to(pipe.device)
+            if direction.numel() != z0[0].numel():
+                raise CheckpointError(f"the attribute direction has {direction.numel()} "
+                                      f"dimensions but this VAE's z has {z0[0].numel()}; "
+                                      "recompute the directions with `diffusevae attributes`")
             z_l = z0 + float(lam) * direction.to(device=z0.device, dtype=z0.dtype)
             x_hat = pipe.decode(z_l)
             start = None if y_T is None else y_T[first:idx.stop].to(pipe.device)

@@ -7,7 +7,7 @@ import click
 from ..config import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
                       MAX_STEPS, MAX_SUBSETS, MAX_TIMESTEPS, SampleConfig)
 from ..distributed import processes
-from ..errors import ConfigError
+from ..errors import ConfigError, quote
 from ..evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
 from ..features import EXTRACTORS
 from ..names import DATASETS, SPACINGS
@@ -17,14 +17,19 @@ from .options import (SEED, Finite, count, device_of, device_option, flags_given
                       sample_config, sampling_options)
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+MAX_CELLS = 64  # values of one comma-separated list of a sweep
+
+
+def _int_list(text: str, flag: str, most: int) -> list[int]:
+    """1 to MAX_CELLS integers of 1..`most`, comma separated."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{flag} takes comma-separated integers, e.g. 5,10,25,50; got "
-                          f"{text!r}") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"{flag} needs positive integers; got {text!r}")
+                          f"{quote(text)}") from None
+    if not 0 < len(values) <= MAX_CELLS or not all(1 <= v <= most for v in values):
+        raise ConfigError(f"{flag} takes 1 to {MAX_CELLS} integers from 1 to {most}; got "
+                          f"{quote(text)}")
     return values
 
 
@@ -161,7 +166,7 @@ def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include
     score_with = scoring(kw)
     record, paths = sweep_to_folder(
         list(runs), [s.strip() for s in samplers.split(",") if s.strip()],
-        _int_list(steps_list, "--steps"), n, score_with, base=SampleConfig(**kw),
+        _int_list(steps_list, "--steps", MAX_TIMESTEPS), n, score_with, base=SampleConfig(**kw),
         include_vae=include_vae, out=out, device=device_of(device), progress=not quiet,
         on_cell=show)
     click.echo(f"{len(record['cells'])} cells ({record['names']['fid']}) written to "
