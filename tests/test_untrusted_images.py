@@ -52,12 +52,11 @@ BOMBS = {"ours": (9000, 9000), "pil_warns": (10_000, 10_000), "pil": (100_000, 1
 
 
 def _error_line(capsys) -> str:
-    """The one error line a command printed, checked to be the only one, with no traceback;
-    a progress bar's lines aside (`sample` leaves its bar open when a batch fails, so the
-    error may follow the bar's text)."""
+    """The one error line a command printed, checked to be the only one, with no traceback,
+    on a line of its own (a progress bar is closed before it); the bar's lines aside."""
     err = capsys.readouterr().err
     lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
-    errors = [line[line.index("error: "):] for line in lines if "error: " in line]
+    errors = [line for line in lines if line.startswith("error: ")]
     progress = [line for line in lines if "error: " not in line and "img/s" in line]
     assert "Traceback" not in err and len(errors) == 1, err
     assert len(errors) + len(progress) == len(lines), err
@@ -235,6 +234,19 @@ def test_images_whose_names_meet_get_distinct_output_names(tmp_path):
     assert names["a.jpg"] == "a_jpg" and names["sub/b.png"] == "sub/b"
     assert names["x.png/c.png"] == "x.png/c" and names["x.jpg"] != "x"
     assert ImageFolder(tmp_path, 8, 1).output_names == ds.output_names  # the same every time
+
+
+def test_refine_writes_images_whose_names_meet_to_distinct_files(trained_run, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, name in enumerate(("a.png", "a.jpg", "b.png")):
+        Image.fromarray(np.full((16, 16), 60 * k, np.uint8)).save(
+            folder / name, format="JPEG" if name.endswith("jpg") else "PNG")
+    out = tmp_path / "out"
+    assert run("refine", "--run", trained_run, "--input", folder, "--steps", 2,
+                   "--out", out) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["a_jpg.png", "a_png.png",
+                                                                  "b.png"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ reference cache, scores, and writes `metrics.json` and the grid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -40,6 +41,7 @@ from .images import make_grid, save_png
 from .names import DATASETS
 from .run import RunFolder
 from .sources import Source, dataset_source, path_source, run_source, vae_source
+from .storage import folder_lock
 
 GRID_SIZE = 64
 # Datasets at the size and channels they come in (digits: as this library resizes them).
@@ -440,7 +442,9 @@ def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
         tag = "vae" if vae_only else f"{sample.sampler}-{sample.steps}"
         out_dir = Path(out) if out else RunFolder(run).output_dir("evaluate") / tag
     ref, data, extractor = scoring.resolve(run, procs.device)
-    result = evaluate(source, ref, extractor, data=data, cache_dir=scoring.cache_dir,
-                      ref_limit=scoring.ref_limit, out=out_dir, progress=progress,
-                      processes=procs, **options)
+    # one writer of the output folder at a time (only the main process writes it)
+    with folder_lock(out_dir, "evaluate") if procs.is_main else contextlib.nullcontext():
+        result = evaluate(source, ref, extractor, data=data, cache_dir=scoring.cache_dir,
+                          ref_limit=scoring.ref_limit, out=out_dir, progress=progress,
+                          processes=procs, **options)
     return result, out_dir

@@ -75,7 +75,7 @@ from .images import NpzStreamWriter, save_gif, save_grid, save_png, save_pngs, s
 from .images import to_uint8
 from .latents import MODES, edit_latents, find_direction, interpolation_frames
 from .latents import load_directions, slug
-from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion
+from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion, check_finite
 from .run import RunFolder, output_folder
 
 GRID_SIZE = 64  # images in grid.png
@@ -227,16 +227,18 @@ def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs:
         out_dir.mkdir(parents=True, exist_ok=True)
         npz = NpzStreamWriter(out_dir / "samples.npz", sample.n, resume=start > 0)
         progress_to(start)
-    for batches in _rounds(start, sample, procs.world):
-        mine = batches[procs.rank] if procs.rank < len(batches) else None
-        made = procs.gather_objects(None if mine is None else draw(mine))
-        if npz is not None:
-            for first, arrays in filter(None, made):
-                npz.write(first, **arrays)
-            npz.flush()  # the rows are on disk before the record that counts them
-            progress_to(batches[-1].stop)
-            bar.update(batches[-1].stop - batches[0].start)
-    bar.close()
+    try:  # closed first, so that an error starts a line of its own
+        for batches in _rounds(start, sample, procs.world):
+            mine = batches[procs.rank] if procs.rank < len(batches) else None
+            made = procs.gather_objects(None if mine is None else draw(mine))
+            if npz is not None:
+                for first, arrays in filter(None, made):
+                    npz.write(first, **arrays)
+                npz.flush()  # the rows are on disk before the record that counts them
+                progress_to(batches[-1].stop)
+                bar.update(batches[-1].stop - batches[0].start)
+    finally:
+        bar.close()
     if npz is not None:
         images = npz.arrays["images"]
         scale = max(1, 64 // images.shape[1])  # small images are enlarged to be seen
@@ -310,7 +312,8 @@ def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None
             for start in tqdm(range(0, n, batch_size), desc="sample-vae", disable=not progress):
                 z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
                                               temperature)
-                images = to_uint8(x_hat)
+                images = to_uint8(check_finite(x_hat, "VAE samples", {"VAE": vae}, run.root,
+                                               {"temperature": temperature}))
                 save_pngs(images, out_dir / "images", start)
                 npz.write(start, images=images, z=z.cpu().numpy())
                 first.extend(images[: max(0, GRID_SIZE - len(first))])
@@ -410,7 +413,8 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
     with output_folder(out_dir, "reconstruct", overwrite):
         if not refine:
             with torch.inference_mode():
-                recon = vae.reconstruct(x)
+                recon = check_finite(vae.reconstruct(x), "VAE reconstructions", {"VAE": vae},
+                                     run.root)
             save_pngs(to_uint8(recon), out_dir / "images")
             save_grid(side_by_side(x, recon), out_dir / "grid.png", nrow=8, scale=2)
             return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} "
@@ -456,8 +460,8 @@ def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleC
     with output_folder(out_dir, "refine", overwrite):
         gen = _in_batches(lambda xb, i: pipe.refine_images(xb, sample, start_step=start_step,
                                                            first_index=i), x, sample.batch_size)
-        for path, img in zip(dataset.paths, to_uint8(gen.images)):
-            save_png(img, (out_dir / "images" / path.relative_to(dataset.root)).with_suffix(".png"))
+        for name, img in zip(dataset.output_names, to_uint8(gen.images)):
+            save_png(img, out_dir / "images" / f"{name}.png")  # names that never meet
         save_grid(side_by_side(x[:GRID_SIZE], gen.images[:GRID_SIZE]), out_dir / "grid.png",
                   nrow=8, scale=2)
         _write_record(out_dir / "refine.json", sample, run=str(run), input=str(input_dir),

@@ -242,31 +242,32 @@ def fit_prior(run_dir: str | Path, components: int, use_mean: bool = False,
     """
     run = RunFolder(run_dir)
     run.require_writable("fit-prior")
-    vae = run.load_vae(device)
-    data = run.training_data()
-    train = build_dataset(data, "train")
-    if data.dataset == "folder":  # no test split: hold out the last 10% of the images
-        n_held = max(1, int(len(train) * HELDOUT_FRACTION))
-        train_idx = subset_indices(len(train) - n_held, max_images, seed)
-        held, held_idx = train, list(range(len(train) - n_held, len(train)))
-        held_name = f"the last {n_held} images of the folder"
-    else:
-        train_idx = subset_indices(len(train), max_images, seed)
-        held = build_dataset(data, "test")
-        held_idx = subset_indices(len(held), max_images, seed)
-        held_name = f"{len(held_idx)} images of the {data.dataset} test split"
-    z_train, _ = encode_dataset(vae, train, train_idx, use_mean, seed, batch_size, device)
-    z_held, _ = encode_dataset(vae, held, held_idx, use_mean, seed + 1, batch_size, device)
-    mixture, fit_info = fit_mixture(z_train, components, seed)
-    report = {
-        "latents": "means" if use_mean else "posterior samples",
-        "train_images": len(train_idx), "heldout": held_name, "seed": seed, **fit_info,
-        "loglik_per_dim": {  # nats per latent dimension; higher is better
-            "gmm_heldout": round(loglik_per_dim(mixture, z_held), 4),
-            "normal_heldout": round(loglik_per_dim(None, z_held), 4),
-            "gmm_train": round(loglik_per_dim(mixture, z_train), 4),
-        },
-        "vae_sha256": sha256_file(run.weights_file("vae")),
-    }
-    save_mixture(run.prior_dir, mixture, report)
-    return {"components": components, "z_dim": mixture.z_dim, **report, "folder": run.prior_dir}
+    with run.writing("prior", "fit-prior"):  # one writer of RUN/prior at a time
+        vae = run.load_vae(device)
+        data = run.training_data()
+        train = build_dataset(data, "train")
+        if data.dataset == "folder":  # no test split: hold out the last 10% of the images
+            n_held = max(1, int(len(train) * HELDOUT_FRACTION))
+            train_idx = subset_indices(len(train) - n_held, max_images, seed)
+            held, held_idx = train, list(range(len(train) - n_held, len(train)))
+            held_name = f"the last {n_held} images of the folder"
+        else:
+            train_idx = subset_indices(len(train), max_images, seed)
+            held = build_dataset(data, "test")
+            held_idx = subset_indices(len(held), max_images, seed)
+            held_name = f"{len(held_idx)} images of the {data.dataset} test split"
+        z_train, _ = encode_dataset(vae, train, train_idx, use_mean, seed, batch_size, device)
+        z_held, _ = encode_dataset(vae, held, held_idx, use_mean, seed + 1, batch_size, device)
+        mixture, fit_info = fit_mixture(z_train, components, seed)
+        report = {
+            "latents": "means" if use_mean else "posterior samples",
+            "train_images": len(train_idx), "heldout": held_name, "seed": seed, **fit_info,
+            "loglik_per_dim": {  # nats per latent dimension; higher is better
+                "gmm_heldout": round(loglik_per_dim(mixture, z_held), 4),
+                "normal_heldout": round(loglik_per_dim(None, z_held), 4),
+                "gmm_train": round(loglik_per_dim(mixture, z_train), 4),
+            },
+            "vae_sha256": sha256_file(run.weights_file("vae")),
+        }
+        save_mixture(run.prior_dir, mixture, report)
+        return {"components": components, "z_dim": mixture.z_dim, **report, "folder": run.prior_dir}
