@@ -19,10 +19,10 @@ from diffusevae import rng
 from diffusevae.checkpoint import (TRAINER_STATE_NAME, load_tensors, load_trainer_state,
                                    read_json, read_model_config)
 from diffusevae.cli import _os_error_message
-from diffusevae.config import (MAX_YAML_VALUES, SEED_MAX, SampleConfig, VAEConfig, parse_json,
-                               parse_yaml)
+from diffusevae.config import SampleConfig, VAEConfig
 from diffusevae.errors import CheckpointError, ConfigError, quote
 from diffusevae.latents import save_directions
+from diffusevae.limits import MAX_YAML_VALUES, SEED_MAX, parse_json, parse_yaml
 from diffusevae.storage import save_files
 from diffusevae.training_loop import StepBatches
 

@@ -19,7 +19,7 @@ PACKAGE = Path(diffusevae.__file__).parent
 
 # Layer 1: no project imports beyond each other. `checkpoint` is the storage of models (it
 # builds on `storage` and `config`), so the networks may save and load themselves.
-FOUNDATION = {"config", "storage", "rng", "errors", "names", "checkpoint"}
+FOUNDATION = {"config", "storage", "rng", "errors", "names", "checkpoint", "limits"}
 # Layer 2: the maths and the networks.
 MATHS = {"diffusion", "samplers", "unet", "vae", "metrics", "data", "images"}
 
@@ -53,7 +53,7 @@ def test_the_foundation_imports_only_itself(module):
 
 
 def test_rng_imports_nothing_from_the_project():
-    assert project_imports("rng") == set()
+    assert project_imports("rng") <= {"limits"}  # the seeds' range; limits imports only errors
 
 
 @pytest.mark.parametrize("module", existing(MATHS))

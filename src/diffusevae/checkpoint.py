@@ -11,7 +11,7 @@ The weights and config are written as one commit, the trainer state as another (
 process killed at any moment leaves a folder that loads. A model folder without its manifest
 is refused, and so is a file whose hash differs, naming the file. Every tensor file read here
 must hold finite numbers (a file of nan or inf weights would only draw black images), and every
-JSON file is read with config.parse_json's limits on size and nesting.
+JSON file is read with limits.parse_json's limits on size and nesting.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from .config import MAX_TEXT_BYTES, DiffusionConfig, from_dict, parse_json, to_dict
+from .config import DiffusionConfig, from_dict, to_dict
 from .errors import CheckpointError, ConfigError, quote
+from .limits import MAX_TEXT_BYTES, parse_json
 from .storage import (MANIFEST_NAME, _atomic_write, _disk_full, atomic_write_json,  # noqa: F401
                       atomic_write_text, read_checked, read_manifest, save_files)
 
@@ -67,7 +68,7 @@ def atomic_torch_save(path: str | Path, obj: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 def read_json(path: str | Path) -> Any:
-    """A JSON file of a run or model folder (size and nesting bounded: config.parse_json)."""
+    """A JSON file of a run or model folder (size and nesting bounded: limits.parse_json)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")

@@ -31,10 +31,10 @@ from torch import Tensor
 
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors
 from .checkpoint import read_json
-from .config import (MAX_EDIT_IMAGES, MAX_FRAMES, MAX_LAMBDA, MAX_LAMBDAS, DataConfig,
-                     SampleConfig)
+from .config import DataConfig, SampleConfig
 from .data import ImageFolder, build_dataset
 from .errors import CheckpointError, ConfigError, DataError, quote
+from .limits import MAX_EDIT_IMAGES, MAX_FRAMES, MAX_LAMBDA, MAX_LAMBDAS
 from .pipeline import DiffuseVAE, Generation
 from .prior import encode_dataset, subset_indices
 from .rng import sample_generators

@@ -15,7 +15,7 @@ The functions that draw take a ``torch.Generator``, a list of them (one per samp
 `BatchShard`, or None (the global RNG); nothing here knows about processes or networks.
 
 Every seed is derived here, by one function (`generator`): the run's seed (any integer of
-``[0, 2^64 - 1]``, `config.SEED_MAX`) and a purpose with its indices (sample i; epoch e; step s
+``[0, 2^64 - 1]``, `limits.SEED_MAX`) and a purpose with its indices (sample i; epoch e; step s
 of process r...) are hashed by NumPy's ``SeedSequence`` into the generator's whole state. Why
 not ``manual_seed``: torch's CPU generator (MT19937) keeps only the low 32 bits of the seed it is
 given, so seeds that differ above bit 32 would draw the same numbers, and any mix of
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import SEED_MAX, check_seed
+from .limits import SEED_MAX, check_seed
 
 Generators = Sequence[torch.Generator] | torch.Generator | None
 """What a sampler draws its noise from: one generator per sample, one for the batch, or None."""

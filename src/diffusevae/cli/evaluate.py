@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ..config import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
-                      MAX_STEPS, MAX_SUBSETS, MAX_TIMESTEPS, SampleConfig)
+from ..config import SampleConfig
 from ..distributed import processes
 from ..errors import ConfigError, quote
 from ..evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
 from ..features import EXTRACTORS
+from ..limits import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
+                      MAX_STEPS, MAX_SUBSETS, MAX_TIMESTEPS)
 from ..names import DATASETS, SPACINGS
 from ..sweep import sweep_to_folder
 from . import cli

@@ -6,7 +6,7 @@ import click
 
 from ..app import Explorer, serve
 from . import cli
-from ..config import MAX_SAMPLES, MAX_THREADS
+from ..limits import MAX_SAMPLES, MAX_THREADS
 from .options import count, device_of, device_option, run_option
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
+from ..limits import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
 from ..distributed import processes
 from ..outputs import (reconstruct_to_folder, refine_to_folder, sample_to_folder,
                        sample_vae_to_folder)

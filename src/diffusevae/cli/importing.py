@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import MAX_WIDTH
+from ..limits import MAX_WIDTH
 from ..importing import import_official
 from . import cli
 from .options import count, run_option

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from ..config import MAX_BATCH, MAX_COMPONENTS, MAX_FRAMES, MAX_SAMPLES
+from ..limits import MAX_BATCH, MAX_COMPONENTS, MAX_FRAMES, MAX_SAMPLES
 from ..errors import ConfigError, quote
 from ..latents import MODES, check_lambdas, compute_directions
 from ..outputs import edit_to_folder, interpolate_to_folder

@@ -9,11 +9,11 @@ import click
 import torch
 import yaml
 
-from ..config import (MAX_BATCH, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_SAMPLES,
-                      MAX_TEMPERATURE, MAX_TIMESTEPS, PRESETS, SEED_MAX, Config, InvertConfig,
-                      SampleConfig, resolve, to_dict)
+from ..config import PRESETS, Config, InvertConfig, SampleConfig, resolve, to_dict
 from ..distributed import resolve_device
 from ..errors import ConfigError
+from ..limits import (MAX_BATCH, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_SAMPLES,
+                      MAX_TEMPERATURE, MAX_TIMESTEPS, SEED_MAX)
 from ..names import DATASETS, DEVICES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
 from ..prior import PRIORS
 from ..run import RunFolder
