@@ -15,12 +15,13 @@ import diffusevae
 from diffusevae import errors
 from diffusevae.cli import cli, main
 from diffusevae.errors import (CheckpointError, ConfigError, DataError, DiffuseVAEError,
-                               DiskFullError, EvaluationError, ExtractorError, MetricError,
-                               OfficialCheckpointError, OutOfMemoryError, RunFolderError,
-                               TrainingError, exit_status)
+                               DiskFullError, EvaluationError, ExtractorError, FolderInUseError,
+                               MetricError, OfficialCheckpointError, OutOfMemoryError,
+                               RunFolderError, TrainingError, UnreadableImageError, exit_status)
 
-INPUT = [ConfigError, DataError, ExtractorError, EvaluationError, MetricError, CheckpointError,
-         OfficialCheckpointError, RunFolderError, OutOfMemoryError]
+INPUT = [ConfigError, DataError, UnreadableImageError, ExtractorError, EvaluationError,
+         MetricError, CheckpointError, OfficialCheckpointError, RunFolderError,
+         OutOfMemoryError, FolderInUseError]
 ENVIRONMENT = [TrainingError]
 
 

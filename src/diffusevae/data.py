@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, UnreadableImageError
 from .names import DATASETS
 from .rng import BatchShard
 
@@ -300,11 +300,6 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale
 _PIL_CLAIM = re.compile(r"\((\d+) pixels\)")  # in PIL's DecompressionBombError
 
 
-class _Unreadable(Exception):
-    """Not an image this loader reads, or one that cannot be decoded (the message says which):
-    a folder of training images skips such files, every other caller refuses them."""
-
-
 def _bomb(path: Path, claim: str, limits: ImageLimits) -> DataError:
     return DataError(f"{path} claims {claim} pixels, more than the {limits.max_pixels:,} "
                      "pixels this loader decodes (a decompression bomb?); it was not decoded: "
@@ -313,11 +308,12 @@ def _bomb(path: Path, claim: str, limits: ImageLimits) -> DataError:
 
 def _open(path: Path, limits: ImageLimits) -> Image.Image:
     """The image's header (no pixel decoded yet), once its file size, format and pixel count
-    are within `limits`: a DataError beyond them, `_Unreadable` for a file of another kind."""
+    are within `limits`: a DataError beyond them, `UnreadableImageError` for a file of another
+    kind."""
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise _Unreadable(f"{path} cannot be opened ({exc.strerror})") from None
+        raise UnreadableImageError(f"{path} cannot be opened ({exc.strerror})") from None
     if size > limits.max_bytes:
         raise DataError(f"{path} is {size / 2**20:.1f} MiB; images are read up to "
                         f"{limits.max_bytes // 2**20} MiB: resize or recompress it, or remove "
@@ -330,14 +326,14 @@ def _open(path: Path, limits: ImageLimits) -> Image.Image:
         claim = _PIL_CLAIM.search(str(exc))
         raise _bomb(path, f"{int(claim[1]):,}" if claim else "billions of", limits) from None
     except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
-        raise _Unreadable(f"{path} cannot be opened ({exc.strerror})") from None
+        raise UnreadableImageError(f"{path} cannot be opened ({exc.strerror})") from None
     except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
-        raise _Unreadable(f"{path} is not an image this loader reads (PNG, JPEG, WebP or "
+        raise UnreadableImageError(f"{path} is not an image this loader reads (PNG, JPEG, WebP or "
                           "BMP)") from None
     if im.format not in IMAGE_FORMATS:
         im.close()
-        raise _Unreadable(f"{path} is a {im.format} image; this loader reads PNG, JPEG, WebP "
-                          "and BMP: convert it")
+        raise UnreadableImageError(f"{path} is a {im.format} image; this loader reads PNG, "
+                                   "JPEG, WebP and BMP: convert it")
     w, h = im.size
     if w * h > limits.max_pixels:
         im.close()
@@ -366,7 +362,7 @@ def _decode(im: Image.Image) -> np.ndarray:
 
 
 def _load(path: Path, limits: ImageLimits) -> np.ndarray:
-    """`load_image`, with files of another kind or undecodable as `_Unreadable`."""
+    """`load_image`, with files of another kind or undecodable as `UnreadableImageError`."""
     im = _open(path, limits)
     try:
         with im:
@@ -374,7 +370,7 @@ def _load(path: Path, limits: ImageLimits) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib errors...
-        raise _Unreadable(f"{path} could not be decoded (truncated or corrupt: {exc}); "
+        raise UnreadableImageError(f"{path} could not be decoded (truncated or corrupt: {exc}); "
                           "re-export it or remove it") from None
 
 
@@ -385,7 +381,7 @@ def load_image(path: str | Path, limits: ImageLimits = USER_IMAGES) -> np.ndarra
     other than IMAGE_FORMATS, a file that cannot be decoded."""
     try:
         return _load(Path(path), limits)
-    except _Unreadable as exc:
+    except UnreadableImageError as exc:
         raise DataError(str(exc)) from None
 
 
@@ -456,7 +452,7 @@ class ImageFolder(Dataset):
             try:
                 self.native.append(image_channels(_load(path, limits)))
                 self.paths.append(path)
-            except _Unreadable:
+            except UnreadableImageError:
                 bad.append(str(path.relative_to(self.root)))
         if bad:
             more = f" and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
@@ -479,7 +475,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         try:
             image = _load(self.paths[i], self.limits)
-        except _Unreadable as exc:
+        except UnreadableImageError as exc:
             raise DataError(f"{exc}; was it changed after the dataset was built?") from None
         return _for_model(image, self.channels, self.image_size), -1
 

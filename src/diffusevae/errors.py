@@ -33,6 +33,11 @@ class DataError(DiffuseVAEError, ValueError):
     """A dataset cannot be loaded as asked; the message says what is wrong and what to do."""
 
 
+class UnreadableImageError(DataError):
+    """A file that is not an image the loader reads, or one that cannot be decoded (the message
+    says which): a folder of training images skips such files, every other reader refuses them."""
+
+
 class ExtractorError(ConfigError):
     """A feature extractor cannot be built as asked; the message says how to fix it."""
 
