@@ -205,7 +205,8 @@ def _other_preset_vae(run: Path) -> None:
      "unknown key(s) in"),
     (lambda r: _edit_json(r / "vae" / "config.json", lambda m: m.update(kind="unet")),
      "holds a 'unet' model, not a 'vae' model"),
-    (lambda r: (r / "vae" / "config.json").write_text("{not json"), "has changed since"),
+    (lambda r: (r / "vae" / "config.json").write_text("{not json"),
+     "holds 9 bytes but"),  # its size, checked before anything is read, tells first
     (lambda r: (r / "refiner" / MANIFEST_NAME).write_text("[]"), "is not a diffusevae manifest"),
     (lambda r: (r / "refiner" / MANIFEST_NAME).write_text("{"), "manifest.json cannot be read"),
     (_other_preset_vae, "makes 16x16x3 images but"),
@@ -222,15 +223,16 @@ def test_damaged_or_mismatched_checkpoints_are_named(trained_run, tmp_path, caps
 
 
 def test_an_unreadable_checkpoint_file_is_one_line(trained_run, tmp_path, capsys, monkeypatch):
+    from diffusevae import storage
+
     run = _copy(trained_run, tmp_path)
-    read_bytes = Path.read_bytes
 
-    def refuse(self):
-        if self.name == "ema.safetensors":
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return read_bytes(self)
+    def refuse(path, *args, **kwargs):
+        if Path(path).name == "ema.safetensors":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)  # root can read anything: simulate it
+    monkeypatch.setattr(storage, "open", refuse, raising=False)  # root reads anything: simulate
     assert_user_error(capsys, ["sample", "--run", run, "--n", "2", "--out", tmp_path / "o"],
                       "cannot read")
 
