@@ -28,10 +28,11 @@ from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import rng
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError
-from .rng import randn_like_per_sample, sample_generators
+from .rng import randn_like_per_sample
 from .run import RunFolder
 from .storage import sha256_file
 from .vae import VAE
@@ -40,6 +41,7 @@ PRIORS = ("normal", "gmm")
 GMM_FILE = "gmm.safetensors"
 PRIOR_JSON = "prior.json"
 HELDOUT_FRACTION = 0.1  # of the images held out when the dataset has no test split
+_SKLEARN = 0  # rng.LIBRARY's index for scikit-learn's random_state (32 bits: derived, not cut)
 
 
 class GaussianMixture:
@@ -130,18 +132,19 @@ def subset_indices(n: int, max_images: int | None, seed: int) -> list[int]:
     """All of 0..n-1, or a seeded random subset of ``max_images`` of them, in ascending order."""
     if max_images is None or max_images >= n:
         return list(range(n))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=rng.generator(seed, rng.SUBSET))
     return sorted(perm[:max_images].tolist())
 
 
 @torch.inference_mode()
 def encode_dataset(vae: VAE, dataset: Dataset, indices: Sequence[int], use_mean: bool = False,
-                   seed: int = 0, batch_size: int = 256,
-                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                   seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
+                   purpose: int = rng.SAMPLE) -> tuple[Tensor, Tensor]:
     """Latents (N, d) float32 and labels (N,) of ``dataset[indices]``, on the CPU.
 
-    ``use_mean``: z = mu(x); else z ~ q(z|x), image i's noise from the generator of (seed, i),
-    so the latents do not depend on the batch size.
+    ``use_mean``: z = mu(x); else z ~ q(z|x), image i's noise from the generator of
+    (seed, purpose, i), so the latents do not depend on the batch size (another `purpose`,
+    rng.HELDOUT, gives a second set of images noise of its own).
     """
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
     zs, labels, done = [], [], 0
@@ -149,7 +152,7 @@ def encode_dataset(vae: VAE, dataset: Dataset, indices: Sequence[int], use_mean:
         mu, logvar = vae.encode(x.to(device))  # (B, d) each
         z = mu
         if not use_mean:
-            gens = sample_generators(seed, indices[done:done + len(x)])
+            gens = [rng.generator(seed, purpose, int(i)) for i in indices[done:done + len(x)]]
             eps = randn_like_per_sample(gens, (mu.shape[1],), mu.device, mu.dtype)
             z = mu + torch.exp(0.5 * logvar) * eps
         zs.append(z.float().cpu())
@@ -176,7 +179,8 @@ def fit_mixture(z: Tensor, components: int, seed: int = 0,
         raise ConfigError(f"cannot fit {components} components to {len(z)} latents; use fewer "
                           "components or more images (--max-images)")
     gmm = SkGaussianMixture(n_components=components, covariance_type="full",
-                            reg_covar=reg_covar, max_iter=max_iter, random_state=seed)
+                            reg_covar=reg_covar, max_iter=max_iter,
+                            random_state=rng.derived_seed(seed, rng.LIBRARY, _SKLEARN, bits=32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported in the result instead
         gmm.fit(z.double().numpy())
@@ -257,7 +261,8 @@ def fit_prior(run_dir: str | Path, components: int, use_mean: bool = False,
             held_idx = subset_indices(len(held), max_images, seed)
             held_name = f"{len(held_idx)} images of the {data.dataset} test split"
         z_train, _ = encode_dataset(vae, train, train_idx, use_mean, seed, batch_size, device)
-        z_held, _ = encode_dataset(vae, held, held_idx, use_mean, seed + 1, batch_size, device)
+        z_held, _ = encode_dataset(vae, held, held_idx, use_mean, seed, batch_size, device,
+                                   purpose=rng.HELDOUT)
         mixture, fit_info = fit_mixture(z_train, components, seed)
         report = {
             "latents": "means" if use_mean else "posterior samples",

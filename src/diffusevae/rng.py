@@ -52,6 +52,7 @@ INIT = 3  # (): the initial weights of a training run
 TRAINER = 4  # (): the trainer generator (a step's noise, timesteps, flips)
 SUBSET = 5  # (): a seeded random subset of images
 LIBRARY = 6  # (what,): an integer seed for a library that takes one (scikit-learn, NumPy)
+HELDOUT = 7  # (i,): image i's draws in a held-out set (fit-prior's score), apart from SAMPLE's
 
 _MT_WORDS = 624  # MT19937's state: 624 32-bit words
 # torch's CPU generator state: (initial seed u64, left i32, seeded i32, next u64, the words as
