@@ -37,3 +37,15 @@ def test_fit_prior_takes_every_seed(trained_run, tmp_path, seed):
     assert run_cli("fit-prior", "--run", run, "--components", "1", "--max-images", "64",
                    "--seed", seed) == 0
     assert json.loads((run / "prior" / "prior.json").read_text())["seed"] == seed
+
+
+def test_trainer_generators_of_seeds_that_differ_above_bit_32_differ():
+    from diffusevae.training_state import TrainingState
+
+    def draws(seed):
+        tc = tiny_config(**{"train_vae.seed": seed}).train_vae
+        return torch.rand(4, generator=TrainingState(torch.nn.Linear(1, 1), tc, torch.device(
+            "cpu")).gen)
+
+    assert torch.equal(draws(3), draws(3))
+    assert not torch.equal(draws(3), draws(3 + 2**32))

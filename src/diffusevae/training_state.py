@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import rng
 from .config import Config, TrainConfig, to_dict
 from .distributed import Processes
 from .errors import RunFolderError, TrainingError
@@ -80,7 +81,7 @@ class TrainingState:
         self.opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
         self.ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 and keep_ema else None
         self.scaler = torch.amp.GradScaler(device.type) if tc.mixed_precision == "fp16" else None
-        self.gen = torch.Generator().manual_seed(tc.seed)  # the same state in every process
+        self.gen = rng.generator(tc.seed, rng.TRAINER)  # the same state in every process
         self.step = 0
         self.last_saved = 0
         self.updating = False
