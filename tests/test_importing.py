@@ -420,7 +420,7 @@ def test_import_official_then_the_commands_work_on_the_run(tmp_path, capsys):
         ["sample", "--n", 2, "--keep-eps", "--out", run / "official-ddim", *fast],
         ["sample-vae", "--n", 2],
         ["reconstruct", "--n", 2, *fast],  # the recorded training images
-        ["reconstruct", "--input", pics, "--n", 2, "--no-refine"],
+        ["reconstruct", "--input", pics, "--n", 2, "--no-refine", "--overwrite"],  # the same folder
         ["refine", "--input", pics, *fast],
         ["interpolate", "--frames", 3, *fast],
         ["fit-prior", "--components", 1],
