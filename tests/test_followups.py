@@ -49,3 +49,20 @@ def test_trainer_generators_of_seeds_that_differ_above_bit_32_differ():
 
     assert torch.equal(draws(3), draws(3))
     assert not torch.equal(draws(3), draws(3 + 2**32))
+
+
+# --------------------------------------------------------------------------------------------
+# JSON a command reads: size and nesting bounded
+# --------------------------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads recurses once per level
+
+
+def test_sample_refuses_a_deeply_nested_config_json_in_one_line(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "refiner" / "config.json").write_text(DEEP)
+    reseal(run / "refiner")
+    err = _one_line_exit_2(capsys, "sample", "--run", run, "--n", "1", "--steps", "1",
+                           "--out", tmp_path / "out")
+    assert "config.json" in err and "nests" in err

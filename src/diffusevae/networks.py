@@ -8,7 +8,6 @@ written by our training has no "arch" and gets our `VAE` / `UNet`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -45,10 +44,9 @@ def load_network(folder: str | Path, kind: str, use_ema: bool = True,
     if not path.is_file():
         raise ckpt.CheckpointError(f"{path} is missing; is this a model folder written by "
                                    "diffusevae?")
-    try:  # checked against the manifest first, so that an edited file is named as such
-        meta = json.loads(ckpt.read_checked(path, require_manifest=True))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        meta = None
+    # checked against the manifest first, so that an edited file is named as such; parsed with
+    # limits on size and nesting (a deeply nested file would exhaust the parser's stack)
+    meta = ckpt.read_checked_json(path)
     arch = meta.get("arch") if isinstance(meta, dict) else None  # read_model_config explains
     if (kind, arch) not in ARCHITECTURES:
         raise ckpt.CheckpointError(f"{path} names the architecture {arch!r}, which this version "
