@@ -7,6 +7,7 @@ tmpfs mounted in a user namespace (`unshare -rm`; skipped where the kernel refus
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,3 +233,73 @@ def test_sampling_more_than_the_disk_holds_exits_1_with_one_line(trained_run, tm
     lines = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(lines) == 1 and "the disk is full" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _held_by_another_process(folder: Path, command: str) -> subprocess.Popen:
+    """A process holding `folder`'s lock (as `command`) until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from diffusevae.storage import folder_lock
+        with folder_lock({str(folder)!r}, {command!r}):
+            time.sleep(600)
+        """)])
+    _wait_for(folder / LOCK_NAME, proc)
+    return proc
+
+
+@pytest.mark.parametrize("part, args", [
+    ("vae", ["train-vae", "--steps", 2, "--resume", "--quiet"]),
+    ("attributes", ["attributes", "--max-images", 32]),
+    ("prior", ["fit-prior", "--components", 2, "--max-images", 32]),
+])
+def test_a_run_folder_part_has_one_writer(trained_run, tmp_path, capsys, part, args):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = sorted(p.name for p in run.rglob("*") if p.is_file())
+    holder = _held_by_another_process(run / part, f"train-{part}")
+    try:
+        assert run_cli(args[0], "--run", run, *args[1:]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert f"pid {holder.pid}" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME) == before
+    assert run_cli(args[0], "--run", run, *args[1:]) == 0  # the killed holder's lock is taken
+
+
+@pytest.mark.parametrize("command", [
+    ["interpolate", "--frames", 2, "--mode", "lerp"],
+    ["edit", "--attribute", "0", "--lambdas", "0,1", "--n", 1],
+])
+def test_interpolate_and_edit_refuse_a_used_folder_without_overwrite(trained_run, tmp_path,
+                                                                     capsys, command):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    if command[0] == "edit":
+        assert run_cli("attributes", "--run", run, "--max-images", 32) == 0
+    args = [*command, "--run", run, "--out", tmp_path / "out", *SAMPLE]
+    assert run_cli(*args) == 0
+    capsys.readouterr()
+    assert run_cli(*args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run_cli(*args, "--overwrite") == 0
+
+
+def test_a_failed_log_row_leaves_the_log_at_its_last_whole_row(tmp_path, monkeypatch):
+    from diffusevae import training_loop
+
+    log = tmp_path / "log.csv"
+    training_loop._append_csv(log, {"step": 1, "loss": 0.5})
+    whole = log.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk fills in the middle of the row
+        if len(data) > 4:
+            return real_write(fd, data[:4])
+        raise OSError(28, os.strerror(28), str(log))
+
+    monkeypatch.setattr(training_loop.os, "write", half_then_full)
+    with pytest.raises(OSError):
+        training_loop._append_csv(log, {"step": 2, "loss": 0.25})
+    assert log.read_bytes() == whole

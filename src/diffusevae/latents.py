@@ -309,36 +309,38 @@ def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None
     """
     run = RunFolder(run_dir)
     run.require_writable("attributes")
-    vae = run.load_vae(device)
-    data = run.training_data(images_only=input_dir is not None)
-    if input_dir is not None:
-        data = DataConfig(dataset="folder", data_dir=str(input_dir),
-                          image_size=data.image_size, channels=data.channels)
-    dataset = build_dataset(data, "train")
-    idx = subset_indices(len(dataset), max_images, seed)
-    if labels_csv is not None:
-        files, names, table = read_attribute_table(labels_csv)
-        images = None
-        if isinstance(dataset, ImageFolder):
-            images = [p.relative_to(dataset.root).as_posix() for p in dataset.paths]
-        table = match_labels(labels_csv, files, table, images, len(dataset))
-    elif data.dataset not in CLASS_NAMES:
-        raise ConfigError(f"the {data.dataset} images of this run have no class labels; pass "
-                          "--labels CSV (a file name column, then one 1/-1 column per attribute)")
-    else:
-        names = list(CLASS_NAMES[data.dataset])
-    z, classes = encode_dataset(vae, dataset, idx, use_mean, seed, batch_size, device)
-    labels = table[torch.tensor(idx)] if labels_csv is not None else class_labels(
-        classes, len(names))
-    directions = attribute_directions(z, labels, names)
-    source = str(labels_csv) if labels_csv is not None else f"{data.dataset} class labels"
-    positives = labels.sum(0).tolist()
-    folder = save_directions(run, names, directions, {
-        "source": source, "images": len(idx), "latents": "means" if use_mean else "samples",
-        "positives": positives,
-    })
-    return {"names": names, "positives": positives, "images": len(idx), "source": source,
-            "folder": folder}
+    with run.writing("attributes", "attributes"):  # one writer of RUN/attributes at a time
+        vae = run.load_vae(device)
+        data = run.training_data(images_only=input_dir is not None)
+        if input_dir is not None:
+            data = DataConfig(dataset="folder", data_dir=str(input_dir),
+                              image_size=data.image_size, channels=data.channels)
+        dataset = build_dataset(data, "train")
+        idx = subset_indices(len(dataset), max_images, seed)
+        if labels_csv is not None:
+            files, names, table = read_attribute_table(labels_csv)
+            images = None
+            if isinstance(dataset, ImageFolder):
+                images = [p.relative_to(dataset.root).as_posix() for p in dataset.paths]
+            table = match_labels(labels_csv, files, table, images, len(dataset))
+        elif data.dataset not in CLASS_NAMES:
+            raise ConfigError(f"the {data.dataset} images of this run have no class labels; "
+                              "pass --labels CSV (a file name column, then one 1/-1 column per "
+                              "attribute)")
+        else:
+            names = list(CLASS_NAMES[data.dataset])
+        z, classes = encode_dataset(vae, dataset, idx, use_mean, seed, batch_size, device)
+        labels = table[torch.tensor(idx)] if labels_csv is not None else class_labels(
+            classes, len(names))
+        directions = attribute_directions(z, labels, names)
+        source = str(labels_csv) if labels_csv is not None else f"{data.dataset} class labels"
+        positives = labels.sum(0).tolist()
+        folder = save_directions(run, names, directions, {
+            "source": source, "images": len(idx), "latents": "means" if use_mean else "samples",
+            "positives": positives,
+        })
+        return {"names": names, "positives": positives, "images": len(idx), "source": source,
+                "folder": folder}
 
 
 def check_lambdas(lambdas: Sequence[float], images: int | None = None) -> list[float]:

@@ -73,7 +73,7 @@ from .distributed import Processes
 from .errors import CheckpointError, ConfigError
 from .images import NpzStreamWriter, save_gif, save_grid, save_png, save_pngs, side_by_side
 from .images import to_uint8
-from .latents import MODES, edit_latents, find_direction, interpolation_frames
+from .latents import MODES, check_lambdas, edit_latents, find_direction, interpolation_frames
 from .latents import load_directions, slug
 from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion, check_finite
 from .run import RunFolder, output_folder
@@ -556,6 +556,7 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
         elif input_dir is not None:
             c, s, _ = pipe.image_shape
             dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
+            check_lambdas(lambdas, len(dataset))  # the edit's size, before any is encoded
             x = torch.stack([dataset[i][0] for i in range(len(dataset))])
             if invert is None:
                 z = pipe.encode(x)

@@ -28,10 +28,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import io
 import math
+import os
 import signal
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -49,6 +52,7 @@ from .distributed import Processes
 from .errors import ConfigError, OutOfMemoryError, TrainingError
 from . import rng
 from .rng import BatchShard
+from .storage import folder_lock
 from .training_state import (EMA, TrainingState, check_resume,  # noqa: F401 (re-exported)
                              record_environment)
 from .unet import CHANNELS_LAST_DEVICES
@@ -322,10 +326,20 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
 
     With several processes (`procs`, under torchrun or accelerate launch) the model is wrapped in
     DistributedDataParallel, each process computes its rows of every global batch, and only
-    the main process writes the run folder, which every process must see for --resume.
+    the main process writes the run folder, which every process must see for --resume. That
+    process holds ``RUN/<stage>``'s lock throughout (`storage.folder_lock`): a second training
+    of the same stage is refused, naming this one.
     """
-    device, main = procs.device, procs.is_main
     folder = Path(run_dir) / stage.name
+    with ExitStack() as held:
+        procs.on_main(lambda: held.enter_context(folder_lock(folder, f"train-{stage.name}")),
+                      share=False)
+        return _fit(stage, cfg, tc, folder, dataset, procs, resume, progress)
+
+
+def _fit(stage: Stage, cfg: Config, tc: TrainConfig, folder: Path, dataset: Dataset,
+         procs: Processes, resume: bool, progress: bool) -> nn.Module:
+    device, main = procs.device, procs.is_main
     has_state = check_resume(folder, stage.name, cfg, procs, resume)
     steps = total_steps(tc, len(dataset))
     global_batch, micro = _plan(tc, len(dataset), procs)
@@ -531,12 +545,25 @@ def _eval_mode(model: nn.Module):
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    """One row appended to the log, whole or not at all: a failed write (a full disk) cuts the
+    file back to its last whole row before the error goes on."""
+    text = io.StringIO()
+    w = csv.DictWriter(text, fieldnames=list(row))
+    if not path.exists():
+        w.writeheader()
+    w.writerow(row)
+    data = text.getvalue().encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        whole = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, whole)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _tensorboard(folder: Path):

@@ -12,7 +12,8 @@ from ..outputs import edit_to_folder, interpolate_to_folder
 from ..prior import fit_prior
 from . import cli
 from .options import (SEED, convert_option, count, device_of, device_option, inversion_options,
-                      invert_config, prior_option, run_option, sample_config, sampling_options)
+                      invert_config, overwrite_option, prior_option, run_option, sample_config,
+                      sampling_options)
 
 
 @cli.command("fit-prior")
@@ -85,19 +86,20 @@ def attributes(run_dir: str, labels_csv: str | None, input_dir: str | None,
 @click.option("--image-b", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder "
               "[RUN/interpolation].")
+@overwrite_option
 @prior_option
 @convert_option
 @inversion_options(save_latents=False)
 @sampling_options(n=None, seed=False)
 def interpolate(run_dir: str, modes: tuple[str, ...], frames: int, seed_a: int, seed_b: int,
-                image_a: str | None, image_b: str | None, out: str | None, prior: str,
-                convert_channels: bool, device: str, **kw) -> None:
+                image_a: str | None, image_b: str | None, out: str | None, overwrite: bool,
+                prior: str, convert_channels: bool, device: str, **kw) -> None:
     """Interpolate between two seeds or two images: grid.png (a row per mode) and a GIF each.
     With --invert the two images are inverted: the end frames are the images themselves."""
     invert = invert_config(kw)
     written = interpolate_to_folder(run_dir, sample_config(kw), out, modes, frames, seed_a,
                                     seed_b, image_a, image_b, prior, convert_channels,
-                                    device_of(device), invert)
+                                    device_of(device), invert, overwrite=overwrite)
     click.echo(written.summary)
 
 
@@ -124,13 +126,14 @@ def _lambdas(ctx: click.Context, param: click.Parameter, text: str) -> list[floa
 @click.option("--latents", type=click.Path(exists=True, dir_okay=False),
               help="Edit the inverted images of this latents.npz (--save-latents) instead.")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/edit].")
+@overwrite_option
 @prior_option
 @convert_option
 @inversion_options()
 @sampling_options(n=8)
 def edit(run_dir: str, names: tuple[str, ...], lambdas: list[float], input_dir: str | None,
-         latents: str | None, out: str | None, prior: str, convert_channels: bool, device: str,
-         save_latents: bool, **kw) -> None:
+         latents: str | None, out: str | None, overwrite: bool, prior: str,
+         convert_channels: bool, device: str, save_latents: bool, **kw) -> None:
     """Move samples or real images along attribute directions: a grid per attribute,
     rows = images, columns = lambda, the same noise along a row. Without --input: --n samples
     of --seed. With --input DIR --invert (or --latents FILE) each row keeps its image's
@@ -139,5 +142,6 @@ def edit(run_dir: str, names: tuple[str, ...], lambdas: list[float], input_dir: 
         check_lambdas(lambdas, kw["n"])
     invert = invert_config(kw)
     written = edit_to_folder(run_dir, names, lambdas, sample_config(kw), out, input_dir, prior,
-                             convert_channels, device_of(device), invert, save_latents, latents)
+                             convert_channels, device_of(device), invert, save_latents, latents,
+                             overwrite=overwrite)
     click.echo(written.summary)
