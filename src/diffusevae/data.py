@@ -184,9 +184,10 @@ def _idx(cfg: DataConfig, split: str) -> ArrayImages:
         files = ", ".join(f"{n}[.gz]" for n in names)
         debian = ("install the Debian package dataset-fashion-mnist, or "
                   if cfg.dataset == "fashion-mnist" else "")
-        raise DataError(f"{cfg.dataset} {split} files not found in {where}; {debian}pass "
-                        f"--data-dir DIR holding {files}; or pass --download to fetch them "
-                        f"into {candidates[-1]}")
+        raise DataError(f"{cfg.dataset} {split} files not found in {where}; {debian}set the "
+                        f"run's data.data_dir to a folder holding {files} (--data-dir DIR when "
+                        f"training), or data.download (--download when training) to fetch "
+                        f"them into {candidates[-1]}")
     image_path, label_path = _find(folder, names[0]), _find(folder, names[1])
     images, labels = _read_idx(image_path, 3), _read_idx(label_path, 1)
     if len(images) != len(labels):
@@ -267,9 +268,10 @@ def _cifar10(cfg: DataConfig, split: str) -> ArrayImages:
         folder = _cifar_folder(root)
     if folder is None:
         raise DataError(f"no CIFAR-10 batches (data_batch_1..5, test_batch) in {root} or "
-                        f"{root / CIFAR_FOLDER}; pass --data-dir DIR holding the extracted "
-                        f"{CIFAR_FOLDER} folder (or the folder itself), or pass --download "
-                        f"to fetch it into {root}")
+                        f"{root / CIFAR_FOLDER}; set the run's data.data_dir to a folder "
+                        f"holding the extracted {CIFAR_FOLDER} folder, or to that folder itself "
+                        f"(--data-dir DIR when training), or data.download (--download when "
+                        f"training) to fetch it into {root}")
     names = [f"data_batch_{k}" for k in range(1, 6)] if split == "train" else ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
@@ -444,7 +446,7 @@ class ImageFolder(Dataset):
         self.limits = limits
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist or is not a folder; "
-                            "pass --data-dir DIR pointing at a folder of images")
+                            "give the path of a folder that holds images")
         paths = sorted(p for p in self.root.rglob("*")
                        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         self.paths, self.native, bad = [], [], []
@@ -463,8 +465,8 @@ class ImageFolder(Dataset):
         if not self.paths:
             found = f"{len(paths)} image file(s), none readable" if paths else "no image files"
             raise DataError(f"{self.root} holds {found} (looked recursively for "
-                            f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}); pass --data-dir "
-                            "DIR pointing at a folder of images")
+                            f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}); give a folder "
+                            "that holds PNG, JPEG, WebP or BMP images")
         self.output_names = output_stems(self.paths, self.root)
         self.description = (f"folder train: {len(self.paths)} images resized to "
                             f"{image_size}x{image_size}x{channels} from {self.root}")
@@ -546,7 +548,8 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
             raise DataError("an image folder has only a train split; evaluate against another "
                             "folder by passing it as the train split of a second config")
         if cfg.data_dir is None:
-            raise DataError("the folder dataset needs --data-dir DIR, a folder of images")
+            raise DataError("the folder dataset needs data.data_dir, a folder of images "
+                            "(--data-dir DIR when training)")
         return ImageFolder(cfg.data_dir, cfg.image_size, cfg.channels)
     raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
 
