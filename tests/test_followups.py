@@ -99,3 +99,52 @@ def test_missing_dataset_files_name_the_runs_setting(tmp_path):
             build_dataset(cfg)
         message = str(exc.value)
         assert "data.data_dir" in message and "--data-dir DIR when training" in message
+
+
+# --------------------------------------------------------------------------------------------
+# A refused pickle: what was refused, never torch's advice to load it unsafely
+# --------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this creates `marker`: code running at load time."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (self.marker,))
+
+
+def _assert_refused_safely(exc, marker):
+    message = str(exc.value)
+    assert "refused" in message and "GLOBAL" in message  # names the object it refused
+    assert "weights_only" not in message and "will likely succeed" not in message
+    assert not marker.exists()
+
+
+def test_crafted_inception_weights_are_refused_without_the_unsafe_advice(tmp_path):
+    from diffusevae.errors import ExtractorError
+    from diffusevae.features import inception_extractor
+
+    path, marker = tmp_path / "weights.pth", tmp_path / "marker"
+    torch.save({"x": _Payload(marker)}, path)
+    with pytest.raises(ExtractorError) as exc:
+        inception_extractor(path)
+    _assert_refused_safely(exc, marker)
+
+
+def test_a_pickle_the_static_scan_misses_is_refused_without_the_unsafe_advice(tmp_path,
+                                                                               monkeypatch):
+    from diffusevae.errors import OfficialCheckpointError
+    from diffusevae.importing import read_lightning_checkpoint
+
+    path, marker = tmp_path / "evil.ckpt", tmp_path / "marker"
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, path)
+    # the scan names the global (and is refused first, tests/test_importing.py); here it
+    # misses it, as it would an object hidden from it, and the load itself refuses
+    monkeypatch.setattr(torch.serialization, "get_unsafe_globals_in_checkpoint", lambda p: [])
+    with pytest.raises(OfficialCheckpointError) as exc:
+        read_lightning_checkpoint(path)
+    _assert_refused_safely(exc, marker)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checkpoint import what_was_refused
 from .errors import ExtractorError
 from .storage import sha256_file
 
@@ -78,7 +80,12 @@ def _inception_state(blob: bytes, path: Path, expected: dict) -> dict:
     """The state dict in `blob`, read without running code, checked against `expected`."""
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as exc:  # refused pickles, truncation, not a torch file
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: not plain data
+        raise ExtractorError(f"refused to load {path}: it holds Python objects, not only "
+                             f"tensors, and loading it could run code ({what_was_refused(exc)});"
+                             f" do not use files from sources you do not trust: get "
+                             f"{INCEPTION_FILE}") from None
+    except Exception as exc:  # truncation, not a torch file
         raise ExtractorError(f"{path} is not a PyTorch state dict of Inception weights "
                              f"({str(exc).splitlines()[0]}); get {INCEPTION_FILE}") from None
     if not isinstance(state, dict):

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CONFIG_NAME, read_json, save_model_folder
+from .checkpoint import CONFIG_NAME, read_json, save_model_folder, what_was_refused
 from .config import DataConfig, DiffusionConfig, from_dict, to_dict
 from .errors import ConfigError, OfficialCheckpointError
 from .storage import sha256_file
@@ -111,7 +111,8 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:  # something the static scan did not see
         raise OfficialCheckpointError(f"refused to load {path}: it holds objects other than "
-                                      f"tensors and plain values ({_first_line(exc)})") from None
+                                      f"tensors and plain values ({what_was_refused(exc)})"
+                                      ) from None
     except Exception as exc:
         raise OfficialCheckpointError(f"cannot read {path}: the file is truncated or corrupt "
                                       f"({_first_line(exc)})") from None
