@@ -148,3 +148,74 @@ def test_a_pickle_the_static_scan_misses_is_refused_without_the_unsafe_advice(tm
     with pytest.raises(OfficialCheckpointError) as exc:
         read_lightning_checkpoint(path)
     _assert_refused_safely(exc, marker)
+
+
+def _latents_npz(path, meta: str):
+    import numpy as np
+
+    np.savez(path, y_T=np.zeros((1, 1, 8, 8), np.float32), z=np.zeros((1, 4), np.float32),
+             meta=np.array(meta))
+    return path
+
+
+def test_saved_latents_whose_meta_nests_deep_are_one_line(trained_run, tmp_path, capsys):
+    from diffusevae.latents import save_directions
+    from diffusevae.run import RunFolder
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    z_dim = RunFolder(run).load_vae().config.z_dim
+    save_directions(run, ["wide"], torch.ones(1, z_dim), {})
+    err = _one_line_exit_2(capsys, "edit", "--run", run, "--attribute", "wide", "--latents",
+                           _latents_npz(tmp_path / "deep.npz", DEEP), "--out", tmp_path / "o")
+    assert "deep.npz:meta nests" in err and "--save-latents" in err
+
+
+@pytest.mark.parametrize("meta", [DEEP, "[1]", '{"decode": [1]}'], ids=["deep", "list", "decode"])
+def test_latents_meta_is_bounded_and_must_be_an_object(tmp_path, meta):
+    from diffusevae.errors import ConfigError
+    from diffusevae.pipeline import Inversion
+
+    with pytest.raises(ConfigError, match="--save-latents"):
+        Inversion.load(_latents_npz(tmp_path / "l.npz", meta))
+
+
+@pytest.mark.parametrize("meta", [DEEP, "[1]"], ids=["deep", "list"])
+def test_statistics_meta_is_bounded_and_must_be_an_object(tmp_path, meta):
+    import numpy as np
+
+    from diffusevae.errors import MetricError
+    from diffusevae.metrics import load_stats
+
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2), sigma=np.eye(2), meta=np.array(meta))
+    with pytest.raises(MetricError, match="s.npz:meta"):
+        load_stats(tmp_path / "s.npz")
+
+
+def test_a_deep_manifest_and_lock_record_are_refused_short(tmp_path):
+    import fcntl
+
+    from diffusevae.errors import CheckpointError, FolderInUseError
+    from diffusevae.storage import LOCK_NAME, MANIFEST_NAME, folder_lock, read_manifest
+
+    (tmp_path / MANIFEST_NAME).write_text(DEEP)
+    with pytest.raises(CheckpointError, match="manifest.json cannot be read .*nests"):
+        read_manifest(tmp_path)
+    # a holder whose record nests deep (4096 bytes are read: 2000 levels, past the parser's
+    # recursion limit): the second writer is refused, the record given up as unwritten
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("[" * 2000 + "]" * 2000)
+    with open(lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(FolderInUseError, match="record is not written"):
+            with folder_lock(tmp_path, "test"):
+                pass
+
+
+def test_a_deep_environment_record_is_started_afresh(tmp_path):
+    from diffusevae.training_state import record_environment
+
+    (tmp_path / "environment.json").write_text(DEEP)
+    record_environment(tmp_path, torch.device("cpu"), 2**40, 0, 1)
+    sessions = json.loads((tmp_path / "environment.json").read_text())["sessions"]
+    assert len(sessions) == 1 and sessions[0]["seed"] == 2**40

@@ -29,6 +29,7 @@ import scipy.linalg
 
 from .checkpoint import _atomic_write
 from .errors import MetricError
+from .limits import parse_json
 
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusevae/stats")
 MAX_KEPT = 10_000  # features kept (a uniform reservoir) for KID
@@ -404,7 +405,11 @@ def load_stats(path: str | Path) -> Stats:
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
             n = int(data["n"]) if "n" in data else 0
             features = data["features"] if "features" in data else None
-            meta = json.loads(str(data["meta"])) if "meta" in data else {}
+            meta = parse_json(str(data["meta"]), f"{path}:meta", MetricError) \
+                if "meta" in data else {}
+            if not isinstance(meta, dict):
+                raise MetricError(f"{path}:meta is not a JSON object; compute the statistics "
+                                  "again")
     except (OSError, ValueError) as exc:
         if isinstance(exc, MetricError):
             raise

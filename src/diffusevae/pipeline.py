@@ -34,6 +34,7 @@ import torch
 from .config import DiffusionConfig, SampleConfig
 from .diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
 from .errors import CheckpointError, ConfigError
+from .limits import parse_json
 from .prior import GaussianMixture, draw_latents, load_run_prior, save_mixture
 from .rng import randn_like_per_sample, sample_generators
 from .samplers import ddim_invert, get_sampler, sampler_options
@@ -91,10 +92,11 @@ class Inversion:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
-            meta = json.loads(str(arrays.pop("meta")))
+            meta = parse_json(str(arrays.pop("meta")), f"{path}:meta", ValueError)
             y_T = torch.from_numpy(arrays.pop("y_T"))
             z = torch.from_numpy(arrays.pop("z")) if "z" in arrays else None
-            ok = y_T.ndim == 4 and set(meta.get("decode", {})) == set(cls.DECODE_FIELDS) and (
+            ok = isinstance(meta, dict) and isinstance(meta.get("decode"), dict) and \
+                set(meta["decode"]) == set(cls.DECODE_FIELDS) and y_T.ndim == 4 and (
                 z is None or (z.ndim == 2 and len(z) == len(y_T)))
             finite = bool(torch.isfinite(y_T).all()) and (z is None or bool(
                 torch.isfinite(z).all()))

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import CheckpointError, DiskFullError, FolderInUseError
+from .limits import MAX_TEXT_BYTES, parse_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -56,7 +57,6 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQ
 # How writers that are not Python's own (torch.save, safetensors) name a full disk.
 _DISK_FULL_TEXT = re.compile(r"no space left|os error (28|122)\b|disk quota|storagefull", re.I)
 LOW_SPACE = 1 << 20  # bytes: a write that failed with less than this free met a full disk
-MAX_MANIFEST_BYTES = 1 << 24  # a manifest lists a few files: larger is not one of ours
 LOCK_NAME = ".diffusevae.lock"
 
 
@@ -201,11 +201,9 @@ def read_manifest(folder: str | Path) -> dict | None:
         return None
     try:
         with open(path, "rb") as fh:
-            text = fh.read(MAX_MANIFEST_BYTES + 1)
-        if len(text) > MAX_MANIFEST_BYTES:
-            raise ValueError(f"it is over {MAX_MANIFEST_BYTES >> 20} MiB")
-        manifest = json.loads(text)
-    except (OSError, ValueError, RecursionError) as exc:
+            text = fh.read(MAX_TEXT_BYTES + 1)  # a manifest lists a few files: never more
+        manifest = parse_json(text, "its text", error=ValueError)  # size and nesting bounded
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); the file is corrupt, so the "
                               "folder's files cannot be checked. Restore the folder from a "
                               "backup, or save (or train) the model again") from None
@@ -412,7 +410,7 @@ def _acquire(path: Path, command: str) -> int:
 def _holder(fd: int) -> str:
     """Who holds a lock, from what its holder wrote into the lock file."""
     try:
-        record = json.loads(os.pread(fd, 4096, 0))
+        record = parse_json(os.pread(fd, 4096, 0), "the lock record", error=ValueError)
         return (f"`{str(record['command'])[:40]}`, pid {int(record['pid'])} on "
                 f"{str(record['host'])[:64]}, since {str(record['since'])[:32]}")
     except (OSError, ValueError, KeyError, TypeError):

@@ -10,7 +10,6 @@ what it computes. Each start appends the library versions, git revision, device 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -171,7 +170,7 @@ def record_environment(folder: Path, device: torch.device, seed: int, step: int,
     sessions: list = []
     if path.is_file():
         try:
-            sessions = list(json.loads(path.read_text())["sessions"])
+            sessions = list(ckpt.read_json(path)["sessions"])  # size and nesting bounded
         except Exception:  # a damaged record must not stop training
             sessions = []
     entry = {**ckpt.environment(device, seed), "processes": processes, "start_step": step}
