@@ -219,3 +219,24 @@ def test_a_deep_environment_record_is_started_afresh(tmp_path):
     record_environment(tmp_path, torch.device("cpu"), 2**40, 0, 1)
     sessions = json.loads((tmp_path / "environment.json").read_text())["sessions"]
     assert len(sessions) == 1 and sessions[0]["seed"] == 2**40
+
+
+# --------------------------------------------------------------------------------------------
+# docs/method.md states the seeding rng.py does
+# --------------------------------------------------------------------------------------------
+
+def test_method_md_describes_the_seeding_rng_does():
+    from pathlib import Path
+
+    from diffusevae import rng
+
+    text = Path(__file__).parents[1].joinpath("docs", "method.md").read_text()
+    section = text.split('<a id="per-sample-noise"></a>')[1].split("<a id=")[0]
+    assert "1 000 003" not in section and "rng.generator" in section
+    assert "SeedSequence" in section and "low 32 bits" in section
+    # what it says: manual_seed keeps the low 32 bits, the hashed state does not
+    a, b = 5, 5 + 2**32
+    assert torch.equal(torch.rand(3, generator=torch.Generator().manual_seed(a)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(b)))
+    assert not torch.equal(torch.rand(3, generator=rng.generator(a, rng.SAMPLE, 0)),
+                           torch.rand(3, generator=rng.generator(b, rng.SAMPLE, 0)))
