@@ -55,6 +55,24 @@ def test_slerp_keeps_the_norm_and_lerp_does_not():
         torch.testing.assert_close(out[-1], b)
 
 
+def test_slerp_from_a_zero_end_is_the_straight_line_its_limit():
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(16, generator=g)
+    w = torch.linspace(0, 1, 5)
+    path = slerp(torch.zeros(16), b, w)
+    torch.testing.assert_close(path, lerp(torch.zeros(16), b, w))
+    torch.testing.assert_close(path.norm(dim=1), w * b.norm())  # the norms slerp moves along
+    with pytest.raises(ConfigError, match="opposite directions"):
+        slerp(b, -b, w)
+
+
+def test_interpolate_at_temperature_0_writes_frames(trained_run, tmp_path):
+    """z and the initial noise are all zero at temperature 0: every mode still interpolates."""
+    assert run("interpolate", "--run", trained_run, "--frames", 3, "--steps", 2,
+                   "--temperature", 0, "--out", tmp_path / "ip") == 0
+    assert (tmp_path / "ip" / "grid.png").is_file()
+
+
 def test_a_direction_recovers_the_coordinate_the_labels_depend_on():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4000, 8, generator=g)

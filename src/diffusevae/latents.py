@@ -69,19 +69,22 @@ def slerp(a: Tensor, b: Tensor, weights: Tensor) -> Tensor:
     norm moves linearly from |a| to |b|; (F, *a.shape). Equal norms stay equal in every frame.
 
     Linear interpolation of two independent Gaussian vectors passes through vectors of smaller
-    norm (by up to 1/sqrt(2) midway), i.e. atypical for N(0, I); slerp does not.
+    norm (by up to 1/sqrt(2) midway), i.e. atypical for N(0, I); slerp does not. With a zero
+    end (z and noise at temperature 0) there is no angle: the path is then the straight line,
+    whose norms are the ones slerp would give and whose direction is the other end's.
     """
     ua, ub = a.double().flatten(), b.double().flatten()
     na, nb = ua.norm(), ub.norm()
     if na == 0 or nb == 0:
-        raise ValueError("slerp needs two nonzero vectors")
+        return lerp(a, b, weights)
     ua, ub = ua / na, ub / nb
     omega = torch.arccos((ua @ ub).clamp(-1.0, 1.0))
     w = weights.to(torch.float64).reshape(-1, 1)  # (F, 1)
     if omega < 1e-6:  # the same direction: only the norm changes
         dirs = ua.expand(len(w), -1)
     elif math.pi - omega < 1e-6:
-        raise ValueError("slerp is undefined for vectors pointing in opposite directions")
+        raise ConfigError("slerp is undefined between two endpoints pointing in opposite "
+                          "directions (the same image or seed negated?); use --mode lerp")
     else:  # sin((1-w) omega) / sin(omega) ua + sin(w omega) / sin(omega) ub, a unit vector
         dirs = (torch.sin((1 - w) * omega) * ua + torch.sin(w * omega) * ub) / torch.sin(omega)
     norms = (1 - w) * na + w * nb  # (F, 1)
