@@ -51,6 +51,34 @@ def reseal(folder) -> None:
         for name in names if (folder / name).is_file()}})
 
 
+def png_bytes(array, mode: str | None = None) -> bytes:
+    """A PNG file's bytes holding `array` (H, W) or (H, W, C) of uint8 (or 16-bit, `mode`)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A real PNG of a few dozen bytes whose header claims width x height pixels (a
+    decompression bomb's header): a 1x1 image's IHDR rewritten, its CRC fixed, so that a
+    reader believes it."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    data = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
+    ihdr = bytearray(data[16:29])  # after the signature (8), length (4) and type (4)
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    return bytes(data)
+
+
 def tiny_config(**overrides):
     """The digits preset, shrunk so that a few steps of each stage take seconds."""
     cfg = resolve("digits", overrides={**FAST, **overrides})

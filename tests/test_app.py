@@ -13,10 +13,8 @@ import io
 import os
 import shutil
 import socket
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +31,9 @@ from diffusevae.pipeline import DiffuseVAE
 from diffusevae.rng import sample_generators
 
 try:  # conftest is on the path under pytest, not when this file runs as a script
-    from conftest import run_cli
+    from conftest import bomb_png, png_bytes, run_cli
 except ImportError:
-    run_cli = None
+    bomb_png = png_bytes = run_cli = None
 
 # Gradio's queue calls pandas in ways pandas 3 deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
@@ -43,22 +41,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's packages
 TIMEOUT = 120  # seconds the browser waits for the page (a loaded 2-core machine is slow)
 MAX_IMAGES = 500  # training images encoded for the principal directions: enough, and quick
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _claimed_size_png(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose header claims width x height (a decompression bomb's header)."""
-    data = bytearray(_png(np.zeros((1, 1), np.uint8)))
-    ihdr = bytearray(data[16:29])  # after the signature (8), length (4) and type (4)
-    ihdr[0:8] = struct.pack(">II", width, height)
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
-    return bytes(data)
 
 
 def _need(what: str, ok: bool) -> None:
@@ -109,7 +91,7 @@ def test_principal_directions_recover_the_axes_of_known_data():
 
 def test_uploads_are_checked_before_and_while_decoding():
     gray = (np.arange(40 * 30) % 255).astype(np.uint8).reshape(40, 30)
-    x = read_upload(_png(gray), 16, 1)
+    x = read_upload(png_bytes(gray), 16, 1)
     assert x.shape == (1, 16, 16) and -1 <= float(x.min()) <= float(x.max()) <= 1
     with pytest.raises(DataError, match="no image was uploaded"):
         read_upload(b"", 16, 1)
@@ -122,15 +104,15 @@ def test_uploads_are_checked_before_and_while_decoding():
     with pytest.raises(DataError, match="GIF image"):
         read_upload(gif.getvalue(), 16, 1)
     with pytest.raises(DataError, match="5000x5000 pixels, more than .* decodes"):
-        read_upload(_claimed_size_png(5000, 5000), 16, 1)  # refused from its header
+        read_upload(bomb_png(5000, 5000), 16, 1)  # refused from its header
     with pytest.raises(DataError, match="claims 10,000,000,000 pixels.*decompression bomb"):
-        read_upload(_claimed_size_png(100_000, 100_000), 16, 1)
+        read_upload(bomb_png(100_000, 100_000), 16, 1)
     colour = np.zeros((20, 20, 3), np.uint8)
     colour[..., 0] = 200
     with pytest.raises(DataError, match="colour .* convert"):  # as `refine` refuses it
-        read_upload(_png(colour), 16, 1)
+        read_upload(png_bytes(colour), 16, 1)
     with pytest.raises(DataError, match="truncated or corrupt"):
-        read_upload(_png(gray)[:60], 16, 1)
+        read_upload(png_bytes(gray)[:60], 16, 1)
 
 
 def test_settings_are_checked():

@@ -27,8 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli
+from conftest import bomb_png, run_cli
 
 EXAMPLES = int(os.environ.get("DIFFUSEVAE_FUZZ_EXAMPLES", "40"))
 LONG = "DIFFUSEVAE_FUZZ_EXAMPLES" in os.environ  # a longer profile draws new examples each run
@@ -135,17 +133,6 @@ def invocations(draw) -> list[str]:
 # The files the flags may name, made once
 # --------------------------------------------------------------------------------------------
 
-def _bomb_png(path: Path, side: int = 60_000) -> None:
-    """A valid PNG header claiming side x side pixels, with a few compressed rows: a small file
-    that decodes to gigabytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-    rows = zlib.compress(b"\x00" * (side + 1) * 16, 9)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side,
-                     8, 0, 0, 0, 0)) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
-
-
 @pytest.fixture(scope="module")
 def files(trained_run, tmp_path_factory):
     """RUN (trained, with attributes), VAERUN (its VAE only), IMAGES, SAMPLES, CLASSIFIER,
@@ -164,7 +151,7 @@ def files(trained_run, tmp_path_factory):
     for p in sorted((root / "SAMPLES").glob("*.png"))[:3]:
         shutil.copy(p, images / p.name)
     (root / "JUNK").write_bytes(np.random.default_rng(0).bytes(4096))
-    _bomb_png(root / "BOMB")
+    (root / "BOMB").write_bytes(bomb_png(60_000, 60_000))
     (root / "DEEPJSON").write_text("[" * 100_000 + "]" * 100_000)
     return root
 

@@ -2,12 +2,9 @@
 checks from the header, channel rules, 16-bit depth, output names that never meet), and
 non-finite output that is never written silently (weights, priors, latents)."""
 
-import io
 import re
 import shutil
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli as run
+from conftest import bomb_png, png_bytes, run_cli as run
 from diffusevae.checkpoint import atomic_save_tensors, atomic_write_json
 from diffusevae.classifier import ClassifierConfig, train_classifier
 from diffusevae.config import DataConfig, SampleConfig
@@ -28,23 +25,6 @@ from diffusevae.prior import GMM_FILE, PRIOR_JSON, load_mixture
 from diffusevae.run import RunFolder, save_refiner
 from diffusevae.sources import folder_source
 from diffusevae.unet import UNet
-
-
-def _png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _bomb(width: int, height: int) -> bytes:
-    """A real PNG of a few dozen bytes whose header claims width x height pixels: a 1x1
-    image's IHDR rewritten, its CRC fixed, so that a reader believes it."""
-    data = bytearray(_png(np.zeros((1, 1), np.uint8)))
-    ihdr = bytearray(data[16:29])  # after the signature (8), length (4) and type (4)
-    ihdr[0:8] = struct.pack(">II", width, height)
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
-    return bytes(data)
 
 
 # Over our limit only; over PIL's warning limit too; far over PIL's error limit
@@ -89,7 +69,7 @@ def classifier_dir(tmp_path_factory):
 @pytest.mark.parametrize("kind", sorted(BOMBS))
 def test_a_bomb_is_refused_from_its_header_never_decoded(tmp_path, kind, monkeypatch):
     w, h = BOMBS[kind]
-    (tmp_path / "bomb.png").write_bytes(_bomb(w, h))
+    (tmp_path / "bomb.png").write_bytes(bomb_png(w, h))
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda im: decoded.append(im) or None)
     with warnings.catch_warnings():
@@ -107,7 +87,7 @@ def test_every_command_refuses_a_bomb_in_one_line(trained_run, classifier_dir, t
                                                    capsys, kind):
     bombs, good = tmp_path / "bombs", _digit_pngs(tmp_path / "good")
     bombs.mkdir()
-    (bombs / "bomb.png").write_bytes(_bomb(*BOMBS[kind]))
+    (bombs / "bomb.png").write_bytes(bomb_png(*BOMBS[kind]))
     features = ["--extractor", "classifier", "--classifier", classifier_dir, "--quiet"]
     commands = {
         "refine": ["refine", "--run", trained_run, "--input", bombs, "--steps", 2],
@@ -127,7 +107,7 @@ def test_every_command_refuses_a_bomb_in_one_line(trained_run, classifier_dir, t
 
 
 def test_a_file_larger_than_the_limit_is_refused_before_it_is_opened(tmp_path, monkeypatch):
-    (tmp_path / "big.png").write_bytes(_png(np.zeros((4, 4), np.uint8)) + b"\0" * 2048)
+    (tmp_path / "big.png").write_bytes(png_bytes(np.zeros((4, 4), np.uint8)) + b"\0" * 2048)
     opened = []
     monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a))
     with pytest.raises(DataError, match=r"big.png is 0.0 MiB; images are read up to 0 MiB"):
@@ -165,7 +145,7 @@ def test_a_missing_or_unreadable_reference_is_called_the_reference(classifier_di
 def test_a_16_bit_png_is_read_with_its_real_values_not_clipped(tmp_path, capsys, trained_run):
     eight = (np.arange(20 * 20) % 251).astype(np.uint8).reshape(20, 20)
     Image.fromarray(eight).save(tmp_path / "eight.png")
-    (tmp_path / "sixteen.png").write_bytes(_png(eight.astype(np.uint16) * 257))  # 0..65535
+    (tmp_path / "sixteen.png").write_bytes(png_bytes(eight.astype(np.uint16) * 257))  # 0..65535
     with Image.open(tmp_path / "sixteen.png") as im:
         assert im.mode.startswith("I")  # a real 16-bit file
     loaded = load_image(tmp_path / "sixteen.png")
