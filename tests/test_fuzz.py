@@ -44,8 +44,9 @@ WORKER = Path(__file__).with_name("fuzz_worker.py")
 
 # The commands fuzzed, each with flags that make its valid runs take about a second (drawn
 # flags come after these, and click keeps the last value of a flag). RUN, OUT, IMAGES, SAMPLES
-# and CLASSIFIER are filled in per example. `explore` (serves until stopped) and `demo` (tours
-# the shipped model for 15 s) are not: their flags are the sampling ones fuzzed here.
+# and CLASSIFIER are filled in per example. `explore` is not (it serves until stopped; its
+# inputs are checked in test_app.py, its flags are the sampling ones fuzzed here); `demo` tours
+# the tiny run (with --train: trains a digits run for 2 steps a stage).
 BASE = {
     "sample": ["--run", "RUN", "--n", "2", "--steps", "2", "--batch-size", "2", "--out", "OUT"],
     "sample-vae": ["--run", "RUN", "--n", "2", "--out", "OUT"],
@@ -65,6 +66,8 @@ BASE = {
     "train-classifier": ["--dataset", "digits", "--steps", "2", "--batch-size", "8",
                          "--out", "OUT", "--quiet"],
     "presets": [],
+    "demo": ["--model", "RUN", "--out", "OUT", "--quiet", "--run", "NEWRUN", "--vae-steps", "2",
+             "--refiner-steps", "2"],
     "import-official": ["--vae", "JUNK", "--ddpm", "JUNK", "--run", "NEWRUN"],
 }
 
