@@ -240,3 +240,14 @@ def test_method_md_describes_the_seeding_rng_does():
                        torch.rand(3, generator=torch.Generator().manual_seed(b)))
     assert not torch.equal(torch.rand(3, generator=rng.generator(a, rng.SAMPLE, 0)),
                            torch.rand(3, generator=rng.generator(b, rng.SAMPLE, 0)))
+
+
+def test_a_statistics_meta_with_an_odd_extractor_record_is_not_a_crash(tmp_path):
+    """A statistics file whose meta records the extractor as something else than an object is
+    treated as recording no extractor, not an AttributeError."""
+    from diffusevae.evaluation import _check_extractor, _extractor_weights
+
+    for odd in ([1], "inception", 3, {"weights_sha256": [1]}):
+        assert _extractor_weights({"extractor": odd}) is None
+        _check_extractor({"extractor": odd}, object(), tmp_path / "stats.npz")
+    assert _extractor_weights({"extractor": {"weights_sha256": "ab"}}) == "ab"

@@ -165,7 +165,7 @@ def reference_stats(ref: str, extractor: Extractor, shape: tuple[int, int, int],
     def cached() -> M.Stats | None:
         if path.is_file():
             stats = M.load_stats(path)
-            if stats.meta.get("extractor", {}).get("weights_sha256") == extractor.weights_sha256:
+            if _extractor_weights(stats.meta) == extractor.weights_sha256:
                 return stats
         return None
 
@@ -197,8 +197,16 @@ def _stats_file(path: Path, extractor: Extractor) -> tuple[M.Stats, dict]:
                    **{k: v for k, v in stats.meta.items() if k != "extractor"}}
 
 
+def _extractor_weights(meta: dict) -> str | None:
+    """The SHA-256 of the extractor weights a statistics file records (None if it records
+    none, or something else than the record this package writes)."""
+    recorded = meta.get("extractor")
+    sha = recorded.get("weights_sha256") if isinstance(recorded, dict) else None
+    return sha if isinstance(sha, str) else None
+
+
 def _check_extractor(meta: dict, extractor: Extractor, path: Path) -> None:
-    recorded = meta.get("extractor", {}).get("weights_sha256")
+    recorded = _extractor_weights(meta)
     if recorded and recorded != extractor.weights_sha256:
         raise EvaluationError(f"{path} was made with another feature extractor (weights "
                               f"{recorded[:12]}, now {extractor.weights_sha256[:12]}); use "
