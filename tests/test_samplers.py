@@ -376,12 +376,14 @@ def pinned_eps(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.1 * y + 0.01 * (t.to(y.dtype) / 1000).reshape(-1, 1, 1, 1)
 
 
-# (sum, mean |y0|) of the output; ddim eta=1 equals ddpm fixedsmall, as it should.
+# (sum, mean |y0|) of the output; ddim eta=1 equals ddpm fixedsmall, as it should. The
+# stochastic ones draw from sample_generators(0, ...): re-recorded when rng.generator replaced
+# manual_seed's 32-bit seeding (the noise changed, not the arithmetic; the two still agree).
 PINNED = {
     ("ddim", "eta=0"): (-368.060979022808, 35.75618541923476),
-    ("ddim", "eta=1"): (-431.13351378223035, 34.81049141458915),
-    ("ddpm", "fixedlarge"): (-431.05611031581225, 34.88816329848523),
-    ("ddpm", "fixedsmall"): (-431.1335137822306, 34.810491414589166),
+    ("ddim", "eta=1"): (-267.61439168617346, 28.78251533997728),
+    ("ddpm", "fixedlarge"): (-266.60576868029176, 28.659194626594417),
+    ("ddpm", "fixedsmall"): (-267.6143916861736, 28.782515339977294),
     ("dpmpp_2m", "-"): (-334.0006134505181, 32.48691347677441),  # it takes no options
 }
 

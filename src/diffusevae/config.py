@@ -165,10 +165,10 @@ class UNetConfig:
             raise ConfigError(f"unet.channel_mults must be 1 to {MAX_LEVELS} positive numbers, "
                               f"base_channels x each <= {MAX_WIDTH}; got "
                               f"{quote(self.channel_mults)}")
-        if len(self.attn_resolutions) > MAX_LEVELS or any(
-                not 0 < r <= self.image_size for r in self.attn_resolutions):
+        if len(self.attn_resolutions) > MAX_LEVELS or any(  # which levels: the UNet says
+                not 0 < r <= MAX_IMAGE_SIZE for r in self.attn_resolutions):
             raise ConfigError(f"unet.attn_resolutions must be at most {MAX_LEVELS} resolutions "
-                              f"of 1..{self.image_size}; got {quote(self.attn_resolutions)}")
+                              f"of 1..{MAX_IMAGE_SIZE}; got {quote(self.attn_resolutions)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"unet.dropout must be in [0, 1); got {self.dropout}")
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
