@@ -304,7 +304,7 @@ _PIL_CLAIM = re.compile(r"\((\d+) pixels\)")  # in PIL's DecompressionBombError
 
 def _bomb(path: Path, claim: str, limits: ImageLimits) -> DataError:
     return DataError(f"{path} claims {claim} pixels, more than the {limits.max_pixels:,} "
-                     "pixels this loader decodes (a decompression bomb?); it was not decoded: "
+                     "pixels diffusevae decodes (a decompression bomb?); it was not decoded: "
                      "resize it or remove it")
 
 
@@ -330,11 +330,11 @@ def _open(path: Path, limits: ImageLimits) -> Image.Image:
     except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
         raise UnreadableImageError(f"{path} cannot be opened ({exc.strerror})") from None
     except (OSError, SyntaxError, ValueError):  # UnidentifiedImageError is an OSError
-        raise UnreadableImageError(f"{path} is not an image this loader reads (PNG, JPEG, WebP or "
+        raise UnreadableImageError(f"{path} is not an image diffusevae reads (PNG, JPEG, WebP or "
                           "BMP)") from None
     if im.format not in IMAGE_FORMATS:
         im.close()
-        raise UnreadableImageError(f"{path} is a {im.format} image; this loader reads PNG, "
+        raise UnreadableImageError(f"{path} is a {im.format} image; diffusevae reads PNG, "
                                    "JPEG, WebP and BMP: convert it")
     w, h = im.size
     if w * h > limits.max_pixels:
