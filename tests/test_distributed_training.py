@@ -124,8 +124,10 @@ def test_gradient_accumulation_takes_the_same_step(tmp_path):
     whole = train_vae(_cfg(), tmp_path / "whole", progress=False).state_dict()
     split = train_vae(_cfg(**{"train_vae.grad_accum": 4}), tmp_path / "split",
                       progress=False).state_dict()
+    # float32 sums in another order, through three Adam steps: ~1e-5. A wrong accumulation
+    # (one micro-batch's gradient alone, say) moves each step by ~lr in another direction.
     _assert_close({k: v.detach() for k, v in whole.items()},
-                  {k: v.detach() for k, v in split.items()}, atol=1e-5)
+                  {k: v.detach() for k, v in split.items()}, atol=5e-5)
     with pytest.raises(ConfigError, match="multiple of 3"):
         train_vae(_cfg(**{"train_vae.grad_accum": 3}), tmp_path / "bad", progress=False)
 
