@@ -56,10 +56,14 @@ def test_exported_model_samples_as_the_runs_ema_weights(source, published):
     torch.testing.assert_close(ours.z, theirs.z, rtol=0, atol=0)
 
 
-def test_export_refuses_an_existing_folder(trained_run, tmp_path):
-    with pytest.raises(RunFolderError, match="exists"):
+def test_export_refuses_a_folder_that_holds_files(trained_run, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="holds files"):
         RunFolder(trained_run).export(tmp_path)
     assert run_cli("export", "--run", trained_run, "--out", tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing added
+    (tmp_path / "empty").mkdir()  # an empty folder made beforehand is fine
+    assert run_cli("export", "--run", trained_run, "--out", tmp_path / "empty") == 0
 
 
 def test_commands_never_write_into_a_published_model(published, tmp_path, monkeypatch):

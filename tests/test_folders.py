@@ -303,3 +303,15 @@ def test_a_failed_log_row_leaves_the_log_at_its_last_whole_row(tmp_path, monkeyp
     with pytest.raises(OSError):
         training_loop._append_csv(log, {"step": 2, "loss": 0.25})
     assert log.read_bytes() == whole
+
+
+def test_an_export_racing_another_into_the_same_folder_is_refused(trained_run, tmp_path, capsys):
+    dest = tmp_path / "shared"
+    holder = _held_by_another_process(dest, "export")  # the other export, mid-copy
+    try:
+        assert run_cli("export", "--run", trained_run, "--out", dest) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"pid {holder.pid}" in capsys.readouterr().err
+    assert sorted(p.name for p in dest.iterdir()) == [LOCK_NAME]  # nothing of ours written

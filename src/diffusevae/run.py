@@ -335,10 +335,17 @@ class RunFolder:
         """A copy of the trained models to share: each stage's EMA weights (its trained
         weights where it kept no EMA) become the weights of a new model folder, with its
         config, training config and log; the prior and attribute directions go along. No
-        trainer state, nothing pickled; `dest` must not exist yet."""
+        trainer state, nothing pickled; `dest` must be new (or an empty folder)."""
         dest = RunFolder(dest)
-        if dest.root.exists():
-            raise RunFolderError(f"{dest.root} exists; export into a new folder")
+        if dest.root.exists() and not dest.root.is_dir():
+            raise RunFolderError(f"{dest.root} is a file; export into a new folder")
+        with folder_lock(dest.root, "export"):  # a second export racing into it is refused
+            if any(p.name != LOCK_NAME for p in dest.root.iterdir()):
+                raise RunFolderError(f"{dest.root} holds files; export into a new folder")
+            self._export_into(dest)
+        return dest
+
+    def _export_into(self, dest: "RunFolder") -> None:
         if self.has_vae():
             vae = self.load_vae(use_ema=True)
             ckpt.save_model_folder(dest.vae_dir, "vae", vae.config, vae.state_dict(),
@@ -354,4 +361,3 @@ class RunFolder:
             if folder.is_dir():  # the exported weights are the bytes they were fitted on
                 shutil.copytree(folder, dest.root / folder.name,
                                 ignore=shutil.ignore_patterns(LOCK_NAME))
-        return dest

@@ -12,7 +12,7 @@ from .options import run_option
 @cli.command("export")
 @run_option()
 @click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="The new folder (must not exist).")
+              help="The new folder (or an empty one).")
 def export_cmd(run_dir: str, out: str) -> None:
     """Copy a run's trained models to OUT for sharing: the EMA weights as each model's weights,
     configs, training configs and logs, the prior and attribute directions; no trainer state."""
