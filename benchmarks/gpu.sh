@@ -7,8 +7,13 @@
 #   mkdir -p .carry/fashion-mnist && cp /usr/share/datasets/fashion-mnist/* .carry/fashion-mnist/
 # The GPU machine has torch and the core dependencies but not this package: it is installed
 # with --no-deps. What comes back (at most 8 files, each under 16 MiB) lands in $OUT:
-#   speed_quality_gpu.{json,md,png}, grids.tar.gz (the sample grids), models.tar.gz (the
-#   trained runs' weights, configs, manifests and logs, no trainer state), log.txt.
+#   speed_quality_gpu.{json,md,png}, grids.tar.gz (the sample grids), log.txt, and the trained
+#   runs exported (`diffusevae export`: EMA weights as the weights, configs, manifests, logs;
+#   no trainer state) in two archives under 16 MiB each: models_form2.tar.gz (the model to
+#   ship) and models_baselines.tar.gz (the others; form1 without its VAE, form2's copy).
+# Then, here:  mkdir -p /tmp/b1-runs && tar -xzf OUT/models_form2.tar.gz -C /tmp/b1-runs &&
+#   tar -xzf OUT/models_baselines.tar.gz -C /tmp/b1-runs && python benchmarks/ship_model.py \
+#   --results benchmarks/results/speed_quality_gpu.json --runs /tmp/b1-runs
 # Path test on the CPU at a tiny size:  OUT=/tmp/out BUDGET=smoke DEVICE=cpu bash benchmarks/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +35,13 @@ stem=speed_quality_$BUDGET
 [ "$BUDGET" = smoke ] && stem=speed_quality
 cp /tmp/b1-results/"$stem".{json,md,png} "$OUT"/
 tar -czf "$OUT/grids.tar.gz" -C /tmp/b1-results $(cd /tmp/b1-results && ls "$stem"_grid_*.png)
-# the trained runs without trainer state (optimiser moments, RNG): weights, configs, logs
-tar -czf "$OUT/models.tar.gz" -C "$WORK" --exclude='trainer_state*' --exclude='previews' runs
+# the trained runs, exported; B1 copies one VAE into every run, so form1's is not sent again
+EXPORTS=/tmp/b1-export
+rm -rf "$EXPORTS"
+for run in "$WORK"/runs/*; do
+    python3 -m diffusevae export --run "$run" --out "$EXPORTS/$(basename "$run")" >/dev/null
+done
+tar -czf "$OUT/models_form2.tar.gz" -C "$EXPORTS" diffusevae-form2
+others=$(cd "$EXPORTS" && ls | grep -vx diffusevae-form2)
+tar -czf "$OUT/models_baselines.tar.gz" -C "$EXPORTS" --exclude=diffusevae-form1/vae $others
 ls -l "$OUT"

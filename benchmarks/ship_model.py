@@ -140,11 +140,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files.")
     parser.add_argument("--components", type=int, default=10, help="Ex-PDE mixture components.")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", default=None,
+                        help="The folder holding B1's runs, each under its model name (the "
+                             "unpacked models_*.tar.gz of benchmarks/gpu.sh) [the paths the "
+                             "results record]")
     args = parser.parse_args(argv)
     results = json.loads(Path(args.results).read_text())
     for model, name, extras in (("diffusevae-form2", "fashion-mnist", True),
                                 ("ddpm-uncond", "fashion-mnist-uncond", False)):
-        source = RunFolder(results["models"][model]["run"])
+        recorded = Path(results["models"][model]["run"])
+        source = RunFolder(Path(args.runs) / recorded.name if args.runs else recorded)
         dest = Path(args.models) / name
         if dest.exists():
             shutil.rmtree(dest)
