@@ -114,15 +114,18 @@ BUDGETS = {
                        cells=(("ddim", "uniform", STEPS), ("dpmpp_2m", "trailing", STEPS)),
                        forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
                        bootstrap=100),
-    # <= 150 min on the 2-core CPU, in the background on a quiet machine: classifier ~3 min,
-    # two KL weights 100 steps each (~4 min), the VAE 8 min, the form2 refiner 20 min and the
-    # baseline the same steps (~18 min), then 2 models x 3 (sampler, spacing) x 95 steps x
-    # 2,000 samples (~40-70 min). S = 100 is left out here: it alone would cost another
-    # ~15-25 min.
+    # <= 150 min on the 2-core CPU, in the background on a quiet machine (measured at the
+    # start of a run there: a UNet step 0.70 s, 5.3 ms an image a sampling step): classifier
+    # ~2 min, two KL weights 100 steps each (~2 min), the VAE 8 min, the form2 refiner 18 min
+    # and the baseline the same steps (~18 min), then 2 models x 2,000 samples x 210 steps
+    # (~75 min): DPM-Solver++ and DDIM on trailing spacing at every S, DDIM on uniform spacing
+    # only up to S = 10 (where spacing matters; its 25 and 50 would cost another 27 min), and
+    # no S = 100 (another 36 min).
     "long": Budget(classifier_steps=1500, classifier_width=16, vae_steps=10 ** 6,
-                   refiner_steps=10 ** 6, batch_size=64, n=2000, cells=right_spacings(FEW_STEPS),
+                   refiner_steps=10 ** 6, batch_size=64, n=2000,
+                   cells=right_spacings(FEW_STEPS)[:2] + (("ddim", "uniform", (2, 3, 5, 10)),),
                    forms=("form2",), ref_limit=None, overrides=dict(_SHORT_RUN),
-                   vae_minutes=8, refiner_minutes=20, kl_weights=(1.0, 0.1),
+                   vae_minutes=8, refiner_minutes=18, kl_weights=(1.0, 0.1),
                    vae_compare_steps=100, bootstrap=200),
     # One device call of at most 9 minutes on the lent H100/H200 (benchmarks/gpu.sh).
     "gpu": Budget(classifier_steps=3000, classifier_width=32, vae_steps=10 ** 6,
