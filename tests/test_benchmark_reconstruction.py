@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,8 @@ def test_reconstruction_benchmark_smoke(trained_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke",
-         "--run", str(trained_run), "--out", str(tmp_path / "out"), "--threads", "1"],
+         "--run", str(trained_run), "--out", str(tmp_path / "out"), "--threads", "1",
+         "--work", str(tmp_path / "work")],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("reconstruction*")} == committed
@@ -106,6 +108,46 @@ def test_reconstruction_benchmark_smoke(trained_run, tmp_path):
     assert r["targets"] == []  # the smoke run measures no setting the targets name
     md = (out / "reconstruction.md").read_text()
     assert "| inversion, 5 steps, 2 fixed-point iterations |" in md and "Not judged" in md
+
+    # Stopped late: the last method's batches are gone. Run again: it measures only those, and
+    # every number is the uninterrupted run's.
+    (key,) = (tmp_path / "work").iterdir()
+    assert sorted(p.name for p in key.iterdir()) == sorted(r["methods"])
+    assert [p.name for p in (key / "invert_5_fp").iterdir()] == ["000000-4.npz"]
+    for p in (key / "invert_5_fp").iterdir():
+        p.unlink()
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke",
+         "--run", str(trained_run), "--out", str(tmp_path / "again"), "--threads", "1",
+         "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    r2 = json.loads((tmp_path / "again" / "reconstruction.json").read_text())
+    assert r2["batches_from_earlier_runs"] == len(r["methods"]) - 1
+    assert "7 batches were measured by earlier runs" in (
+        tmp_path / "again" / "reconstruction.md").read_text()
+    for key_, m in r["methods"].items():
+        assert {k: m[k] for k in ("psnr_db", "mse", "ssim", "network_evals_per_image")} == {
+            k: r2["methods"][key_][k] for k in ("psnr_db", "mse", "ssim",
+                                                "network_evals_per_image")}, key_
+
+
+def test_kept_batches_are_keyed_by_the_weights_and_the_settings(trained_run, tmp_path):
+    """A batch is reused only by a run with the same weights and settings: another seed, or
+    weights that changed under the same folder name, measure afresh."""
+    images = torch.rand(3, 1, 4, 4)
+    store = b3.BatchStore(tmp_path, trained_run, {"seed": 0})
+    store.put("invert_10", 0, images, 1.5, 60)
+    got = b3.BatchStore(tmp_path, trained_run, {"seed": 0}).get("invert_10", 0, 3)
+    assert torch.equal(got[0], images) and got[1:] == (1.5, 60)
+    assert b3.BatchStore(tmp_path, trained_run, {"seed": 1}).get("invert_10", 0, 3) is None
+    assert b3.BatchStore(tmp_path, trained_run, {"seed": 0}).get("invert_10", 3, 3) is None
+    assert b3.BatchStore(None, trained_run, {"seed": 0}).get("invert_10", 0, 3) is None
+    copy = shutil.copytree(trained_run, tmp_path / "copy")
+    assert b3.BatchStore(tmp_path, copy, {"seed": 0}).get("invert_10", 0, 3) is not None
+    (copy / "refiner" / "config.json").write_text(
+        (copy / "refiner" / "config.json").read_text() + " ")
+    assert b3.BatchStore(tmp_path, copy, {"seed": 0}).get("invert_10", 0, 3) is None
 
 
 def test_targets_are_judged_with_their_margins():
