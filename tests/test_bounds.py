@@ -88,6 +88,11 @@ def test_sizes_of_a_whole_command_are_refused_before_any_work(tmp_path, capsys, 
     (["--lr", "nan"], "train.lr must be a finite number"),
     (["--time-limit", "inf"], "train.time_limit must be a finite number"),
     (["--lr", "1e300"], "train.lr must be > 0 and <= 10"),
+    (["--set", "vae.enc_blocks=16x100000000,16d16,1x1"],  # was a model that never got built
+     "vae.enc_blocks: 100000002 residual blocks, more than the 1024"),
+    (["--set", "vae.dec_blocks=1x1,1u99999999999999999999,1t16,16x1"],
+     "vae.dec_blocks: block token '1u99999999999999999999' names a size past 4096"),
+    (["--set", "vae.enc_blocks=16x2,16d2,oops"], "vae.enc_blocks: bad block token 'oops'"),
 ])
 def test_training_config_bounds_are_one_line(tmp_path, capsys, args, message):
     assert_refused(capsys, ["train-vae", "--run", tmp_path / "r", *args, "--dry-run"], message)

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -25,7 +26,8 @@ from . import names
 from .errors import ConfigError, quote
 from .limits import (MAX_BATCH, MAX_EPOCHS, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE,
                      MAX_IMAGE_SIZE, MAX_LEVELS, MAX_LR, MAX_MINUTES, MAX_SAMPLES, MAX_STEPS,
-                     MAX_TEMPERATURE, MAX_TIMESTEPS, MAX_WIDTH, MAX_WORKERS, check_seed,
+                     MAX_TEMPERATURE, MAX_TIMESTEPS, MAX_VAE_BLOCKS, MAX_WIDTH, MAX_WORKERS,
+                     check_seed,
                      parse_json, parse_yaml, too_big)
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -91,6 +93,33 @@ class DataConfig:
             raise ConfigError(f"data.channels must be 1 or 3; got {self.channels}")
 
 
+_BLOCK_TOKEN = re.compile(r"^(\d+)([xdut])(\d+)$")
+
+
+def parse_blocks(spec: str, where: str = "vae blocks") -> list[tuple[int, str, int]]:
+    """Split a block string into (R, op, arg) triples; a malformed token, a resolution or
+    factor past limits.MAX_IMAGE_SIZE or more than limits.MAX_VAE_BLOCKS blocks in all raise
+    ConfigError."""
+    out = []
+    for token in spec.split(","):
+        m = _BLOCK_TOKEN.match(token.strip())
+        if m is None or int(m.group(1)) < 1 or int(m.group(3)) < 1:
+            raise ConfigError(
+                f"{where}: bad block token {quote(token.strip())} in {quote(spec)}; tokens read "
+                "RxN, RdK, RuK or RtS with positive integers, e.g. '32x4,32d2,32t16'"
+            )
+        res, op, arg = int(m.group(1)), m.group(2), int(m.group(3))
+        if res > MAX_IMAGE_SIZE or (op != "x" and arg > MAX_IMAGE_SIZE):
+            raise ConfigError(f"{where}: block token {quote(token.strip())} names a size past "
+                              f"{MAX_IMAGE_SIZE} pixels, the most an image may have a side")
+        out.append((res, op, arg))
+    blocks = sum(arg if op == "x" else 1 for _, op, arg in out if op in "xd")
+    if blocks > MAX_VAE_BLOCKS:
+        raise ConfigError(f"{where}: {blocks} residual blocks, more than the {MAX_VAE_BLOCKS} a "
+                          "stack may have; use fewer (RxN adds N)")
+    return out
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """Stage 1: the single-stochastic-layer ResNet VAE (docs/method.md#vae), as block strings.
@@ -126,6 +155,8 @@ class VAEConfig:
         _check_positive("vae.image_size", self.image_size, most=MAX_IMAGE_SIZE)
         _check_positive("vae.z_dim", self.z_dim, most=MAX_WIDTH)
         _check_positive("vae.kl_weight", self.kl_weight, allow_zero=True)
+        parse_blocks(self.enc_blocks, "vae.enc_blocks")
+        parse_blocks(self.dec_blocks, "vae.dec_blocks")
         if self.image_size not in self.width_map() or 1 not in self.width_map():
             raise ConfigError(
                 f"vae.widths must give a width for the image size {self.image_size} and for 1; "

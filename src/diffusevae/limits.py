@@ -32,6 +32,7 @@ MAX_TIMESTEPS = 100_000  # the diffusion's T, so also sampling and inversion ste
 MAX_IMAGE_SIZE = 4096  # pixels a side
 MAX_WIDTH = 65_536  # channels of a layer, dimensions of z
 MAX_LEVELS = 12  # resolutions of the UNet (channel_mults), blocks per level
+MAX_VAE_BLOCKS = 1024  # residual blocks of one VAE stack (the paper's largest has ~60)
 MAX_WORKERS = 256  # data-loading processes
 MAX_MINUTES = 10**7  # --time-limit (19 years)
 MAX_LR = 10.0  # a learning rate beyond it only diverges

@@ -24,32 +24,15 @@ Decisions a caller should know:
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import PretrainedMixin
-from .config import VAEConfig
+from .config import VAEConfig, parse_blocks
 from .errors import ConfigError
 from .rng import BatchShard, randn_like_per_sample, sample_generators
-
-_TOKEN = re.compile(r"^(\d+)([xdut])(\d+)$")
-
-
-def parse_blocks(spec: str, where: str = "vae blocks") -> list[tuple[int, str, int]]:
-    """Split a block string into (R, op, arg) triples; a malformed token raises ConfigError."""
-    out = []
-    for token in spec.split(","):
-        m = _TOKEN.match(token.strip())
-        if m is None or int(m.group(1)) < 1 or int(m.group(3)) < 1:
-            raise ConfigError(
-                f"{where}: bad block token {token.strip()!r} in {spec!r}; tokens read RxN, RdK, "
-                "RuK or RtS with positive integers, e.g. '32x4,32d2,32t16'"
-            )
-        out.append((int(m.group(1)), m.group(2), int(m.group(3))))
-    return out
 
 
 class Block(nn.Module):

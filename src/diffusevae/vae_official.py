@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import save_model_folder
+from .config import parse_blocks
 from .errors import ConfigError
-from .vae import VAE, Block, parse_blocks
+from .vae import VAE, Block
 
 # The value of config.json's "arch" for the networks of this module and unet_official.py.
 OFFICIAL_ARCH = "official"
