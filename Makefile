@@ -19,8 +19,8 @@ demo-train: install
 test: install
 	$(PYTHON) -m pytest -q
 
-# Retrain the shipped models from scratch: B1 at the `long` budget (about 2.5 hours on 2 CPU
-# cores; needs the Debian package dataset-fashion-mnist), then models/ from its runs.
+# Retrain the shipped models from scratch: B1 at the `long` budget (about 2 hours on 2 quiet
+# CPU cores; needs the Debian package dataset-fashion-mnist), then models/ from its runs.
 model: install
 	$(PYTHON) benchmarks/speed_quality.py --budget long --work runs/speed_quality-long
 	$(PYTHON) benchmarks/ship_model.py --results benchmarks/results/speed_quality_long.json

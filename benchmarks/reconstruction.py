@@ -17,9 +17,9 @@ Writes OUT/reconstruction.json (every number, the settings, the machine), .md (t
 targets of issue #13 with their margins), .png (PSNR against S) and reconstruction_grid.png
 (rows: images; columns: the input, then each method in the table's order).
 
-Each finished batch of each method is kept under WORK (`--work`, git ignores runs/), keyed by the
-weights and every setting that decides it, so that a stopped run resumes where it was: run the
-same command again (1,000 images take about two hours on 2 CPU cores).
+Each finished batch of each method is kept under WORK (`--work`, git ignores runs/), keyed by
+the weights, the code and every setting that decides it, so that a stopped run resumes where it
+was: run the same command again (1,000 images take about two hours on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import diffusevae
 from diffusevae.checkpoint import read_json
 from diffusevae.config import SampleConfig, config_from_json
 from diffusevae.data import build_dataset
@@ -160,17 +161,22 @@ def reconstruct(pipe: DiffuseVAE, method: Method, x: torch.Tensor, sample: Sampl
 
 class BatchStore:
     """Finished batches kept on disk, so that a stopped run resumes: one ``.npz`` per (method,
-    first image, batch size) under WORK/<key>/, where the key digests the weights' files and
-    every setting that decides a batch (noise is drawn per image index, so a batch's result
-    does not depend on how many images the run has). Arrays only, nothing pickled."""
+    first image, batch size) under WORK/<key>/, where the key digests the stages' weights and
+    configs, the code (the library's and this script's) and every setting that decides a batch
+    (noise is drawn per image index, so a batch's result does not depend on how many images
+    the run has; an export of a run keys as the run's shipped copy does). Arrays only, nothing
+    pickled."""
 
     def __init__(self, work: Path | None, run_dir: Path, decides: dict):
         self.root = None
         if work is not None:
             digest = hashlib.sha256(json.dumps(decides, sort_keys=True).encode())
+            code = sorted(Path(diffusevae.__file__).parent.rglob("*.py")) + [Path(__file__)]
+            for f in code:  # the library's code and this script's: a change measures afresh
+                digest.update(f.read_bytes())
             for stage in ("vae", "refiner"):
-                for f in sorted((run_dir / stage).glob("*")):
-                    if f.suffix in (".safetensors", ".json") and f.name != "log.csv":
+                for f in sorted((run_dir / stage).glob("*")):  # the weights and architecture
+                    if f.suffix == ".safetensors" or f.name == "config.json":
                         digest.update(f.name.encode() + f.read_bytes())
             self.root = work / digest.hexdigest()[:16]
         self.reused = 0

@@ -27,7 +27,8 @@ from diffusevae.data import build_dataset
 from diffusevae.images import save_png, to_uint8
 from diffusevae.latents import compute_directions
 from diffusevae.prior import fit_prior
-from diffusevae.run import RunFolder
+from diffusevae.checkpoint import read_json
+from diffusevae.run import PRIOR_JSON, RunFolder
 
 EXAMPLES = 32  # test images for the demo's reconstructions and edits
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
@@ -43,17 +44,20 @@ def write_examples(dest: Path, data_dir: str | None) -> None:
         save_png(to_uint8(x[None])[0], dest / "examples" / f"{i:04d}_{CLASSES[label]}.png")
 
 
-def fid_rows(results: dict, model: str) -> str:
-    """The model's FIDs at 10 steps (and the VAE alone) as markdown rows."""
+def fid_rows(results: dict, models: tuple[str, ...]) -> str:
+    """The models' FIDs at 10 steps (and the VAE alone) as markdown rows, model by model
+    (B1's cells, then those of its Ex-PDE addendum when `results` has them)."""
     rows = []
-    for c in results["cells"]:
-        if c["model"] != model or (c["sampler"] != "vae" and c["steps"] != 10):
-            continue
-        what = "VAE alone (x̂)" if c["sampler"] == "vae" else \
-            f"{c['sampler']}, {c['spacing']} spacing, 10 steps"
-        ci = c.get("fid_ci95")
-        rows.append(f"| {what} | {c['fid']:.2f} | "
-                    f"{'–' if not ci else f'[{ci[0]:.2f}, {ci[1]:.2f}]'} |")
+    cells = results["cells"] + results.get("ex_pde_cells", [])
+    for model in models:
+        for c in cells:
+            if c["model"] != model or (c["sampler"] != "vae" and c["steps"] != 10):
+                continue
+            what = "VAE alone (x̂)" if c["sampler"] == "vae" else \
+                f"{c['sampler']}, {c['spacing']} spacing, 10 steps"
+            ci = c.get("fid_ci95")
+            rows.append(f"| {model} | {what} | {c['fid']:.2f} | "
+                        f"{'–' if not ci else f'[{ci[0]:.2f}, {ci[1]:.2f}]'} |")
     return "\n".join(rows)
 
 
@@ -64,6 +68,10 @@ def model_card(results: dict, name: str, model: str, prior: dict | None) -> str:
     steps = results["refiner_steps"][form]
     epochs = results["refiner_epochs"][form]
     stem = f"speed_quality_{results['budget']}"
+    expde_note = "" if not results.get("ex_pde_cells") or form == "uncond" else (
+        f"\n`{model}-expde`: the same model with z drawn from its Ex-PDE prior (`--prior gmm`), "
+        f"scored the same way by `benchmarks/ex_pde.py` (`benchmarks/results/ex_pde_"
+        f"{results['budget']}.md`).\n")
     complete = "" if results.get("complete", True) else (
         " The benchmark was stopped before every cell was measured; the table holds the cells "
         "it finished.")
@@ -102,16 +110,17 @@ each stage had a wall-clock budget, so the step counts above are what that machi
 FID in the features of a Fashion-MNIST classifier trained by the benchmark (test accuracy
 {100 * results['classifier']['test_accuracy']:.2f}%), {s['n']} samples against the 10,000 test
 images, with a 95% bootstrap interval; not Inception FID. From
-`benchmarks/results/{stem}.md`, which holds every step count and the baseline.{complete}
+`benchmarks/results/{stem}.md`, which holds every cell, every step count and whether the
+paper's claim holds.{complete}
 
-| sampler | FID | 95% interval |
-|---|---:|---|
-{fid_rows(results, model)}
-
+| model | sampler | FID | 95% interval |
+|---|---|---:|---|
+{fid_rows(results, (model, model + "-expde", "ddpm-uncond") if form != "uncond" else (model,))}
+{expde_note}
 ## Use
 
 ```bash
-diffusevae sample --run {name_path(name)} --n 64 --steps 10 --sampler dpmpp_2m --spacing trailing --show-stages --out my-samples
+diffusevae sample --run {name_path(name)} --n 64 --steps 10 --sampler dpmpp_2m --spacing trailing {"--prior gmm " if prior else ""}--show-stages --out my-samples
 ```
 
 or in Python: `DiffuseVAE.from_pretrained("{name_path(name)}")`. Outputs never go into this
@@ -120,7 +129,7 @@ directory.
 
 ## Retrain
 
-`make model` (about 2.5 hours on 2 CPU cores; B1's `long` budget, then
+`make model` (about 2 hours on 2 quiet CPU cores; B1's `long` budget, then
 `benchmarks/ship_model.py`). On a GPU, `benchmarks/gpu.sh` trains longer in minutes.
 
 ## Licence
@@ -144,21 +153,28 @@ def main(argv: list[str] | None = None) -> None:
                         help="The folder holding B1's runs, each under its model name (the "
                              "unpacked models_*.tar.gz of benchmarks/gpu.sh) [the paths the "
                              "results record]")
+    parser.add_argument("--card-only", action="store_true",
+                        help="Only write the MODEL.md files again (after benchmarks/ex_pde.py "
+                             "has scored the shipped model with its prior)")
     args = parser.parse_args(argv)
     results = json.loads(Path(args.results).read_text())
+    ex_pde = Path(args.results).with_name(f"ex_pde_{results['budget']}.json")
+    if args.card_only and ex_pde.is_file():
+        results["ex_pde_cells"] = json.loads(ex_pde.read_text())["cells"]
     for model, name, extras in (("diffusevae-form2", "fashion-mnist", True),
                                 ("ddpm-uncond", "fashion-mnist-uncond", False)):
-        recorded = Path(results["models"][model]["run"])
-        source = RunFolder(Path(args.runs) / recorded.name if args.runs else recorded)
         dest = Path(args.models) / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        source.export(dest)
-        prior = None
-        if extras:
-            prior = fit_prior(dest, args.components, device=args.device)
-            compute_directions(dest, device=args.device)
-            write_examples(dest, args.data_dir)
+        if not args.card_only:
+            recorded = Path(results["models"][model]["run"])
+            source = RunFolder(Path(args.runs) / recorded.name if args.runs else recorded)
+            if dest.exists():
+                shutil.rmtree(dest)
+            source.export(dest)
+            if extras:
+                fit_prior(dest, args.components, device=args.device)
+                compute_directions(dest, device=args.device)
+                write_examples(dest, args.data_dir)
+        prior = read_json(RunFolder(dest).prior_dir / PRIOR_JSON) if extras else None
         (dest / "MODEL.md").write_text(model_card(results, name, model, prior))
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
         print(f"{dest}: {size / 2**20:.1f} MiB")

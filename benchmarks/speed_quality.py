@@ -43,7 +43,7 @@ from diffusevae.train import train_refiner, train_vae
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
-from common import (device_name, jsonable, log, median_seconds, prepare_work,
+from common import (device_name, jsonable, log, median_seconds, prepare_work, provenance,
                     write_results)
 from speed_quality_report import judge, markdown, targets
 
@@ -439,6 +439,7 @@ def write(s: Session, record: dict, complete: bool, trained: dict) -> None:
     s.wall["total"] = round(time.time() - s.t_start, 1)
     result = {
         "benchmark": "B1 speed-quality on Fashion-MNIST",
+        **{k: v for k, v in provenance(s.device).items() if k != "machine"},  # date, revision
         "budget": args.budget, "limit_minutes": LIMIT_MINUTES[args.budget],
         "command": " ".join(sys.argv), "complete": complete,
         "settings": {"seed": args.seed, "classes": s.classes or list(range(10)),

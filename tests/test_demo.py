@@ -1,6 +1,7 @@
 """`diffusevae demo`: the tour of a trained model writes its four parts and leaves the model
 folder as it was; `--train` trains first."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,16 +24,20 @@ def model(trained_run, tmp_path_factory):
     dest = tmp / "tiny"
     assert run_cli("export", "--run", trained_run, "--out", dest) == 0
     assert run_cli("attributes", "--run", dest) == 0
+    assert run_cli("fit-prior", "--run", dest, "--components", "2", "--max-images", "300") == 0
     assert run_cli("sample-vae", "--run", dest, "--n", "3", "--out", tmp / "vae") == 0
     shutil.copytree(tmp / "vae" / "images", dest / "examples")  # three images, as shipped
     (dest / MODEL_CARD).write_text("# tiny\n")
     return dest
 
 
-def test_tour_writes_samples_reconstructions_interpolation_and_an_edit(model, tmp_path):
+def test_tour_writes_samples_reconstructions_interpolation_and_an_edit(model, tmp_path,
+                                                                       capsys):
     before = _files(model)
     out = tmp_path / "demo"
     assert run_cli("demo", "--model", model, "--out", out, "--quiet") == 0
+    assert "(z ~ the Ex-PDE prior)" in capsys.readouterr().out  # the model ships one
+    assert json.loads((out / "samples" / "sampling.json").read_text())["prior"] == "gmm"
     assert (out / "samples" / "stages.png").is_file()
     assert len(list((out / "samples" / "images").glob("*.png"))) == 64
     assert (out / "reconstructions" / "grid.png").is_file()

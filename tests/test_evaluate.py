@@ -20,6 +20,7 @@ from diffusevae.config import DataConfig
 from diffusevae.sources import dataset_source, npz_source
 from diffusevae.features import INCEPTION_FILE, classifier_extractor, inception_extractor
 from diffusevae.images import save_pngs
+from diffusevae.pipeline import DiffuseVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = DataConfig(dataset="digits", image_size=16, channels=1)
@@ -221,6 +222,12 @@ def test_missing_or_wrong_inception_weights_are_one_clear_line(tmp_path, capsys,
 
 # ---- the B1 benchmark, smoke budget --------------------------------------------------------
 
+def _files_digest(folder: Path) -> dict[str, str]:
+    """Every file under `folder` but the model cards, by SHA-256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "MODEL.md"}
+
+
 @pytest.mark.benchmark_smoke
 def test_benchmark_smoke(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
@@ -258,3 +265,60 @@ def test_benchmark_smoke(tmp_path):
         for sa, sp in pairs:
             assert (tmp_path / "results" / f"speed_quality_grid_{m}_{sa}_{sp}_10steps.png"
                     ).is_file()
+
+    # ship_model.py makes the published folders from this run, as `make model` does
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ship_model.py"), "--results",
+         str(tmp_path / "results" / "speed_quality.json"), "--models", str(tmp_path / "models"),
+         "--components", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shipped = tmp_path / "models" / "fashion-mnist"
+    baseline = tmp_path / "models" / "fashion-mnist-uncond"
+    for folder in (shipped, baseline):
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        assert "MODEL.md" in files and "refiner/model.safetensors" in files, files
+        assert not any("trainer" in f or f.endswith((".pt", ".pth", ".pkl")) for f in files)
+    assert {"vae/model.safetensors", "prior/gmm.safetensors", "attributes/names.json",
+            "attributes/directions.safetensors"} <= {
+        p.relative_to(shipped).as_posix() for p in shipped.rglob("*") if p.is_file()}
+    assert len(list((shipped / "examples").glob("*.png"))) == 32
+    card = (shipped / "MODEL.md").read_text()
+    form2_10 = [c for c in r["cells"] if (c["model"], c["sampler"], c["spacing"], c["steps"])
+                == ("diffusevae-form2", "dpmpp_2m", "trailing", 10)][0]
+    assert f"| diffusevae-form2 | dpmpp_2m, trailing spacing, 10 steps | {form2_10['fid']:.2f} |" \
+        in card and "| ddpm-uncond | dpmpp_2m, trailing spacing, 10 steps |" in card
+    assert f"{r['refiner_steps']['form2']} optimiser steps" in card
+    assert DiffuseVAE.from_pretrained(shipped).diffusion.form == "form2"
+    assert DiffuseVAE.from_pretrained(baseline).diffusion.form == "uncond"
+
+    # ex_pde.py scores the shipped model with both priors as B1 scores; with z ~ N(0, I) it
+    # reproduces B1's form2 FIDs exactly (the shipped weights are the ones B1 measured)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ex_pde.py"), "--results",
+         str(tmp_path / "results" / "speed_quality.json"), "--run", str(shipped), "--steps",
+         "2,10", "--out", str(tmp_path / "results"), "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    e = json.loads((tmp_path / "results" / "ex_pde_smoke.json").read_text())
+    assert {(c["model"], c["prior"], c["sampler"], c["steps"]) for c in e["cells"]} == {
+        (m, p, s, k) for m, p in (("diffusevae-form2", "normal"),
+                                  ("diffusevae-form2-expde", "gmm"))
+        for s, k in (("vae", None), ("dpmpp_2m", 2), ("dpmpp_2m", 10))}
+    assert len(e["comparison"]["reproduces_b1"]) == 3
+    assert all(c["equal"] for c in e["comparison"]["reproduces_b1"]), e["comparison"]
+    assert all(c["n"] == r["settings"]["n"] for c in e["cells"])
+    assert "reproduce the FIDs B1 recorded for its form2 model exactly" in (
+        tmp_path / "results" / "ex_pde_smoke.md").read_text()
+    # ... and the model card says so once written again
+    weights = _files_digest(shipped)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "ship_model.py"), "--results",
+         str(tmp_path / "results" / "speed_quality.json"), "--models", str(tmp_path / "models"),
+         "--card-only"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = (shipped / "MODEL.md").read_text()
+    vae_gmm = [c for c in e["cells"] if c["prior"] == "gmm" and c["sampler"] == "vae"][0]
+    assert f"| diffusevae-form2-expde | VAE alone (x̂) | {vae_gmm['fid']:.2f} |" in card
+    assert "`diffusevae-form2-expde`: the same model with z drawn from its Ex-PDE prior" in card
+    assert "--prior gmm --show-stages" in card
+    assert _files_digest(shipped) == weights  # --card-only wrote the cards alone

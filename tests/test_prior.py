@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffusevae.config import DiffusionConfig, UNetConfig, VAEConfig
+from diffusevae.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
 from diffusevae.errors import ConfigError
+from diffusevae.images import to_uint8
 from diffusevae.pipeline import DiffuseVAE
 from diffusevae.prior import (GaussianMixture, fit_mixture, load_mixture, loglik_per_dim,
                               normal_log_prob, save_mixture)
 from diffusevae.rng import sample_generators
+from diffusevae.sources import run_source, vae_source
+from diffusevae.sweep import sweep
 from diffusevae.unet import UNet
 from diffusevae.vae import VAE
 
@@ -139,3 +142,29 @@ def test_fit_prior_and_sample_with_it_from_the_command_line(trained_run, tmp_pat
     mixture, _ = load_mixture(r / "prior")
     z = torch.from_numpy(np.load(out / "samples.npz")["z"])
     assert torch.allclose(z, mixture.sample(sample_generators(0, range(3))), atol=1e-5)
+
+    # the VAE alone and the scorers draw z from the mixture the same way (`sample-vae`, and
+    # the sources `evaluate` and `sweep` read with --prior gmm)
+    vae_out = tmp_path / "v"
+    assert run("sample-vae", "--run", r, "--n", "3", "--prior", "gmm", "--out", vae_out) == 0
+    assert torch.allclose(torch.from_numpy(np.load(vae_out / "samples.npz")["z"]), z, atol=1e-6)
+    assert np.array_equal(np.load(vae_out / "samples.npz")["images"],
+                          to_uint8(DiffuseVAE.from_pretrained(r).decode(z)))
+    sample = SampleConfig(n=3, steps=1, batch_size=3)
+    images = np.concatenate(list(run_source(r, sample, prior="gmm").read(range(1))))
+    assert np.array_equal(images, np.load(out / "samples.npz")["images"])
+    assert run_source(r, sample, prior="gmm").protocol["prior"] == "gmm"
+    vae_images = np.concatenate(list(vae_source(r, 3, batch_size=3, prior="gmm").read(range(1))))
+    assert np.array_equal(vae_images, np.load(vae_out / "samples.npz")["images"])
+
+
+def test_scoring_with_a_prior_the_run_lacks_is_refused_before_any_work(trained_run, tmp_path,
+                                                                       capsys):
+    with pytest.raises(ConfigError, match="fit-prior"):
+        vae_source(trained_run, 4, prior="gmm")
+    with pytest.raises(ConfigError, match="fit-prior"):
+        run_source(trained_run, SampleConfig(n=4, steps=1), prior="gmm")
+    with pytest.raises(ConfigError, match="fit-prior"):
+        sweep([trained_run], ["ddim"], [1], 4, "digits:test", None, prior="gmm")
+    assert run("evaluate", "--samples", trained_run, "--prior", "gmm") == 2
+    assert "--prior only apply with --run" in capsys.readouterr().err

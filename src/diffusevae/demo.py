@@ -35,31 +35,35 @@ EDIT_LAMBDAS = (-3.0, -1.5, 0.0, 1.5, 3.0)
 def tour_to_folder(model_dir: str | Path = SHIPPED_MODEL, out_dir: str | Path = TOUR_OUT,
                    device: str | torch.device = "cpu", progress: bool = True) -> Written:
     """Samples (x_hat | refined), reconstructions, an interpolation and an edit of a trained
-    model, in ``out_dir/{samples,reconstructions,interpolation,edit}``; nothing is written
-    into the model's folder."""
+    model, in ``out_dir/{samples,reconstructions,interpolation,edit}``, z drawn from the
+    model's Ex-PDE prior when it has one; nothing is written into the model's folder."""
     run = RunFolder(model_dir)
     if not run.has_refiner():
         raise RunFolderError(
             f"{model_dir} holds no trained DiffuseVAE; pass --model with a run folder (or a "
             "clone's models/fashion-mnist), or train one with `diffusevae demo --train`")
     out, t0 = Path(out_dir), time.time()
+    # z from the model's Ex-PDE prior when it has one: the samples it draws best (README)
+    prior = "gmm" if run.has_prior() else "normal"
     # overwrite: a second tour replaces the first one's pictures (nothing else is removed)
     samples = sample_to_folder(run, FAST, out / "samples", device, show_stages=True,
-                               progress=progress, overwrite=True)
+                               progress=progress, prior=prior, overwrite=True)
     examples = run.root / EXAMPLES_DIR
     recon = reconstruct_to_folder(run, replace(FAST, n=16), out / "reconstructions",
                                   input_dir=examples if examples.is_dir() else None,
                                   device=device, overwrite=True)
     interp = interpolate_to_folder(run, replace(FAST, n=1), out / "interpolation", frames=8,
-                                   device=device, overwrite=True)
+                                   prior=prior, device=device, overwrite=True)
     parts = [f"{samples.folder / 'stages.png'}", f"{recon.folder / 'grid.png'}",
              f"{interp.folder / 'grid.png'}"]
     if run.attributes_dir.is_dir():
         names, _ = load_directions(run)
         edit = edit_to_folder(run, names[:1], EDIT_LAMBDAS, replace(FAST, n=8),
-                              out / "edit", device=device, overwrite=True)
+                              out / "edit", prior=prior, device=device, overwrite=True)
         parts.append(f"{edit.folder} ({names[0]})")
-    return Written(out, f"demo done in {time.time() - t0:.0f} s: " + ", ".join(parts))
+    return Written(out, f"demo done in {time.time() - t0:.0f} s (z ~ "
+                        f"{'the Ex-PDE prior' if prior == 'gmm' else 'N(0, I)'}): "
+                        + ", ".join(parts))
 
 
 def train_to_folder(run_dir: str | Path | None = None, preset: str = "digits",

@@ -425,9 +425,10 @@ def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
                        run: str | Path | None = None, sample: SampleConfig | None = None,
                        vae_only: bool = False, out: str | Path | None = None,
                        processes: Processes | None = None, progress: bool = True,
-                       **options) -> tuple[dict, Path]:
+                       prior: str = "normal", **options) -> tuple[dict, Path]:
     """What `evaluate` does: score `samples` (a folder, an .npz or the folder of `sample`), or
-    samples drawn from `run` with `sample` (its VAE alone with `vae_only`); writes
+    samples drawn from `run` with `sample` and z from `prior` (its VAE alone with
+    `vae_only`); writes
     ``metrics.json`` to `out` (default: beside the samples, or ``RUN/eval/SAMPLER-STEPS``).
 
     Returns the record and the folder. ``options``: `evaluate`'s (kid_subsets, max_kept...).
@@ -444,10 +445,11 @@ def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
         sample = sample or SampleConfig()
         if vae_only:
             source = vae_source(run, sample.n, sample.seed, sample.batch_size, sample.use_ema,
-                                sample.temperature, procs.device)
+                                sample.temperature, procs.device, prior)
         else:
-            source = run_source(run, sample, procs.device)
-        tag = "vae" if vae_only else f"{sample.sampler}-{sample.steps}"
+            source = run_source(run, sample, procs.device, prior=prior)
+        tag = ("vae" if vae_only else f"{sample.sampler}-{sample.steps}") + (
+            "" if prior == "normal" else f"-{prior}")
         out_dir = Path(out) if out else RunFolder(run).output_dir("evaluate") / tag
     ref, data, extractor = scoring.resolve(run, procs.device)
     # one writer of the output folder at a time (only the main process writes it)

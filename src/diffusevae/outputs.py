@@ -76,6 +76,7 @@ from .images import to_uint8
 from .latents import MODES, check_lambdas, edit_latents, find_direction, interpolation_frames
 from .latents import load_directions, slug
 from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion, check_finite
+from .prior import checked_mixture, load_run_prior
 from .run import RunFolder, output_folder
 
 GRID_SIZE = 64  # images in grid.png
@@ -300,18 +301,21 @@ def _resume_point(out_dir: Path, settings: dict) -> int | None:
 def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None = None,
                          seed: int = 0, temperature: float = 1.0, batch_size: int = 256,
                          device: str | torch.device = "cpu", progress: bool = True,
-                         overwrite: bool = False) -> Written:
-    """Sample the VAE alone, x = D(z) with z ~ N(0, t^2 I) (`sample-vae`): sample i is the
-    x_hat that `sample` refines for the same seed and i."""
+                         overwrite: bool = False, prior: str = "normal") -> Written:
+    """Sample the VAE alone, x = D(z) with z ~ N(0, t^2 I), or z from the Ex-PDE mixture
+    (`prior` "gmm") scaled by t (`sample-vae`): sample i is the x_hat that `sample` refines for
+    the same seed, i and prior."""
     run = RunFolder(run_dir)
     vae = run.load_vae(device)
+    mixture = checked_mixture(prior, load_run_prior(run.root) if prior == "gmm" else None,
+                              vae.config.z_dim)
     out_dir = run.output_dir("sample-vae", out_dir)
     with output_folder(out_dir, "sample-vae", overwrite):
         first: list[np.ndarray] = []
         with NpzStreamWriter(out_dir / "samples.npz", n) as npz, torch.inference_mode():
             for start in tqdm(range(0, n, batch_size), desc="sample-vae", disable=not progress):
                 z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
-                                              temperature)
+                                              temperature, mixture)
                 images = to_uint8(check_finite(x_hat, "VAE samples", {"VAE": vae}, run.root,
                                                {"temperature": temperature}))
                 save_pngs(images, out_dir / "images", start)

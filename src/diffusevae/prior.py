@@ -33,13 +33,12 @@ from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, re
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError
 from .rng import randn_like_per_sample
-from .run import RunFolder
+from .run import PRIOR_JSON, RunFolder
 from .storage import sha256_file
 from .vae import VAE
 
 PRIORS = ("normal", "gmm")
 GMM_FILE = "gmm.safetensors"
-PRIOR_JSON = "prior.json"
 HELDOUT_FRACTION = 0.1  # of the images held out when the dataset has no test split
 _SKLEARN = 0  # rng.LIBRARY's index for scikit-learn's random_state (32 bits: derived, not cut)
 
@@ -111,17 +110,25 @@ def draw_latents(prior: str, generators: Sequence[torch.Generator], z_dim: int,
                  mixture: GaussianMixture | None, device: torch.device | str,
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """(B, z_dim) latents from ``prior`` ("normal" or "gmm"), row b from ``generators[b]``."""
+    if prior == "normal" and prior in PRIORS:
+        return randn_like_per_sample(generators, (z_dim,), device, dtype)
+    return checked_mixture(prior, mixture, z_dim).sample(generators, device, dtype)
+
+
+def checked_mixture(prior: str, mixture: GaussianMixture | None,
+                    z_dim: int) -> GaussianMixture | None:
+    """The mixture that ``prior`` names (None for "normal"), checked against the VAE's z."""
     if prior not in PRIORS:
         raise ConfigError(f"prior must be one of {', '.join(PRIORS)}; got {prior!r}")
     if prior == "normal":
-        return randn_like_per_sample(generators, (z_dim,), device, dtype)
+        return None
     if mixture is None:
         raise ConfigError("this run has no fitted latent prior; fit one with "
                           "`diffusevae fit-prior --run RUN --components K`, or use --prior normal")
     if mixture.z_dim != z_dim:
         raise ConfigError(f"the fitted prior is {mixture.z_dim}-dimensional but the VAE's z has "
                           f"{z_dim} dimensions; refit it with `diffusevae fit-prior`")
-    return mixture.sample(generators, device, dtype)
+    return mixture
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from .vae import VAE
 
 STAGES = ("vae", "refiner")  # the trained models, in training order
 PRIOR_DIR = "prior"
+PRIOR_JSON = "prior.json"  # a fitted Ex-PDE prior's record (prior.py writes it)
 ATTRIBUTES_DIR = "attributes"
 CLASSIFIER_DIR = "classifier"
 TRAIN_CONFIG_NAME = "train_config.json"  # the resolved config a stage was trained with
@@ -224,6 +225,10 @@ class RunFolder:
 
     def has_classifier(self) -> bool:
         return (self.classifier_dir / ckpt.CONFIG_NAME).is_file()
+
+    def has_prior(self) -> bool:
+        """A fitted Ex-PDE prior (`fit-prior`): `--prior gmm` samples with it."""
+        return (self.prior_dir / PRIOR_JSON).is_file()
 
     def train_config(self, stage: str = "vae") -> Config:
         """The config `stage` was trained with, or an error saying how to train it."""

@@ -25,6 +25,7 @@ from .data import IMAGE_EXTENSIONS, USER_IMAGES, build_dataset, load_image
 from .errors import DataError, EvaluationError
 from .images import to_uint8
 from .pipeline import DiffuseVAE, check_finite
+from .prior import checked_mixture, load_run_prior
 from .run import RunFolder
 
 Batches = Iterator[np.ndarray]  # uint8 (B, H, W, C)
@@ -193,40 +194,46 @@ def sample_protocol(sample: SampleConfig) -> dict:
 
 
 def run_source(run_dir: str | Path, sample: SampleConfig, device: torch.device | str = "cpu",
-               pipe=None) -> Source:
+               pipe=None, prior: str = "normal") -> Source:
     """Samples drawn from a trained run on the fly, batch by batch: the images `sample` writes
-    with the same settings (`DiffuseVAE.generate_batch`)."""
+    with the same settings (`DiffuseVAE.generate_batch`), z from `prior` ("normal", or "gmm":
+    the run's Ex-PDE mixture)."""
     pipe = pipe or DiffuseVAE.from_pretrained(run_dir, use_ema=sample.use_ema, device=device)
     sample.validate(pipe.diffusion.timesteps)
+    if prior != "normal":
+        pipe.draw_z([], prior)  # no such prior: refused now, not after the reference
     c, h, w = pipe.image_shape
 
     def read(ks: range) -> Batches:
         for k in ks:
-            yield to_uint8(pipe.generate_batch(sample, source.rows(k)).images)
+            yield to_uint8(pipe.generate_batch(sample, source.rows(k), prior=prior).images)
 
     protocol = {"run": str(run_dir), "formulation": pipe.diffusion.form,
-                **sample_protocol(sample)}
+                **sample_protocol(sample), "prior": prior}
     source = Source("run", (h, w, c), sample.n, sample.batch_size, read, protocol)
     return source
 
 
 def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
                use_ema: bool = True, temperature: float = 1.0,
-               device: torch.device | str = "cpu") -> Source:
-    """The VAE alone: x_hat = D(z), z drawn per sample exactly as `DiffuseVAE` draws it."""
+               device: torch.device | str = "cpu", prior: str = "normal") -> Source:
+    """The VAE alone: x_hat = D(z), z drawn per sample exactly as `DiffuseVAE` draws it, from
+    `prior` ("normal", or "gmm": the run's Ex-PDE mixture)."""
     vae = RunFolder(run_dir).load_vae(device, use_ema)
     c = vae.config
+    mixture = checked_mixture(prior, load_run_prior(run_dir) if prior == "gmm" else None,
+                              c.z_dim)
 
     def read(ks: range) -> Batches:
         with torch.inference_mode():
             for k in ks:
-                _, x_hat = vae.sample_indexed(seed, source.rows(k), temperature)
+                _, x_hat = vae.sample_indexed(seed, source.rows(k), temperature, mixture)
                 yield to_uint8(check_finite(x_hat, "VAE samples", {"VAE": vae}, run_dir,
                                             {"temperature": temperature}))
 
     protocol = {"run": str(run_dir), "formulation": "vae", "n": n, "sampler": "vae",
                 "steps": 0, "seed": seed, "use_ema": use_ema, "temperature": temperature,
-                "batch_size": batch_size}
+                "batch_size": batch_size, "prior": prior}
     source = Source("vae", (c.image_size, c.image_size, c.channels), n, batch_size, read,
                     protocol)
     return source

@@ -41,7 +41,7 @@ def _cell(model: str, run: str, result: dict) -> dict:
     s = result["protocol"]["samples"]
     return {"model": model, "run": run, "formulation": s.get("formulation"),
             "sampler": s.get("sampler"), "spacing": s.get("spacing"),
-            "steps": s.get("steps") or None, "n": s["n"],
+            "steps": s.get("steps") or None, "n": s["n"], "prior": s.get("prior", "normal"),
             "fid": result["fid"], "fid_ci95": result.get("fid_ci95"), "kid": result["kid"], "kid_std": result["kid_std"],
             "is": result["is"], "is_std": result["is_std"],
             "seconds": result["sample_seconds"]}
@@ -59,10 +59,12 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
           cache_dir: str | Path | None = None, ref_limit: int | None = None,
           grid_dir: str | Path | None = None, grid_steps: int = 10, grid_prefix: str = "grid",
           device: torch.device | str = "cpu", progress: bool = True,
-          on_cell: Callable[[dict], None] | None = None, bootstrap: int = 0) -> dict:
+          on_cell: Callable[[dict], None] | None = None, bootstrap: int = 0,
+          prior: str = "normal") -> dict:
     """Evaluate every (run, sampler, steps) cell and each run's VAE; returns the record.
 
-    Every cell uses `base`'s spacing; `bootstrap` > 0 adds a 95% interval to each FID.
+    Every cell uses `base`'s spacing and draws z from `prior` ("gmm": each run's Ex-PDE
+    mixture); `bootstrap` > 0 adds a 95% interval to each FID.
     """
     base = base or SampleConfig()
     names = names or model_names(runs)
@@ -72,6 +74,9 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
         for s in steps:
             replace(base, n=n, sampler=sampler, steps=s).validate()
     pipes = [DiffuseVAE.from_pretrained(r, use_ema=base.use_ema, device=device) for r in runs]
+    if prior != "normal":
+        for pipe in pipes:
+            pipe.draw_z([], prior)  # a run without the prior is refused before any sampling
     shapes = {p.image_shape for p in pipes}
     if len(shapes) > 1:
         raise EvaluationError(f"the runs make images of different shapes {sorted(shapes)}; "
@@ -91,7 +96,7 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
     for run, name, pipe in zip(runs, names, pipes):
         if include_vae and pipe.vae is not None:
             src = vae_source(run, n, base.seed, base.batch_size, base.use_ema,
-                             base.temperature, device)
+                             base.temperature, device, prior)
             grid = grid_dir / f"{grid_prefix}_{name}_vae.png" if grid_dir else None
             add(_cell(name, str(run), evaluate(src, ref, extractor, ref_stats=ref_stats,
                                                grid=grid, progress=progress,
@@ -99,7 +104,7 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
         for sampler in samplers:
             for s in steps:
                 sample = replace(base, n=n, sampler=sampler, steps=s)
-                src = run_source(run, sample, device, pipe=pipe)
+                src = run_source(run, sample, device, pipe=pipe, prior=prior)
                 grid = (grid_dir / f"{grid_prefix}_{name}_{sampler}_{base.spacing}_{s}steps.png"
                         if grid_dir and s == grid_steps else None)
                 add(_cell(name, str(run), evaluate(src, ref, extractor, ref_stats=ref_stats,
@@ -110,7 +115,7 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
             "settings": {"n": n, "samplers": samplers, "steps": steps, "seed": base.seed,
                          "use_ema": base.use_ema, "eta": base.eta, "spacing": base.spacing,
                          "var_type": base.var_type, "batch_size": base.batch_size,
-                         "temperature": base.temperature},
+                         "temperature": base.temperature, "prior": prior},
             "seconds": round(time.time() - t0, 1), "machine": machine()}
 
 
@@ -195,7 +200,8 @@ def sweep_to_folder(runs: list[str | Path], samplers: list[str], steps: list[int
                     scoring: Scoring, *, base: SampleConfig | None = None,
                     include_vae: bool = True, out: str | Path | None = None,
                     device: torch.device | str = "cpu", progress: bool = True,
-                    on_cell: Callable[[dict], None] | None = None) -> tuple[dict, list[Path]]:
+                    on_cell: Callable[[dict], None] | None = None,
+                    prior: str = "normal") -> tuple[dict, list[Path]]:
     """What `sweep` does: score the grid against the reference of the first run (`Scoring`)
     and write ``sweep.json``, ``sweep.md``, ``sweep.png`` and the grids to `out` (default:
     ``FIRST_RUN/sweep``); returns the record and the three paths."""
@@ -208,5 +214,5 @@ def sweep_to_folder(runs: list[str | Path], samplers: list[str], steps: list[int
         record = sweep(list(runs), samplers, steps, n, ref, extractor, base=base,
                        include_vae=include_vae, data=data, cache_dir=scoring.cache_dir,
                        ref_limit=scoring.ref_limit, grid_dir=out_dir, device=device,
-                       progress=progress, on_cell=on_cell)
+                       progress=progress, on_cell=on_cell, prior=prior)
         return record, write_sweep(record, out_dir)

@@ -198,13 +198,16 @@ class VAE(PretrainedMixin, nn.Module):
         return self.decode(temperature * z.to(device)).clamp(-1.0, 1.0)
 
     @torch.no_grad()
-    def sample_indexed(self, seed: int, indices: list[int] | range, temperature: float = 1.0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_indexed(self, seed: int, indices: list[int] | range, temperature: float = 1.0,
+                       mixture=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, D(z) clamped) for the given sample indices, z_i drawn from the generator of
-        (seed, i) exactly as `DiffuseVAE` draws it: a sample does not depend on its batch."""
+        (seed, i) exactly as `DiffuseVAE` draws it: a sample does not depend on its batch.
+        z ~ N(0, t^2 I), or from ``mixture`` (an Ex-PDE `prior.GaussianMixture`) scaled by t."""
         p = self._param()
-        z = temperature * randn_like_per_sample(sample_generators(seed, indices),
-                                                (self.config.z_dim,), p.device, torch.float32)
+        gens = sample_generators(seed, indices)
+        z = temperature * (mixture.sample(gens, p.device) if mixture is not None else
+                           randn_like_per_sample(gens, (self.config.z_dim,), p.device,
+                                                 torch.float32))
         return z, self.decode(z.to(p.dtype)).clamp(-1.0, 1.0)
 
     @torch.no_grad()

@@ -14,8 +14,8 @@ from ..limits import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR
 from ..names import DATASETS, SPACINGS
 from ..sweep import sweep_to_folder
 from . import cli
-from .options import (SEED, Finite, count, device_of, device_option, flags_given, run_option,
-                      sample_config, sampling_options)
+from .options import (SEED, Finite, count, device_of, device_option, flags_given, prior_option,
+                      run_option, sample_config, sampling_options)
 
 
 MAX_CELLS = 64  # values of one comma-separated list of a sweep
@@ -101,6 +101,7 @@ def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | No
               help="Samples: a folder of images, an .npz, or the output folder of `sample`.")
 @run_option(required=False)
 @click.option("--vae-only", is_flag=True, help="With --run: evaluate the VAE alone (x_hat).")
+@prior_option
 @sampling_options()
 @feature_options
 @click.option("--kid-subsets", type=count(MAX_SUBSETS), default=100, show_default=True)
@@ -110,8 +111,8 @@ def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | No
 @click.option("--is-splits", type=count(MAX_SUBSETS), default=10, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for metrics.json [beside the samples, or RUN/eval/SAMPLER-STEPS].")
-def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: str,
-             quiet: bool, out: str | None, kid_subsets: int, kid_subset_size: int,
+def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: str,
+             device: str, quiet: bool, out: str | None, kid_subsets: int, kid_subset_size: int,
              max_kept: int, is_splits: int, **kw) -> None:
     """FID, KID and IS of samples against a reference; writes metrics.json, prints one line.
 
@@ -123,14 +124,15 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: s
     scores them (README "Sampling and evaluating on several GPUs").
     """
     score_with = scoring(kw)
-    if samples is not None and run_dir is None and (flags_given(kw) or vae_only):
-        flags = ", ".join(flags_given(kw)) or "--vae-only"
+    if samples is not None and run_dir is None and (flags_given(kw) or vae_only
+                                                    or prior != "normal"):
+        flags = ", ".join(flags_given(kw)) or ("--vae-only" if vae_only else "--prior")
         raise ConfigError(f"{flags} only apply with --run (sampling on the fly); the "
                           "samples given with --samples were already drawn")
     procs = processes(device)
     result, out_dir = evaluate_to_folder(
         score_with, samples=samples, run=run_dir, sample=sample_config(kw), vae_only=vae_only,
-        out=out, processes=procs, progress=not quiet, kid_subsets=kid_subsets,
+        out=out, processes=procs, progress=not quiet, prior=prior, kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size, max_kept=max_kept, is_splits=is_splits)
     if procs.is_main:
         click.echo(f"{summary_line(result)} -> {out_dir / 'metrics.json'}")
@@ -153,12 +155,13 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, device: s
 @click.option("--ema/--no-ema", "use_ema", default=True, show_default=True)
 @click.option("--vae/--no-vae", "include_vae", default=True, show_default=True,
               help="Also evaluate each run's VAE alone (x_hat) as its own row.")
+@prior_option
 @feature_options
 @device_option
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for sweep.json, sweep.md, sweep.png [FIRST_RUN/sweep].")
 def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include_vae: bool,
-          quiet: bool, device: str, out: str | None, **kw) -> None:
+          prior: str, quiet: bool, device: str, out: str | None, **kw) -> None:
     """Score runs over a grid of samplers and step counts: JSON, markdown table and plot."""
     def show(cell: dict) -> None:
         what = "VAE alone" if cell["sampler"] == "vae" else f"{cell['sampler']} {cell['steps']}"
@@ -169,6 +172,6 @@ def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include
         list(runs), [s.strip() for s in samplers.split(",") if s.strip()],
         _int_list(steps_list, "--steps", MAX_TIMESTEPS), n, score_with, base=SampleConfig(**kw),
         include_vae=include_vae, out=out, device=device_of(device), progress=not quiet,
-        on_cell=show)
+        on_cell=show, prior=prior)
     click.echo(f"{len(record['cells'])} cells ({record['names']['fid']}) written to "
                f"{', '.join(str(p) for p in paths)}")

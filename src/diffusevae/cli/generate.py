@@ -45,15 +45,17 @@ def sample(run_dir: str, out: str | None, show_stages: bool, device: str, resume
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/vae_samples].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0, show_default=True,
-              help="Scale of z ~ N(0, t^2 I).")
+              help="Scale of z ~ N(0, t^2 I) (or of the Ex-PDE draws).")
 @click.option("--batch-size", type=count(MAX_BATCH), default=256, show_default=True)
+@prior_option
 @device_option
 @overwrite_option
 def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature: float,
-                   batch_size: int, device: str, overwrite: bool) -> None:
-    """Sample the VAE alone (z ~ N(0, I), x = D(z)): PNG files, a grid and an .npz."""
+                   batch_size: int, prior: str, device: str, overwrite: bool) -> None:
+    """Sample the VAE alone (z ~ N(0, I) or --prior gmm, x = D(z)): PNG files, a grid and an
+    .npz."""
     written = sample_vae_to_folder(run_dir, n, out, seed, temperature, batch_size,
-                                   device_of(device), overwrite=overwrite)
+                                   device_of(device), overwrite=overwrite, prior=prior)
     click.echo(written.summary)
 
 
