@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Makes the README's pictures of the shipped model (docs/shipped/*.png) again, with the
-# command line alone: `make demo`'s four pictures, and one real-image edit of four example
-# test images along the Trouser direction, without and with DDIM inversion.
+# command line alone: `make demo`'s four pictures, one real-image edit of four example test
+# images along the Trouser direction, without and with DDIM inversion, and the explorer's page.
 #
 #   bash docs/shipped/make_pictures.sh [MODEL]      # MODEL: models/fashion-mnist
 #
-# About two minutes on a 2-core CPU. Run it after the shipped model changes.
+# About three minutes on a 2-core CPU. Run it after the shipped model changes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:-models/fashion-mnist}
@@ -31,3 +31,10 @@ python -m diffusevae "${edit[@]}" --invert --out "$work/inverted"
 cp "$work/fresh/trouser.png" "$dest/edit_real_fresh.png"
 cp "$work/inverted/trouser.png" "$dest/edit_real_inverted.png"
 echo "wrote $dest/{stages,reconstructions,interpolation,edit,edit_real_fresh,edit_real_inverted}.png"
+
+# the explorer's page in a headless Chromium (needs the `app` extra and chromium-driver)
+if python -c "import gradio, selenium" 2>/dev/null && command -v chromedriver >/dev/null; then
+    python tests/test_app.py --run "$model" --out docs/explorer.png
+else
+    echo "docs/explorer.png not made: it needs the app extra, selenium and chromium-driver"
+fi
