@@ -28,6 +28,7 @@ from diffusevae.config import DiffusionConfig
 from diffusevae.errors import ConfigError, DataError
 from diffusevae.latents import compute_directions, principal_directions
 from diffusevae.pipeline import DiffuseVAE
+from diffusevae.prior import GaussianMixture
 from diffusevae.rng import sample_generators
 
 try:  # conftest is on the path under pytest, not when this file runs as a script
@@ -123,6 +124,25 @@ def test_settings_are_checked():
             bad.sample(0)
     with pytest.raises(ConfigError, match="seed"):
         Settings().sample(1.5)
+
+
+def test_the_prior_of_z_starts_at_the_fitted_one_when_the_run_has_it(explorer):
+    """A run with an Ex-PDE prior samples best with it (README): the page starts there."""
+    _need("gradio (the app extra)", _has_module("gradio"))
+
+    def prior_radio(ex: Explorer):
+        radios = [c for c in app.build_app(ex).blocks.values()
+                  if getattr(c, "label", None) == "prior of z"]
+        assert len(radios) == 1
+        return radios[0]
+
+    assert explorer.pipe.prior is None and prior_radio(explorer).value == "normal"
+    mixture = GaussianMixture(torch.ones(1), torch.zeros(1, explorer.pipe.vae.config.z_dim),
+                              torch.eye(explorer.pipe.vae.config.z_dim)[None])
+    fitted = Explorer(DiffuseVAE(explorer.pipe.vae, explorer.pipe.unet, explorer.pipe.diffusion,
+                                 mixture), explorer.directions)
+    radio = prior_radio(fitted)
+    assert radio.value == "gmm" and [c[0] for c in radio.choices] == ["normal", "gmm"]
 
 
 def test_the_server_leaves_one_core_to_the_web_on_a_cpu(monkeypatch):

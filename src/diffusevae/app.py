@@ -409,8 +409,9 @@ def _settings_row(gr, explorer: Explorer) -> list:
         guidable = explorer.pipe.form.conditioned and explorer.pipe.diffusion.p_uncond > 0
         guidance = gr.Number(0.0, minimum=0, label="guidance", interactive=guidable)
         temperature = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="temperature")
-        prior = gr.Radio([p for p in PRIORS if p == "normal" or explorer.pipe.prior is not None],
-                         value="normal", label="prior of z")
+        fitted = explorer.pipe.prior is not None  # then its samples are the better ones
+        prior = gr.Radio([p for p in PRIORS if p == "normal" or fitted],
+                         value="gmm" if fitted else "normal", label="prior of z")
     return [steps, sampler, guidance, temperature, prior]
 
 
