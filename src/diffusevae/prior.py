@@ -110,7 +110,7 @@ def draw_latents(prior: str, generators: Sequence[torch.Generator], z_dim: int,
                  mixture: GaussianMixture | None, device: torch.device | str,
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """(B, z_dim) latents from ``prior`` ("normal" or "gmm"), row b from ``generators[b]``."""
-    if prior == "normal" and prior in PRIORS:
+    if prior == "normal":
         return randn_like_per_sample(generators, (z_dim,), device, dtype)
     return checked_mixture(prior, mixture, z_dim).sample(generators, device, dtype)
 
