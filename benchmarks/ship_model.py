@@ -12,7 +12,9 @@ Reads the B1 results (which runs were trained, how long, and what they scored) a
 
 No trainer state and nothing pickled goes in. A folder with a MODEL.md is a published model:
 the commands read it and write their outputs elsewhere (`RunFolder.read_only`).
-`make model` retrains both from scratch (B1 at the `long` budget, then this script).
+`make model` retrains both from scratch (B1 at the `long` budget, then this script, then
+`ex_pde.py` on the shipped model and this script again with `--card-only`, which writes the
+cards with the Ex-PDE rows and touches nothing else).
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     results = json.loads(Path(args.results).read_text())
     ex_pde = Path(args.results).with_name(f"ex_pde_{results['budget']}.json")
     if args.card_only and ex_pde.is_file():
-        results["ex_pde_cells"] = json.loads(ex_pde.read_text())["cells"]
+        results["ex_pde_cells"] = [c for c in json.loads(ex_pde.read_text())["cells"]
+                                   if c["prior"] == "gmm"]  # its N(0, I) cells are B1's
     for model, name, extras in (("diffusevae-form2", "fashion-mnist", True),
                                 ("ddpm-uncond", "fashion-mnist-uncond", False)):
         dest = Path(args.models) / name

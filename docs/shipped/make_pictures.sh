@@ -17,7 +17,7 @@ python -m diffusevae demo --model "$model" --out "$work/demo" --quiet
 cp "$work/demo/samples/stages.png" "$dest/stages.png"
 cp "$work/demo/reconstructions/grid.png" "$dest/reconstructions.png"
 cp "$work/demo/interpolation/grid.png" "$dest/interpolation.png"
-cp "$work"/demo/edit/*.png "$dest/edit.png"
+cp "$(ls "$work"/demo/edit/*.png | grep -v _x_hat.png)" "$dest/edit.png"  # the refined grid
 
 # a pullover with a logo, a shirt, a dress and a T-shirt from the model's examples
 mkdir "$work/four"
@@ -28,8 +28,8 @@ edit=(edit --run "$model" --input "$work/four" --attribute Trouser
       --lambdas=-4,-2,-1,0,1,2,4 --steps 50 --sampler ddim)
 python -m diffusevae "${edit[@]}" --out "$work/fresh"
 python -m diffusevae "${edit[@]}" --invert --out "$work/inverted"
-cp "$work/fresh/trouser.png" "$dest/edit_real_fresh.png"
-cp "$work/inverted/trouser.png" "$dest/edit_real_inverted.png"
+cp "$work/fresh/Trouser.png" "$dest/edit_real_fresh.png"
+cp "$work/inverted/Trouser.png" "$dest/edit_real_inverted.png"
 echo "wrote $dest/{stages,reconstructions,interpolation,edit,edit_real_fresh,edit_real_inverted}.png"
 
 # the explorer's page in a headless Chromium (needs the `app` extra and chromium-driver)
