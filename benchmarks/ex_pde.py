@@ -31,7 +31,7 @@ from diffusevae.features import classifier_extractor
 from diffusevae.prior import load_run_prior
 from diffusevae.sweep import markdown_table, sweep
 
-from common import ROOT, log, provenance, write_results
+from common import ROOT, fmt, log, provenance, write_results
 
 MODELS = {"normal": "diffusevae-form2", "gmm": "diffusevae-form2-expde"}  # by prior
 FORM2, BASELINE = "diffusevae-form2", "ddpm-uncond"
@@ -84,9 +84,8 @@ def markdown(r: dict) -> str:
              "|---|---:|---:|---:|---:|"]
     for row in cmp_["rows"]:
         what = "VAE alone (x̂)" if row["sampler"] == "vae" else row["sampler"]
-        fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append(f"| {what} | {row['steps'] or '–'} | {fmt(row['fid_normal'])} | "
-                     f"{fmt(row['fid_expde'])} | {fmt(row['fid_baseline'])} |")
+        fids = [fmt(row[k], none="–") for k in ("fid_normal", "fid_expde", "fid_baseline")]
+        lines.append(f"| {what} | {row['steps'] or '–'} | " + " | ".join(fids) + " |")
     same = all(c["equal"] for c in cmp_["reproduces_b1"])
     lines += ["", "The N(0, I) cells " + (
         "reproduce the FIDs B1 recorded for its form2 model exactly: this is the model B1 "

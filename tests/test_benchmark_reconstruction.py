@@ -81,12 +81,16 @@ def test_ssim_of_a_checkerboard_and_its_negative():
 @pytest.mark.benchmark_smoke
 def test_reconstruction_benchmark_smoke(trained_run, tmp_path):
     committed = {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("reconstruction*")}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke",
-         "--run", str(trained_run), "--out", str(tmp_path / "out"), "--threads", "1",
-         "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, env=env, timeout=300)
+    def smoke(out: str) -> subprocess.CompletedProcess:
+        """The smoke run into tmp_path/out, its batches kept in tmp_path/work."""
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke",
+             "--run", str(trained_run), "--out", str(tmp_path / out), "--threads", "1",
+             "--work", str(tmp_path / "work")],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=300)
+
+    proc = smoke("out")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("reconstruction*")} == committed
     out = tmp_path / "out"
@@ -116,11 +120,7 @@ def test_reconstruction_benchmark_smoke(trained_run, tmp_path):
     assert [p.name for p in (key / "invert_5_fp").iterdir()] == ["000000-4.npz"]
     for p in (key / "invert_5_fp").iterdir():
         p.unlink()
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "reconstruction.py"), "--smoke",
-         "--run", str(trained_run), "--out", str(tmp_path / "again"), "--threads", "1",
-         "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, env=env, timeout=300)
+    again = smoke("again")
     assert again.returncode == 0, again.stderr[-3000:]
     r2 = json.loads((tmp_path / "again" / "reconstruction.json").read_text())
     assert r2["batches_from_earlier_runs"] == len(r["methods"]) - 1

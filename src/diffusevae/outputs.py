@@ -76,7 +76,7 @@ from .images import to_uint8
 from .latents import MODES, check_lambdas, edit_latents, find_direction, interpolation_frames
 from .latents import load_directions, slug
 from .pipeline import DiffuseVAE, Generation, Inversion, check_decodes_inversion, check_finite
-from .prior import checked_mixture, load_run_prior
+from .prior import run_mixture
 from .run import RunFolder, output_folder
 
 GRID_SIZE = 64  # images in grid.png
@@ -307,8 +307,7 @@ def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None
     the same seed, i and prior."""
     run = RunFolder(run_dir)
     vae = run.load_vae(device)
-    mixture = checked_mixture(prior, load_run_prior(run.root) if prior == "gmm" else None,
-                              vae.config.z_dim)
+    mixture = run_mixture(run.root, prior, vae.config.z_dim)
     out_dir = run.output_dir("sample-vae", out_dir)
     with output_folder(out_dir, "sample-vae", overwrite):
         first: list[np.ndarray] = []

@@ -228,6 +228,12 @@ def load_mixture(folder: str | Path) -> tuple[GaussianMixture, dict]:
                               "with `diffusevae fit-prior`") from None
 
 
+def run_mixture(run_dir: str | Path, prior: str, z_dim: int) -> GaussianMixture | None:
+    """The run's mixture that ``prior`` names (None for "normal"; read only for "gmm"),
+    checked against the VAE's z (`checked_mixture`)."""
+    return checked_mixture(prior, load_run_prior(run_dir) if prior == "gmm" else None, z_dim)
+
+
 def load_run_prior(run_dir: str | Path) -> GaussianMixture | None:
     """The run's fitted mixture (``RUN/prior``), or None; warns if the VAE changed since."""
     run = RunFolder(run_dir)

@@ -25,7 +25,7 @@ from .data import IMAGE_EXTENSIONS, USER_IMAGES, build_dataset, load_image
 from .errors import DataError, EvaluationError
 from .images import to_uint8
 from .pipeline import DiffuseVAE, check_finite
-from .prior import checked_mixture, load_run_prior
+from .prior import run_mixture
 from .run import RunFolder
 
 Batches = Iterator[np.ndarray]  # uint8 (B, H, W, C)
@@ -221,8 +221,7 @@ def vae_source(run_dir: str | Path, n: int, seed: int = 0, batch_size: int = 64,
     `prior` ("normal", or "gmm": the run's Ex-PDE mixture)."""
     vae = RunFolder(run_dir).load_vae(device, use_ema)
     c = vae.config
-    mixture = checked_mixture(prior, load_run_prior(run_dir) if prior == "gmm" else None,
-                              c.z_dim)
+    mixture = run_mixture(run_dir, prior, c.z_dim)
 
     def read(ks: range) -> Batches:
         with torch.inference_mode():
