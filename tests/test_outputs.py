@@ -63,6 +63,44 @@ def test_refine_to_folder_keeps_names_and_holds_the_refined_images(trained_run, 
     assert (record["n"], record["seed"], record["start_step"]) == (3, 3, None)
 
 
+def test_refine_streams_each_batch_to_disk_before_the_next(trained_run, tmp_path,
+                                                           monkeypatch):
+    """A folder is refined batch by batch: a failure in the third batch leaves the first two
+    batches' images written (the same pixels as a run in one batch), and the input images of
+    the third batch are never read."""
+    _write_pngs(tmp_path / "coarse", 7)
+    s = SampleConfig(steps=2, batch_size=7, seed=3)
+    refine_to_folder(trained_run, tmp_path / "coarse", s, tmp_path / "whole", progress=False)
+    real, calls = DiffuseVAE.refine_images, []
+
+    def failing_third(self, x, *args, **kw):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise RuntimeError("out of memory in batch 3")
+        return real(self, x, *args, **kw)
+
+    monkeypatch.setattr(DiffuseVAE, "refine_images", failing_third)
+    with pytest.raises(RuntimeError, match="batch 3"):
+        refine_to_folder(trained_run, tmp_path / "coarse", SampleConfig(steps=2, batch_size=2,
+                         seed=3), tmp_path / "out", progress=False)
+    assert calls == [2, 2, 2]
+    written = sorted(f.name for f in (tmp_path / "out" / "images").glob("*.png"))
+    assert written == ["im0.png", "im1.png", "im2.png", "im3.png"]
+    for name in written:  # noise of (seed, i): the same images as in one batch
+        assert np.array_equal(_png(tmp_path / "out" / "images" / name),
+                              _png(tmp_path / "whole" / "images" / name))
+
+
+def test_reconstruct_grid_holds_the_first_images_only(trained_run, tmp_path):
+    """Every reconstruction is written, and grid.png shows the first 64 (input | VAE)."""
+    reconstruct_to_folder(trained_run, SampleConfig(n=70, batch_size=32), tmp_path / "r",
+                          refine=False, progress=False)
+    assert len(list((tmp_path / "r" / "images").glob("*.png"))) == 70
+    reconstruct_to_folder(trained_run, SampleConfig(n=64, batch_size=64), tmp_path / "r64",
+                          refine=False, progress=False)
+    assert np.array_equal(_png(tmp_path / "r" / "grid.png"), _png(tmp_path / "r64" / "grid.png"))
+
+
 def test_reconstruct_to_folder_without_the_refiner_writes_the_vaes_reconstructions(
         trained_run, tmp_path):
     written = reconstruct_to_folder(trained_run, SampleConfig(n=3), tmp_path / "r",

@@ -51,7 +51,7 @@ def tour_to_folder(model_dir: str | Path = SHIPPED_MODEL, out_dir: str | Path = 
     examples = run.root / EXAMPLES_DIR
     recon = reconstruct_to_folder(run, replace(FAST, n=16), out / "reconstructions",
                                   input_dir=examples if examples.is_dir() else None,
-                                  device=device, overwrite=True)
+                                  device=device, overwrite=True, progress=progress)
     interp = interpolate_to_folder(run, replace(FAST, n=1), out / "interpolation", frames=8,
                                    prior=prior, device=device, overwrite=True)
     parts = [f"{samples.folder / 'stages.png'}", f"{recon.folder / 'grid.png'}",
@@ -79,7 +79,8 @@ def train_to_folder(run_dir: str | Path | None = None, preset: str = "digits",
     # resume=True: a second demo continues (or just reuses) the first one's run
     train_vae(cfg, run, resume=True, progress=progress)
     train_refiner(cfg, run, resume=True, progress=progress)
-    recon = reconstruct_to_folder(run, SampleConfig(n=32), device=device, overwrite=True)
+    recon = reconstruct_to_folder(run, SampleConfig(n=32), device=device, overwrite=True,
+                                  progress=progress)
     samples = sample_to_folder(run, SampleConfig(n=64, steps=10), device=device,
                                show_stages=True, progress=progress, overwrite=True)
     return Written(run.root, f"demo done in {time.time() - t0:.0f} s: see "

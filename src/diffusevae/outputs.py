@@ -32,7 +32,8 @@ line naming the first. A folder that already holds files is refused unless ``ove
 or ``resume`` (`sample`): a shorter run can never leave an earlier run's images beside its own.
 
 Sampling streams batches to disk, and draws them one at a time, so memory holds one batch
-whatever ``n`` is. Resuming (``resume=True``, ``sample --resume``): after each batch its rows
+whatever ``n`` is; so do ``reconstruct`` and ``refine`` with the images they are given
+(`_stream`). Resuming (``resume=True``, ``sample --resume``): after each batch its rows
 are flushed to the memory-mapped parts of the `.npz` and then ``sampling.json`` (settings,
 environment, ``done``: samples on disk, ``complete``) is rewritten atomically. A killed run
 resumes at index ``done`` with the same batches, so its images equal those of an
@@ -386,90 +387,143 @@ def _load_latents(pipe: DiffuseVAE, path: str | Path,
     return inv, sample
 
 
+def _stream(dataset, n: int, batch_size: int, device: str | torch.device, out_dir: Path,
+            step: Callable[[torch.Tensor, int], dict[str, torch.Tensor]], desc: str,
+            names: Sequence[str] | None = None, progress: bool = True) -> list[torch.Tensor]:
+    """Run ``step(batch, first_index) -> {folder: images}`` over the first `n` images of
+    `dataset`, one batch at a time: each batch is loaded, computed and its images written to
+    ``out_dir/folder/`` (``000123.png`` by index, or ``NAME.png`` from `names`) before the next
+    is loaded, so memory holds one batch whatever `n` is, and a stopped run keeps every image it
+    finished. Returns the grid's columns: the inputs, then each folder's images, of the first
+    `GRID_SIZE` images."""
+    grid: dict[str, list[torch.Tensor]] = {}
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for first in range(0, n, batch_size):
+            rows = range(first, min(n, first + batch_size))
+            x = torch.stack([dataset[i][0] for i in rows]).to(device)
+            made = step(x, first)
+            for folder, images in made.items():
+                if names is None:
+                    save_pngs(to_uint8(images), out_dir / folder, first)
+                else:
+                    for i, img in zip(rows, to_uint8(images)):
+                        save_png(img, out_dir / folder / f"{names[i]}.png")
+            if first < GRID_SIZE:
+                for column, images in {"input": x, **made}.items():
+                    grid.setdefault(column, []).append(images[:GRID_SIZE - first].cpu())
+            bar.update(len(rows))
+    return [torch.cat(parts) for parts in grid.values()]
+
+
 def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
                           out_dir: str | Path | None = None, input_dir: str | Path | None = None,
                           refine: bool | None = None, start_step: int | None = None,
                           convert_channels: bool = False, device: str | torch.device = "cpu",
                           invert: InvertConfig | None = None,
                           save_latents: bool = False,
-                          overwrite: bool = False) -> Written:
+                          overwrite: bool = False, progress: bool = True) -> Written:
     """Encode ``sample.n`` images (of `input_dir`, else the run's test split) and decode them
     with the VAE; with the refiner (``refine``, default: when the run has one) refine x_hat
     too, from fresh noise or from the input noised to `start_step` (`reconstruct`). With
     ``invert`` also invert them and decode the inverted latents (inverted/, the last column of
-    grid.png), and with ``save_latents`` write those latents to latents.npz."""
+    grid.png), and with ``save_latents`` write those latents to latents.npz. Batches stream to
+    disk (`_stream`); grid.png shows the first `GRID_SIZE` images."""
     run = RunFolder(run_dir)
     refine = run.has_refiner() if refine is None else refine
     _check_inverting(invert, save_latents, True, sample)
     if invert is not None and not refine:
         raise ConfigError("--invert decodes with the refiner: use a run that has one, without "
                           "--no-refine")
-    vae = None if refine else run.load_vae(device)
     data = run.training_data(images_only=bool(input_dir))
     if input_dir:  # the same loading and channel check as `refine` and `edit`
         dataset = open_image_folder(input_dir, data.image_size, data.channels,
                                     convert=convert_channels)
     else:
         dataset = build_dataset(data, "test" if data.dataset != "folder" else "train")
-    x = torch.stack([dataset[i][0] for i in range(min(sample.n, len(dataset)))]).to(device)
+    sample = replace(sample, n=min(sample.n, len(dataset)))
+    if refine:
+        pipe = _pipeline(run, sample, torch.device(device))
+        step = _Reconstructing(pipe, sample, start_step, invert, save_latents)
+        what = step.legend
+    else:
+        vae = run.load_vae(device)
+
+        def step(x: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
+            with torch.inference_mode():
+                return {"images": check_finite(vae.reconstruct(x), "VAE reconstructions",
+                                               {"VAE": vae}, run.root)}
+        what = "input | VAE"
     out_dir = run.output_dir("reconstruct", out_dir)
     with output_folder(out_dir, "reconstruct", overwrite):
-        if not refine:
-            with torch.inference_mode():
-                recon = check_finite(vae.reconstruct(x), "VAE reconstructions", {"VAE": vae},
-                                     run.root)
-            save_pngs(to_uint8(recon), out_dir / "images")
-            save_grid(side_by_side(x, recon), out_dir / "grid.png", nrow=8, scale=2)
-            return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} "
-                                    "(grid.png: input | VAE)")
-        sample = replace(sample, n=len(x))
-        pipe = _pipeline(run, sample, torch.device(device))
-        out = _in_batches(lambda xb, i: pipe.reconstruct(xb, sample, start_step, i), x,
-                          sample.batch_size)
-        save_pngs(to_uint8(out.images), out_dir / "images")
-        save_pngs(to_uint8(out.x_hat), out_dir / "x_hat")
-        columns, what = [x, out.x_hat, out.images], "input | VAE x_hat | refined"
-        if invert is not None:
-            inv, settings = _inverted(pipe, x, sample, invert)
-            inverted = _decoded(pipe, inv, settings).images
-            save_pngs(to_uint8(inverted), out_dir / "inverted")
-            columns.append(inverted)
-            what += f" | inverted ({invert.steps} steps)"
-            if save_latents:
-                inv.save(out_dir / "latents.npz", settings, run=str(run), invert=dataclasses.asdict(
-                    invert), input=None if input_dir is None else str(input_dir))
+        columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, step,
+                          "reconstruct", progress=progress)
         save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=4 * len(columns), scale=2)
+        summary = f"{sample.n} reconstructions written to {out_dir} (grid.png: {what})"
+        if not refine:
+            return Written(out_dir, summary)
+        if save_latents:
+            latents, settings = step.latents()
+            latents.save(out_dir / "latents.npz", settings, run=str(run), invert=dataclasses.asdict(
+                invert), input=None if input_dir is None else str(input_dir))
+            summary += "; latents.npz: z and y_T"
         _write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step,
                       invert=None if invert is None else dataclasses.asdict(invert))
-        return Written(out_dir, f"{len(x)} reconstructions written to {out_dir} (grid.png: {what})"
-                                + ("; latents.npz: z and y_T" if invert and save_latents else ""))
+        return Written(out_dir, summary)
+
+
+class _Reconstructing:
+    """What `reconstruct` computes of one batch with the refiner (a `_stream` step): x_hat and
+    the refined images, and with ``invert`` the inverted reconstruction. With ``keep_latents``
+    it keeps each batch's inverted latents for `latents`."""
+
+    def __init__(self, pipe: DiffuseVAE, sample: SampleConfig, start_step: int | None,
+                 invert: InvertConfig | None, keep_latents: bool):
+        self.pipe, self.sample, self.start_step, self.invert = pipe, sample, start_step, invert
+        self.decoding = None if invert is None else replace(sample, steps=invert.steps)
+        self.kept: list[Inversion] | None = [] if keep_latents else None
+        self.legend = "input | VAE x_hat | refined" + (
+            "" if invert is None else f" | inverted ({invert.steps} steps)")
+
+    def __call__(self, x: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
+        out = self.pipe.reconstruct(x, self.sample, self.start_step, first)
+        images = {"x_hat": out.x_hat, "images": out.images}
+        if self.invert is not None:
+            inv = self.pipe.invert(x, self.decoding, self.invert.fixed_point, self.invert.tol)
+            images["inverted"] = self.pipe.decode_latents(inv.z, inv.y_T, self.decoding,
+                                                          first).images
+            if self.kept is not None:
+                self.kept.append(Inversion(inv.y_T.cpu(), None if inv.z is None else inv.z.cpu()))
+        return images
+
+    def latents(self) -> tuple[Inversion, SampleConfig]:
+        """The inverted latents of every batch so far, and the settings that decode them."""
+        z = None if self.kept[0].z is None else torch.cat([k.z for k in self.kept])
+        return Inversion(torch.cat([k.y_T for k in self.kept]), z), self.decoding
 
 
 def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleConfig,
                      out_dir: str | Path | None = None, start_step: int | None = None,
                      convert_channels: bool = False,
                      device: str | torch.device = "cpu",
-                     overwrite: bool = False) -> Written:
+                     overwrite: bool = False, progress: bool = True) -> Written:
     """Refine every image of `input_dir`, resized to the model's size and taken as x_hat
     (a z-conditioned refiner gets z = mu(x_hat)); from fresh noise, or from the image noised
-    to `start_step` (`refine`). ``sample.n`` is ignored: every image is refined."""
+    to `start_step` (`refine`). ``sample.n`` is ignored: every image is refined, batch by batch
+    straight to disk (`_stream`); grid.png shows the first `GRID_SIZE`."""
     run = RunFolder(run_dir)
     pipe = _pipeline(run, sample, torch.device(device))
     c, s, _ = pipe.image_shape
     dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
-    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    sample = replace(sample, n=len(x))
+    sample = replace(sample, n=len(dataset))
     out_dir = run.output_dir("refine", out_dir)
     with output_folder(out_dir, "refine", overwrite):
-        gen = _in_batches(lambda xb, i: pipe.refine_images(xb, sample, start_step=start_step,
-                                                           first_index=i), x, sample.batch_size)
-        for name, img in zip(dataset.output_names, to_uint8(gen.images)):
-            save_png(img, out_dir / "images" / f"{name}.png")  # names that never meet
-        save_grid(side_by_side(x[:GRID_SIZE], gen.images[:GRID_SIZE]), out_dir / "grid.png",
-                  nrow=8, scale=2)
+        columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, lambda x, i: {
+            "images": pipe.refine_images(x, sample, start_step=start_step, first_index=i).images},
+            "refine", dataset.output_names, progress)  # names that never meet
+        save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=8, scale=2)
         _write_record(out_dir / "refine.json", sample, run=str(run), input=str(input_dir),
                       start_step=start_step, convert_channels=convert_channels)
-        return Written(out_dir, f"{len(x)} refined images written to {out_dir} "
+        return Written(out_dir, f"{sample.n} refined images written to {out_dir} "
                                 "(grid.png: input | refined)")
 
 
