@@ -28,6 +28,7 @@ from .checkpoint import PretrainedMixin
 from .config import DataConfig, to_dict
 from .data import build_dataset
 from .errors import ConfigError
+from .training_loop import StepBatches
 
 CLASSIFIER_KIND = "classifier"
 
@@ -125,8 +126,6 @@ def train_classifier(data: DataConfig, out: str | Path, steps: int = 1500,
                      cfg: ClassifierConfig | None = None, device: str | torch.device = "cpu",
                      progress: bool = True) -> tuple[Classifier, dict]:
     """Train on `data`'s train split, measure test accuracy, write the folder `out`."""
-    from .train import StepBatches
-
     train_set = build_dataset(data, "train")
     if data.dataset == "folder":
         raise ConfigError("a classifier needs labels, and a folder of images has none; use a "
