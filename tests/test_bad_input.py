@@ -254,7 +254,7 @@ def test_truncated_and_corrupt_images_are_skipped_or_refused(trained_run, tmp_pa
     with pytest.warns(UserWarning, match=r"skipped 2 .*corrupt.jpg, truncated.png"):
         assert run("reconstruct", "--run", trained_run, "--input", folder, "--n", "4",
                    "--out", tmp_path / "rec", "--no-refine") == 0
-    assert [p.name for p in (tmp_path / "rec" / "images").iterdir()] == ["000000.png"]
+    assert [p.name for p in (tmp_path / "rec" / "images").iterdir()] == ["good.png"]
     (folder / "good.png").unlink()
     with pytest.warns(UserWarning):
         assert_user_error(capsys, ["reconstruct", "--run", trained_run, "--input", folder],

@@ -100,4 +100,4 @@ def test_reconstruct_input_checks_channels_like_refine(trained_run, tmp_path, ca
     assert "--convert-channels" in capsys.readouterr().err
     assert run("reconstruct", "--run", trained_run, "--input", pics, "--no-refine",
                "--convert-channels", "--out", tmp_path / "o") == 0
-    assert (tmp_path / "o" / "images" / "000000.png").is_file()
+    assert (tmp_path / "o" / "images" / "red.png").is_file()

@@ -330,7 +330,7 @@ def test_reconstruct_invert_writes_the_inverted_images_and_their_latents(inverte
     want = pipe.decode_latents(inv.z, inv.y_T, replace(INV_SETTINGS, n=3)).images
     fresh = pipe.reconstruct(x, SampleConfig(n=3, steps=3))
     for i in range(3):
-        assert np.array_equal(_png(rec / "inverted" / f"{i:06d}.png"), to_uint8(want)[i, ..., 0])
+        assert np.array_equal(_png(rec / "inverted" / f"im{i}.png"), to_uint8(want)[i, ..., 0])
     assert np.array_equal(_png(rec / "grid.png"),  # input | x_hat | fresh noise | inverted
                           _grid(side_by_side(x, fresh.x_hat, fresh.images, want), 16,
                                 tmp_path / "g.png"))
@@ -338,6 +338,7 @@ def test_reconstruct_invert_writes_the_inverted_images_and_their_latents(inverte
     assert torch.equal(loaded.y_T, inv.y_T) and torch.equal(loaded.z, inv.z)
     assert meta["decode"]["steps"] == 5 and meta["invert"] == {"steps": 5, "fixed_point": 2,
                                                                "tol": 1e-4}
+    assert meta["names"] == ["im0", "im1", "im2"]  # row i of the latents: the image named so
     assert _psnr(want, x) > _psnr(fresh.images, x) + 10
     assert json.loads((rec / "reconstruct.json").read_text())["invert"]["fixed_point"] == 2
 
@@ -346,7 +347,7 @@ def test_edit_at_lambda_0_with_invert_returns_the_reconstruction(inverted, tmp_p
     run, images, _, rec = inverted
     assert run_cli("edit", "--run", run, "--attribute", "wide", "--lambdas", "0", "--input",
                    images, *INV, "--out", tmp_path / "ed") == 0
-    recon = np.stack([_png(rec / "inverted" / f"{i:06d}.png")[..., None] for i in range(3)])
+    recon = np.stack([_png(rec / "inverted" / f"im{i}.png")[..., None] for i in range(3)])
     assert np.array_equal(_png(tmp_path / "ed" / "wide.png"),
                           _grid(recon, 1, tmp_path / "g.png"))
 

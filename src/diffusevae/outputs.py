@@ -424,7 +424,8 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
                           overwrite: bool = False, progress: bool = True) -> Written:
     """Encode ``sample.n`` images (of `input_dir`, else the run's test split) and decode them
     with the VAE; with the refiner (``refine``, default: when the run has one) refine x_hat
-    too, from fresh noise or from the input noised to `start_step` (`reconstruct`). With
+    too, from fresh noise or from the input noised to `start_step` (`reconstruct`); the images
+    of `input_dir` keep their names, test images are numbered. With
     ``invert`` also invert them and decode the inverted latents (inverted/, the last column of
     grid.png), and with ``save_latents`` write those latents to latents.npz. Batches stream to
     disk (`_stream`); grid.png shows the first `GRID_SIZE` images."""
@@ -455,8 +456,9 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
         what = "input | VAE"
     out_dir = run.output_dir("reconstruct", out_dir)
     with output_folder(out_dir, "reconstruct", overwrite):
+        names = dataset.output_names if input_dir else None  # a user's images keep their names
         columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, step,
-                          "reconstruct", progress=progress)
+                          "reconstruct", names, progress)
         save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=4 * len(columns), scale=2)
         summary = f"{sample.n} reconstructions written to {out_dir} (grid.png: {what})"
         if not refine:
@@ -464,7 +466,8 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
         if save_latents:
             latents, settings = step.latents()
             latents.save(out_dir / "latents.npz", settings, run=str(run), invert=dataclasses.asdict(
-                invert), input=None if input_dir is None else str(input_dir))
+                invert), input=None if input_dir is None else str(input_dir),
+                names=None if names is None else list(names[:sample.n]))
             summary += "; latents.npz: z and y_T"
         _write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step,
                       invert=None if invert is None else dataclasses.asdict(invert))
