@@ -89,6 +89,23 @@ def test_sampling_a_run_without_a_refiner(tmp_path, capsys):
     assert "train-refiner" in capsys.readouterr().err
 
 
+def test_reconstruct_input_takes_every_image_of_the_folder_unless_n_is_given(trained_run,
+                                                                             tmp_path):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(20):  # more than --n's default of 16
+        Image.fromarray(np.full((16, 16), 10 * i, np.uint8)).save(pics / f"p{i:02d}.png")
+    assert run("reconstruct", "--run", trained_run, "--input", pics, "--no-refine",
+               "--out", tmp_path / "all") == 0
+    assert len(list((tmp_path / "all" / "images").glob("*.png"))) == 20
+    assert run("reconstruct", "--run", trained_run, "--input", pics, "--no-refine", "--n", "16",
+               "--out", tmp_path / "some") == 0
+    assert sorted(p.name for p in (tmp_path / "some" / "images").iterdir()) == [
+        f"p{i:02d}.png" for i in range(16)]
+    assert run("reconstruct", "--run", trained_run, "--no-refine", "--out", tmp_path / "test") == 0
+    assert len(list((tmp_path / "test" / "images").glob("*.png"))) == 16  # test images: --n
+
+
 def test_reconstruct_input_checks_channels_like_refine(trained_run, tmp_path, capsys):
     pics = tmp_path / "rgb"
     pics.mkdir()

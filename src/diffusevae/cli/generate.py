@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from ..limits import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
 from ..distributed import processes
@@ -70,7 +71,8 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
 @start_step_option
 @convert_option
 @inversion_options()
-@sampling_options(n=16)
+@sampling_options(n=16, n_help="How many images: the first N test images, or of --input DIR "
+                               "(given --input, every image of it unless --n is given).")
 @overwrite_option
 def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bool | None,
                 start_step: int | None, convert_channels: bool, device: str,
@@ -80,6 +82,9 @@ def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bo
     --n: the number of images. --invert adds the inverted reconstruction (inverted/, the last
     column of the grid)."""
     invert = invert_config(kw)
+    if input_dir and click.get_current_context().get_parameter_source("n") is \
+            ParameterSource.DEFAULT:
+        kw["n"] = MAX_SAMPLES  # a folder of one's own images: all of them, as refine and edit
     written = reconstruct_to_folder(run_dir, sample_config(kw), out, input_dir, refine,
                                     start_step, convert_channels, device_of(device), invert,
                                     save_latents, overwrite)

@@ -147,10 +147,11 @@ def speed_options(fn):
     return fn
 
 
-def sampling_options(n: int | None = 64, seed: bool = True):
+def sampling_options(n: int | None = 64, seed: bool = True, n_help: str = "Number of samples."):
     """The sampling flags (one per `SampleConfig` field) and --device, for every command that
     samples or refines; ``n``: the default of --n (None: no --n, the command counts its own
-    images); ``seed``: whether the command takes --seed. `sample_config` reads them back."""
+    images), ``n_help`` its help; ``seed``: whether the command takes --seed. `sample_config`
+    reads them back."""
     def decorate(fn):
         options = [
             click.option("--steps", type=count(MAX_TIMESTEPS), default=10, show_default=True,
@@ -186,7 +187,7 @@ def sampling_options(n: int | None = 64, seed: bool = True):
                                            help="Seed of the noise (image i: (seed, i))."))
         if n is not None:
             options.insert(0, click.option("--n", type=count(MAX_SAMPLES), default=n,
-                                           show_default=True, help="Number of samples."))
+                                           show_default=True, help=n_help))
         for option in reversed(options):
             fn = option(fn)
         return fn
