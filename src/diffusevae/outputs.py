@@ -435,6 +435,9 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
     if invert is not None and not refine:
         raise ConfigError("--invert decodes with the refiner: use a run that has one, without "
                           "--no-refine")
+    # the model first: a run without one is told what to train before its data are looked for
+    pipe = _pipeline(run, sample, torch.device(device)) if refine else None
+    vae = None if refine else run.load_vae(device)
     data = run.training_data(images_only=bool(input_dir))
     if input_dir:  # the same loading and channel check as `refine` and `edit`
         dataset = open_image_folder(input_dir, data.image_size, data.channels,
@@ -443,12 +446,9 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
         dataset = build_dataset(data, "test" if data.dataset != "folder" else "train")
     sample = replace(sample, n=min(sample.n, len(dataset)))
     if refine:
-        pipe = _pipeline(run, sample, torch.device(device))
         step = _Reconstructing(pipe, sample, start_step, invert, save_latents)
         what = step.legend
     else:
-        vae = run.load_vae(device)
-
         def step(x: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
             with torch.inference_mode():
                 return {"images": check_finite(vae.reconstruct(x), "VAE reconstructions",
