@@ -131,8 +131,7 @@ def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | P
     run = RunFolder(run_dir)
     out_dir = run.output_dir("sample", out_dir)
     pipe = _pipeline(run, sample, procs.device)  # fails before anything is written
-    if prior != "normal":
-        pipe.draw_z([], prior)  # as does a missing prior
+    pipe.check_prior(prior)  # as does a missing prior
     settings = {
         **dataclasses.asdict(sample),
         "run": str(run),

@@ -476,6 +476,13 @@ class DiffuseVAE:
     # ---- generation -------------------------------------------------------------------------
 
     @torch.inference_mode()
+    def check_prior(self, prior: str, no_z_ok: bool = False) -> None:
+        """Refuse, before any work, a prior of z this pipeline cannot draw from: "gmm" without a
+        fitted mixture, or without a VAE unless ``no_z_ok`` (a sweep or an evaluation that
+        includes the DDPM baseline, which draws no z whatever the prior)."""
+        if prior != "normal" and not (no_z_ok and self.vae is None):
+            self.draw_z([], prior)
+
     def draw_z(self, generators: list[torch.Generator], prior: str = "normal") -> torch.Tensor:
         """(B, z_dim) latents from the prior, row b from ``generators[b]`` ("normal" or "gmm")."""
         vae = self._need_vae("a latent z")
@@ -493,8 +500,7 @@ class DiffuseVAE:
 
         ``prior``: z ~ N(0, I) ("normal") or the fitted Ex-PDE mixture ("gmm").
         """
-        if prior != "normal":
-            self.draw_z([], prior)  # fail before the first batch if there is no such prior
+        self.check_prior(prior)  # fail before the first batch if there is no such prior
         for first in range(start, sample.n, sample.batch_size):
             indices = range(first, min(first + sample.batch_size, sample.n))
             yield first, self.generate_batch(sample, indices, callback, prior)

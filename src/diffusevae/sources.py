@@ -200,8 +200,7 @@ def run_source(run_dir: str | Path, sample: SampleConfig, device: torch.device |
     the run's Ex-PDE mixture)."""
     pipe = pipe or DiffuseVAE.from_pretrained(run_dir, use_ema=sample.use_ema, device=device)
     sample.validate(pipe.diffusion.timesteps)
-    if prior != "normal" and pipe.vae is not None:  # (a run without a VAE draws no z)
-        pipe.draw_z([], prior)  # no such prior: refused now, not after the reference
+    pipe.check_prior(prior, no_z_ok=True)  # refused now, not after the reference
     c, h, w = pipe.image_shape
 
     def read(ks: range) -> Batches:

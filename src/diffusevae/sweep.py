@@ -75,8 +75,7 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
             replace(base, n=n, sampler=sampler, steps=s).validate()
     pipes = [DiffuseVAE.from_pretrained(r, use_ema=base.use_ema, device=device) for r in runs]
     for pipe in pipes:  # a run without the prior is refused before any sampling
-        if prior != "normal" and pipe.vae is not None:  # (the baseline has no z to draw)
-            pipe.draw_z([], prior)
+        pipe.check_prior(prior, no_z_ok=True)
     shapes = {p.image_shape for p in pipes}
     if len(shapes) > 1:
         raise EvaluationError(f"the runs make images of different shapes {sorted(shapes)}; "
