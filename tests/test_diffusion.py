@@ -337,6 +337,38 @@ def test_training_loss_is_the_eps_mse_of_what_the_network_sees(name):
     assert 0.5 < loss.item() < 1.5  # a standard normal's second moment
 
 
+@pytest.mark.parametrize("gamma", [0.5, 5.0])
+def test_min_snr_loss_weights_each_samples_eps_error_by_min_snr_gamma_over_snr(gamma):
+    """Hang et al. 2023 for eps-prediction: w_t = min(SNR_t, gamma) / SNR_t, SNR = abar/(1-abar),
+    each sample's mean squared eps error weighted by its own t's w."""
+    form = get_formulation("form2")
+    x0, x_hat, z = _batch(dtype=torch.float64)
+    spy = Spy()
+    loss = training_loss(spy, SCHEDULE, form, x0, x_hat, None, min_snr_gamma=gamma,
+                         generator=torch.Generator().manual_seed(3))
+    (x_in, t, _), = spy.calls
+    abar = torch.from_numpy(NP_ABAR)[t]
+    snr = abar / (1 - abar)
+    w = torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+    y_t, y0 = x_in[:, :C] - x_hat, x0 - x_hat
+    a = abar.reshape(-1, 1, 1, 1)
+    eps = (y_t - a.sqrt() * y0) / (1 - a).sqrt()
+    expected = (w * eps.pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    unweighted = training_loss(Spy(), SCHEDULE, form, x0, x_hat, None,
+                               generator=torch.Generator().manual_seed(3))
+    assert loss.item() < unweighted.item()  # every weight <= 1, some < 1 at these t
+
+
+def test_min_snr_weights_keep_the_noisy_steps_and_lower_the_clean_ones():
+    from diffusevae.diffusion import min_snr_weights
+    t = torch.tensor([0, 10, 100, 500, 999])
+    w = min_snr_weights(SCHEDULE, t, 5.0)
+    snr = NP_ABAR[t.numpy()] / (1 - NP_ABAR[t.numpy()])
+    assert w.numpy() == pytest.approx(np.minimum(snr, 5.0) / snr, rel=1e-6)
+    assert w[-1] == 1.0 and w[0] < 1e-3  # SNR(999) << 5; SNR(0) ~ 1e4
+
+
 def test_p_uncond_one_drops_all_conditioning_but_not_the_shift():
     x0, x_hat, z = _batch(dtype=torch.float64)
     spy = Spy()

@@ -1,5 +1,6 @@
 """The training loops: exact resume, interruption, numerical faults, run-folder errors."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,41 @@ def test_out_of_memory_in_any_command_says_to_lower_the_batch_size(trained_run, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == ("error: CUDA out of memory. Tried to allocate 2.00 GiB; lower "
                                  "--batch-size and run again"), err
+
+
+# --------------------------------------------------------------------------------------------
+# The learning-rate schedule and the loss weighting (docs/method.md#training-recipe)
+# --------------------------------------------------------------------------------------------
+
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step():
+    from diffusevae.config import TrainConfig
+    from diffusevae.training_loop import learning_rate
+
+    def lrs(schedule: str) -> list[float]:
+        tc = TrainConfig(lr=2.0, warmup_steps=4, lr_schedule=schedule)
+        return [learning_rate(tc, s, 14) for s in range(14)]
+
+    for schedule in ("constant", "cosine", "linear"):  # the warm-up is the same for all
+        assert lrs(schedule)[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert lrs("constant")[4:] == pytest.approx([2.0] * 10)
+    # after the warm-up, 10 steps: the fraction left goes 1, 0.9, ..., 0.1 (0 after the last)
+    left = [1 - k / 10 for k in range(10)]
+    assert lrs("linear")[4:] == pytest.approx([2.0 * f for f in left])
+    assert lrs("cosine")[4:] == pytest.approx([1.0 - math.cos(math.pi * f) for f in left])
+    assert all(a > b for a, b in zip(lrs("cosine")[4:], lrs("cosine")[5:]))
+
+
+def test_a_decaying_schedule_is_what_the_trained_run_logs(tmp_path):
+    cfg = tiny_config(**{"train_vae.steps": 6, "train_vae.warmup_steps": 0,
+                         "train_vae.log_every": 1, "train_vae.lr_schedule": "linear",
+                         "train_vae.lr": 1e-3})
+    train_vae(cfg, tmp_path, progress=False)
+    header, *rows = (tmp_path / "vae" / "log.csv").read_text().strip().splitlines()
+    column = header.split(",").index("lr")
+    logged = [float(r.split(",")[column]) for r in rows]
+    assert logged == pytest.approx([1e-3 * (1 - k / 6) for k in range(6)], rel=1e-4)
+
+
+def test_an_unknown_schedule_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match="train_vae.lr_schedule|train.lr_schedule.*cosine"):
+        tiny_config(**{"train_vae.lr_schedule": "step"})

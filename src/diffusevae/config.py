@@ -25,7 +25,7 @@ from typing import Any
 from . import names
 from .errors import ConfigError, quote
 from .limits import (MAX_BATCH, MAX_EPOCHS, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE,
-                     MAX_IMAGE_SIZE, MAX_LEVELS, MAX_LR, MAX_MINUTES, MAX_SAMPLES, MAX_STEPS,
+                     MAX_IMAGE_SIZE, MAX_LEVELS, MAX_LR, MAX_MINUTES, MAX_SAMPLES, MAX_SNR_GAMMA, MAX_STEPS,
                      MAX_TEMPERATURE, MAX_TIMESTEPS, MAX_VAE_BLOCKS, MAX_WIDTH, MAX_WORKERS,
                      check_seed,
                      parse_json, parse_yaml, too_big)
@@ -241,6 +241,12 @@ class TrainConfig:
     epochs: int | None = None
     time_limit: float = 0.0  # minutes; stop after the step that passes it (0 = none)
     warmup_steps: int = 0  # linear lr warm-up
+    # after the warm-up: constant, or a cosine / linear decay that reaches 0 at the last step
+    # (`steps`, or `epochs` converted to steps); docs/method.md#training-recipe
+    lr_schedule: str = "constant"
+    # refiner only: weight each timestep's loss by min(SNR, gamma) / SNR (Min-SNR-gamma,
+    # Hang et al. 2023, for eps-prediction); 0 = the simple, unweighted loss of DDPM
+    min_snr_gamma: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     ema_decay: float = 0.0  # 0 = no EMA
     log_every: int = 50
@@ -264,6 +270,9 @@ class TrainConfig:
             _check_positive("train.epochs", self.epochs, most=MAX_EPOCHS)
         _check_positive("train.time_limit", self.time_limit, allow_zero=True, most=MAX_MINUTES)
         _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True, most=MAX_STEPS)
+        _check_choice("train.lr_schedule", self.lr_schedule, names.LR_SCHEDULES)
+        _check_positive("train.min_snr_gamma", self.min_snr_gamma, allow_zero=True,
+                        most=MAX_SNR_GAMMA)
         _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1); got {quote(self.ema_decay)}")

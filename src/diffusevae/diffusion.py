@@ -320,14 +320,26 @@ def make_eps_fn(model: Callable, form: Formulation, x_hat: Tensor | None = None,
     return eps_fn
 
 
+def min_snr_weights(schedule: Schedule, t: Tensor, gamma: float) -> Tensor:
+    """min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t): Min-SNR-gamma
+    weighting of the eps loss (Hang et al. 2023, eq. 9 for eps-prediction). Steps with
+    SNR <= gamma (the noisy ones) keep weight 1; the nearly clean ones, whose eps is hard to
+    see and easy to overfit, weigh less."""
+    ab = schedule.alpha_bar[t.cpu()]
+    snr = ab / (1.0 - ab)
+    return (snr.clamp(max=gamma) / snr).float().to(t.device)
+
+
 def training_loss(model: Callable, schedule: Schedule, form: Formulation, x0: Tensor,
                   x_hat: Tensor | None = None, z: Tensor | None = None, p_uncond: float = 0.0,
-                  generator: torch.Generator | BatchShard | None = None) -> Tensor:
+                  generator: torch.Generator | BatchShard | None = None,
+                  min_snr_gamma: float = 0.0) -> Tensor:
     """The simple loss ||eps - eps_theta(net_input(y_t), t, z)||^2, averaged (DDPM eq. 14).
 
     t ~ U{0..T-1} and eps ~ N(0, I) per sample; with ``p_uncond`` > 0 each sample's
     conditioning (the x_hat channels and z, not the shift) is dropped to zeros with that
     probability, for classifier-free guidance (per sample, not per batch as the official code).
+    With ``min_snr_gamma`` > 0 each sample's squared error is weighted by `min_snr_weights`.
     Random draws come from ``generator`` on its own device, then move to x0's device; a
     `BatchShard` draws them for its rows of a batch split across processes.
     """
@@ -351,7 +363,10 @@ def training_loss(model: Callable, schedule: Schedule, form: Formulation, x0: Te
     y_t = q_sample(schedule, y0, t, eps)
     eps_pred = _call(model, form.net_input(y_t, x_hat, mask), t, z)
     dtype = torch.promote_types(eps_pred.dtype, torch.float32)  # never average in half precision
-    return F.mse_loss(eps_pred.to(dtype), eps.to(dtype))
+    if min_snr_gamma <= 0:
+        return F.mse_loss(eps_pred.to(dtype), eps.to(dtype))
+    per_sample = (eps_pred.to(dtype) - eps.to(dtype)).square().flatten(1).mean(1)  # (B,)
+    return (min_snr_weights(schedule, t, min_snr_gamma).to(dtype) * per_sample).mean()
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .classifier import ClassifierConfig, train_classifier
 from .config import PRESETS, DataConfig, SampleConfig, get_preset
 from .distributed import Processes
 from .errors import EvaluationError
-from .features import Extractor, build_extractor
+from .features import Extractor, build_extractor, record_classifier
 from .images import make_grid, save_png
 from .names import DATASETS
 from .run import RunFolder
@@ -396,8 +396,9 @@ def train_classifier_for(dataset: str | None, run: str | Path | None,
 @dataclass(frozen=True)
 class Scoring:
     """What samples are compared with and in which features: the flags `evaluate` and `sweep`
-    share. ``ref`` None: the test split of the run's dataset; ``classifier`` None: the run's
-    ``classifier/`` when it has one."""
+    share. ``ref`` None: the test split of the run's dataset; ``classifier`` None: the
+    dataset's classifier of record (`features.record_classifier`: Fashion-MNIST), else the
+    run's ``classifier/`` when it has one."""
 
     ref: str | None = None  # DATASET:SPLIT, a statistics .npz, a samples .npz or a folder
     extractor: str = "inception"  # or "classifier"
@@ -413,12 +414,25 @@ class Scoring:
         `run` (None: samples of no known run)."""
         data = reference_data(run, self.data_dir, self.ref)
         classifier = self.classifier
-        if (self.extractor == "classifier" and classifier is None and run is not None
-                and RunFolder(run).has_classifier()):
-            classifier = str(RunFolder(run).classifier_dir)
+        if self.extractor == "classifier" and classifier is None:
+            classifier = self._default_classifier(run, data)
         extractor = build_extractor(self.extractor, inception_weights=self.inception_weights,
                                     classifier=classifier, device=device)
         return self.ref or default_reference(data), data, extractor
+
+    def _default_classifier(self, run: str | Path | None, data: DataConfig | None
+                            ) -> str | None:
+        """The classifier of record of the data's dataset (from the run, else from a
+        DATASET:SPLIT reference), else the run's own ``classifier/``."""
+        dataset = data.dataset if data is not None else (
+            self.ref.split(":")[0] if self.ref and ":" in self.ref else None)
+        record = record_classifier(dataset, data.image_size if data else None,
+                                   data.channels if data else None) if dataset else None
+        if record is not None:
+            return str(record)
+        if run is not None and RunFolder(run).has_classifier():
+            return str(RunFolder(run).classifier_dir)
+        return None
 
 
 def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,

@@ -206,6 +206,26 @@ def classifier_extractor(folder: str | Path, device: str | torch.device = "cpu",
                      {"dataset": dataset, "test_accuracy": meta.get("test_accuracy")})
 
 
+# The classifiers of record: one per dataset, shipped inside the package with a card (its data,
+# seed, test accuracy and digest), so that FIDs in classifier features from any run, machine or
+# install compare (docs/method.md#evaluation). A classifier trained afresh gives another scale.
+RECORD_CLASSIFIERS = {"fashion-mnist": "fashion-mnist-classifier"}
+_RECORD_SHAPES = {"fashion-mnist": (28, 1)}  # (image size, channels) each was trained at
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def record_classifier(dataset: str, image_size: int | None = None,
+                      channels: int | None = None) -> Path | None:
+    """The folder of `dataset`'s classifier of record, or None where it has none (or where the
+    images are not of the size and channels it was trained at)."""
+    if dataset not in RECORD_CLASSIFIERS:
+        return None
+    size, ch = _RECORD_SHAPES[dataset]
+    if (image_size not in (None, size)) or (channels not in (None, ch)):
+        return None
+    return WEIGHTS_DIR / RECORD_CLASSIFIERS[dataset]
+
+
 def build_extractor(name: str, *, inception_weights: str | Path | None = None,
                     classifier: str | Path | None = None,
                     device: str | torch.device = "cpu") -> Extractor:

@@ -39,6 +39,7 @@ MAX_LR = 10.0  # a learning rate beyond it only diverges
 MAX_TEMPERATURE = 10.0  # the initial noise's scale: beyond it the refiner sees no image
 MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 DDPM's variance (Song et al. 2021, eq. 16)
 MAX_GUIDANCE = 100.0  # classifier-free guidance weight w
+MAX_SNR_GAMMA = 1e4  # Min-SNR-gamma: past it every timestep of a linear schedule keeps weight 1
 MAX_FIXED_POINT = 1000  # fixed-point iterations per inversion step (10-20 are plenty)
 MAX_LAMBDA = 100.0  # |lambda| of an edit z + lambda d (1: the whole gap between two groups)
 MAX_LAMBDAS = 64  # lambdas of one edit (the columns of its grids)

@@ -21,6 +21,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")  # samplers.SAMPLERS
 SPACINGS = ("uniform", "trailing", "quad")  # diffusion.respaced_timesteps
 VAR_TYPES = ("fixedlarge", "fixedsmall")  # samplers.ddpm's step variance
 PRECISIONS = ("no", "fp16", "bf16")  # mixed precision of training
+LR_SCHEDULES = ("constant", "cosine", "linear")  # training_loop.learning_rate
 DEVICES = ("auto", "cpu", "cuda", "mps")  # distributed.resolve_device
 
 

@@ -113,7 +113,8 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
                 x_hat = vae.decode(z).clamp(-1, 1)
         loss = training_loss(net, schedule, form, x0, x_hat=x_hat,
                              z=z if unet.config.z_dim else None,
-                             p_uncond=cfg.diffusion.p_uncond, generator=draws)
+                             p_uncond=cfg.diffusion.p_uncond, generator=draws,
+                             min_snr_gamma=tc.min_snr_gamma)
         return {"loss": loss}
 
     def preview(folder: Path, step: int, model: nn.Module) -> None:

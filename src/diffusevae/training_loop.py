@@ -127,6 +127,19 @@ def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:
     return global_batch // parts
 
 
+def learning_rate(tc: TrainConfig, step: int, total: int) -> float:
+    """The lr of step `step` (0-based) of `total`: a linear warm-up over `warmup_steps`, then
+    `lr_schedule`: constant, or a cosine or linear decay from `lr` that reaches 0 after the last
+    step (docs/method.md#training-recipe)."""
+    warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
+    if tc.lr_schedule == "constant" or step < tc.warmup_steps:
+        return tc.lr * warm
+    left = 1.0 - (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)  # 1 -> 1/(n)
+    left = min(1.0, max(0.0, left))
+    decay = left if tc.lr_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
+    return tc.lr * decay
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "no":
         return contextlib.nullcontext()
@@ -158,6 +171,7 @@ class StepContext:
     procs: Processes
     where: BatchRows
     layout: torch.memory_format
+    total_steps: int  # the run's last step: where a decaying lr reaches 0
 
 
 @dataclass(frozen=True)
@@ -183,8 +197,8 @@ def train_step(state: TrainingState, ctx: StepContext, x_local: torch.Tensor,
     state.rng_at_step_start = state.gen.get_state()
     # Dropout draws from the global RNG: a function of (seed, step, process).
     rng.seed_global(tc.seed, rng.STEP, state.step, procs.rank)
-    for group in state.opt.param_groups:  # linear warm-up (docs/method.md)
-        group["lr"] = tc.lr * min(1.0, (state.step + 1) / max(1, tc.warmup_steps))
+    for group in state.opt.param_groups:
+        group["lr"] = learning_rate(tc, state.step, ctx.total_steps)
     try:
         state.opt.zero_grad(set_to_none=True)
         x_local = x_local.to(device, non_blocking=True).contiguous(memory_format=ctx.layout)
@@ -294,7 +308,7 @@ def _plan(tc: TrainConfig, n_images: int, procs: Processes) -> tuple[int, int]:
 
 def _step_context(stage: Stage, model: nn.Module, cfg: Config, tc: TrainConfig,
                   procs: Processes, global_batch: int, micro: int, layout: torch.memory_format,
-                  compile_options: dict | None = None) -> StepContext:
+                  total: int, compile_options: dict | None = None) -> StepContext:
     """Compile the model (in place: the state dict keeps its names) and wrap it for DDP."""
     if tc.compile:
         model.compile(**(compile_options or {}))
@@ -304,7 +318,7 @@ def _step_context(stage: Stage, model: nn.Module, cfg: Config, tc: TrainConfig,
         net = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
     where = BatchRows(global_batch, procs.shard(global_batch), micro)
-    return StepContext(stage, net, cfg, tc, procs, where, layout)
+    return StepContext(stage, net, cfg, tc, procs, where, layout, total)
 
 
 def _loader(dataset: Dataset, tc: TrainConfig, ctx: StepContext, start: int,
@@ -357,7 +371,7 @@ def _fit(stage: Stage, cfg: Config, tc: TrainConfig, folder: Path, dataset: Data
     if main:
         ckpt.atomic_write_json(folder / "train_config.json", to_dict(cfg))
         record_environment(folder, device, tc.seed, state.step, procs.world)
-    ctx = _step_context(stage, state.model, cfg, tc, procs, global_batch, micro, layout)
+    ctx = _step_context(stage, state.model, cfg, tc, procs, global_batch, micro, layout, steps)
     loader = _loader(dataset, tc, ctx, state.step, steps)
     report = _Report(folder, stage.name, tc, main and progress, main, steps, state.step)
     state.model.train()
@@ -400,7 +414,7 @@ def run_steps(stage: Stage, cfg: Config, tc: TrainConfig, dataset: Dataset, proc
     layout = _layout(tc, procs.device)
     state = TrainingState(stage.model.to(procs.device, memory_format=layout), tc, procs.device,
                           keep_ema=procs.is_main)
-    ctx = _step_context(stage, state.model, cfg, tc, procs, global_batch, micro, layout,
+    ctx = _step_context(stage, state.model, cfg, tc, procs, global_batch, micro, layout, n,
                         compile_options)
     state.model.train()
     for x_local, _ in _loader(dataset, tc, ctx, 0, n):

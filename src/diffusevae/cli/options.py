@@ -14,7 +14,7 @@ from ..distributed import resolve_device
 from ..errors import ConfigError
 from ..limits import (MAX_BATCH, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_SAMPLES,
                       MAX_TEMPERATURE, MAX_TIMESTEPS, SEED_MAX)
-from ..names import DATASETS, DEVICES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
+from ..names import DATASETS, DEVICES, LR_SCHEDULES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
 from ..prior import PRIORS
 from ..run import RunFolder
 
@@ -72,7 +72,13 @@ def config_options(fn):
         click.option("--grad-accum", type=int,
                      help="Split each process's share of a step into this many micro-batches "
                           "(less memory; the step is the same)."),
-        click.option("--lr", type=float, help="Adam learning rate."),
+        click.option("--lr", type=float, help="Adam learning rate (the peak, after warm-up)."),
+        click.option("--warmup-steps", type=int, help="Linear lr warm-up over N steps."),
+        click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES),
+                     help="After warm-up: constant, or a decay to 0 at the last step."),
+        click.option("--min-snr-gamma", type=float,
+                     help="Refiner: Min-SNR-gamma loss weighting (e.g. 5); 0 = unweighted."),
+        click.option("--ema-decay", type=float, help="EMA decay of the weights (0 = no EMA)."),
         click.option("--seed", type=int, help="Seed of the run (weights, data order, noise)."),
         click.option("--device", type=click.Choice(DEVICES),
                      help="Where to train (auto: CUDA, then MPS, then the CPU)."),
@@ -103,7 +109,8 @@ def config_options(fn):
     return fn
 
 
-_TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr", "seed", "device",
+_TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr", "warmup_steps",
+                 "lr_schedule", "min_snr_gamma", "ema_decay", "seed", "device",
                  "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
                  "tensorboard", "detect_anomaly", "compile", "channels_last")
 
