@@ -322,3 +322,34 @@ def test_benchmark_smoke(tmp_path):
     assert "`diffusevae-form2-expde`: the same model with z drawn from its Ex-PDE prior" in card
     assert "--prior gmm --show-stages" in card
     assert _files_digest(shipped) == weights  # --card-only wrote the cards alone
+
+
+# --------------------------------------------------------------------------------------------
+# The classifier of record
+# --------------------------------------------------------------------------------------------
+
+def test_the_shipped_classifier_of_record_matches_its_card():
+    from diffusevae.features import record_classifier
+    folder = record_classifier("fashion-mnist")
+    card = (folder / "MODEL.md").read_text()
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert digest in card
+    meta = json.loads((folder / "config.json").read_text())
+    assert f"{100 * meta['test_accuracy']:.2f}%" in card and meta["test_accuracy"] >= 0.9
+    assert record_classifier("digits") is None  # no classifier of record: the run's own
+    assert record_classifier("fashion-mnist", image_size=32) is None  # not its size
+
+
+def test_classifier_features_default_to_the_record_for_fashion_mnist(tmp_path):
+    from diffusevae.evaluation import Scoring
+    from diffusevae.features import record_classifier
+    digest = hashlib.sha256((record_classifier("fashion-mnist") / "model.safetensors")
+                            .read_bytes()).hexdigest()
+    ref, data, extractor = Scoring(ref="fashion-mnist:test", extractor="classifier").resolve(None)
+    assert extractor.weights_sha256 == digest and ref == "fashion-mnist:test"
+    # a named classifier still wins
+    other = tmp_path / "clf"
+    Classifier(ClassifierConfig(width=4)).save_pretrained(other)
+    _, _, named = Scoring(ref="fashion-mnist:test", extractor="classifier",
+                          classifier=str(other)).resolve(None)
+    assert named.weights_sha256 != digest and named.weights_path == str(other)
