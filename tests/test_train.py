@@ -273,3 +273,48 @@ def test_a_decaying_schedule_is_what_the_trained_run_logs(tmp_path):
 def test_an_unknown_schedule_is_refused_naming_the_choices():
     with pytest.raises(ConfigError, match="train_vae.lr_schedule|train.lr_schedule.*cosine"):
         tiny_config(**{"train_vae.lr_schedule": "step"})
+
+
+# --------------------------------------------------------------------------------------------
+# --init-from: another run's or a published model's weights, a fresh optimiser
+# --------------------------------------------------------------------------------------------
+
+def test_init_from_starts_from_the_other_runs_ema_weights_with_a_fresh_optimiser(tmp_path,
+                                                                                   trained_run):
+    import json
+    from diffusevae.train import init_weights
+    from diffusevae.unet import UNet
+    source = _weights(trained_run / "refiner" / "ema.safetensors")
+    from diffusevae.run import load_refiner
+    model, _ = load_refiner(trained_run / "refiner", use_ema=False)
+    model = init_weights(model, "refiner", str(trained_run))
+    _assert_same(source, {k: v for k, v in model.state_dict().items()})
+    run = tmp_path / "tuned"
+    assert run_cli("train-vae", "--run", str(run), "--init-from", str(trained_run),
+                   "--steps", "1", "--quiet") == 0
+    assert run_cli("train-refiner", "--run", str(run), "--init-from", str(trained_run),
+                   "--steps", "2", "--quiet") == 0
+    recorded = json.loads((run / "refiner" / "train_config.json").read_text())
+    assert recorded["train_refiner"]["init_from"] == str(trained_run)
+    state = load_trainer_state(run / "refiner" / TRAINER_STATE_NAME)
+    assert state["step"] == 2  # counted from 0: a fresh optimiser, not the source's
+    # two steps from the source's weights: close to them, not a fresh random network
+    tuned = _weights(run / "refiner" / "model.safetensors")
+    fresh = tmp_path / "fresh"
+    run_cli("train-vae", "--run", str(fresh), "--steps", "1", "--quiet")
+    run_cli("train-refiner", "--run", str(fresh), "--steps", "2", "--quiet",
+            "--set", "unet.base_channels=16")  # the source's architecture, from random
+    untouched = _weights(fresh / "refiner" / "model.safetensors")
+    gap = sum((tuned[k] - source[k]).abs().sum() for k in source)
+    assert gap < sum((untouched[k] - source[k]).abs().sum() for k in source) / 10
+
+
+def test_init_from_a_folder_without_the_stage_or_of_another_shape_is_refused(tmp_path,
+                                                                            trained_run):
+    from diffusevae.train import init_weights
+    from diffusevae.unet import UNet
+    from diffusevae.config import UNetConfig
+    with pytest.raises(ConfigError, match="train.init_from: .* holds no trained refiner"):
+        init_weights(UNet(UNetConfig()), "refiner", str(tmp_path))
+    with pytest.raises(ConfigError, match="train.init_from: .*another architecture"):
+        init_weights(UNet(UNetConfig(base_channels=8)), "refiner", str(trained_run))

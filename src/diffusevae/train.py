@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import CONFIG_NAME, CheckpointError, load_weights
 from .config import Config
 from .data import build_dataset
 from .diffusion import Schedule, get_formulation, training_loss
@@ -23,10 +24,32 @@ from .images import save_grid, side_by_side
 from .pipeline import DiffuseVAE
 from . import rng
 from .rng import BatchShard
-from .run import RunFolder, save_refiner
+from .run import TRAIN_CONFIG_NAME, RunFolder, save_refiner
 from .training_loop import EMA, Stage, StepBatches, fit, total_steps  # noqa: F401 (re-exported)
 from .unet import UNet
 from .vae import VAE
+
+
+def init_weights(model: nn.Module, stage: str, init_from: str | None) -> nn.Module:
+    """`model` with the weights of `stage` in the run or model folder `init_from` (its EMA
+    weights where it has them; the folder of the stage itself may be given too), or as it is
+    when `init_from` is None. A resumed run then loads its own checkpoint over them."""
+    if init_from is None:
+        return model
+    folder = Path(init_from)
+    if (folder / stage / CONFIG_NAME).is_file():
+        folder = folder / stage
+    if not (folder / CONFIG_NAME).is_file():
+        raise ConfigError(f"train.init_from: {init_from} holds no trained {stage} (no "
+                          f"{stage}/{CONFIG_NAME}); name a run or model folder that has one")
+    try:
+        return load_weights(model, folder, use_ema=True)
+    except CheckpointError as exc:
+        raise ConfigError(
+            f"train.init_from: the {stage} in {folder} has another architecture than this "
+            f"run's ({str(exc).split(': ', 1)[-1][:200]}); train with its configuration (its "
+            f"{TRAIN_CONFIG_NAME}), which the training commands take as the base when they "
+            "are given no preset") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,7 +65,7 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
     device = procs.device
     dataset = build_dataset(cfg.data, "train")
     rng.seed_global(tc.seed, rng.INIT)  # the initial weights depend on the seed alone
-    vae = VAE(cfg.vae)
+    vae = init_weights(VAE(cfg.vae), "vae", tc.init_from)
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
 
     def preview(folder: Path, step: int, model: nn.Module) -> None:
@@ -98,7 +121,7 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
         )
     dataset = build_dataset(cfg.data, "train")
     rng.seed_global(tc.seed, rng.INIT)
-    unet = UNet(refiner_unet_config(cfg, vae))
+    unet = init_weights(UNet(refiner_unet_config(cfg, vae)), "refiner", tc.init_from)
     schedule = Schedule.from_config(cfg.diffusion)
     if procs.is_main:
         tqdm.write(unet.summary())

@@ -80,6 +80,9 @@ def config_options(fn):
                      help="Refiner: Min-SNR-gamma loss weighting (e.g. 5); 0 = unweighted."),
         click.option("--ema-decay", type=float, help="EMA decay of the weights (0 = no EMA)."),
         click.option("--seed", type=int, help="Seed of the run (weights, data order, noise)."),
+        click.option("--init-from", type=click.Path(file_okay=False),
+                     help="Start from this stage's weights in another run or a model folder "
+                          "(e.g. models/fashion-mnist), with a fresh optimiser; fine-tuning."),
         click.option("--device", type=click.Choice(DEVICES),
                      help="Where to train (auto: CUDA, then MPS, then the CPU)."),
         click.option("--mixed-precision", type=click.Choice(PRECISIONS),
@@ -110,7 +113,7 @@ def config_options(fn):
 
 
 _TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr", "warmup_steps",
-                 "lr_schedule", "min_snr_gamma", "ema_decay", "seed", "device",
+                 "lr_schedule", "min_snr_gamma", "ema_decay", "seed", "init_from", "device",
                  "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
                  "tensorboard", "detect_anomaly", "compile", "channels_last")
 
@@ -122,10 +125,27 @@ def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None
     base = None
     if preset is None and run.train_config_path("vae").is_file():
         base = run.train_config("vae")  # the run's own data and architecture
+    elif preset is None and kw["init_from"] is not None:
+        base = _init_config(kw["init_from"], section)  # the architecture of the weights
     overrides = {f"data.{k}": kw[k] for k in ("dataset", "data_dir", "download", "hflip")}
     overrides |= {f"{section}.{k}": kw[k] for k in _TRAIN_FIELDS}
     overrides |= extra or {}
     return resolve(preset or "digits", kw["config_file"], overrides, kw["sets"], base=base)
+
+
+def _init_config(init_from: str, section: str) -> Config | None:
+    """The networks the weights of --init-from were trained with (its stage's record), with
+    the training settings of their preset (not that run's steps or time limit), so that a
+    fine-tuning run builds the same networks; None where it records none."""
+    stage = "vae" if section == "train_vae" else "refiner"
+    source = RunFolder(init_from)
+    for name in (stage, "vae"):
+        if source.train_config_path(name).is_file():
+            cfg = source.train_config(name)
+            preset = PRESETS.get(cfg.preset, cfg)
+            return dataclasses.replace(cfg, train_vae=preset.train_vae,
+                                       train_refiner=preset.train_refiner)
+    return None
 
 
 def dry_run(cfg: Config) -> None:
