@@ -56,8 +56,10 @@ class Budget:
     overrides: dict  # for every arm, on top of today's recipe
 
 
-# Today's recipe: what B1's long budget trained the shipped model with.
+# Today's recipe: what B1's long budget trained the shipped model with (every recipe field
+# pinned, so that a preset's later defaults do not move it).
 TODAY = {"train_refiner.lr": 5e-4, "train_refiner.warmup_steps": 200,
+         "train_refiner.lr_schedule": "constant", "train_refiner.min_snr_gamma": 0.0,
          "train_refiner.ema_decay": 0.995, "train_refiner.batch_size": 64,
          "unet.num_res_blocks": 1, "unet.dropout": 0.0}
 
