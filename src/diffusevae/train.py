@@ -37,8 +37,8 @@ def init_weights(model: nn.Module, stage: str, init_from: str | None) -> nn.Modu
     if init_from is None:
         return model
     folder = Path(init_from)
-    if (folder / stage / CONFIG_NAME).is_file():
-        folder = folder / stage
+    if (RunFolder(folder).stage_dir(stage) / CONFIG_NAME).is_file():  # a run, not the stage
+        folder = RunFolder(folder).stage_dir(stage)
     if not (folder / CONFIG_NAME).is_file():
         raise ConfigError(f"train.init_from: {init_from} holds no trained {stage} (no "
                           f"{stage}/{CONFIG_NAME}); name a run or model folder that has one")

@@ -134,8 +134,8 @@ def learning_rate(tc: TrainConfig, step: int, total: int) -> float:
     warm = min(1.0, (step + 1) / max(1, tc.warmup_steps))
     if tc.lr_schedule == "constant" or step < tc.warmup_steps:
         return tc.lr * warm
-    left = 1.0 - (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)  # 1 -> 1/(n)
-    left = min(1.0, max(0.0, left))
+    # the fraction of the post-warm-up steps left: 1 at the first, 1/(total - warm-up) at the last
+    left = max(0.0, 1.0 - (step - tc.warmup_steps) / max(1, total - tc.warmup_steps))
     decay = left if tc.lr_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
     return tc.lr * decay
 
