@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from diffusevae.checkpoint import atomic_write_json, atomic_write_text
-from diffusevae.evaluation import _jsonable, machine
+from diffusevae.io.storage import atomic_write_json, atomic_write_text
+from diffusevae.scoring.evaluation import _jsonable, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 jsonable = _jsonable  # tensors and numpy numbers as plain JSON values

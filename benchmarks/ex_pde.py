@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from diffusevae.config import DataConfig, SampleConfig
-from diffusevae.features import classifier_extractor
-from diffusevae.prior import load_run_prior
-from diffusevae.sweep import markdown_table, sweep
+from diffusevae.scoring.features import classifier_extractor
+from diffusevae.model.prior_files import load_run_prior
+from diffusevae.scoring.sweep import markdown_table, sweep
 
 from common import ROOT, fmt, log, provenance, write_results
 

@@ -45,7 +45,7 @@ cat "$WORK/gpu.txt"
 
 status=0
 timeout "$TEST_SECONDS" python3 -m pytest -m cuda -q -rs -p no:cacheprovider \
-  --junitxml "$WORK/cuda_tests.xml" tests/test_cuda.py tests/test_inversion.py \
+  --junitxml "$WORK/cuda_tests.xml" tests/test_cuda.py tests/core/test_inversion.py \
   > "$WORK/cuda_tests.log" 2>&1 || status=1
 tail -n 15 "$WORK/cuda_tests.log"
 

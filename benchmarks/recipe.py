@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from diffusevae.config import Config, SampleConfig, resolve
-from diffusevae.evaluation import evaluate, reference_stats
-from diffusevae.features import classifier_extractor, record_classifier
-from diffusevae.sources import dataset_source, run_source
-from diffusevae.train import train_refiner
+from diffusevae.config import Config, SampleConfig
+from diffusevae.presets import resolve
+from diffusevae.scoring.evaluation import evaluate, reference_stats
+from diffusevae.scoring.features import classifier_extractor, record_classifier
+from diffusevae.scoring.sources import dataset_source, run_source
+from diffusevae.train.stages import train_refiner
 
 from common import ROOT, fmt, jsonable, log, prepare_work, provenance, table, write_results
 

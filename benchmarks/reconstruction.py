@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 
 import diffusevae
-from diffusevae.checkpoint import read_json
+from diffusevae.io.checkpoint import read_json
 from diffusevae.config import SampleConfig, config_from_json
-from diffusevae.data import build_dataset
-from diffusevae.images import save_grid, side_by_side
-from diffusevae.pipeline import DiffuseVAE
+from diffusevae.io.data import build_dataset
+from diffusevae.io.images import save_grid, side_by_side
+from diffusevae.model.pipeline import DiffuseVAE
 
 from common import ROOT, fmt, log, provenance, sync, table, write_results
 

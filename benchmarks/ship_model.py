@@ -25,12 +25,12 @@ import shutil
 from pathlib import Path
 
 from diffusevae.config import DataConfig
-from diffusevae.data import build_dataset
-from diffusevae.images import save_png, to_uint8
-from diffusevae.latents import compute_directions
-from diffusevae.prior import fit_prior
-from diffusevae.checkpoint import read_json
-from diffusevae.run import PRIOR_JSON, RunFolder
+from diffusevae.io.data import build_dataset
+from diffusevae.io.images import save_png, to_uint8
+from diffusevae.tasks.control import compute_directions
+from diffusevae.tasks.prior_fitting import fit_prior
+from diffusevae.io.checkpoint import read_json
+from diffusevae.model.run_folder import PRIOR_JSON, RunFolder
 
 EXAMPLES = 32  # test images for the demo's reconstructions and edits
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",

@@ -31,17 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusevae.classifier import Classifier, ClassifierConfig, train_classifier
-from diffusevae.config import Config, DataConfig, SampleConfig, resolve
-from diffusevae.data import IDX_FILES, build_dataset
-from diffusevae.evaluation import evaluate, machine
-from diffusevae.features import classifier_extractor
-from diffusevae.pipeline import DiffuseVAE
-from diffusevae.sources import vae_source
-from diffusevae.sweep import plot_fid, sweep
-from diffusevae.train import train_refiner, train_vae
-from diffusevae.unet import UNet
-from diffusevae.vae import VAE
+from diffusevae.scoring.classifier import Classifier, ClassifierConfig, train_classifier
+from diffusevae.config import Config, DataConfig, SampleConfig
+from diffusevae.presets import resolve
+from diffusevae.io.data import IDX_FILES, build_dataset
+from diffusevae.scoring.evaluation import evaluate, machine
+from diffusevae.scoring.features import classifier_extractor
+from diffusevae.model.pipeline import DiffuseVAE
+from diffusevae.scoring.sources import vae_source
+from diffusevae.scoring.sweep import plot_fid, sweep
+from diffusevae.train.stages import train_refiner, train_vae
+from diffusevae.core.unet import UNet
+from diffusevae.core.vae import VAE
 
 from common import (device_name, jsonable, log, median_seconds, prepare_work, provenance,
                     write_results)

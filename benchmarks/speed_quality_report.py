@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from diffusevae.sweep import markdown_table
+from diffusevae.scoring.sweep import markdown_table
 
 from common import table
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from diffusevae.diffusion import Schedule
+from diffusevae.core.diffusion import Schedule
 
 from common import log, provenance, warn_if_over, write_results
 from throughput_ceiling import measure_ceilings, preset_config

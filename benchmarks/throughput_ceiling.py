@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusevae.config import Config, resolve, to_dict
-from diffusevae.diffusion import Schedule, get_formulation, training_loss
-from diffusevae.unet import UNet
+from diffusevae.config import Config, to_dict
+from diffusevae.presets import resolve
+from diffusevae.core.diffusion import Schedule, get_formulation, training_loss
+from diffusevae.core.unet import UNet
 
 from common import timed
 

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from diffusevae.config import Config, SampleConfig
-from diffusevae.diffusion import Schedule, respaced_timesteps
-from diffusevae.pipeline import DiffuseVAE
+from diffusevae.core.diffusion import Schedule, respaced_timesteps
+from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.rng import sample_generators
-from diffusevae.vae import VAE
+from diffusevae.core.vae import VAE
 
 from common import log, sync, timed
 from throughput_ceiling import random_unet

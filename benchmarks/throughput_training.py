@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from diffusevae.diffusion import Schedule, get_formulation, training_loss
+from diffusevae.core.diffusion import Schedule, get_formulation, training_loss
 from diffusevae.distributed import processes
 from diffusevae.errors import ConfigError
-from diffusevae.training_loop import Stage, run_steps
-from diffusevae.unet import CHANNELS_LAST_DEVICES, UNet
+from diffusevae.train.loop import Stage, run_steps
+from diffusevae.core.unet import CHANNELS_LAST_DEVICES, UNet
 
 from common import jsonable, sync
 from throughput_ceiling import preset_config

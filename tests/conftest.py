@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffusevae.config import resolve
+from diffusevae.presets import resolve
 
 # One thread: on a shared 2-core machine, OpenMP threads that spin-wait for a busy core
 # make small-tensor loops tens of times slower; one thread is never much slower here.
@@ -42,7 +42,7 @@ def reseal(folder) -> None:
     then be tested. The manifest is not signed, so anyone who edits a folder can do the same."""
     from pathlib import Path
 
-    from diffusevae.storage import MANIFEST_FORMAT, MANIFEST_NAME, atomic_write_json, sha256_file
+    from diffusevae.io.storage import MANIFEST_FORMAT, MANIFEST_NAME, atomic_write_json, sha256_file
 
     folder = Path(folder)
     names = json.loads((folder / MANIFEST_NAME).read_text())["files"]
@@ -88,7 +88,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A run folder with a VAE and a form2 refiner, each trained for a few steps."""
-    from diffusevae.train import train_refiner, train_vae
+    from diffusevae.train.stages import train_refiner, train_vae
 
     run = tmp_path_factory.mktemp("run")
     cfg = tiny_config()

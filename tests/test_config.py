@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from diffusevae.config import (PRESETS, Config, apply_sets, config_from_json, from_dict, resolve,
-                               to_dict)
+from diffusevae.presets import PRESETS, apply_sets, resolve
+from diffusevae.config import Config, config_from_json, from_dict, to_dict
 from diffusevae.errors import ConfigError
 
 

@@ -3,7 +3,7 @@ generators, torchrun on CUDA and the out-of-memory path, on a real CUDA device.
 
 Every test skips where torch sees no CUDA device, so the suite stays green on CPU-only machines
 and in CI; `benchmarks/gpu_checks.sh` runs them on a lent GPU. The CPU halves of what they
-check (the out-of-memory message, the step `fit` takes) are tested in test_train.py.
+check (the out-of-memory message, the step `fit` takes) are tested in train/test_training.py.
 
 Tolerances, and why they are what they are:
 - bf16 and fp16 against fp32, the first step's loss: relative 2e-2 (bf16 keeps 8 bits of
@@ -33,9 +33,9 @@ import torch
 from conftest import run_cli, tiny_config
 from safetensors.torch import load_file
 
-from diffusevae.checkpoint import TRAINER_STATE_NAME, load_trainer_state
-from diffusevae.pipeline import DiffuseVAE
-from diffusevae.train import train_refiner, train_vae
+from diffusevae.io.checkpoint import TRAINER_STATE_NAME, load_trainer_state
+from diffusevae.model.pipeline import DiffuseVAE
+from diffusevae.train.stages import train_refiner, train_vae
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -1,9 +1,13 @@
-"""The layers of the package, bottom to top: the foundation (config, storage, rng, names,
-errors, checkpoint), the maths and the networks, the run folder and what uses it, the command
-line. A module imports only from the layers below it.
+"""The wings of the package, bottom to top, and that a module imports only from its own wing or
+the wings below it:
+
+- the base (config, names, limits, errors, rng, distributed): settings, bounds and randomness;
+- io (files), then presets (which reads config files through io);
+- core (the mathematics and the networks), official (the published checkpoints), model (a
+  trained model and `DiffuseVAE`), train, scoring, tasks, app and cli.
 
 Read from the source (every import, at the top or inside a function), so that an import that
-climbs a layer fails here rather than in a newcomer's head.
+climbs a wing fails here rather than in a newcomer's head.
 """
 
 from __future__ import annotations
@@ -16,54 +20,78 @@ import pytest
 import diffusevae
 
 PACKAGE = Path(diffusevae.__file__).parent
-
-# Layer 1: no project imports beyond each other. `checkpoint` is the storage of models (it
-# builds on `storage` and `config`), so the networks may save and load themselves.
-FOUNDATION = {"config", "storage", "rng", "errors", "names", "checkpoint", "limits"}
-# Layer 2: the maths and the networks.
-MATHS = {"diffusion", "samplers", "unet", "vae", "metrics", "data", "images"}
+LAYERS = [{"config", "names", "limits", "errors", "rng", "distributed"}, {"io"}, {"presets"},
+          {"core"}, {"official"}, {"model"}, {"train"}, {"scoring"}, {"tasks"}, {"app"},
+          {"cli"}, {"__main__"}]
+FACE = {"__init__", "__version__"}  # `from .. import __version__` reads the package's face
 
 
-def imports_in(source: str) -> set[str]:
-    """The package modules that `source` imports (the first name below the package)."""
-    tree = ast.parse(source)
+def wing_of(module: tuple[str, ...]) -> str:
+    """The wing of a module path inside the package: its folder, or its own name at the top."""
+    return module[0]
+
+
+def imports_in(source: str, where: tuple[str, ...]) -> set[str]:
+    """The wings that `source`, the module at `where` (its package path), imports from."""
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(where[:len(where) - node.level])
             if node.module:
-                found.add(node.module.split(".")[0])
-            # `from . import __version__` reads the package's face, not a module of a layer
-            found |= {a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists()}
+                found.add(wing_of(tuple(base + node.module.split("."))))
+            else:
+                found |= {wing_of(tuple(base + [a.name])) if base else a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusevae."):
             found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names
+                      if a.name.startswith("diffusevae.")}
     return found
 
 
-def project_imports(module: str) -> set[str]:
-    return imports_in((PACKAGE / f"{module}.py").read_text())
+def modules() -> list[tuple[str, ...]]:
+    """Every module of the package as its path, e.g. ("core", "unet") or ("config",)."""
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        out.append(parts)
+    return out
 
 
-def existing(modules: set[str]) -> list[str]:
-    return sorted(m for m in modules if (PACKAGE / f"{m}.py").exists())
+def layer(wing: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if wing in names)
 
 
-@pytest.mark.parametrize("module", existing(FOUNDATION))
-def test_the_foundation_imports_only_itself(module):
-    assert project_imports(module) <= FOUNDATION, project_imports(module) - FOUNDATION
+@pytest.mark.parametrize("module", [m for m in modules() if m[-1] != "__init__" or len(m) > 1],
+                         ids=lambda m: "/".join(m))
+def test_a_module_imports_only_its_own_wing_and_those_below(module):
+    source = (PACKAGE.joinpath(*module[:-1], module[-1] + ".py")).read_text()
+    mine = layer(wing_of(module))
+    above = {w for w in imports_in(source, module) - FACE if layer(w) > mine}
+    assert not above, f"{'/'.join(module)} imports from the higher wing(s) {sorted(above)}"
 
 
-def test_rng_imports_nothing_from_the_project():
-    assert project_imports("rng") <= {"limits"}  # the seeds' range; limits imports only errors
+def test_every_wing_has_a_place_in_the_order():
+    wings = {wing_of(m) for m in modules()} - FACE
+    placed = set().union(*LAYERS)
+    assert wings <= placed, f"wings without a layer: {sorted(wings - placed)}"
 
 
-@pytest.mark.parametrize("module", existing(MATHS))
-def test_the_maths_layer_imports_nothing_above_it(module):
-    above = project_imports(module) - FOUNDATION - MATHS
-    assert not above, f"{module} imports {sorted(above)} from a higher layer"
+def test_no_two_files_share_a_stem():
+    stems = [m[-1] for m in modules() if m[-1] != "__init__"]
+    assert len(stems) == len(set(stems)), sorted({s for s in stems if stems.count(s) > 1})
 
 
 def test_the_reader_sees_every_kind_of_import():
-    source = ("import torch\nfrom .config import Config\n"
-              "def f():\n    from .pipeline import DiffuseVAE\n"
-              "from diffusevae.train import train_vae\nfrom . import __version__, rng\n")
-    assert imports_in(source) == {"config", "pipeline", "train", "rng"}
+    source = ("import torch\nfrom ..config import Config\n"
+              "def f():\n    from ..model.pipeline import DiffuseVAE\n"
+              "from diffusevae.train.stages import train_vae\nfrom .. import __version__, rng\n"
+              "from .unet import UNet\nimport diffusevae.cli\n")
+    assert imports_in(source, ("core", "vae")) == {"config", "model", "train", "__version__",
+                                                    "rng", "core", "cli"}
+
+
+def test_an_import_that_climbs_a_wing_is_caught():
+    # the check itself must be able to fail: io importing the pipeline climbs three wings
+    found = imports_in("from ..model.pipeline import DiffuseVAE\n", ("io", "images"))
+    assert {w for w in found if layer(w) > layer("io")} == {"model"}

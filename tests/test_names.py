@@ -5,12 +5,15 @@ from __future__ import annotations
 import click
 import pytest
 
-from diffusevae import features, latents, names, prior
+from diffusevae.scoring import features
+from diffusevae.tasks import control as latents
+from diffusevae import names
+from diffusevae.core import prior
 from diffusevae.cli import cli
 from diffusevae.config import DataConfig, DiffusionConfig, SampleConfig, TrainConfig
-from diffusevae.diffusion import FORMULATIONS, respaced_timesteps
+from diffusevae.core.diffusion import FORMULATIONS, respaced_timesteps
 from diffusevae.errors import ConfigError
-from diffusevae.samplers import SAMPLERS, sampler_options
+from diffusevae.core.samplers import SAMPLERS, sampler_options
 
 # each config field that takes a name, and the registry it must accept exactly
 FIELDS = [

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusevae.data import random_hflip
+from diffusevae.io.data import random_hflip
 from diffusevae.rng import (SAMPLE, BatchShard, generator, noise_like, randn_like_per_sample,
                            sample_generators)
-from diffusevae.vae import VAE
+from diffusevae.core.vae import VAE
 
 # --------------------------------------------------------------------------------------------
 # Per-sample generators

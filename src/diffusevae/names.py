@@ -7,7 +7,7 @@ checked without importing torch or a network: the implementations (layer 2) impo
 never the other way round. Lists that no config field takes live with their owner instead
 (`prior.PRIORS`, `features.EXTRACTORS`, `latents.MODES`).
 
-To add a sampler: write it in samplers.py, add it to `samplers.SAMPLERS` and its name here;
+To add a sampler: write it in core/samplers.py, add it to `samplers.SAMPLERS` and its name here;
 config, ``--sampler`` and ``--set sample.sampler=...`` accept it from then on.
 """
 

@@ -15,8 +15,7 @@ import torch
 from .. import __version__
 from ..distributed import launched
 from ..errors import DiffuseVAEError, DiskFullError, cut, exit_status
-from ..storage import DISK_FULL_ERRNOS
-
+from ..io.storage import DISK_FULL_ERRNOS
 
 # The commands that split their work over the processes of torchrun / accelerate launch; the
 # others would only do the same work, and write the same files, once per process.
@@ -42,7 +41,17 @@ def cli(ctx: click.Context) -> None:
             f"accelerate launch (under a launcher: {', '.join(SPLIT_COMMANDS)})")
 
 
-from . import demo, evaluate, explore, export, generate, importing, latents, train  # noqa: E402,F401  (each adds its commands)
+# each module adds its commands to `cli`
+from . import (  # noqa: E402,F401
+    control_commands,
+    demo_command,
+    explore_command,
+    export_command,
+    import_command,
+    sample_commands,
+    score_commands,
+    train_commands,
+)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,14 +9,23 @@ import click
 import torch
 import yaml
 
-from ..config import PRESETS, Config, InvertConfig, SampleConfig, resolve, to_dict
+from ..config import Config, InvertConfig, SampleConfig, to_dict
+from ..core.prior import PRIORS
 from ..distributed import resolve_device
 from ..errors import ConfigError
-from ..limits import (MAX_BATCH, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_SAMPLES,
-                      MAX_TEMPERATURE, MAX_TIMESTEPS, SEED_MAX)
+from ..limits import (
+    MAX_BATCH,
+    MAX_ETA,
+    MAX_FIXED_POINT,
+    MAX_GUIDANCE,
+    MAX_SAMPLES,
+    MAX_TEMPERATURE,
+    MAX_TIMESTEPS,
+    SEED_MAX,
+)
+from ..model.run_folder import RunFolder
 from ..names import DATASETS, DEVICES, LR_SCHEDULES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
-from ..prior import PRIORS
-from ..run import RunFolder
+from ..presets import PRESETS, resolve
 
 
 # --------------------------------------------------------------------------------------------

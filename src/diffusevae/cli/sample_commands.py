@@ -1,0 +1,126 @@
+"""Commands that draw or refine images with a trained run: `sample`, `sample-vae`,
+`reconstruct`, `refine`. Each writes a folder (the tasks wing says what is in it)."""
+
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from ..distributed import processes
+from ..limits import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
+from ..tasks.reconstruction import reconstruct_to_folder, refine_to_folder
+from ..tasks.sampling import sample_to_folder, sample_vae_to_folder
+from . import cli
+from .options import (
+    SEED,
+    Finite,
+    convert_option,
+    count,
+    device_of,
+    device_option,
+    inversion_options,
+    invert_config,
+    overwrite_option,
+    prior_option,
+    run_option,
+    sample_config,
+    sampling_options,
+    start_step_option,
+)
+
+
+@cli.command()
+@run_option()
+@sampling_options()
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/samples].")
+@click.option("--show-stages", is_flag=True, help="Also write stages.png: x_hat | refined.")
+@prior_option
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in --out with the same settings.")
+@overwrite_option
+def sample(run_dir: str, out: str | None, show_stages: bool, device: str, resume: bool,
+           prior: str, overwrite: bool, **kw) -> None:
+    """Generate with DiffuseVAE: PNG files, grid.png, samples.npz and sampling.json.
+
+    Under torchrun or accelerate launch the processes share the samples (README "Sampling and
+    evaluating on several GPUs").
+    """
+    procs = processes(device)
+    written = sample_to_folder(run_dir, sample_config(kw), out, procs, show_stages=show_stages,
+                               prior=prior, resume=resume, overwrite=overwrite)
+    if procs.is_main:
+        click.echo(written.summary)
+
+
+@cli.command("sample-vae")
+@run_option()
+@click.option("--n", type=count(MAX_SAMPLES), default=64, show_default=True,
+              help="Number of samples.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/vae_samples].")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0, show_default=True,
+              help="Scale of z ~ N(0, t^2 I) (or of the Ex-PDE draws).")
+@click.option("--batch-size", type=count(MAX_BATCH), default=256, show_default=True)
+@prior_option
+@device_option
+@overwrite_option
+def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature: float,
+                   batch_size: int, prior: str, device: str, overwrite: bool) -> None:
+    """Sample the VAE alone (z ~ N(0, I) or --prior gmm, x = D(z)): PNG files, a grid and an
+    .npz."""
+    written = sample_vae_to_folder(run_dir, n, out, seed, temperature, batch_size,
+                                   device_of(device), overwrite=overwrite, prior=prior)
+    click.echo(written.summary)
+
+
+@cli.command()
+@run_option()
+@click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False),
+              help="A folder of images to reconstruct (default: the run's test split).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder [RUN/reconstructions].")
+@click.option("--refine/--no-refine", "refine", default=None,
+              help="Also refine x_hat with the run's refiner [when the run has one].")
+@start_step_option
+@convert_option
+@inversion_options()
+@sampling_options(n=16, n_help="How many images: the first N test images, or of --input DIR "
+                               "(given --input, every image of it unless --n is given).")
+@overwrite_option
+def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bool | None,
+                start_step: int | None, convert_channels: bool, device: str,
+                save_latents: bool, overwrite: bool, **kw) -> None:
+    """Encode images and decode them with the VAE; with a refiner, refine x_hat too (from
+    fresh noise, or from the input noised to --start-step): PNG files and a side-by-side grid.
+    --n: the number of images. --invert adds the inverted reconstruction (inverted/, the last
+    column of the grid)."""
+    invert = invert_config(kw)
+    if input_dir and click.get_current_context().get_parameter_source("n") is \
+            ParameterSource.DEFAULT:
+        kw["n"] = MAX_SAMPLES  # a folder of one's own images: all of them, as refine and edit
+    written = reconstruct_to_folder(run_dir, sample_config(kw), out, input_dir, refine,
+                                    start_step, convert_channels, device_of(device), invert,
+                                    save_latents, overwrite)
+    click.echo(written.summary)
+
+
+@cli.command()
+@run_option()
+@click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False),
+              required=True, help="A folder of coarse images, used as x_hat.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/refined].")
+@start_step_option
+@convert_option
+@sampling_options(n=None)
+@overwrite_option
+def refine(run_dir: str, input_dir: str, out: str | None, start_step: int | None,
+           convert_channels: bool, device: str, overwrite: bool, **kw) -> None:
+    """Refine any coarse images (another model's samples, upscaled or noisy images).
+
+    Each image, resized to the model's size, is taken as x_hat; a z-conditioned refiner gets
+    z = mu(x_hat) from the VAE. Writes images/ (named like the inputs), grid.png
+    (input | refined) and refine.json.
+    """
+    written = refine_to_folder(run_dir, input_dir, sample_config(kw), out, start_step,
+                               convert_channels, device_of(device), overwrite)
+    click.echo(written.summary)

@@ -1,0 +1,70 @@
+"""Commands that train: `presets`, `train-vae`, `train-refiner`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import click
+
+from ..distributed import processes
+from ..model.run_folder import RunFolder
+from ..names import FORMS
+from ..presets import PRESETS
+from ..train.stages import train_refiner, train_vae
+from . import cli
+from .options import build_config, config_options, dry_run, run_option
+
+
+@cli.command()
+@click.option("--name", type=click.Choice(list(PRESETS)), help="Show one preset in full.")
+def presets(name: str | None) -> None:
+    """List the presets and their main settings (all of them with --name)."""
+    if name:
+        dry_run(PRESETS[name])
+        return
+    click.echo(f"{'preset':<14}{'image':<11}{'dataset':<15}{'z':>5}{'unet ch':>9}  mults    "
+               f"{'attn':<8}{'refiner lr, batch':<18}")
+    for key, cfg in PRESETS.items():
+        d, u, t = cfg.data, cfg.unet, cfg.train_refiner
+        size = f"{d.image_size}x{d.image_size}x{d.channels}"
+        attn = ",".join(map(str, u.attn_resolutions)) or "-"
+        mults = ",".join(map(str, u.channel_mults))
+        click.echo(f"{key:<14}{size:<11}{d.dataset:<15}{cfg.vae.z_dim:>5}{u.base_channels:>9}  "
+                   f"{mults:<9}{attn + '+mid':<8}{t.lr:g}, {t.batch_size}")
+
+
+@cli.command("train-vae")
+@run_option()
+@config_options
+@click.option("--kl-weight", type=float, help="Weight of the KL term (default 1).")
+def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
+    """Train stage 1, the VAE, and write RUN/vae/ (weights, log, previews)."""
+    cfg = build_config(run_dir, "train_vae", kw, {"vae.kl_weight": kl_weight})
+    if kw["dry_run"]:
+        return dry_run(cfg)
+    train_vae(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
+    if processes(cfg.train_vae.device).is_main:
+        click.echo(f"VAE written to {RunFolder(run_dir).vae_dir}")
+
+
+@cli.command("train-refiner")
+@run_option()
+@config_options
+@click.option("--form", type=click.Choice(FORMS),
+              help="How the refiner uses x_hat (docs/method.md#formulations); 'uncond' is "
+                   "the plain DDPM baseline (no VAE).")
+@click.option("--p-uncond", type=float,
+              help="Per-sample conditioning dropout, enables --guidance at sampling.")
+@click.option("--z-cond", is_flag=True, help="Also condition the UNet on z (time embedding).")
+def train_refiner_cmd(run_dir: str, form: str | None, p_uncond: float | None, z_cond: bool,
+                      **kw) -> None:
+    """Train stage 2, the refiner, on the run's frozen VAE; writes RUN/refiner/."""
+    extra = {"diffusion.form": form, "diffusion.p_uncond": p_uncond}
+    cfg = build_config(run_dir, "train_refiner", kw, extra)
+    if z_cond:
+        cfg = replace(cfg, unet=replace(cfg.unet, z_dim=cfg.vae.z_dim)).validate()
+    if kw["dry_run"]:
+        return dry_run(cfg)
+    train_refiner(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
+    if processes(cfg.train_refiner.device).is_main:
+        click.echo(f"refiner written to {RunFolder(run_dir).refiner_dir}")

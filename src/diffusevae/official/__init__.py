@@ -1,0 +1,3 @@
+"""The published DiffuseVAE checkpoints: their networks (where they differ from ours) and the
+safe importer that maps a PyTorch Lightning file to a run folder.
+"""

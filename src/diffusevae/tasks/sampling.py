@@ -1,0 +1,262 @@
+"""`sample` and `sample-vae` as functions: draw images from a run and write them to a folder.
+
+Sampling streams batches to disk, and draws them one at a time, so memory holds one batch
+whatever ``n`` is; so do ``reconstruct`` and ``refine`` with the images they are given
+(`reconstruction`). Resuming (``resume=True``, ``sample --resume``): after each batch its rows
+are flushed to the memory-mapped parts of the `.npz` and then ``sampling.json`` (settings,
+environment, ``done``: samples on disk, ``complete``) is rewritten atomically. A killed run
+resumes at index ``done`` with the same batches, so its images equal those of an
+uninterrupted run; settings, device or weights that differ from the recorded ones are
+refused. Before it trusts ``done``, a resume removes the temporary files a kill left and
+checks that the PNG files it counts are there; from the first one missing, it draws again.
+
+Several processes (``torchrun`` / ``accelerate launch``; `distributed.processes`) share the
+batches round by round: in each round process r draws the r-th of the next `world` batches,
+cut at multiples of the batch size as one process cuts them (so every image is byte-identical
+to a single process's on the same device type), and writes its PNG files; the main process
+gathers the round's arrays, writes their rows and then ``done``, the end of the round. Every
+sample before ``done`` is thus on disk whatever the number of processes, and a run resumes
+with any number of them. Only the main process writes the `.npz`, the grids and
+``sampling.json``, and prints.
+"""
+
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import SampleConfig
+from ..distributed import Processes
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import environment, read_json
+from ..io.images import NpzStreamWriter, save_grid, save_pngs, to_uint8
+from ..io.storage import atomic_write_json
+from ..model.pipeline import DiffuseVAE, check_finite
+from ..model.prior_files import run_mixture
+from ..model.run_folder import RunFolder, output_folder
+from .writing import GRID_SIZE, STAGES_SIZE, Written, checked_pipeline, processes_of
+
+
+# --------------------------------------------------------------------------------------------
+# sample
+# --------------------------------------------------------------------------------------------
+
+
+def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | Path | None = None,
+                     device: str | torch.device | Processes = "cpu", show_stages: bool = False,
+                     progress: bool = True, prior: str = "normal",
+                     resume: bool = False, overwrite: bool = False) -> Written:
+    """Generate ``sample.n`` images from the run and write them to `out_dir` (`sample`).
+
+    ``device``: a device, or the processes of a launched command (`distributed.processes`),
+    every one of which calls this; they share the batches (module docstring).
+    ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
+    ``resume``: continue an interrupted run in `out_dir`; ``overwrite``: replace the outputs
+    there of an earlier command (module docstring).
+    """
+    procs = processes_of(device)
+    run = RunFolder(run_dir)
+    out_dir = run.output_dir("sample", out_dir)
+    pipe = checked_pipeline(run, sample, procs.device)  # fails before anything is written
+    pipe.check_prior(prior)  # as does a missing prior
+    settings = {
+        **dataclasses.asdict(sample),
+        "run": str(run),
+        "formulation": pipe.diffusion.form,
+        "prior": prior,
+        "device": procs.device.type,  # cuda:0 and cuda:1 draw alike, the CPU otherwise
+        "weights": run.weights_digest(sample.use_ema, pipe.vae is not None, prior != "normal"),
+    }
+    written = Written(out_dir, f"{sample.n} samples written to {out_dir}")
+    with ExitStack() as held:  # the main process holds the folder's lock until all are done
+        start, to_write = procs.on_main(lambda: _plan(held.enter_context(output_folder(
+            out_dir, "sample", overwrite, resume)), settings, sample, resume))
+        if start is None:
+            if procs.is_main:
+                tqdm.write(f"{out_dir} already holds the {sample.n} samples of these settings")
+            return written
+        record = {**settings, "environment": environment(procs.device, sample.seed),
+                  "diffusevae_version": __version__, "torch_version": torch.__version__,
+                  "processes": procs.world}
+        t0 = time.time()
+
+        def progress_to(done: int, complete: bool = False) -> None:
+            atomic_write_json(out_dir / "sampling.json", {
+                **record, "done": done, "complete": complete,
+                "seconds": round(time.time() - t0, 2)})
+
+        if to_write:
+            _write_samples(pipe, sample, out_dir, procs, start, prior, show_stages,
+                           progress and procs.is_main, progress_to)
+        if procs.is_main:
+            progress_to(sample.n, complete=True)
+        procs.barrier()  # every process returns with the folder complete
+    return written
+
+
+def _plan(out_dir: Path, settings: dict, sample: SampleConfig,
+          resume: bool) -> tuple[int | None, bool]:
+    """Where to start (None: the folder holds the whole run), and whether there is anything to
+    write. A resume trusts ``done`` only as far as the PNG files it counts are on disk."""
+    if not resume:
+        return 0, True
+    done = _resume_point(out_dir, settings)
+    n, npz_path = sample.n, out_dir / "samples.npz"
+    parts = NpzStreamWriter.parts_folder(npz_path).is_dir()
+    counted = n if done is None else done
+    start = _first_missing(out_dir / "images", counted, sample.batch_size)
+    if start < counted:
+        tqdm.write(f"{out_dir / 'images'} lacks image {start:06d}.png or one after it, which "
+                   f"{out_dir / 'sampling.json'} counts as written; drawing again from there")
+    if 0 < start and not parts and not (start == n and npz_path.is_file()):
+        start = 0  # the rows before `start` are in no file any more: draw them again
+    if done is None and start == n:
+        return None, False
+    # start == n and no parts left: killed after the .npz was packed; only the record is missing
+    return start, start < n or parts or not npz_path.is_file()
+
+
+def _first_missing(images: Path, upto: int, batch_size: int) -> int:
+    """The start of the batch holding the first of ``images/000000.png ...`` (up to `upto`)
+    that is not on disk, else `upto`."""
+    try:
+        names = {entry.name for entry in os.scandir(images)}
+    except (FileNotFoundError, NotADirectoryError):
+        names = set()
+    for i in range(upto):
+        if f"{i:06d}.png" not in names:
+            return i - i % batch_size
+    return upto
+
+
+def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs: Processes,
+                   start: int, prior: str, show_stages: bool, progress: bool,
+                   progress_to: Callable[[int], None]) -> None:
+    """Draw the samples from `start` on, round by round, into PNG files and the `.npz`."""
+    main = procs.is_main
+    bar = tqdm(total=sample.n, initial=start, desc="sample", unit="img", disable=not progress,
+               dynamic_ncols=True)
+
+    def on_step(i: int, n_steps: int, *_) -> None:
+        bar.set_postfix_str(f"step {i + 1}/{n_steps}")
+
+    def draw(rows: range) -> tuple[int, dict[str, np.ndarray]]:
+        """This process's batch: drawn, its PNG files written, its arrays for the `.npz`."""
+        gen = pipe.generate_batch(sample, rows, on_step if main else None, prior)
+        images = to_uint8(gen.images)
+        save_pngs(images, out_dir / "images", rows.start)
+        arrays = {"images": images}
+        if gen.z is not None:
+            arrays |= {"z": gen.z.float().cpu().numpy(), "x_hat": to_uint8(gen.x_hat)}
+        return rows.start, arrays
+
+    npz = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        npz = NpzStreamWriter(out_dir / "samples.npz", sample.n, resume=start > 0)
+        progress_to(start)
+    try:  # closed first, so that an error starts a line of its own
+        for batches in _rounds(start, sample, procs.world):
+            mine = batches[procs.rank] if procs.rank < len(batches) else None
+            made = procs.gather_objects(None if mine is None else draw(mine))
+            if npz is not None:
+                for first, arrays in filter(None, made):
+                    npz.write(first, **arrays)
+                npz.flush()  # the rows are on disk before the record that counts them
+                progress_to(batches[-1].stop)
+                bar.update(batches[-1].stop - batches[0].start)
+    finally:
+        bar.close()
+    if npz is not None:
+        images = npz.arrays["images"]
+        scale = max(1, 64 // images.shape[1])  # small images are enlarged to be seen
+        save_grid(np.array(images[:GRID_SIZE]), out_dir / "grid.png", scale=scale)
+        if show_stages and "x_hat" in npz.arrays:
+            k = min(STAGES_SIZE, sample.n)
+            pairs = np.stack([npz.arrays["x_hat"][:k], images[:k]], axis=1)  # x_hat | image
+            save_grid(pairs.reshape(-1, *images.shape[1:]), out_dir / "stages.png",
+                      nrow=8, scale=scale)
+        npz.close()
+
+
+def _rounds(start: int, sample: SampleConfig, world: int) -> Iterator[list[range]]:
+    """The batches from sample `start` on (a multiple of the batch size, or n), `world` at a
+    time: batch k holds samples k * batch_size up to (k + 1) * batch_size, as one process cuts
+    them, and when a round ends every sample before its last batch's end has been drawn.
+    Made one round at a time: memory holds a round, whatever n is."""
+    size, n = sample.batch_size, sample.n
+    for first in range(start, n, size * world):
+        yield [range(b, min(b + size, n)) for b in range(first, min(first + size * world, n),
+                                                           size)]
+
+
+def _resume_point(out_dir: Path, settings: dict) -> int | None:
+    """The first sample index an interrupted run in `out_dir` has not written (None: it is
+    complete); refuses settings that differ from the recorded ones."""
+    path = out_dir / "sampling.json"
+    if not path.is_file():
+        tqdm.write(f"nothing to resume in {out_dir}; starting from sample 0")
+        return 0
+    old = read_json(path)
+    now = json.loads(json.dumps(settings))  # as JSON gives it back
+    ignored = ("run", "weights", *SampleConfig.SPEED_FIELDS)  # speed changes no image
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in now.items()
+               if k in old and k not in ignored and old[k] != v]
+    if "weights" in old and old["weights"] != now["weights"]:
+        changed.append("the model's weights (the run was retrained or replaced since)")
+    elif not all(now["weights"].values()) and \
+            Path(str(old.get("run"))).resolve() != Path(now["run"]).resolve():
+        changed.append(f"run {old.get('run')!r} -> {now['run']!r}")
+    if changed:
+        raise ConfigError(
+            f"cannot resume the sampling run in {out_dir} with other settings: "
+            f"{'; '.join(changed)}. Resume with the recorded settings (see {path}), sample into "
+            "another --out folder, or leave out --resume to start over")
+    if old.get("complete") is True:
+        return None
+    done = old.get("done")
+    if not isinstance(done, int) or not 0 <= done <= now["n"]:
+        raise CheckpointError(f"{path} is damaged (done = {done!r}); sample again without "
+                              "--resume")
+    return done
+
+
+# --------------------------------------------------------------------------------------------
+# sample-vae
+# --------------------------------------------------------------------------------------------
+
+def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None = None,
+                         seed: int = 0, temperature: float = 1.0, batch_size: int = 256,
+                         device: str | torch.device = "cpu", progress: bool = True,
+                         overwrite: bool = False, prior: str = "normal") -> Written:
+    """Sample the VAE alone, x = D(z) with z ~ N(0, t^2 I), or z from the Ex-PDE mixture
+    (`prior` "gmm") scaled by t (`sample-vae`): sample i is the x_hat that `sample` refines for
+    the same seed, i and prior."""
+    run = RunFolder(run_dir)
+    vae = run.load_vae(device)
+    mixture = run_mixture(run.root, prior, vae.config.z_dim)
+    out_dir = run.output_dir("sample-vae", out_dir)
+    with output_folder(out_dir, "sample-vae", overwrite):
+        first: list[np.ndarray] = []
+        with NpzStreamWriter(out_dir / "samples.npz", n) as npz, torch.inference_mode():
+            for start in tqdm(range(0, n, batch_size), desc="sample-vae", disable=not progress):
+                z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
+                                              temperature, mixture)
+                images = to_uint8(check_finite(x_hat, "VAE samples", {"VAE": vae}, run.root,
+                                               {"temperature": temperature}))
+                save_pngs(images, out_dir / "images", start)
+                npz.write(start, images=images, z=z.cpu().numpy())
+                first.extend(images[: max(0, GRID_SIZE - len(first))])
+        save_grid(np.stack(first), out_dir / "grid.png")
+        return Written(out_dir, f"{n} VAE samples written to {out_dir}")

@@ -1,0 +1,66 @@
+"""The recipe study (benchmarks/recipe.py): its arms' configs, and its smoke run end to end on
+the real Fashion-MNIST files and the shipped frozen VAE."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffusevae.scoring.features import record_classifier
+
+ROOT = Path(__file__).resolve().parents[2]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _recipe():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import recipe
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return recipe
+
+
+def test_each_arm_changes_only_what_it_names():
+    recipe = _recipe()
+    budget = recipe.BUDGETS["standard"]
+    today = recipe.arm_config(budget, "today", 0, 100)
+    assert today.train_refiner.lr == 5e-4 and today.train_refiner.lr_schedule == "constant"
+    assert today.train_refiner.min_snr_gamma == 0 and today.diffusion.form == "form2"
+    for arm, (_, changes) in recipe.ARMS.items():
+        cfg = recipe.arm_config(budget, arm, 0, 100)
+        for key, value in changes.items():
+            section, name = key.split(".")
+            assert getattr(getattr(cfg, section), name) == value
+        differs = {f"{s}.{f}" for s in ("train_refiner", "unet")
+                   for f in getattr(today, s).__dataclass_fields__
+                   if getattr(getattr(cfg, s), f) != getattr(getattr(today, s), f)}
+        assert differs == set(changes), arm
+
+
+@pytest.mark.benchmark_smoke
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
+def test_recipe_smoke_run_writes_each_arms_steps_and_interval(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--budget", "smoke",
+           "--work", str(work), "--out", str(out), "--quiet"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    r = json.loads((out / "recipe_smoke.json").read_text())
+    assert r["complete"] and [a["arm"] for a in r["arms"]] == ["today", "today-raw", "min-snr"]
+    costs = r["costs"]["seconds_per_step"]
+    for a in r["arms"]:  # the budget in steps is the minutes over the arm's measured cost
+        assert a["steps"] == max(1, round(60 * r["settings"]["minutes"] / costs[a["trained"]]))
+        lo, hi = a["fid_ci95"]
+        assert 0 < a["fid"] and lo <= hi
+    raw = next(a for a in r["arms"] if a["arm"] == "today-raw")
+    assert raw["trained"] == "today" and raw["use_ema"] is False
+    clf = record_classifier("fashion-mnist")
+    assert r["extractor"]["weights"] == str(clf)
+    assert (out / "recipe_smoke.md").read_text().startswith("# Recipe study (smoke budget)")
+    # a second run resumes: the trained arms and their scores are kept, not redone
+    trained = (work / "arms" / "today" / "refiner" / "trained.json").read_text()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    assert (work / "arms" / "today" / "refiner" / "trained.json").read_text() == trained
+    assert json.loads((out / "recipe_smoke.json").read_text())["arms"] == r["arms"]
