@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Makes the README's pictures of the shipped model (docs/shipped/*.png) again, with the
-# command line alone: `make demo`'s four pictures, one real-image edit of four example test
-# images along the Trouser direction, without and with DDIM inversion, and the explorer's page.
+# Makes the pictures of the shipped model (docs/shipped/*.png, shown in README.md and
+# docs/inversion.md) again, with the command line alone: `make demo`'s four pictures, one
+# real-image edit of four example test images along the Trouser direction, without and with
+# DDIM inversion, and the explorer's page.
 #
 #   bash docs/shipped/make_pictures.sh [MODEL]      # MODEL: models/fashion-mnist
 #

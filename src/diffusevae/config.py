@@ -309,7 +309,8 @@ class SampleConfig:
 
     Checked when built (all but the upper bound of `steps`, which needs the schedule), because
     `DiffuseVAE.generate` builds it from plain arguments a caller gives. The fields of
-    `SPEED_FIELDS` say how fast the refiner runs, not what it draws (README "Fast sampling").
+    `SPEED_FIELDS` say how fast the refiner runs, not what it draws (docs/sampling.md, "Fast
+    sampling").
     """
 
     n: int = 64

@@ -127,7 +127,7 @@ def test_settings_are_checked():
 
 
 def test_the_prior_of_z_starts_at_the_fitted_one_when_the_run_has_it(explorer):
-    """A run with an Ex-PDE prior samples best with it (README): the page starts there."""
+    """A run with an Ex-PDE prior samples best with it (docs/control.md): the page starts there."""
     _need("gradio (the app extra)", _has_module("gradio"))
 
     def prior_radio(ex: Explorer):

@@ -42,8 +42,8 @@ def sample(run_dir: str, out: str | None, show_stages: bool, device: str, resume
            prior: str, overwrite: bool, **kw) -> None:
     """Generate with DiffuseVAE: PNG files, grid.png, samples.npz and sampling.json.
 
-    Under torchrun or accelerate launch the processes share the samples (README "Sampling and
-    evaluating on several GPUs").
+    Under torchrun or accelerate launch the processes share the samples (docs/distributed.md,
+    "Sampling and evaluating on several GPUs").
     """
     procs = processes(device)
     written = sample_to_folder(run_dir, sample_config(kw), out, procs, show_stages=show_stages,

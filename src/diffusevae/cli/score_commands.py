@@ -139,7 +139,7 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
     (streamed: never all in memory). Every number is written with its protocol: extractor and
     its weights' SHA-256, sample count, reference, sampler, steps, seed, EMA, eta, spacing.
     Under torchrun or accelerate launch the processes share the images and the main process
-    scores them (README "Sampling and evaluating on several GPUs").
+    scores them (docs/distributed.md, "Sampling and evaluating on several GPUs").
     """
     score_with = scoring(kw)
     if samples is not None and run_dir is None and (flags_given(kw) or vae_only

@@ -23,8 +23,9 @@ from ..errors import ConfigError
 from ..io.checkpoint import PretrainedMixin
 
 # Devices where the networks run channels-last (NHWC) by default, in sampling and training: the
-# CPU, where it was measured faster (README "Fast sampling"), and CUDA, whose convolutions run
-# natively in that layout (not measured here). Elsewhere (MPS) the layout stays contiguous.
+# CPU, where it was measured faster (docs/sampling.md, "Fast sampling"), and CUDA, whose
+# convolutions run natively in that layout (not measured here). Elsewhere (MPS) the layout stays
+# contiguous.
 CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 

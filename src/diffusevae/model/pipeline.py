@@ -13,9 +13,9 @@ a real image to (z, y_T), from which `decode_latents` gives it back almost exact
 
 How fast the refiner runs is the pipeline's own state, set by `compile` and `use_channels_last`
 or by the `SampleConfig` fields of the same names at the next `refine`; neither changes an
-image beyond float rounding (README "Fast sampling"). `from_pretrained` picks the faster memory
-layout for the device; a pipeline built around a given UNet leaves that UNet as it is (it may
-be a model in training) until asked.
+image beyond float rounding (docs/sampling.md, "Fast sampling"). `from_pretrained` picks the
+faster memory layout for the device; a pipeline built around a given UNet leaves that UNet as it
+is (it may be a model in training) until asked.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def tour_to_folder(model_dir: str | Path = SHIPPED_MODEL, out_dir: str | Path = 
             f"{model_dir} holds no trained DiffuseVAE; pass --model with a run folder (or a "
             "clone's models/fashion-mnist), or train one with `diffusevae demo --train`")
     out, t0 = Path(out_dir), time.time()
-    # z from the model's Ex-PDE prior when it has one: the samples it draws best (README)
+    # z from the model's Ex-PDE prior when it has one: the samples it draws best (docs/control.md)
     prior = "gmm" if run.has_prior() else "normal"
     # overwrite: a second tour replaces the first one's pictures (nothing else is removed)
     samples = sample_to_folder(run, FAST, out / "samples", device, show_stages=True,
