@@ -33,7 +33,8 @@ import torch
 
 from ..config import DiffusionConfig, SampleConfig
 from ..core.diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
-from ..core.prior import GaussianMixture, draw_latents
+from ..core.likelihood import LikelihoodBound, likelihood_bound
+from ..core.prior import GaussianMixture, checked_mixture, draw_latents
 from ..core.samplers import ddim_invert, get_sampler, sampler_options
 from ..core.unet import CHANNELS_LAST_DEVICES, UNet
 from ..core.vae import VAE
@@ -473,6 +474,34 @@ class DiffuseVAE:
             x_hat = self.decode(z)
         y_T = y_T.to(device=self.device, dtype=next(self.unet.parameters()).dtype)
         return Generation(self.refine(x_hat, z, gens, sample, callback, y_T=y_T), z, x_hat)
+
+    # ---- the likelihood bound (docs/likelihood.md) -------------------------------------------
+
+    @torch.inference_mode()
+    def log_likelihood_bound(self, x: torch.Tensor, *, seed: int = 0, first_index: int = 0,
+                             prior: str = "normal", strata: int = 100, exact: bool = False,
+                             var_type: str = "fixedlarge",
+                             rate_samples: int = 16) -> LikelihoodBound:
+        """The bound on log p(x) of 8-bit images x (B, C, H, W) in [-1, 1], per image and in
+        parts (`likelihood.likelihood_bound`): z ~ q(z|x), x_hat = D(z) clamped as in training,
+        the refiner's DDPM bound (``strata`` timesteps, or every one with ``exact``), minus
+        KL(q(z|x) || p(z)) under ``prior`` ("normal", closed form, or "gmm", the fitted
+        mixture, by Monte Carlo). Image i draws from the generator of (seed, first_index + i).
+        Without a VAE (uncond): the plain DDPM bound, whatever ``prior``."""
+        x = x.to(device=self.device, dtype=next(self.unet.parameters()).dtype)
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ConfigError(f"the refiner takes images of shape {self.image_shape}; got "
+                              f"{tuple(x.shape[1:])}")
+        vae, mixture = self.vae, None
+        if vae is not None:
+            mixture = checked_mixture(prior, self.prior, vae.config.z_dim)
+        return likelihood_bound(
+            x, self.schedule, self.form, lambda x_hat, z: self._eps_fn(x_hat, z, 0.0),
+            encode=None if vae is None else vae.encode,
+            decode=None if vae is None else self.decode,
+            log_prior=None if mixture is None else mixture.log_prob, seed=seed,
+            first_index=first_index, strata=strata, exact=exact, var_type=var_type,
+            rate_samples=rate_samples)
 
     # ---- generation -------------------------------------------------------------------------
 
