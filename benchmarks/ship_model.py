@@ -30,7 +30,8 @@ from diffusevae.io.images import save_png, to_uint8
 from diffusevae.tasks.control import compute_directions
 from diffusevae.tasks.prior_fitting import fit_prior
 from diffusevae.io.checkpoint import read_json
-from diffusevae.model.run_folder import PRIOR_JSON, RunFolder
+from diffusevae.filenames import PRIOR_JSON
+from diffusevae.model.run_folder import RunFolder
 
 EXAMPLES = 32  # test images for the demo's reconstructions and edits
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",

@@ -42,7 +42,8 @@ def reseal(folder) -> None:
     then be tested. The manifest is not signed, so anyone who edits a folder can do the same."""
     from pathlib import Path
 
-    from diffusevae.io.storage import MANIFEST_FORMAT, MANIFEST_NAME, atomic_write_json, sha256_file
+    from diffusevae.io.storage import MANIFEST_FORMAT, atomic_write_json, sha256_file
+    from diffusevae.filenames import MANIFEST_NAME
 
     folder = Path(folder)
     names = json.loads((folder / MANIFEST_NAME).read_text())["files"]

@@ -33,7 +33,8 @@ import torch
 from conftest import run_cli, tiny_config
 from safetensors.torch import load_file
 
-from diffusevae.io.checkpoint import TRAINER_STATE_NAME, load_trainer_state
+from diffusevae.filenames import TRAINER_STATE_NAME
+from diffusevae.io.checkpoint import load_trainer_state
 from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.train.stages import train_refiner, train_vae
 

@@ -1,7 +1,8 @@
 """The wings of the package, bottom to top, and that a module imports only from its own wing or
 the wings below it:
 
-- the base (config, names, limits, errors, rng, distributed): settings, bounds and randomness;
+- the base (config, filenames, names, limits, errors, rng, distributed): settings, the names
+  of the files we write, bounds and randomness;
 - io (files), then presets (which reads config files through io);
 - core (the mathematics and the networks), official (the published checkpoints), model (a
   trained model and `DiffuseVAE`), train, scoring, tasks, app and cli.
@@ -20,7 +21,7 @@ import pytest
 import diffusevae
 
 PACKAGE = Path(diffusevae.__file__).parent
-LAYERS = [{"config", "names", "limits", "errors", "rng", "distributed"}, {"io"}, {"presets"},
+LAYERS = [{"config", "filenames", "names", "limits", "errors", "rng", "distributed"}, {"io"}, {"presets"},
           {"core"}, {"official"}, {"model"}, {"train"}, {"scoring"}, {"tasks"}, {"app"},
           {"cli"}, {"__main__"}]
 FACE = {"__init__", "__version__"}  # `from .. import __version__` reads the package's face

@@ -23,26 +23,10 @@ from typing import Any
 
 from . import names
 from .errors import ConfigError, quote
-from .limits import (
-    MAX_BATCH,
-    MAX_EPOCHS,
-    MAX_ETA,
-    MAX_FIXED_POINT,
-    MAX_GUIDANCE,
-    MAX_IMAGE_SIZE,
-    MAX_LEVELS,
-    MAX_LR,
-    MAX_MINUTES,
-    MAX_SAMPLES,
-    MAX_SNR_GAMMA,
-    MAX_STEPS,
-    MAX_TEMPERATURE,
-    MAX_TIMESTEPS,
-    MAX_VAE_BLOCKS,
-    MAX_WIDTH,
-    MAX_WORKERS,
-    check_seed,
-)
+from .limits import (MAX_BATCH, MAX_EPOCHS, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_IMAGE_SIZE,
+                     MAX_LEVELS, MAX_LR, MAX_MINUTES, MAX_SAMPLES, MAX_SNR_GAMMA, MAX_STEPS,
+                     MAX_TEMPERATURE, MAX_TIMESTEPS, MAX_VAE_BLOCKS, MAX_WIDTH, MAX_WORKERS,
+                     check_seed)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -7,16 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import (
-    Config,
-    DataConfig,
-    DiffusionConfig,
-    SampleConfig,
-    TrainConfig,
-    UNetConfig,
-    VAEConfig,
-    merge,
-)
+from .config import (Config, DataConfig, DiffusionConfig, SampleConfig, TrainConfig, UNetConfig,
+                     VAEConfig, merge)
 from .errors import ConfigError, quote
 from .io.text import parse_json, parse_yaml, too_big
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from diffusevae.io.checkpoint import CONFIG_NAME
+from diffusevae.filenames import CONFIG_NAME
 from diffusevae.presets import PRESETS
 from diffusevae.config import UNetConfig
 from diffusevae.errors import CheckpointError, ConfigError

@@ -10,7 +10,8 @@ import torch
 from conftest import run_cli
 from diffusevae.errors import RunFolderError
 from diffusevae.model.pipeline import DiffuseVAE
-from diffusevae.model.run_folder import MODEL_CARD, OUTPUTS_ROOT, RunFolder
+from diffusevae.filenames import MODEL_CARD, OUTPUTS_ROOT
+from diffusevae.model.run_folder import RunFolder
 from diffusevae.io.storage import sha256_file
 
 

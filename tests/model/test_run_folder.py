@@ -7,7 +7,8 @@ import torch
 
 from diffusevae.config import DiffusionConfig, UNetConfig, VAEConfig
 from diffusevae.errors import CheckpointError, RunFolderError
-from diffusevae.model.run_folder import OUTPUT_DIRS, RunFolder, load_refiner, save_refiner
+from diffusevae.filenames import OUTPUT_DIRS
+from diffusevae.model.run_folder import RunFolder, load_refiner, save_refiner
 from diffusevae.core.unet import UNet
 from diffusevae.core.vae import VAE
 

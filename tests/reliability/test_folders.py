@@ -22,7 +22,8 @@ import pytest
 from diffusevae.errors import CheckpointError, DiskFullError, FolderInUseError, exit_status
 from diffusevae.io.images import NpzStreamWriter
 from diffusevae.tasks.sampling import _rounds
-from diffusevae.io.storage import LOCK_NAME, folder_lock, read_checked, save_files
+from diffusevae.filenames import LOCK_NAME
+from diffusevae.io.storage import folder_lock, read_checked, save_files
 
 from conftest import run_cli
 

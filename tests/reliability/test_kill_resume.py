@@ -22,8 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusevae.io.checkpoint import CHECKED_FILES, TRAINER_STATE_NAME, load_trainer_state
-from diffusevae.io.storage import MANIFEST_NAME
+from diffusevae.io.checkpoint import CHECKED_FILES, load_trainer_state
+from diffusevae.filenames import TRAINER_STATE_NAME
+from diffusevae.filenames import MANIFEST_NAME
 from diffusevae.cli import main
 from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.train.stages import train_vae

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 import diffusevae
 from diffusevae.io import checkpoint as ckpt
 from diffusevae.io import storage
-from diffusevae.io.storage import MANIFEST_NAME
-from diffusevae.io.checkpoint import TRAINER_STATE_NAME, load_trainer_state
+from diffusevae.filenames import MANIFEST_NAME
+from diffusevae.filenames import TRAINER_STATE_NAME
+from diffusevae.io.checkpoint import load_trainer_state
 from diffusevae.cli import main
 from diffusevae.config import VAEConfig
 from diffusevae.errors import CheckpointError, DiskFullError, RunFolderError, TrainingError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from diffusevae.model.run_folder import MODEL_CARD
+from diffusevae.filenames import MODEL_CARD
 from diffusevae.io.storage import sha256_file
 
 

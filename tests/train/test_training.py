@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from diffusevae import rng
-from diffusevae.io.checkpoint import TRAINER_STATE_NAME, load_trainer_state
+from diffusevae.filenames import TRAINER_STATE_NAME
+from diffusevae.io.checkpoint import load_trainer_state
 from diffusevae.io.data import build_dataset
 from diffusevae.distributed import processes
 from diffusevae.errors import ConfigError, TrainingError

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffusevae.io.storage import MANIFEST_NAME
+from diffusevae.filenames import MANIFEST_NAME
 from diffusevae.cli import cli
 from diffusevae.presets import PRESETS, apply_sets, get_preset, resolve
 from diffusevae.config import (Config, DiffusionConfig, SampleConfig, UNetConfig, VAEConfig,

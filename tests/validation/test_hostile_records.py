@@ -196,7 +196,8 @@ def test_a_deep_manifest_and_lock_record_are_refused_short(tmp_path):
     import fcntl
 
     from diffusevae.errors import CheckpointError, FolderInUseError
-    from diffusevae.io.storage import LOCK_NAME, MANIFEST_NAME, folder_lock, read_manifest
+    from diffusevae.filenames import LOCK_NAME, MANIFEST_NAME
+    from diffusevae.io.storage import folder_lock, read_manifest
 
     (tmp_path / MANIFEST_NAME).write_text(DEEP)
     with pytest.raises(CheckpointError, match="manifest.json cannot be read .*nests"):

@@ -22,8 +22,9 @@ from diffusevae.io.data import (USER_IMAGES, ImageFolder, ImageLimits, build_dat
 from diffusevae.errors import CheckpointError, ConfigError, DataError, MetricError
 from diffusevae.core.metrics import Stats, load_stats, save_stats
 from diffusevae.model.pipeline import DiffuseVAE, Inversion, check_finite
-from diffusevae.model.prior_files import GMM_FILE, load_mixture
-from diffusevae.model.run_folder import PRIOR_JSON
+from diffusevae.filenames import GMM_FILE
+from diffusevae.model.prior_files import load_mixture
+from diffusevae.filenames import PRIOR_JSON
 from diffusevae.model.run_folder import RunFolder, save_refiner
 from diffusevae.scoring.sources import folder_source
 from diffusevae.core.unet import UNet

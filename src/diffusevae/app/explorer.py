@@ -48,6 +48,7 @@ from ..model.run_folder import RunFolder
 from ..rng import sample_generators
 from ..tasks.control import MODES, interpolation_frames, load_directions, principal_directions
 from ..tasks.prior_fitting import encode_dataset, subset_indices
+from ..filenames import DIRECTIONS_CACHE, DIRECTIONS_CACHE_RECORD
 
 PRINCIPAL = 8  # principal directions offered as sliders
 PRINCIPAL_LIMIT = 3.0  # their sliders run over +-3 standard deviations
@@ -59,8 +60,7 @@ MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096  # refused before decoding: a small file can claim a huge image
 UPLOAD_LIMITS = ImageLimits(MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS)  # below the library's
 INVERSION_FIXED_POINT = 2  # fixed-point iterations per inverted step: closer at 10 steps
-CACHE_FILE = "latent_directions.safetensors"
-CACHE_RECORD = "latent_directions.json"  # what the cached directions were computed from
+CACHE_FILE, CACHE_RECORD = DIRECTIONS_CACHE, DIRECTIONS_CACHE_RECORD
 CACHE_SIZE = 256  # decoded x_hat and refined images kept per cache
 VIEW = 224  # pixels a single image is enlarged to (nearest neighbour: the pixels stay visible)
 

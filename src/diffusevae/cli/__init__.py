@@ -42,16 +42,8 @@ def cli(ctx: click.Context) -> None:
 
 
 # each module adds its commands to `cli`
-from . import (  # noqa: E402,F401
-    control_commands,
-    demo_command,
-    explore_command,
-    export_command,
-    import_command,
-    sample_commands,
-    score_commands,
-    train_commands,
-)
+from . import (control_commands, demo_command, explore_command, export_command,  # noqa: E402,F401
+               import_command, sample_commands, score_commands, train_commands)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,29 +7,13 @@ import click
 
 from ..errors import ConfigError, quote
 from ..limits import MAX_BATCH, MAX_COMPONENTS, MAX_FRAMES, MAX_SAMPLES
-from ..tasks.control import (
-    MODES,
-    check_lambdas,
-    compute_directions,
-    edit_to_folder,
-    interpolate_to_folder,
-)
+from ..tasks.control import (MODES, check_lambdas, compute_directions, edit_to_folder,
+                             interpolate_to_folder)
 from ..tasks.prior_fitting import fit_prior
 from . import cli
-from .options import (
-    SEED,
-    convert_option,
-    count,
-    device_of,
-    device_option,
-    inversion_options,
-    invert_config,
-    overwrite_option,
-    prior_option,
-    run_option,
-    sample_config,
-    sampling_options,
-)
+from .options import (SEED, convert_option, count, device_of, device_option, inversion_options,
+                      invert_config, overwrite_option, prior_option, run_option, sample_config,
+                      sampling_options)
 
 
 @cli.command("fit-prior")

@@ -13,16 +13,8 @@ from ..config import Config, InvertConfig, SampleConfig, to_dict
 from ..core.prior import PRIORS
 from ..distributed import resolve_device
 from ..errors import ConfigError
-from ..limits import (
-    MAX_BATCH,
-    MAX_ETA,
-    MAX_FIXED_POINT,
-    MAX_GUIDANCE,
-    MAX_SAMPLES,
-    MAX_TEMPERATURE,
-    MAX_TIMESTEPS,
-    SEED_MAX,
-)
+from ..limits import (MAX_BATCH, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_SAMPLES,
+                      MAX_TEMPERATURE, MAX_TIMESTEPS, SEED_MAX)
 from ..model.run_folder import RunFolder
 from ..names import DATASETS, DEVICES, LR_SCHEDULES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
 from ..presets import PRESETS, resolve

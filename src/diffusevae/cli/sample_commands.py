@@ -11,22 +11,9 @@ from ..limits import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
 from ..tasks.reconstruction import reconstruct_to_folder, refine_to_folder
 from ..tasks.sampling import sample_to_folder, sample_vae_to_folder
 from . import cli
-from .options import (
-    SEED,
-    Finite,
-    convert_option,
-    count,
-    device_of,
-    device_option,
-    inversion_options,
-    invert_config,
-    overwrite_option,
-    prior_option,
-    run_option,
-    sample_config,
-    sampling_options,
-    start_step_option,
-)
+from .options import (SEED, Finite, convert_option, count, device_of, device_option,
+                      inversion_options, invert_config, overwrite_option, prior_option, run_option,
+                      sample_config, sampling_options, start_step_option)
 
 
 @cli.command()

@@ -7,34 +7,15 @@ import click
 from ..config import SampleConfig
 from ..distributed import processes
 from ..errors import ConfigError, quote
-from ..limits import (
-    MAX_BATCH,
-    MAX_CLASSIFIER_WIDTH,
-    MAX_ETA,
-    MAX_KEPT,
-    MAX_LR,
-    MAX_SAMPLES,
-    MAX_STEPS,
-    MAX_SUBSETS,
-    MAX_TIMESTEPS,
-)
+from ..limits import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
+                      MAX_STEPS, MAX_SUBSETS, MAX_TIMESTEPS)
 from ..names import DATASETS, SPACINGS
 from ..scoring.evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
 from ..scoring.features import EXTRACTORS
 from ..scoring.sweep import sweep_to_folder
 from . import cli
-from .options import (
-    SEED,
-    Finite,
-    count,
-    device_of,
-    device_option,
-    flags_given,
-    prior_option,
-    run_option,
-    sample_config,
-    sampling_options,
-)
+from .options import (SEED, Finite, count, device_of, device_option, flags_given, prior_option,
+                      run_option, sample_config, sampling_options)
 
 MAX_CELLS = 64  # values of one comma-separated list of a sweep
 

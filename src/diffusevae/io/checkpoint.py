@@ -37,11 +37,8 @@ from ..errors import CheckpointError, ConfigError, quote
 from ..limits import MAX_TEXT_BYTES
 from .storage import atomic_write, read_checked, save_files
 from .text import parse_json
+from ..filenames import CONFIG_NAME, EMA_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-EMA_NAME = "ema.safetensors"
-TRAINER_STATE_NAME = "trainer_state.pt"
 CHECKED_FILES = (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, TRAINER_STATE_NAME)  # in the manifest
 # Sections besides "config" that a model folder's config.json must carry, by model kind.
 _SECTIONS: dict[str, dict[str, type]] = {"refiner": {"diffusion": DiffusionConfig}}

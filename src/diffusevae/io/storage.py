@@ -50,15 +50,14 @@ from typing import Any, Callable, Iterable, Iterator
 from ..errors import CheckpointError, DiskFullError, FolderInUseError
 from ..limits import MAX_TEXT_BYTES
 from .text import parse_json
+from ..filenames import LOCK_NAME, MANIFEST_NAME
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 SLOW_WRITE_ENV = "DIFFUSEVAE_TEST_SLOW_WRITE"
 DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQUOT: not Windows
 # How writers that are not Python's own (torch.save, safetensors) name a full disk.
 _DISK_FULL_TEXT = re.compile(r"no space left|os error (28|122)\b|disk quota|storagefull", re.I)
 LOW_SPACE = 1 << 20  # bytes: a write that failed with less than this free met a full disk
-LOCK_NAME = ".diffusevae.lock"
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import UNetConfig, VAEConfig
 from ..core.unet import UNet
 from ..core.vae import VAE
+from ..filenames import CONFIG_NAME
 from ..io import checkpoint as ckpt
 from ..official.official_unet import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from ..official.official_vae import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig
@@ -40,7 +41,7 @@ def load_network(folder: str | Path, kind: str, use_ema: bool = True,
     """The network of a model folder of `kind` with its (EMA) weights, in eval mode, and the
     folder's config.json (which also holds the refiner's diffusion settings)."""
     folder = Path(folder)
-    path = folder / ckpt.CONFIG_NAME
+    path = folder / CONFIG_NAME
     if not path.is_file():
         raise ckpt.CheckpointError(f"{path} is missing; is this a model folder written by "
                                    "diffusevae?")

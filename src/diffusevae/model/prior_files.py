@@ -12,9 +12,9 @@ from ..core.prior import GaussianMixture, checked_mixture
 from ..errors import CheckpointError
 from ..io.checkpoint import atomic_save_tensors, load_tensors, read_json
 from ..io.storage import atomic_write_json, sha256_file
-from .run_folder import PRIOR_JSON, RunFolder
+from ..filenames import GMM_FILE, PRIOR_JSON
+from .run_folder import RunFolder
 
-GMM_FILE = "gmm.safetensors"
 
 
 def save_mixture(folder: str | Path, mixture: GaussianMixture, info: dict) -> None:

@@ -11,8 +11,9 @@ the recorded training configs and the trained models::
     RUN/classifier/   a classifier whose features give FID on small datasets (scoring/classifier.py)
     RUN/samples/ ...  where each output command writes unless given --out (`OUTPUT_DIRS`)
 
-A model folder's own files (config.json, safetensors, manifest) are io/checkpoint.py's; what a
-run adds is which folders exist, which of them belong together, and where outputs go.
+Every file and folder name is spelled in filenames.py; a model folder's own checks (config,
+safetensors, manifest) are io/checkpoint.py's. What a run adds is which folders exist, which
+of them belong together, and where outputs go.
 """
 
 from __future__ import annotations
@@ -32,33 +33,19 @@ from ..core.diffusion import get_formulation
 from ..core.unet import UNet
 from ..core.vae import VAE
 from ..errors import CheckpointError, ConfigError, RunFolderError
+from ..filenames import (ATTRIBUTES_DIR, CLASSIFIER_DIR, CONFIG_NAME, EMA_NAME, ENVIRONMENT_NAME,
+                         IMAGES_DIR, LOCK_NAME, LOG_NAME, MODEL_CARD, OUTPUTS_ROOT, OUTPUT_DIRS,
+                         OUTPUT_ENTRIES, PRIOR_DIR, PRIOR_JSON, SAMPLING_RECORD, TRAIN_CONFIG_NAME,
+                         WEIGHTS_NAME)
 from ..io import checkpoint as ckpt
-from ..io.storage import LOCK_NAME, folder_lock, read_manifest, sha256_file
+from ..io.storage import folder_lock, read_manifest, sha256_file
 from ..official.importer import imported_data
 from .network_loading import arch_record, load_network
 
 STAGES = ("vae", "refiner")  # the trained models, in training order
-PRIOR_DIR = "prior"
-PRIOR_JSON = "prior.json"  # a fitted Ex-PDE prior's record (model/prior_files.py writes it)
-ATTRIBUTES_DIR = "attributes"
-CLASSIFIER_DIR = "classifier"
-TRAIN_CONFIG_NAME = "train_config.json"  # the resolved config a stage was trained with
 REFINER_KIND = "refiner"
-MODEL_CARD = "MODEL.md"  # a published model: the commands read it and never write into it
-OUTPUTS_ROOT = "diffusevae-outputs"  # a read-only run's outputs: OUTPUTS_ROOT/<run name>/...
 # The files of a stage that travel with an exported model, besides its config and weights.
-EXPORTED_RECORDS = (TRAIN_CONFIG_NAME, "log.csv", "environment.json")
-# Where each output command writes when not given --out, relative to the run folder.
-OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
-               "reconstruct": "reconstructions", "refine": "refined",
-               "interpolate": "interpolation", "edit": "edit", "evaluate": "eval",
-               "explore": "explore",
-               "sweep": "sweep"}
-# What the output writers (the tasks wing) make in a folder: `overwrite` removes these alone.
-OUTPUT_ENTRIES = ("images", "x_hat", "inverted", "grid.png", "stages.png", "samples.npz",
-                  "latents.npz", ".samples.parts", ".latents.parts", "sampling.json",
-                  "reconstruct.json", "refine.json", "interpolate.json", "edit.json",
-                  "*.gif", "*.png", ".*.tmp")  # MODE.gif, MODE_x_hat.png, NAME.png; temps
+EXPORTED_RECORDS = (TRAIN_CONFIG_NAME, LOG_NAME, ENVIRONMENT_NAME)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +65,7 @@ def load_refiner(folder: str | Path, use_ema: bool = True,
     with."""
     unet, meta = load_network(folder, REFINER_KIND, use_ema, device)  # ours, or imported
     diffusion = from_dict(DiffusionConfig, meta.get("diffusion", {}),
-                          where=f"{Path(folder) / ckpt.CONFIG_NAME}:diffusion")
+                          where=f"{Path(folder) / CONFIG_NAME}:diffusion")
     return unet, diffusion
 
 
@@ -97,7 +84,7 @@ def output_folder(out_dir: Path, command: str, overwrite: bool,
     its own."""
     with folder_lock(out_dir, command):
         _clear_earlier(out_dir, command, overwrite,
-                       resume and (out_dir / "sampling.json").is_file())
+                       resume and (out_dir / SAMPLING_RECORD).is_file())
         yield out_dir
 
 
@@ -105,7 +92,7 @@ def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -
     """Refuse a folder that holds files, unless `resume`; with `overwrite`, remove ours."""
     entries = sorted(p for p in out_dir.iterdir() if p.name != LOCK_NAME)
     if resume:
-        for tmp in [*out_dir.glob(".*.tmp"), *(out_dir / "images").glob(".*.tmp")]:
+        for tmp in [*out_dir.glob(".*.tmp"), *(out_dir / IMAGES_DIR).glob(".*.tmp")]:
             tmp.unlink(missing_ok=True)  # a kill during a write left it
         return
     if not entries:
@@ -217,13 +204,13 @@ class RunFolder:
     # ---- what the run holds ---------------------------------------------------------------
 
     def has_vae(self) -> bool:
-        return (self.vae_dir / ckpt.CONFIG_NAME).is_file()
+        return (self.vae_dir / CONFIG_NAME).is_file()
 
     def has_refiner(self) -> bool:
-        return (self.refiner_dir / ckpt.CONFIG_NAME).is_file()
+        return (self.refiner_dir / CONFIG_NAME).is_file()
 
     def has_classifier(self) -> bool:
-        return (self.classifier_dir / ckpt.CONFIG_NAME).is_file()
+        return (self.classifier_dir / CONFIG_NAME).is_file()
 
     def has_prior(self) -> bool:
         """A fitted Ex-PDE prior (`fit-prior`): `--prior gmm` samples with it."""
@@ -315,8 +302,8 @@ class RunFolder:
         """The weights file of `stage` that loading reads: the EMA weights when asked for and
         present, else the trained ones."""
         folder = self.stage_dir(stage)
-        ema = folder / ckpt.EMA_NAME
-        return ema if use_ema and ema.is_file() else folder / ckpt.WEIGHTS_NAME
+        ema = folder / EMA_NAME
+        return ema if use_ema and ema.is_file() else folder / WEIGHTS_NAME
 
     def weights_digest(self, use_ema: bool, with_vae: bool, with_prior: bool) -> dict:
         """SHA-256 of the weights a sampling run reads (from the manifests; None where a folder

@@ -38,7 +38,8 @@ import torch
 
 from ..config import DataConfig, DiffusionConfig, from_dict, to_dict
 from ..errors import ConfigError, OfficialCheckpointError
-from ..io.checkpoint import CONFIG_NAME, read_json, save_model_folder, what_was_refused
+from ..filenames import CONFIG_NAME
+from ..io.checkpoint import read_json, save_model_folder, what_was_refused
 from ..io.storage import sha256_file
 from .official_unet import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .official_vae import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig, parse_widths

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.unet import UNet, Upsample, norm_silu  # Upsample: the same layer, named alike
+from ..core.unet import UNet, Upsample, norm_silu
 from ..errors import ConfigError
 from ..io.checkpoint import save_model_folder
 from .official_vae import OFFICIAL_ARCH

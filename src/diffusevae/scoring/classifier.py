@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .. import rng
 from ..config import DataConfig, to_dict
 from ..errors import ConfigError
+from ..filenames import CONFIG_NAME
 from ..io import checkpoint as ckpt
 from ..io.checkpoint import PretrainedMixin
 from ..io.data import build_dataset
@@ -99,12 +100,12 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[Classifier, dict]:
     """The trained classifier of `folder` in eval mode, and its config.json (with the report)."""
     folder = Path(folder)
-    if not (folder / ckpt.CONFIG_NAME).is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise ckpt.CheckpointError(
             f"{folder} holds no trained classifier; train one with `diffusevae train-classifier "
             f"--dataset DATASET --out {folder}`")
     model = Classifier.from_pretrained(folder, device=device).eval()
-    return model, ckpt.read_json(folder / ckpt.CONFIG_NAME)
+    return model, ckpt.read_json(folder / CONFIG_NAME)
 
 
 @torch.no_grad()

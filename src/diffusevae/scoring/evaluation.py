@@ -42,6 +42,7 @@ from ..presets import PRESETS, get_preset
 from .classifier import ClassifierConfig, train_classifier
 from .features import Extractor, build_extractor, record_classifier
 from .sources import Source, dataset_source, path_source, run_source, vae_source
+from ..filenames import METRICS_JSON
 
 GRID_SIZE = 64
 # Datasets at the size and channels they come in (digits: as this library resizes them).
@@ -305,7 +306,7 @@ def _record(source: Source, got: Collected, ref_stats: M.Stats, ref_info: dict,
     if grid is not None and len(got.first):
         save_png(make_grid(got.first), grid)
     if out is not None:
-        atomic_write_json(Path(out) / "metrics.json", _jsonable(result))
+        atomic_write_json(Path(out) / METRICS_JSON, _jsonable(result))
     return result
 
 

@@ -178,7 +178,7 @@ def _inception_model(tfi) -> torch.nn.Module:
 def classifier_extractor(folder: str | Path, device: str | torch.device = "cpu",
                          batch_size: int = 500) -> Extractor:
     """Penultimate-layer features and logits of a classifier folder (`train-classifier`)."""
-    from ..io.checkpoint import WEIGHTS_NAME
+    from ..filenames import WEIGHTS_NAME
     from .classifier import load_classifier
 
     model, meta = load_classifier(folder, device)

@@ -27,6 +27,7 @@ from ..io.images import to_uint8
 from ..model.pipeline import DiffuseVAE, check_finite
 from ..model.prior_files import run_mixture
 from ..model.run_folder import RunFolder
+from ..filenames import SAMPLES_NPZ, SAMPLING_RECORD
 
 Batches = Iterator[np.ndarray]  # uint8 (B, H, W, C)
 
@@ -151,7 +152,7 @@ def npz_source(path: str | Path, batch_size: int = 250, role: str = "samples") -
 
 def _sampling_record(folder: Path) -> dict:
     """The settings `diffusevae sample` wrote beside its samples, if any."""
-    record = folder / "sampling.json"
+    record = folder / SAMPLING_RECORD
     if not record.is_file():
         return {"note": "no sampling.json beside the samples: sampler, steps, seed and EMA "
                         "unknown"}
@@ -168,8 +169,8 @@ def path_source(path: str | Path, batch_size: int = 250, role: str = "samples") 
     if not path.exists():
         raise EvaluationError(f"{role} {path} does not exist; pass a folder of images, an .npz "
                               "or the output folder of `sample`")
-    if path.is_dir() and (path / "samples.npz").is_file():
-        path = path / "samples.npz"
+    if path.is_dir() and (path / SAMPLES_NPZ).is_file():
+        path = path / SAMPLES_NPZ
     elif path.is_dir() and (path / "images").is_dir():
         path = path / "images"
     if path.is_file() and path.suffix == ".npz":

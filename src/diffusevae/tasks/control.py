@@ -45,10 +45,9 @@ from ..rng import sample_generators
 from .prior_fitting import encode_dataset, subset_indices
 from .reconstruction import check_inverting, inverted, load_latents
 from .writing import GIF_SCALE, Written, checked_pipeline, write_record
+from ..filenames import DIRECTIONS_FILE, GRID_PNG, LATENTS_NPZ, NAMES_FILE, RECORDS
 
 MODES = ("lerp", "slerp", "xt")
-DIRECTIONS_FILE = "directions.safetensors"
-NAMES_FILE = "names.json"
 CLASS_NAMES = {
     "digits": tuple(str(i) for i in range(10)),
     "mnist": tuple(str(i) for i in range(10)),
@@ -455,8 +454,8 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
             if gen.x_hat is not None and mode != "xt":
                 save_grid(to_uint8(gen.x_hat), out_dir / f"{mode}_x_hat.png", nrow=frames,
                           scale=2)
-        save_grid(np.concatenate(rows), out_dir / "grid.png", nrow=frames, scale=2)
-        write_record(out_dir / "interpolate.json", sample, run=str(run), modes=list(modes),
+        save_grid(np.concatenate(rows), out_dir / GRID_PNG, nrow=frames, scale=2)
+        write_record(out_dir / RECORDS["interpolate"], sample, run=str(run), modes=list(modes),
                       seed_a=seed_a, seed_b=seed_b,
                       image_a=None if image_a is None else str(image_a),
                       image_b=None if image_b is None else str(image_b), prior=prior,
@@ -501,7 +500,7 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
                 inv, sample = inverted(pipe, x, sample, invert)
                 z, y_T = inv.z, inv.y_T
                 if save_latents:
-                    inv.save(out_dir / "latents.npz", sample, run=str(run),
+                    inv.save(out_dir / LATENTS_NPZ, sample, run=str(run),
                              invert=dataclasses.asdict(invert), input=str(input_dir))
         for name, direction in chosen.items():
             gen = edit_latents(pipe, direction, lambdas, sample, z, prior, y_T)
@@ -509,7 +508,7 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
                       nrow=len(lambdas), scale=2)
             save_grid(to_uint8(gen.x_hat.flatten(0, 1)), out_dir / f"{slug(name)}_x_hat.png",
                       nrow=len(lambdas), scale=2)
-        write_record(out_dir / "edit.json", sample, run=str(run), attributes=list(attributes),
+        write_record(out_dir / RECORDS["edit"], sample, run=str(run), attributes=list(attributes),
                       lambdas=list(lambdas), input=None if input_dir is None else str(input_dir),
                       prior=prior, invert=None if invert is None else dataclasses.asdict(invert),
                       latents=None if latents is None else str(latents))

@@ -18,15 +18,11 @@ from ..config import InvertConfig, SampleConfig
 from ..errors import ConfigError
 from ..io.data import build_dataset, open_image_folder
 from ..io.images import save_grid, save_png, save_pngs, side_by_side, to_uint8
-from ..model.pipeline import (
-    DiffuseVAE,
-    Generation,
-    Inversion,
-    check_decodes_inversion,
-    check_finite,
-)
+from ..model.pipeline import (DiffuseVAE, Generation, Inversion, check_decodes_inversion,
+                              check_finite)
 from ..model.run_folder import RunFolder, output_folder
 from .writing import GRID_SIZE, Written, checked_pipeline, write_record
+from ..filenames import GRID_PNG, LATENTS_NPZ, RECORDS
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,17 +160,17 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
         names = dataset.output_names if input_dir else None  # a user's images keep their names
         columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, step,
                           "reconstruct", names, progress)
-        save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=4 * len(columns), scale=2)
+        save_grid(side_by_side(*columns), out_dir / GRID_PNG, nrow=4 * len(columns), scale=2)
         summary = f"{sample.n} reconstructions written to {out_dir} (grid.png: {what})"
         if not refine:
             return Written(out_dir, summary)
         if save_latents:
             latents, settings = step.latents()
-            latents.save(out_dir / "latents.npz", settings, run=str(run), invert=dataclasses.asdict(
+            latents.save(out_dir / LATENTS_NPZ, settings, run=str(run), invert=dataclasses.asdict(
                 invert), input=None if input_dir is None else str(input_dir),
                 names=None if names is None else list(names[:sample.n]))
             summary += "; latents.npz: z and y_T"
-        write_record(out_dir / "reconstruct.json", sample, run=str(run), start_step=start_step,
+        write_record(out_dir / RECORDS["reconstruct"], sample, run=str(run), start_step=start_step,
                       invert=None if invert is None else dataclasses.asdict(invert))
         return Written(out_dir, summary)
 
@@ -228,8 +224,8 @@ def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleC
         columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, lambda x, i: {
             "images": pipe.refine_images(x, sample, start_step=start_step, first_index=i).images},
             "refine", dataset.output_names, progress)  # names that never meet
-        save_grid(side_by_side(*columns), out_dir / "grid.png", nrow=8, scale=2)
-        write_record(out_dir / "refine.json", sample, run=str(run), input=str(input_dir),
+        save_grid(side_by_side(*columns), out_dir / GRID_PNG, nrow=8, scale=2)
+        write_record(out_dir / RECORDS["refine"], sample, run=str(run), input=str(input_dir),
                       start_step=start_step, convert_channels=convert_channels)
         return Written(out_dir, f"{sample.n} refined images written to {out_dir} "
                                 "(grid.png: input | refined)")

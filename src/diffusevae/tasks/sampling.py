@@ -46,6 +46,7 @@ from ..model.pipeline import DiffuseVAE, check_finite
 from ..model.prior_files import run_mixture
 from ..model.run_folder import RunFolder, output_folder
 from .writing import GRID_SIZE, STAGES_SIZE, Written, checked_pipeline, processes_of
+from ..filenames import GRID_PNG, SAMPLES_NPZ, SAMPLING_RECORD, STAGES_PNG
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | P
         t0 = time.time()
 
         def progress_to(done: int, complete: bool = False) -> None:
-            atomic_write_json(out_dir / "sampling.json", {
+            atomic_write_json(out_dir / SAMPLING_RECORD, {
                 **record, "done": done, "complete": complete,
                 "seconds": round(time.time() - t0, 2)})
 
@@ -112,7 +113,7 @@ def _plan(out_dir: Path, settings: dict, sample: SampleConfig,
     if not resume:
         return 0, True
     done = _resume_point(out_dir, settings)
-    n, npz_path = sample.n, out_dir / "samples.npz"
+    n, npz_path = sample.n, out_dir / SAMPLES_NPZ
     parts = NpzStreamWriter.parts_folder(npz_path).is_dir()
     counted = n if done is None else done
     start = _first_missing(out_dir / "images", counted, sample.batch_size)
@@ -164,7 +165,7 @@ def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs:
     npz = None
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        npz = NpzStreamWriter(out_dir / "samples.npz", sample.n, resume=start > 0)
+        npz = NpzStreamWriter(out_dir / SAMPLES_NPZ, sample.n, resume=start > 0)
         progress_to(start)
     try:  # closed first, so that an error starts a line of its own
         for batches in _rounds(start, sample, procs.world):
@@ -181,11 +182,11 @@ def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs:
     if npz is not None:
         images = npz.arrays["images"]
         scale = max(1, 64 // images.shape[1])  # small images are enlarged to be seen
-        save_grid(np.array(images[:GRID_SIZE]), out_dir / "grid.png", scale=scale)
+        save_grid(np.array(images[:GRID_SIZE]), out_dir / GRID_PNG, scale=scale)
         if show_stages and "x_hat" in npz.arrays:
             k = min(STAGES_SIZE, sample.n)
             pairs = np.stack([npz.arrays["x_hat"][:k], images[:k]], axis=1)  # x_hat | image
-            save_grid(pairs.reshape(-1, *images.shape[1:]), out_dir / "stages.png",
+            save_grid(pairs.reshape(-1, *images.shape[1:]), out_dir / STAGES_PNG,
                       nrow=8, scale=scale)
         npz.close()
 
@@ -204,7 +205,7 @@ def _rounds(start: int, sample: SampleConfig, world: int) -> Iterator[list[range
 def _resume_point(out_dir: Path, settings: dict) -> int | None:
     """The first sample index an interrupted run in `out_dir` has not written (None: it is
     complete); refuses settings that differ from the recorded ones."""
-    path = out_dir / "sampling.json"
+    path = out_dir / SAMPLING_RECORD
     if not path.is_file():
         tqdm.write(f"nothing to resume in {out_dir}; starting from sample 0")
         return 0
@@ -249,7 +250,7 @@ def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None
     out_dir = run.output_dir("sample-vae", out_dir)
     with output_folder(out_dir, "sample-vae", overwrite):
         first: list[np.ndarray] = []
-        with NpzStreamWriter(out_dir / "samples.npz", n) as npz, torch.inference_mode():
+        with NpzStreamWriter(out_dir / SAMPLES_NPZ, n) as npz, torch.inference_mode():
             for start in tqdm(range(0, n, batch_size), desc="sample-vae", disable=not progress):
                 z, x_hat = vae.sample_indexed(seed, range(start, min(n, start + batch_size)),
                                               temperature, mixture)
@@ -258,5 +259,5 @@ def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None
                 save_pngs(images, out_dir / "images", start)
                 npz.write(start, images=images, z=z.cpu().numpy())
                 first.extend(images[: max(0, GRID_SIZE - len(first))])
-        save_grid(np.stack(first), out_dir / "grid.png")
+        save_grid(np.stack(first), out_dir / GRID_PNG)
         return Written(out_dir, f"{n} VAE samples written to {out_dir}")

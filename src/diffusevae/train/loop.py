@@ -50,11 +50,11 @@ from ..config import Config, TrainConfig, to_dict
 from ..core.unet import CHANNELS_LAST_DEVICES
 from ..distributed import Processes
 from ..errors import ConfigError, OutOfMemoryError, TrainingError
-from ..io import checkpoint as ckpt
 from ..io.data import random_hflip
 from ..io.storage import atomic_write_json, folder_lock
 from ..rng import BatchShard
 from .state import EMA, TrainingState, check_resume, record_environment
+from ..filenames import LOG_NAME, TRAINER_STATE_NAME, TRAIN_CONFIG_NAME
 
 
 class StepBatches(Sampler[list[int]]):
@@ -364,11 +364,11 @@ def _fit(stage: Stage, cfg: Config, tc: TrainConfig, folder: Path, dataset: Data
     state = TrainingState(stage.model.to(device, memory_format=layout), tc, device,
                           keep_ema=main)  # the EMA is kept by the process that writes
     if resume and has_state:
-        state.load(folder / ckpt.TRAINER_STATE_NAME, device)
+        state.load(folder / TRAINER_STATE_NAME, device)
     elif resume and main:
         tqdm.write(f"no checkpoint in {folder} yet; starting from step 0")
     if main:
-        atomic_write_json(folder / "train_config.json", to_dict(cfg))
+        atomic_write_json(folder / TRAIN_CONFIG_NAME, to_dict(cfg))
         record_environment(folder, device, tc.seed, state.step, procs.world)
     ctx = _step_context(stage, state.model, cfg, tc, procs, global_batch, micro, layout, steps)
     loader = _loader(dataset, tc, ctx, state.step, steps)
@@ -429,7 +429,7 @@ class _Report:
 
     def __init__(self, folder: Path, name: str, tc: TrainConfig, show: bool, main: bool,
                  steps: int, start: int):
-        self.name, self.tc, self.log_path = name, tc, folder / "log.csv"
+        self.name, self.tc, self.log_path = name, tc, folder / LOG_NAME
         self.writer = _tensorboard(folder) if tc.tensorboard and main else None
         self.bar = tqdm(total=steps, initial=start, desc=f"train {name}", disable=not show,
                         dynamic_ncols=True)

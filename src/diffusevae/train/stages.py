@@ -21,11 +21,12 @@ from ..core.unet import UNet
 from ..core.vae import VAE
 from ..distributed import processes
 from ..errors import CheckpointError, ConfigError
-from ..io.checkpoint import CONFIG_NAME, load_weights
+from ..filenames import CONFIG_NAME, TRAIN_CONFIG_NAME
+from ..io.checkpoint import load_weights
 from ..io.data import build_dataset
 from ..io.images import save_grid, side_by_side
 from ..model.pipeline import DiffuseVAE
-from ..model.run_folder import TRAIN_CONFIG_NAME, RunFolder, save_refiner
+from ..model.run_folder import RunFolder, save_refiner
 from ..rng import BatchShard
 from .loop import Stage, fit
 

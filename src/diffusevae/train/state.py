@@ -22,6 +22,7 @@ from ..distributed import Processes
 from ..errors import RunFolderError, TrainingError
 from ..io import checkpoint as ckpt
 from ..io.storage import atomic_write_json
+from ..filenames import ENVIRONMENT_NAME, TRAINER_STATE_NAME, TRAIN_CONFIG_NAME
 
 # Settings a run may change when it resumes: they do not change what it computes (beyond
 # float rounding, as the number of processes does not either).
@@ -127,7 +128,7 @@ def check_resume(folder: Path, stage: str, cfg: Config, procs: Processes,
                   resume: bool) -> bool:
     """Whether there is a run to resume; refuses to overwrite one, or to resume it with other
     settings or from a process that cannot see it."""
-    state_path = folder / ckpt.TRAINER_STATE_NAME
+    state_path = folder / TRAINER_STATE_NAME
     # The main process decides from what it sees, so that all processes act alike.
     has_state = procs.broadcast_object(state_path.exists())
     if has_state and not resume:
@@ -146,7 +147,7 @@ def check_resume(folder: Path, stage: str, cfg: Config, procs: Processes,
 def _check_resume_settings(folder: Path, stage: str, cfg: Config) -> None:
     """Refuse to resume with settings that change what the run computes (architecture, data,
     lr, batch size, seed...): the result would be neither the old run nor a new one."""
-    path = folder / "train_config.json"
+    path = folder / TRAIN_CONFIG_NAME
     if not path.is_file():
         return
     old, new = ckpt.read_json(path), to_dict(cfg)
@@ -167,7 +168,7 @@ def record_environment(folder: Path, device: torch.device, seed: int, step: int,
                         processes: int) -> None:
     """Append this session's versions, git revision, device, processes and seed to
     environment.json."""
-    path = folder / "environment.json"
+    path = folder / ENVIRONMENT_NAME
     sessions: list = []
     if path.is_file():
         try:

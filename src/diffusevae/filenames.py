@@ -1,0 +1,53 @@
+"""Every file and folder name that a model folder, a run folder or an output folder holds,
+spelled once. The modules that write and read them import the names from here; where they go
+and which belong together is `model.run_folder`'s (`RunFolder`), and a model folder's own
+checks are `io.checkpoint`'s.
+"""
+
+# A model folder (RUN/vae, RUN/refiner, a published model)
+CONFIG_NAME = "config.json"  # the network's config, its kind and (refiner) the diffusion
+WEIGHTS_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"
+TRAINER_STATE_NAME = "trainer_state.pt"  # optimiser, EMA and step: never exported
+MANIFEST_NAME = "manifest.json"  # each file's size and SHA-256
+TRAIN_CONFIG_NAME = "train_config.json"  # the resolved config a stage was trained with
+LOG_NAME = "log.csv"  # the losses of a training run
+ENVIRONMENT_NAME = "environment.json"  # versions, device, seed of every session of a run
+LOCK_NAME = ".diffusevae.lock"  # held by the one writer of a folder
+MODEL_CARD = "MODEL.md"  # a published model: the commands read it and never write into it
+
+# A run folder's other parts
+PRIOR_DIR = "prior"
+PRIOR_JSON = "prior.json"  # a fitted Ex-PDE prior's record
+GMM_FILE = "gmm.safetensors"  # its mixture: weights, means, covariances
+ATTRIBUTES_DIR = "attributes"
+DIRECTIONS_FILE = "directions.safetensors"  # one direction in z per attribute
+NAMES_FILE = "names.json"  # the attributes' names, in the order of the directions
+CLASSIFIER_DIR = "classifier"
+
+# What the output commands write in their folders
+IMAGES_DIR = "images"
+X_HAT_DIR = "x_hat"
+INVERTED_DIR = "inverted"
+GRID_PNG = "grid.png"
+STAGES_PNG = "stages.png"
+SAMPLES_NPZ = "samples.npz"  # images, z, x_hat
+LATENTS_NPZ = "latents.npz"  # z and y_T of inverted images
+SAMPLING_RECORD = "sampling.json"  # settings, environment, samples done, complete
+RECORDS = {"reconstruct": "reconstruct.json", "refine": "refine.json",
+           "interpolate": "interpolate.json", "edit": "edit.json"}  # each command's settings
+METRICS_JSON = "metrics.json"  # what `evaluate` measured
+DIRECTIONS_CACHE = "latent_directions.safetensors"  # the explorer's principal directions
+DIRECTIONS_CACHE_RECORD = "latent_directions.json"  # what they were computed from
+
+OUTPUTS_ROOT = "diffusevae-outputs"  # a read-only run's outputs: OUTPUTS_ROOT/<run name>/...
+# Where each output command writes when not given --out, relative to the run folder.
+OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
+               "reconstruct": "reconstructions", "refine": "refined",
+               "interpolate": "interpolation", "edit": "edit", "evaluate": "eval",
+               "explore": "explore", "sweep": "sweep"}
+# What the output writers make in a folder: `overwrite` removes these alone (the .parts
+# folders are NpzStreamWriter's, beside its .npz; temporaries are atomic writes').
+OUTPUT_ENTRIES = (IMAGES_DIR, X_HAT_DIR, INVERTED_DIR, GRID_PNG, STAGES_PNG, SAMPLES_NPZ,
+                  LATENTS_NPZ, ".samples.parts", ".latents.parts", SAMPLING_RECORD,
+                  *RECORDS.values(), "*.gif", "*.png", ".*.tmp")  # MODE.gif, NAME.png, ...
