@@ -37,6 +37,9 @@ SAMPLING_RECORD = "sampling.json"  # settings, environment, samples done, comple
 RECORDS = {"reconstruct": "reconstruct.json", "refine": "refine.json",
            "interpolate": "interpolate.json", "edit": "edit.json"}  # each command's settings
 METRICS_JSON = "metrics.json"  # what `evaluate` measured
+LIKELIHOOD_SCORES = "scores.csv"  # `likelihood`: a row an image
+LIKELIHOOD_RECORD = "likelihood.json"  # its settings and summary
+LIKELIHOOD_HISTOGRAM = "histogram.png"
 DIRECTIONS_CACHE = "latent_directions.safetensors"  # the explorer's principal directions
 DIRECTIONS_CACHE_RECORD = "latent_directions.json"  # what they were computed from
 
@@ -45,9 +48,10 @@ OUTPUTS_ROOT = "diffusevae-outputs"  # a read-only run's outputs: OUTPUTS_ROOT/<
 OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
                "reconstruct": "reconstructions", "refine": "refined",
                "interpolate": "interpolation", "edit": "edit", "evaluate": "eval",
-               "explore": "explore", "sweep": "sweep"}
+               "explore": "explore", "sweep": "sweep", "likelihood": "likelihood"}
 # What the output writers make in a folder: `overwrite` removes these alone (the .parts
 # folders are NpzStreamWriter's, beside its .npz; temporaries are atomic writes').
 OUTPUT_ENTRIES = (IMAGES_DIR, X_HAT_DIR, INVERTED_DIR, GRID_PNG, STAGES_PNG, SAMPLES_NPZ,
                   LATENTS_NPZ, ".samples.parts", ".latents.parts", SAMPLING_RECORD,
-                  *RECORDS.values(), "*.gif", "*.png", ".*.tmp")  # MODE.gif, NAME.png, ...
+                  *RECORDS.values(), LIKELIHOOD_SCORES, LIKELIHOOD_RECORD, "*.gif", "*.png",
+                  ".*.tmp")  # MODE.gif, NAME.png, ...

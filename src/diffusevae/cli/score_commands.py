@@ -1,4 +1,5 @@
-"""Commands that measure: `train-classifier`, `evaluate`, `sweep` (docs/method.md#evaluation)."""
+"""Commands that measure: `train-classifier`, `evaluate`, `sweep` (docs/method.md#evaluation),
+and `likelihood` (docs/likelihood.md)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from ..distributed import processes
 from ..errors import ConfigError, quote
 from ..limits import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
                       MAX_STEPS, MAX_SUBSETS, MAX_TIMESTEPS)
-from ..names import DATASETS, SPACINGS
+from ..names import DATASETS, SPACINGS, VAR_TYPES
 from ..scoring.evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
 from ..scoring.features import EXTRACTORS
 from ..scoring.sweep import sweep_to_folder
+from ..tasks.likelihood_scores import LikelihoodRequest, likelihood_to_folder
 from . import cli
-from .options import (SEED, Finite, count, device_of, device_option, flags_given, prior_option,
-                      run_option, sample_config, sampling_options)
+from .options import (SEED, Finite, count, device_of, device_option, flags_given,
+                      overwrite_option, prior_option, run_option, sample_config,
+                      sampling_options)
 
 MAX_CELLS = 64  # values of one comma-separated list of a sweep
 
@@ -174,3 +177,38 @@ def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include
         on_cell=show, prior=prior)
     click.echo(f"{len(record['cells'])} cells ({record['names']['fid']}) written to "
                f"{', '.join(str(p) for p in paths)}")
+
+
+@cli.command()
+@run_option()
+@click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False),
+              help="A folder of images to score [the run's --split].")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test",
+              show_default=True, help="The run's dataset split to score (without --input).")
+@click.option("--n", type=count(MAX_SAMPLES), default=None,
+              help="Score the first N images [all].")
+@click.option("--strata", type=count(MAX_TIMESTEPS), default=100, show_default=True,
+              help="Timesteps an image, one drawn in each of this many equal strata "
+                   "(unbiased; a standard error per image).")
+@click.option("--exact", is_flag=True,
+              help="Sum every timestep instead: T network calls an image.")
+@click.option("--var-type", type=click.Choice(VAR_TYPES), default="fixedlarge",
+              show_default=True, help="The refiner's step variance in the bound.")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Seed of the noise (image i: (seed, i)).")
+@click.option("--batch-size", type=count(MAX_BATCH), default=64, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/likelihood].")
+@prior_option
+@device_option
+@overwrite_option
+def likelihood(run_dir: str, input_dir: str | None, split: str, n: int | None, strata: int,
+               exact: bool, var_type: str, seed: int, batch_size: int, out: str | None,
+               prior: str, device: str, overwrite: bool) -> None:
+    """The model's bound on log p(x) of each image, in bits per dimension (docs/likelihood.md):
+    scores.csv (a row an image: the bound, its standard error and each part), likelihood.json
+    (the mean, its standard errors, the settings) and histogram.png. Lower is more likely."""
+    request = LikelihoodRequest(n=n, input_dir=input_dir, split=split, strata=strata,
+                                exact=exact, prior=prior, var_type=var_type, seed=seed,
+                                batch_size=batch_size)
+    written = likelihood_to_folder(run_dir, request, out, device_of(device), overwrite)
+    click.echo(written.summary)
