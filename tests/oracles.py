@@ -76,8 +76,10 @@ def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
-def tiny_pipeline(form: str = "form2", p_uncond: float = 0.0, z_dim: int = 0) -> DiffuseVAE:
+def tiny_pipeline(form: str = "form2", p_uncond: float = 0.0, z_dim: int = 0,
+                  timesteps: int = 1000) -> DiffuseVAE:
     torch.manual_seed(0)
     vae = randomised(VAE(VAEConfig()), 1)
     unet = UNet(UNetConfig(base_channels=16, cond=form != "uncond", z_dim=z_dim))
-    return DiffuseVAE(vae, randomised(unet, 2), DiffusionConfig(form=form, p_uncond=p_uncond))
+    return DiffuseVAE(vae, randomised(unet, 2), DiffusionConfig(timesteps=timesteps, form=form,
+                                                              p_uncond=p_uncond))
