@@ -2,7 +2,7 @@
 
 One dataclass per concern (data, VAE, UNet, diffusion, training, sampling); `Config` bundles
 them. presets.py holds the presets and resolves a config from a preset, a file and overrides.
-Every CLI flag maps to one field; `--set section.field=value` reaches any field; a YAML/JSON file
+Every CLI flag maps to one field; a section.field=value assignment reaches any field; a YAML/JSON file
 can give any subset of sections. The resolved config is what a run folder records. The names
 a field can take (datasets, forms, samplers, ...) are declared once, in names.py; the bounds
 of its numbers, in limits.py.
@@ -24,9 +24,9 @@ from typing import Any
 from . import names
 from .errors import ConfigError, quote
 from .limits import (MAX_BATCH, MAX_EPOCHS, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_IMAGE_SIZE,
-                     MAX_LEVELS, MAX_LR, MAX_MINUTES, MAX_SAMPLES, MAX_SNR_GAMMA, MAX_STEPS,
-                     MAX_TEMPERATURE, MAX_TIMESTEPS, MAX_VAE_BLOCKS, MAX_WIDTH, MAX_WORKERS,
-                     check_seed)
+                     MAX_LEVELS, MAX_LR, MAX_MINUTES, MAX_OPTIMISER_STEPS, MAX_SAMPLES,
+                     MAX_SNR_GAMMA, MAX_TEMPERATURE, MAX_TIMESTEPS, MAX_VAE_BLOCKS, MAX_WIDTH,
+                     MAX_WORKERS, SEED_MAX)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -74,20 +74,93 @@ def _check_types(section: str, obj: Any) -> None:
             raise ConfigError(f"{section}.{name} must be of type {kind}; got {quote(value)}")
 
 
+# --------------------------------------------------------------------------------------------
+# A setting: a field that carries its help and its range
+# --------------------------------------------------------------------------------------------
+
+SETTING = "diffusevae.setting"  # the key of a field's `Setting` in its metadata
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a field says of itself beyond its name, type and default: its help, and the values
+    it takes (a range, or names). Its section's `validate` checks it (`check_settings`); the
+    command line's options and the explorer's controls are made from it."""
+
+    help: str
+    least: float | None = None  # the smallest value (excluded with `above`)
+    most: float | None = None  # the largest value (excluded with `below`)
+    above: bool = False
+    below: bool = False
+    choices: tuple[str, ...] = ()  # the names it may take (names.py)
+
+    def bounds(self) -> str:
+        """The range in words: '> 0 and <= 10', '>= 0 and < 1'."""
+        if (self.least, self.most) == (0, SEED_MAX):
+            return "an integer from 0 to 2^64 - 1"  # a seed
+        parts = [] if self.least is None else [f"{'>' if self.above else '>='} {self.least:n}"]
+        if self.most is not None:
+            parts.append(f"{'<' if self.below else '<='} {self.most:n}")
+        return " and ".join(parts)
+
+    def check(self, name: str, value: Any) -> None:
+        """Refuse a value outside the choices or the range (None and bools: nothing to check;
+        the field's type is `_check_types`')."""
+        if value is None or isinstance(value, bool):
+            return
+        if self.choices:
+            _check_choice(name, value, self.choices)
+            return
+        if not isinstance(value, numbers.Real):
+            return
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number; got {quote(value)}")
+        low = self.least is not None and (value <= self.least if self.above
+                                          else value < self.least)
+        high = self.most is not None and (value >= self.most if self.below
+                                          else value > self.most)
+        if low or high:
+            raise ConfigError(f"{name} must be {self.bounds()}; got {quote(value)}")
+
+
+def setting(default: Any, help: str, *, least: float | None = None,
+            most: float | None = None, above: bool = False, below: bool = False,
+            choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its `Setting`: declare a field, its default, range and help once."""
+    return field(default=default, metadata={SETTING: Setting(help, least, most, above, below,
+                                                             choices)})
+
+
+def setting_of(cls: type, name: str) -> Setting:
+    """The `Setting` of field ``name`` of config class ``cls``."""
+    for f in fields(cls):
+        if f.name == name and SETTING in f.metadata:
+            return f.metadata[SETTING]
+    raise KeyError(f"{cls.__name__}.{name} is not a setting")
+
+
+def check_settings(section: str, obj: Any) -> None:
+    """Each field's type, then each setting's range or choices, named ``section.field``."""
+    _check_types(section, obj)
+    for f in fields(obj):
+        if SETTING in f.metadata:
+            f.metadata[SETTING].check(f"{section}.{f.name}", getattr(obj, f.name))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which images to train on, and their shape."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None  # where the files are; each dataset has a documented default
-    image_size: int = 16
+    dataset: str = setting("digits", "Dataset to train on.", choices=names.DATASETS)
+    data_dir: str | None = setting(None, "Where the dataset's files are (each dataset has a "
+                                         "documented default).")
+    image_size: int = setting(16, "Pixels a side.", least=0, above=True, most=MAX_IMAGE_SIZE)
     channels: int = 1  # 1 = grayscale, 3 = RGB (folders are converted to this)
-    hflip: bool = False  # random horizontal flips during training
-    download: bool = False  # fetch the files if missing (only when asked)
+    hflip: bool = setting(False, "Random horizontal flips during training.")
+    download: bool = setting(False, "Download the dataset files if they are missing.")
 
     def validate(self) -> None:
-        _check_choice("data.dataset", self.dataset, names.DATASETS)
-        _check_positive("data.image_size", self.image_size, most=MAX_IMAGE_SIZE)
+        check_settings("data", self)
         if self.channels not in (1, 3):
             raise ConfigError(f"data.channels must be 1 or 3; got {self.channels}")
 
@@ -135,7 +208,7 @@ class VAEConfig:
     enc_blocks: str = "16x2,16d2,16t8,8x2,8d2,8t4,4x2,4d4,4t1,1x1"
     dec_blocks: str = "1x1,1u4,1t4,4x2,4u2,4t8,8x2,8u2,8t16,16x2"
     widths: str = "16:32,8:64,4:64,1:64"
-    kl_weight: float = 1.0
+    kl_weight: float = setting(1.0, "Weight of the KL term.", least=0)
 
     def width_map(self) -> dict[int, int]:
         try:
@@ -151,9 +224,9 @@ class VAEConfig:
         return widths
 
     def validate(self) -> None:
+        check_settings("vae", self)
         _check_positive("vae.image_size", self.image_size, most=MAX_IMAGE_SIZE)
         _check_positive("vae.z_dim", self.z_dim, most=MAX_WIDTH)
-        _check_positive("vae.kl_weight", self.kl_weight, allow_zero=True)
         parse_blocks(self.enc_blocks, "vae.enc_blocks")
         parse_blocks(self.dec_blocks, "vae.dec_blocks")
         if self.image_size not in self.width_map() or 1 not in self.width_map():
@@ -213,105 +286,124 @@ class UNetConfig:
 class DiffusionConfig:
     """The noise schedule (linear) and the formulation (docs/method.md#formulations)."""
 
-    timesteps: int = 1000
+    timesteps: int = setting(1000, "Steps of the noise schedule, T.", least=0, above=True,
+                             most=MAX_TIMESTEPS)
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    form: str = "form2"
-    p_uncond: float = 0.0  # per-sample conditioning dropout, for classifier-free guidance
+    form: str = setting("form2", "How the refiner uses x_hat (docs/method.md#formulations); "
+                                 "'uncond' is the plain DDPM baseline (no VAE).",
+                        choices=names.FORMS)
+    p_uncond: float = setting(0.0, "Per-sample conditioning dropout; enables classifier-free "
+                                   "guidance at sampling.", least=0, most=1, below=True)
 
     def validate(self) -> None:
-        _check_positive("diffusion.timesteps", self.timesteps, most=MAX_TIMESTEPS)
-        _check_choice("diffusion.form", self.form, names.FORMS)
+        check_settings("diffusion", self)
         if not 0.0 < self.beta_start < self.beta_end < 1.0:  # false for nan too
             raise ConfigError(f"diffusion needs 0 < beta_start < beta_end < 1; got "
                               f"{quote(self.beta_start)} and {quote(self.beta_end)}")
-        if not 0.0 <= self.p_uncond < 1.0:
-            raise ConfigError(f"diffusion.p_uncond must be in [0, 1); got {quote(self.p_uncond)}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training stage's optimisation and bookkeeping."""
 
-    lr: float = 1e-3
-    batch_size: int = 128  # the global batch of one optimiser step, however many processes
-    grad_accum: int = 1  # micro-batches per step and process (the batch is split, not grown)
-    steps: int = 2000  # optimiser steps; `epochs` overrides it when set
-    epochs: int | None = None
-    time_limit: float = 0.0  # minutes; stop after the step that passes it (0 = none)
-    warmup_steps: int = 0  # linear lr warm-up
-    # after the warm-up: constant, or a cosine / linear decay that reaches 0 at the last step
-    # (`steps`, or `epochs` converted to steps); docs/method.md#training-recipe
-    lr_schedule: str = "constant"
-    # refiner only: weight each timestep's loss by min(SNR, gamma) / SNR (Min-SNR-gamma,
-    # Hang et al. 2023, for eps-prediction); 0 = the simple, unweighted loss of DDPM
-    min_snr_gamma: float = 0.0
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    ema_decay: float = 0.0  # 0 = no EMA
-    log_every: int = 50
-    sample_every: int = 500  # sample / reconstruction grids
-    ckpt_every: int = 500
-    seed: int = 0
-    # start from the weights of this stage in another run or a published model folder (its EMA
-    # weights where it has them), with a fresh optimiser: fine-tuning, or a run continued on a
-    # machine that lost the run folder; None = the seed's random initialisation
-    init_from: str | None = None
-    device: str = "auto"
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPUs)
-    num_workers: int = 0
-    tensorboard: bool = False  # also log to TensorBoard (needs the `tensorboard` extra)
-    detect_anomaly: bool = False  # torch.autograd.detect_anomaly around each step (slow; debug)
-    compile: bool = False  # torch.compile the trained network (slow first step, faster after)
-    channels_last: bool | None = None  # NHWC weights and batches; None: by device (unet.py)
+    lr: float = setting(1e-3, "Adam learning rate (the peak, after warm-up).",
+                        least=0, above=True, most=MAX_LR)
+    batch_size: int = setting(128, "Images per optimiser step, summed over all processes.",
+                              least=0, above=True, most=MAX_BATCH)
+    grad_accum: int = setting(1, "Split each process's share of a step into this many "
+                                 "micro-batches (less memory; the step is the same).",
+                              least=0, above=True, most=MAX_BATCH)
+    steps: int = setting(2000, "Optimiser steps to train for.", least=0, above=True,
+                         most=MAX_OPTIMISER_STEPS)
+    epochs: int | None = setting(None, "Train for this many epochs instead of a number of "
+                                       "steps.", least=0, above=True, most=MAX_EPOCHS)
+    time_limit: float = setting(0.0, "Minutes: stop and save after the step that passes it "
+                                     "(resuming continues to the steps asked for); 0 = none.",
+                                least=0, most=MAX_MINUTES)
+    warmup_steps: int = setting(0, "Linear lr warm-up over this many steps.", least=0,
+                                most=MAX_OPTIMISER_STEPS)
+    # the decays reach 0 at the last step (`steps`, or `epochs` converted to steps);
+    # docs/method.md#training-recipe
+    lr_schedule: str = setting("constant", "After the warm-up: constant, or a decay to 0 at the "
+                                           "last step.", choices=names.LR_SCHEDULES)
+    # Hang et al. 2023, for eps-prediction
+    min_snr_gamma: float = setting(0.0, "Refiner: weight each timestep's loss by min(SNR, "
+                                        "gamma) / SNR (Min-SNR-gamma, e.g. 5); 0 = unweighted.",
+                                   least=0, most=MAX_SNR_GAMMA)
+    grad_clip: float = setting(0.0, "Largest gradient norm; 0 = no clipping.", least=0)
+    ema_decay: float = setting(0.0, "EMA decay of the weights (0 = no EMA).", least=0, most=1,
+                               below=True)
+    log_every: int = setting(50, "Log losses every N steps.", least=0, above=True,
+                             most=MAX_OPTIMISER_STEPS)
+    sample_every: int = setting(500, "Write preview grids every N steps.", least=0, above=True,
+                                most=MAX_OPTIMISER_STEPS)
+    ckpt_every: int = setting(500, "Write a checkpoint every N steps.", least=0, above=True,
+                              most=MAX_OPTIMISER_STEPS)
+    seed: int = setting(0, "Seed of the run (weights, data order, noise).", least=0,
+                        most=SEED_MAX)
+    # a run continued on a machine that lost the run folder is one use; None = the seed's
+    # random initialisation
+    init_from: str | None = setting(
+        None, "Start from this stage's weights in another run or a model folder (e.g. "
+              "models/fashion-mnist; its EMA weights where it has them), with a fresh "
+              "optimiser: fine-tuning.")
+    device: str = setting("auto", "Where to train (auto: CUDA, then MPS, then the CPU).",
+                          choices=names.DEVICES)
+    mixed_precision: str = setting("no", "Mixed precision on GPUs.", choices=names.PRECISIONS)
+    num_workers: int = setting(0, "Data-loading worker processes.", least=0, most=MAX_WORKERS)
+    tensorboard: bool = setting(False, "Also log to TensorBoard (pip install "
+                                       "'diffusevae[tensorboard]').")
+    detect_anomaly: bool = setting(False, "Run each step under torch.autograd.detect_anomaly to "
+                                          "find the operation that makes a NaN (slow; for "
+                                          "debugging).")
+    compile: bool = setting(False, "torch.compile the trained network (a slow first step, then "
+                                   "faster).")
+    channels_last: bool | None = setting(None, "Channels-last (NHWC) weights and batches; "
+                                               "unset: on for CPU and CUDA (unet.py).")
 
     def validate(self) -> None:
-        _check_positive("train.lr", self.lr, most=MAX_LR)
-        _check_positive("train.batch_size", self.batch_size, most=MAX_BATCH)
-        _check_positive("train.grad_accum", self.grad_accum, most=self.batch_size)
-        _check_positive("train.steps", self.steps, most=MAX_STEPS)
-        if self.epochs is not None:
-            _check_positive("train.epochs", self.epochs, most=MAX_EPOCHS)
-        _check_positive("train.time_limit", self.time_limit, allow_zero=True, most=MAX_MINUTES)
-        _check_positive("train.warmup_steps", self.warmup_steps, allow_zero=True, most=MAX_STEPS)
-        _check_choice("train.lr_schedule", self.lr_schedule, names.LR_SCHEDULES)
-        _check_positive("train.min_snr_gamma", self.min_snr_gamma, allow_zero=True,
-                        most=MAX_SNR_GAMMA)
-        _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1); got {quote(self.ema_decay)}")
-        for name in ("log_every", "sample_every", "ckpt_every"):
-            _check_positive(f"train.{name}", getattr(self, name), most=MAX_STEPS)
-        _check_positive("train.num_workers", self.num_workers, allow_zero=True, most=MAX_WORKERS)
-        check_seed(self.seed, "train.seed")
-        _check_choice("train.device", self.device, names.DEVICES)
-        _check_choice("train.mixed_precision", self.mixed_precision, names.PRECISIONS)
+        check_settings("train", self)
+        if self.grad_accum > self.batch_size:
+            raise ConfigError(f"train.grad_accum must be <= train.batch_size "
+                              f"({self.batch_size}); got {self.grad_accum}")
 
 
 @dataclass(frozen=True)
 class SampleConfig:
     """How to draw samples (docs/method.md#samplers).
 
-    Checked when built (all but the upper bound of `steps`, which needs the schedule), because
-    `DiffuseVAE.generate` builds it from plain arguments a caller gives. The fields of
+    Checked when built (all but the upper bound of `steps`, which needs the schedule), so a
+    caller of `DiffuseVAE.generate` learns of a bad value before any work. The fields of
     `SPEED_FIELDS` say how fast the refiner runs, not what it draws (docs/sampling.md, "Fast
-    sampling").
+    sampling"). A sampler's own options are fields here too, named as its function's keyword
+    arguments (`samplers.sampler_options`).
     """
 
-    n: int = 64
-    steps: int = 10
-    sampler: str = "ddim"
-    eta: float = 0.0
-    spacing: str = "uniform"
-    var_type: str = "fixedlarge"
-    clip: bool = True
-    keep_eps: bool = False  # DDIM: step with the network's eps after clipping (official code)
-    temperature: float = 1.0
-    guidance: float = 0.0
-    seed: int = 0
-    batch_size: int = 64
-    use_ema: bool = True
-    compile: bool = False  # torch.compile the refiner (a slow first batch, faster after)
-    channels_last: bool | None = None  # refiner memory format; None: the pipeline's (by device)
+    n: int = setting(64, "Number of samples.", least=0, above=True, most=MAX_SAMPLES)
+    steps: int = setting(10, "Sampling steps (respaced from the diffusion's timesteps).",
+                         least=0, above=True, most=MAX_TIMESTEPS)
+    sampler: str = setting("ddim", "dpmpp_2m: DPM-Solver++(2M), deterministic; best with "
+                                   "trailing spacing.", choices=names.SAMPLERS)
+    eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 like DDPM.", least=0,
+                         most=MAX_ETA)
+    spacing: str = setting("uniform", "Which timesteps to visit.", choices=names.SPACINGS)
+    var_type: str = setting("fixedlarge", "DDPM step variance.", choices=names.VAR_TYPES)
+    clip: bool = setting(True, "Clip predicted images to [-1, 1].")
+    keep_eps: bool = setting(False, "DDIM: after clipping, step with the network's eps, as the "
+                                    "official DiffuseVAE sampler (reproduces its samples).")
+    temperature: float = setting(1.0, "Scale of the initial noise.", least=0,
+                                 most=MAX_TEMPERATURE)
+    guidance: float = setting(0.0, "Classifier-free guidance weight w (needs a refiner trained "
+                                   "with conditioning dropout, diffusion.p_uncond > 0).",
+                              least=0, most=MAX_GUIDANCE)
+    seed: int = setting(0, "Seed of the noise (image i: (seed, i)).", least=0, most=SEED_MAX)
+    batch_size: int = setting(64, "Images per batch.", least=0, above=True, most=MAX_BATCH)
+    use_ema: bool = setting(True, "Use the EMA weights.")
+    compile: bool = setting(False, "torch.compile the refiner: slow first batch (and a smaller "
+                                   "last one), faster after; pays off for many samples.")
+    channels_last: bool | None = setting(None, "Channels-last memory format for the refiner; "
+                                               "unset: the pipeline's (on for CPU and CUDA).")
 
     SPEED_FIELDS: typing.ClassVar[tuple[str, ...]] = ("compile", "channels_last")
     """Fields that change images by float rounding at most: a resumed run may change them."""
@@ -320,23 +412,25 @@ class SampleConfig:
         self.validate(timesteps=None)
 
     def validate(self, timesteps: int | None = 1000) -> None:
-        _check_types("sample", self)
-        _check_positive("sample.n", self.n, most=MAX_SAMPLES)
-        _check_positive("sample.batch_size", self.batch_size, most=MAX_BATCH)
-        if not 1 <= self.steps <= (timesteps or MAX_TIMESTEPS):
-            raise ConfigError(f"sample.steps must be in 1..{timesteps or 'T'}; got "
-                              f"{quote(self.steps)}")
-        _check_choice("sample.sampler", self.sampler, names.SAMPLERS)
-        _check_choice("sample.spacing", self.spacing, names.SPACINGS)
-        _check_choice("sample.var_type", self.var_type, names.VAR_TYPES)
-        _check_positive("sample.eta", self.eta, allow_zero=True, most=MAX_ETA)
+        """Every field; with ``timesteps`` (the diffusion's T) also that `steps` fits in it."""
+        check_settings("sample", self)
+        if timesteps is not None and self.steps > timesteps:
+            raise ConfigError(f"sample.steps must be in 1..{timesteps}, the diffusion's "
+                              f"timesteps; got {quote(self.steps)}")
         if self.keep_eps and self.sampler != "ddim":
             raise ConfigError(f"sample.keep_eps is a DDIM setting; sample with ddim or leave "
-                              f"--keep-eps out (got sampler {self.sampler})")
-        _check_positive("sample.temperature", self.temperature, allow_zero=True,
-                        most=MAX_TEMPERATURE)
-        _check_positive("sample.guidance", self.guidance, allow_zero=True, most=MAX_GUIDANCE)
-        check_seed(self.seed, "sample.seed")
+                              f"sample.keep_eps off (got sampler {self.sampler})")
+
+
+def with_settings(sample: SampleConfig, **settings: Any) -> SampleConfig:
+    """``sample`` with the given fields replaced (a None leaves a field as it is), checked; an
+    unknown name is refused with the known ones."""
+    known = [f.name for f in fields(SampleConfig)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)}: not a sampling setting; the settings are "
+                          f"{', '.join(known)}")
+    return replace(sample, **{k: v for k, v in settings.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -346,16 +440,16 @@ class InvertConfig:
     stopping once an iteration moves it by less than ``tol`` (RMS). Decoding takes the same
     steps (and the sample settings' spacing, guidance and clipping)."""
 
-    steps: int = 50
-    fixed_point: int = 0
-    tol: float = 1e-4
+    steps: int = setting(50, "DDIM steps of the inversion and of its decoding.", least=0,
+                         above=True, most=MAX_TIMESTEPS)
+    fixed_point: int = setting(0, "Fixed-point iterations per inversion step: accurate at "
+                                  "10-20 steps, each one network call per step more.",
+                               least=0, most=MAX_FIXED_POINT)
+    tol: float = setting(1e-4, "An image stops iterating at a step once it moves by less "
+                               "(RMS).", least=0)
 
     def __post_init__(self) -> None:
-        _check_types("invert", self)
-        _check_positive("invert.steps", self.steps, most=MAX_TIMESTEPS)
-        _check_positive("invert.fixed_point", self.fixed_point, allow_zero=True,
-                        most=MAX_FIXED_POINT)
-        _check_positive("invert.tol", self.tol, allow_zero=True)
+        check_settings("invert", self)
 
 
 @dataclass(frozen=True)
@@ -373,8 +467,8 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every section and their agreement; return self so calls chain."""
+        _check_types("unet", self.unet)
         for name in ("data", "vae", "unet", "diffusion", "train_vae", "train_refiner"):
-            _check_types(name, getattr(self, name))
             getattr(self, name).validate()
         self.sample.validate(self.diffusion.timesteps)
         shape = (self.data.image_size, self.data.channels)

@@ -130,14 +130,14 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is visible; "
-                          "use --device cpu")
+        raise ConfigError(f"`device` {name} was asked for but no CUDA GPU is visible; "
+                          "use `device` cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for but MPS is not available; use --device cpu")
+        raise ConfigError("`device` mps was asked for but MPS is not available; use `device` cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N "
+        raise ConfigError(f"`device` {name!r} is not a device; use auto, cpu, cuda, cuda:N "
                           "or mps") from None
 
 
@@ -155,8 +155,8 @@ def processes(device: str = "auto") -> Processes:
         return Processes(resolve_device(device))
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(
-            f"--device {device} names one device, but under a launcher each process takes its "
-            "own (cuda:LOCAL_RANK, or the CPU); use --device auto, cuda or cpu")
+            f"`device` {device} names one device, but under a launcher each process takes its "
+            "own (cuda:LOCAL_RANK, or the CPU); use `device` auto, cuda or cpu")
     if device == "cuda":
         resolve_device(device)  # no GPU: say so before joining the group
     from accelerate import PartialState  # only under a launcher

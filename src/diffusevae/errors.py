@@ -134,3 +134,24 @@ def cut(text: str, limit: int = MESSAGE_LIMIT) -> str:
     """`text` as one line of at most `limit` characters (the end replaced by "...")."""
     text = " ".join(text.split("\n"))
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Notices: what a long task says while it runs, in the words of its caller
+# --------------------------------------------------------------------------------------------
+
+_wording: list = [lambda message: message]  # the command line's: fields and parameters as flags
+
+
+def speak_as(wording) -> None:
+    """Say every later `notice` (and name settings in it) through ``wording(message) -> str``;
+    the command line passes the function that writes its flags for config fields."""
+    _wording[0] = wording
+
+
+def notice(message: str) -> None:
+    """One line for the user beside the progress bars (``sample.steps`` and ```resume``` in it
+    are named as the caller names them: the command line prints its flags)."""
+    from tqdm.auto import tqdm  # a notice is rare; importing errors stays free
+
+    tqdm.write(_wording[0](message))

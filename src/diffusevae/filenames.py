@@ -44,7 +44,7 @@ DIRECTIONS_CACHE = "latent_directions.safetensors"  # the explorer's principal d
 DIRECTIONS_CACHE_RECORD = "latent_directions.json"  # what they were computed from
 
 OUTPUTS_ROOT = "diffusevae-outputs"  # a read-only run's outputs: OUTPUTS_ROOT/<run name>/...
-# Where each output command writes when not given --out, relative to the run folder.
+# Where each output command writes when not given an output folder, relative to the run folder.
 OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
                "reconstruct": "reconstructions", "refine": "refined",
                "interpolate": "interpolation", "edit": "edit", "evaluate": "eval",

@@ -22,9 +22,9 @@ from .errors import ConfigError, quote
 # --------------------------------------------------------------------------------------------
 
 SEED_MAX = 2**64 - 1  # a seed: what torch's generators take; rng.py uses all 64 bits
-MAX_SAMPLES = 10**8  # images one command draws, scores or writes (--n): 10^8
+MAX_SAMPLES = 10**8  # images one command draws, scores or writes (sample.n): 10^8
 MAX_BATCH = 65_536  # images in one batch
-MAX_STEPS = 10**9  # optimiser steps, and the intervals counted in them
+MAX_OPTIMISER_STEPS = 10**9  # optimiser steps (training), and the intervals counted in them
 MAX_EPOCHS = 10**6
 MAX_TIMESTEPS = 100_000  # the diffusion's T, so also sampling and inversion steps
 MAX_IMAGE_SIZE = 4096  # pixels a side
@@ -32,7 +32,7 @@ MAX_WIDTH = 65_536  # channels of a layer, dimensions of z
 MAX_LEVELS = 12  # resolutions of the UNet (channel_mults), blocks per level
 MAX_VAE_BLOCKS = 1024  # residual blocks of one VAE stack (the paper's largest has ~60)
 MAX_WORKERS = 256  # data-loading processes
-MAX_MINUTES = 10**7  # --time-limit (19 years)
+MAX_MINUTES = 10**7  # train.time_limit (19 years)
 MAX_LR = 10.0  # a learning rate beyond it only diverges
 MAX_TEMPERATURE = 10.0  # the initial noise's scale: beyond it the refiner sees no image
 MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 DDPM's variance (Song et al. 2021, eq. 16)

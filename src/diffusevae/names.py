@@ -8,7 +8,7 @@ never the other way round. Lists that no config field takes live with their owne
 (`prior.PRIORS`, `features.EXTRACTORS`, `latents.MODES`).
 
 To add a sampler: write it in core/samplers.py, add it to `samplers.SAMPLERS` and its name here;
-config, ``--sampler`` and ``--set sample.sampler=...`` accept it from then on.
+the config and the command line accept it from then on.
 """
 
 from __future__ import annotations

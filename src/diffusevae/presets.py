@@ -126,10 +126,10 @@ def load_file(path: str | Path) -> dict:
 
 
 def apply_sets(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``section.field=value`` strings (the CLI's ``--set``)."""
+    """Apply ``section.field=value`` strings (the CLI's set option)."""
     for item in assignments:
         if "=" not in item:
-            raise ConfigError(f"--set takes section.field=value; got {quote(item)}")
+            raise ConfigError(f"`sets` takes section.field=value; got {quote(item)}")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         nested: dict = {}
@@ -145,7 +145,7 @@ def resolve(preset: str = "digits", config_file: str | Path | None = None,
             overrides: dict | None = None, sets: tuple[str, ...] = (),
             base: Config | None = None) -> Config:
     """Preset (or `base`, e.g. a run's recorded config), then the config file, then the
-    single-field overrides, then ``--set`` assignments; validated.
+    single-field overrides, then the set assignments; validated.
 
     `overrides` maps ``"section.field"`` to a value (None entries are ignored, so that CLI flags
     that were not given change nothing).

@@ -203,7 +203,7 @@ def test_pipeline_inverts_and_decodes_back(form, z_dim, guidance):
 def test_inversion_needs_deterministic_ddim():
     pipe = _denoiser_pipe()
     for sample in (SampleConfig(sampler="dpmpp_2m"), SampleConfig(eta=1.0)):
-        with pytest.raises(ConfigError, match="--sampler ddim --eta 0"):
+        with pytest.raises(ConfigError, match="sample.sampler ddim, sample.eta 0"):
             pipe.invert(_images(), sample)
     with pytest.raises(ConfigError, match="shape"):
         pipe.invert(torch.zeros(1, 1, 8, 8), SampleConfig())
@@ -281,7 +281,7 @@ def test_a_wrong_latents_file_is_one_clear_error(tmp_path):
     np.savez(tmp_path / "pickled.npz", y_T=np.zeros((1, 1, 4, 4)),
              meta=np.array([{"decode": {}}], dtype=object))
     for name in ("other.npz", "text.npz", "pickled.npz", "missing.npz"):
-        with pytest.raises(ConfigError, match="--save-latents"):
+        with pytest.raises(ConfigError, match="`save_latents`"):
             Inversion.load(tmp_path / name)
 
 
@@ -392,11 +392,11 @@ def test_inversion_flags_errors_exit_2_with_one_line(inverted, tmp_path, capsys,
     (tmp_path / "bad.npz").write_text("no")
     args, message = {
         "no-invert": (rec + ["--fixed-point", "3"], "--fixed-point sets the inversion"),
-        "sampler": (rec + ["--invert", "--sampler", "dpmpp_2m"], "--sampler ddim --eta 0"),
+        "sampler": (rec + ["--invert", "--sampler", "dpmpp_2m"], "--sampler ddim, --eta 0"),
         "save": (rec + ["--save-latents"], "add --invert"),
         "edit-input": (edit + ["--invert"], "give --input DIR"),
         "interp-images": (["interpolate", "--run", run, "--invert"], "--image-a and --image-b"),
-        "no-refine": (rec + ["--invert", "--no-refine"], "--no-refine"),
+        "no-refine": (rec + ["--invert", "--no-refine"], "with --refine on"),
         "both": (edit + ["--input", images, "--latents", tmp_path / "bad.npz"], "not both"),
         "bad-latents": (edit + ["--latents", tmp_path / "bad.npz"], "--save-latents"),
     }[case]

@@ -111,10 +111,10 @@ def test_idx_missing_files_without_download_is_clear(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         build_dataset(DataConfig("fashion-mnist", None, image_size=28))
     message = str(err.value)
-    for needle in ("dataset-fashion-mnist", "--data-dir", "train-images-idx3-ubyte[.gz]",
-                   "--download", str(tmp_path / "home" / ".cache" / "diffusevae")):
+    for needle in ("dataset-fashion-mnist", "data.data_dir", "train-images-idx3-ubyte[.gz]",
+                   "data.download", str(tmp_path / "home" / ".cache" / "diffusevae")):
         assert needle in message
-    with pytest.raises(DataError, match="mnist test files not found.*--download"):
+    with pytest.raises(DataError, match="mnist test files not found.*data.download"):
         build_dataset(DataConfig("mnist", str(tmp_path / "nowhere")), "test")
 
 
@@ -258,7 +258,7 @@ def test_cifar10_wrong_content_and_missing(tmp_path):
     cfg = DataConfig("cifar10", str(tmp_path), image_size=32, channels=3)
     with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 batch"):
         build_dataset(cfg)
-    with pytest.raises(DataError, match="--data-dir.*--download"):
+    with pytest.raises(DataError, match="data.data_dir.*data.download"):
         build_dataset(DataConfig("cifar10", str(tmp_path / "empty"), 32, 3))
 
 
@@ -372,7 +372,7 @@ def test_folder_errors(tmp_path):
     Image.new("L", (4, 4)).save(tmp_path / "ok.png")
     with pytest.raises(DataError, match="only a train split"):
         build_dataset(DataConfig("folder", str(tmp_path), 8, 3), "test")
-    with pytest.raises(DataError, match="--data-dir"):
+    with pytest.raises(DataError, match="data.data_dir"):
         build_dataset(DataConfig("folder", None, 8, 3))
 
 
@@ -422,7 +422,7 @@ def test_user_images_with_another_channel_count_are_refused(tmp_path):
     colour = np.zeros((20, 20, 3), np.uint8)
     colour[..., 0] = 200
     Image.fromarray(colour).save(tmp_path / "red.png")
-    with pytest.raises(DataError, match="red.png.*--convert-channels"):
+    with pytest.raises(DataError, match="red.png.*`convert_channels`"):
         open_image_folder(tmp_path, 16, 1)
     assert len(open_image_folder(tmp_path, 16, 1, convert=True)) == 2
     with pytest.raises(DataError, match="grayscale"):
@@ -430,6 +430,6 @@ def test_user_images_with_another_channel_count_are_refused(tmp_path):
     one = read_image(tmp_path / "gray_as_rgb.png", 16, 1)  # one file: the same loading
     torch.testing.assert_close(one, open_image_folder(tmp_path, 16, 1, convert=True)[0][0])
     assert one.shape == (1, 16, 16) and abs(float(one.mean()) - (90 / 127.5 - 1)) < 1e-6
-    with pytest.raises(DataError, match="red.png is colour.*--convert-channels"):
+    with pytest.raises(DataError, match="red.png is colour.*`convert_channels`"):
         read_image(tmp_path / "red.png", 16, 1)
     assert read_image(tmp_path / "red.png", 16, 3).shape == (3, 16, 16)

@@ -96,7 +96,7 @@ def test_save_and_load_the_whole_pipeline(tmp_path):
 
 
 def test_guidance_needs_conditioning_dropout_and_is_the_guided_noise_written_out():
-    with pytest.raises(ConfigError, match="p-uncond"):
+    with pytest.raises(ConfigError, match="diffusion.p_uncond"):
         _pipe(p_uncond=0.0).generate(2, steps=2, guidance=1.0)
     pipe = _pipe(p_uncond=0.1, z_dim=16)
     guided = pipe.generate(2, steps=2, guidance=2.0)

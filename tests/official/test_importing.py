@@ -200,7 +200,7 @@ def test_keep_eps_is_a_ddim_setting_that_changes_nothing_where_nothing_is_clippe
         for clip in (True, False) for keep in (True, False)}
     assert torch.equal(runs[False, True], runs[False, False])  # no clipping: the same steps
     assert not torch.allclose(runs[True, True], runs[True, False])  # clipping: another eps
-    with pytest.raises(ConfigError, match="without --keep-eps"):
+    with pytest.raises(ConfigError, match="sample.keep_eps off"):
         pipe.invert(REF["x_hat"], SampleConfig(n=2, steps=4, keep_eps=True))
 
 
@@ -280,7 +280,7 @@ def test_a_vae_copy_that_differs_is_refused_naming_the_first_tensor(tmp_path):
 
 
 def test_what_cannot_be_inferred_is_named(tmp_path):
-    with pytest.raises(OfficialCheckpointError, match="number of attention heads.*--num-heads"):
+    with pytest.raises(OfficialCheckpointError, match="number of attention heads.*`num_heads`"):
         import_official(FIX / "vae.ckpt", FIX / "ddpm_form1.ckpt", tmp_path / "run")
     stripped = torch.load(FIX / "vae.ckpt", weights_only=True, map_location="cpu")
     del stripped["hyper_parameters"]
@@ -291,7 +291,7 @@ def test_what_cannot_be_inferred_is_named(tmp_path):
 
 
 def test_swapped_files_unknown_keys_and_wrong_shapes_are_refused(tmp_path):
-    with pytest.raises(OfficialCheckpointError, match="is a refiner .* pass it as --ddpm"):
+    with pytest.raises(OfficialCheckpointError, match="is a refiner .* pass it as `ddpm_path`"):
         import_official(FIX / "ddpm_form1.ckpt", FIX / "vae.ckpt", tmp_path / "r1", HEADS)
     state = _form1_state()
     state["target_network.decoder.z_proj.weight"] = torch.zeros(3)

@@ -75,7 +75,7 @@ def test_a_nan_gradient_stops_training_and_no_nan_reaches_a_checkpoint(tmp_path,
     _patch_vae_loss(monkeypatch, 3, _nan_gradient)
     cfg = tiny_config(**{"train_vae.ema_decay": 0.9})
     with pytest.raises(TrainingError, match="gradients became non-finite at step 3.*last "
-                                            "checkpoint is step 2.*--detect-anomaly"):
+                                            "checkpoint is step 2.*train.detect_anomaly"):
         train_vae(cfg, tmp_path, progress=False)
     folder = tmp_path / "vae"
     assert load_trainer_state(folder / TRAINER_STATE_NAME)["step"] == 2
@@ -163,7 +163,7 @@ def test_a_real_ctrl_c_finishes_the_step_saves_it_and_resume_is_exact(tmp_path, 
 
 def test_resume_refuses_settings_that_change_the_run(tmp_path):
     train_vae(tiny_config(**{"train_vae.steps": 2}), tmp_path, progress=False)
-    with pytest.raises(RunFolderError, match=r"train_vae.lr 0.001 -> 0.002.*another --run"):
+    with pytest.raises(RunFolderError, match=r"train_vae.lr 0.001 -> 0.002.*another `run_dir`"):
         train_vae(tiny_config(**{"train_vae.lr": 2e-3}), tmp_path, resume=True, progress=False)
     with pytest.raises(RunFolderError, match=r"vae.z_dim 16 -> 8"):
         train_vae(tiny_config(**{"vae.z_dim": 8}), tmp_path, resume=True, progress=False)

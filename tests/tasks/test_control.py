@@ -291,7 +291,7 @@ def test_control_errors_exit_2_with_one_line(trained_run, tmp_path, capsys, case
         (tmp_path / "l.csv").write_text("file,A\nx.png,1\ny.png,-1\n")
         args, message = ["attributes", "--run", r, "--labels", tmp_path / "l.csv"], "2 rows"
     elif case == "guidance":
-        args, message = ["interpolate", "--run", r, "--guidance", "1"], "p-uncond"
+        args, message = ["interpolate", "--run", r, "--guidance", "1"], "diffusion.p_uncond"
     else:
         args, message = ["edit", "--run", tmp_path, "--attribute", "x"], "diffusevae attributes"
     assert run(*args) == 2

@@ -127,6 +127,6 @@ def test_interpolate_to_folder_records_its_endpoints(trained_run, tmp_path):
     record = json.loads((tmp_path / "i" / "interpolate.json").read_text())
     assert (record["n"], record["seed"], record["seed_a"], record["modes"]) == (3, 4, 4,
                                                                                 ["slerp"])
-    with pytest.raises(ConfigError, match="both --image-a and --image-b"):
+    with pytest.raises(ConfigError, match="both `image_a` and `image_b`"):
         interpolate_to_folder(trained_run, SampleConfig(), tmp_path / "j",
                               image_a=tmp_path / "a.png")

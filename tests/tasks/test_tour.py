@@ -49,4 +49,4 @@ def test_tour_writes_samples_reconstructions_interpolation_and_an_edit(model, tm
 
 def test_tour_of_a_folder_without_a_model_says_what_to_do(tmp_path, capsys):
     assert run_cli("demo", "--model", tmp_path / "nothing", "--out", tmp_path / "o") == 2
-    assert "demo --train" in capsys.readouterr().err
+    assert "`diffusevae demo` (--train)" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 def test_a_finished_run_is_not_overwritten_without_resume(trained_run):
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(TrainingError, match="`resume`"):
         train_vae(tiny_config(), trained_run, progress=False)
 
 
@@ -211,7 +211,7 @@ def test_out_of_memory_says_to_lower_the_batch_size_and_keeps_the_run(tmp_path, 
 
     monkeypatch.setattr(vae_module.VAE, "loss_terms", too_big)
     run = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"step 3 \(a batch of 32 images.*Lower --batch-size"):
+    with pytest.raises(TrainingError, match=r"step 3 \(a batch of 32 images.*Lower train.batch_size"):
         train_vae(tiny_config(), run, progress=False)
     assert load_trainer_state(run / "vae" / TRAINER_STATE_NAME)["step"] == 2  # intact
     before = _weights(run / "vae/model.safetensors")

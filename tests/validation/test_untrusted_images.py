@@ -189,7 +189,7 @@ def test_palette_transparency_and_gray_alpha_follow_the_loader_rules(tmp_path):
     rgba[..., 0], rgba[..., 3] = 200, 255
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     assert load_image(tmp_path / "rgba.png").shape == (6, 6, 3)
-    with pytest.raises(DataError, match="rgba.png is colour.*--convert-channels"):
+    with pytest.raises(DataError, match="rgba.png is colour.*`convert_channels`"):
         read_image(tmp_path / "rgba.png", 8, 1)  # refine's channel rule, for every reader
     Image.fromarray(rgb).save(tmp_path / "not_really.png", format="GIF")
     with pytest.raises(DataError, match="not_really.png is a GIF image"):

@@ -35,9 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import SampleConfig
+from ..config import SampleConfig, setting_of
 from ..core.prior import PRIORS
-from ..core.samplers import SAMPLERS
 from ..errors import ConfigError, DataError, DiffuseVAEError
 from ..io.checkpoint import atomic_save_tensors, load_tensors, read_json
 from ..io.data import ImageLimits, build_dataset, read_image
@@ -55,7 +54,9 @@ PRINCIPAL_LIMIT = 3.0  # their sliders run over +-3 standard deviations
 ATTRIBUTE_LIMIT = 2.0  # attribute sliders run over lambda in +-2
 MAX_IMAGES = 16  # Generate: images per request
 MAX_FRAMES = 32  # Interpolate: frames per request
-MAX_STEPS = 100  # sampling steps a request may ask for (the latency target is at 10)
+# The sliders' ranges (low, high, step), tighter than the config's: 100 steps is ten times the
+# latency target, and a temperature past 2 gives only noise. A request outside them is refused.
+UI_RANGES = {"steps": (1, 100, 1), "temperature": (0.0, 2.0, 0.05)}
 MAX_UPLOAD_BYTES = 16 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096  # refused before decoding: a small file can claim a huge image
 UPLOAD_LIMITS = ImageLimits(MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS)  # below the library's
@@ -78,17 +79,22 @@ class Direction:
 class Settings:
     """The sampling settings a request carries (the page's settings row)."""
 
-    steps: int = 10
-    sampler: str = "ddim"
-    guidance: float = 0.0
-    temperature: float = 1.0
+    steps: int = SampleConfig.steps
+    sampler: str = SampleConfig.sampler
+    guidance: float = SampleConfig.guidance
+    temperature: float = SampleConfig.temperature
     prior: str = "normal"
 
     def sample(self, seed: int, n: int = 1) -> SampleConfig:
-        """These settings as the pipeline's config, checked (a bad value: ConfigError)."""
-        steps = _int(self.steps, "steps", 1, MAX_STEPS)
+        """These settings as the pipeline's config, checked by it (a bad value: ConfigError),
+        and within the sliders' ranges."""
+        low, high, _ = UI_RANGES["steps"]
+        steps = _int(self.steps, "steps", low, high)
         if self.prior not in PRIORS:
             raise ConfigError(f"prior must be one of {', '.join(PRIORS)}; got {self.prior!r}")
+        if not UI_RANGES["temperature"][0] <= self.temperature <= UI_RANGES["temperature"][1]:
+            raise ConfigError(f"temperature must be in {UI_RANGES['temperature'][0]:g}.."
+                              f"{UI_RANGES['temperature'][1]:g}; got {self.temperature}")
         return SampleConfig(n=n, steps=steps, sampler=str(self.sampler), seed=_int(seed, "seed"),
                             guidance=float(self.guidance), temperature=float(self.temperature),
                             batch_size=max(n, 1))
@@ -405,15 +411,28 @@ def _guard(gr, fn: Callable) -> Callable:
 def _settings_row(gr, explorer: Explorer) -> list:
     """The sampling settings every panel uses: steps, sampler, guidance, temperature, prior."""
     with gr.Row():
-        steps = gr.Slider(1, MAX_STEPS, 10, step=1, label="steps")
-        sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="sampler")
+        steps, sampler = _control(gr, "steps"), _control(gr, "sampler")
         guidable = explorer.pipe.form.conditioned and explorer.pipe.diffusion.p_uncond > 0
-        guidance = gr.Number(0.0, minimum=0, label="guidance", interactive=guidable)
-        temperature = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="temperature")
+        guidance = _control(gr, "guidance", interactive=guidable)
+        temperature = _control(gr, "temperature")
         fitted = explorer.pipe.prior is not None  # then its samples are the better ones
         prior = gr.Radio([p for p in PRIORS if p == "normal" or fitted],
                          value="gmm" if fitted else "normal", label="prior of z")
     return [steps, sampler, guidance, temperature, prior]
+
+
+def _control(gr, name: str, **kw):
+    """The control of `SampleConfig` field ``name``, made from its setting: a menu of its
+    choices, a slider over its UI range, or a number box over its range."""
+    setting, default = setting_of(SampleConfig, name), getattr(SampleConfig, name)
+    if setting.choices:
+        return gr.Dropdown(list(setting.choices), value=default, label=name, info=setting.help,
+                           **kw)
+    if name in UI_RANGES:
+        low, high, step = UI_RANGES[name]
+        return gr.Slider(low, high, default, step=step, label=name, info=setting.help, **kw)
+    return gr.Number(default, minimum=setting.least, maximum=setting.most, label=name,
+                     info=setting.help, **kw)
 
 
 def _sliders(gr, explorer: Explorer) -> list:

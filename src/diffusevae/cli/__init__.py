@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..distributed import launched
-from ..errors import DiffuseVAEError, DiskFullError, cut, exit_status
+from ..errors import CheckpointError, DiffuseVAEError, DiskFullError, cut, exit_status, speak_as
 from ..io.storage import DISK_FULL_ERRNOS
 
 # The commands that split their work over the processes of torchrun / accelerate launch; the
@@ -43,12 +43,14 @@ def cli(ctx: click.Context) -> None:
 
 # each module adds its commands to `cli`
 from . import (control_commands, demo_command, explore_command, export_command,  # noqa: E402,F401
-               import_command, sample_commands, score_commands, train_commands)
+               import_command, options, sample_commands, score_commands, train_commands)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; the errors of errors.py become one line on stderr and their exit
     status (2: the input; 1: the environment)."""
+    command = _command(sys.argv[1:] if argv is None else argv)
+    speak_as(lambda message: options.as_flags(message, command))
     try:
         cli.main(args=argv, prog_name="diffusevae", standalone_mode=False)
     except click.exceptions.Abort:
@@ -59,17 +61,25 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except DiffuseVAEError as exc:  # their messages say what to do
-        click.echo(f"error: {cut(str(exc))}", err=True)
+        # settings named by their flags; a checkpoint's fields as its file has them
+        message = options.as_flags(str(exc), command, not isinstance(exc, CheckpointError))
+        click.echo(f"error: {cut(message)}", err=True)
         sys.exit(exit_status(exc))
     except torch.OutOfMemoryError as exc:  # a batch the GPU cannot hold (training says more)
         what = ". ".join(str(exc).split(". ")[:2]).strip()  # torch's first two sentences
         click.echo(f"error: {what}; lower --batch-size and run again", err=True)
         sys.exit(2)
     except OSError as exc:  # a full disk, permissions, a wrong path: one line, no traceback
-        click.echo(f"error: {cut(_os_error_message(exc))}", err=True)
+        click.echo(f"error: {cut(options.as_flags(_os_error_message(exc), command))}", err=True)
         sys.exit(exit_status(exc))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _command(argv: list[str]) -> click.Command | None:
+    """The sub-command `argv` runs (the first word that names one), whose flags its messages
+    use."""
+    return next((cli.commands[a] for a in map(str, argv) if a in cli.commands), None)
 
 
 def _os_error_message(exc: OSError) -> str:

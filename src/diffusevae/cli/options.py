@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import typing
 
 import click
 import torch
 import yaml
 
-from ..config import Config, InvertConfig, SampleConfig, to_dict
+from ..config import (SETTING, Config, DataConfig, DiffusionConfig, InvertConfig, SampleConfig,
+                      TrainConfig, VAEConfig, to_dict)
 from ..core.prior import PRIORS
 from ..distributed import resolve_device
 from ..errors import ConfigError
-from ..limits import (MAX_BATCH, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_SAMPLES,
-                      MAX_TEMPERATURE, MAX_TIMESTEPS, SEED_MAX)
+from ..limits import MAX_TIMESTEPS, SEED_MAX
 from ..model.run_folder import RunFolder
-from ..names import DATASETS, DEVICES, LR_SCHEDULES, PRECISIONS, SAMPLERS, SPACINGS, VAR_TYPES
+from ..names import DEVICES
 from ..presets import PRESETS, resolve
 
 
@@ -44,67 +46,93 @@ class Finite(click.FloatRange):
 SEED = click.IntRange(0, SEED_MAX)  # what the generators take, used whole (rng.py)
 
 
+# --------------------------------------------------------------------------------------------
+# Options made from config fields, and the flag of each name the library's messages use
+# --------------------------------------------------------------------------------------------
+
+SECTIONS = {DataConfig: "data", VAEConfig: "vae", DiffusionConfig: "diffusion",
+            TrainConfig: "train", SampleConfig: "sample", InvertConfig: "invert"}
+class FieldOption(click.Option):
+    """An option that sets a config field, ``section.field`` (`field_option` makes them): the
+    command's messages name that field by the option's flag (`as_flags`)."""
+
+    def __init__(self, *args, field: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.field = field
+
+
+def field_option(cls: type, name: str, *decls: str, override: bool = False, **extra):
+    """The option of config field ``cls.name``, made from its `Setting`: its help, its default
+    (with ``override``: unset, so that the preset, file or run decides), its choices, and its
+    type (a bool is a flag; a pair ``--x/--no-x`` where it defaults to on or to unset). Its
+    range is the config's to check (`Setting.check`), once. ``decls``: the flag (and the
+    parameter's name) where they are not the field's name with dashes; ``extra``: click's
+    arguments that differ."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    setting = field.metadata[SETTING]
+    kind = next(t for t in (bool, int, float, str) if _is_a(typing.get_type_hints(cls)[name], t))
+    flag = "--" + name.replace("_", "-")
+    decls = decls or ((f"{flag}/--no-{flag[2:]}" if kind is bool and field.default is not False
+                       else flag),)
+    kw = {"help": setting.help, "default": None if override else field.default,
+          "show_default": not override and field.default is not None}
+    if kind is bool:
+        kw["is_flag"] = True
+    elif setting.choices:
+        kw["type"] = click.Choice(setting.choices)
+    else:
+        kw["type"] = kind
+    return click.option(*decls, cls=FieldOption, field=f"{SECTIONS[cls]}.{name}",
+                        **(kw | extra))
+
+
+def _is_a(annotation, kind: type) -> bool:
+    """Whether a field's annotation is ``kind`` or ``kind | None``."""
+    return annotation is kind or kind in typing.get_args(annotation)
+
+
+def as_flags(message: str, command: click.Command | None, fields: bool = True) -> str:
+    """A library message as `command` says it: each config field it names (``section.field``;
+    not with ``fields`` off, for a message about a file's fields) and each parameter
+    (```name```) that the command has an option for, replaced by that option's flag:
+    'sample.steps must be ...' becomes '--steps must be ...'. A field of a file
+    ('refiner/config.json:diffusion.form') and a setting the command has no flag for stay as
+    they are."""
+    options = [] if command is None else [p for p in command.params
+                                          if isinstance(p, click.Option)]
+    flag = {p: max(p.opts, key=lambda o: o.startswith("--")) for p in options}
+    for p in sorted(options, key=lambda p: -len(getattr(p, "field", ""))):
+        if fields and isinstance(p, FieldOption):
+            message = re.sub(rf"(?<![\w.:/-]){re.escape(p.field)}(?![\w-])", flag[p], message)
+    by_name = {p.name: flag[p] for p in options}
+    return re.sub(r"`(\w+)`", lambda m: by_name.get(m[1], m[0]), message)
+
+
 def run_option(required: bool = True):
     return click.option("--run", "run_dir", type=click.Path(file_okay=False), required=required,
                         help="Run folder: holds vae/, refiner/ and outputs (e.g. runs/digits).")
 
 
 def config_options(fn):
-    """Flags that choose and change the configuration (shared by the training commands)."""
+    """Flags that choose and change the configuration (shared by the training commands): one
+    per field of `TRAIN_FIELDS` and `DATA_FIELDS`, unset unless given (the preset, file or run
+    then decides)."""
     options = [
         click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                      help="Preset, as `diffusevae presets` lists them (default: the run's "
                           "own, else 'digits')."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML or JSON file with any of the config sections."),
-        click.option("--dataset", type=click.Choice(DATASETS),
-                     help="Dataset to train on (default: the preset's)."),
-        click.option("--data-dir", type=click.Path(), help="Where the dataset's files are."),
-        click.option("--download", is_flag=True, default=None,
-                     help="Download the dataset files if they are missing."),
-        click.option("--hflip/--no-hflip", default=None, help="Random horizontal flips."),
-        click.option("--steps", type=int, help="Optimiser steps to train for."),
-        click.option("--epochs", type=int, help="Train for this many epochs instead of --steps."),
-        click.option("--time-limit", type=float,
-                     help="Minutes: stop and save after the step that passes it (--resume "
-                          "continues to --steps)."),
-        click.option("--batch-size", type=int,
-                     help="Images per optimiser step, summed over all processes."),
-        click.option("--grad-accum", type=int,
-                     help="Split each process's share of a step into this many micro-batches "
-                          "(less memory; the step is the same)."),
-        click.option("--lr", type=float, help="Adam learning rate (the peak, after warm-up)."),
-        click.option("--warmup-steps", type=int, help="Linear lr warm-up over N steps."),
-        click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES),
-                     help="After warm-up: constant, or a decay to 0 at the last step."),
-        click.option("--min-snr-gamma", type=float,
-                     help="Refiner: Min-SNR-gamma loss weighting (e.g. 5); 0 = unweighted."),
-        click.option("--ema-decay", type=float, help="EMA decay of the weights (0 = no EMA)."),
-        click.option("--seed", type=int, help="Seed of the run (weights, data order, noise)."),
-        click.option("--init-from", type=click.Path(file_okay=False),
-                     help="Start from this stage's weights in another run or a model folder "
-                          "(e.g. models/fashion-mnist), with a fresh optimiser; fine-tuning."),
-        click.option("--device", type=click.Choice(DEVICES),
-                     help="Where to train (auto: CUDA, then MPS, then the CPU)."),
-        click.option("--mixed-precision", type=click.Choice(PRECISIONS),
-                     help="Mixed precision on GPUs."),
-        click.option("--num-workers", type=int, help="Data-loading worker processes."),
-        click.option("--sample-every", type=int, help="Write preview grids every N steps."),
-        click.option("--ckpt-every", type=int, help="Write a checkpoint every N steps."),
-        click.option("--log-every", type=int, help="Log losses every N steps."),
-        click.option("--tensorboard", is_flag=True, default=None,
-                     help="Also log to TensorBoard (pip install 'diffusevae[tensorboard]')."),
-        click.option("--detect-anomaly", is_flag=True, default=None,
-                     help="Run each step under torch.autograd.detect_anomaly to find the "
-                          "operation that makes a NaN (slow; for debugging)."),
-        click.option("--compile", is_flag=True, default=None,
-                     help="torch.compile the trained network (a slow first step, then faster)."),
-        click.option("--channels-last/--no-channels-last", "channels_last", default=None,
-                     help="Channels-last (NHWC) weights and batches [default: on for CPU and "
-                          "CUDA]."),
+        field_option(DataConfig, "dataset", override=True),
+        field_option(DataConfig, "data_dir", override=True, type=click.Path()),
+        field_option(DataConfig, "download", override=True),
+        field_option(DataConfig, "hflip", "--hflip/--no-hflip", override=True),
+        *[field_option(TrainConfig, name, override=True, **TRAIN_TYPES.get(name, {}))
+          for name in TRAIN_FIELDS],
         click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE",
                      help="Set any config field, e.g. --set vae.kl_weight=0.5 (repeatable)."),
-        click.option("--resume", is_flag=True, help="Continue the run where it stopped."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run where it stopped."),
         click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
@@ -113,10 +141,11 @@ def config_options(fn):
     return fn
 
 
-_TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr", "warmup_steps",
-                 "lr_schedule", "min_snr_gamma", "ema_decay", "seed", "init_from", "device",
-                 "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
-                 "tensorboard", "detect_anomaly", "compile", "channels_last")
+TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr", "warmup_steps",
+                "lr_schedule", "min_snr_gamma", "ema_decay", "seed", "init_from", "device",
+                "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
+                "tensorboard", "detect_anomaly", "compile", "channels_last")
+TRAIN_TYPES = {"init_from": {"type": click.Path(file_okay=False)}}
 
 
 def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None) -> Config:
@@ -129,7 +158,7 @@ def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None
     elif preset is None and kw["init_from"] is not None:
         base = _init_config(kw["init_from"], section)  # the architecture of the weights
     overrides = {f"data.{k}": kw[k] for k in ("dataset", "data_dir", "download", "hflip")}
-    overrides |= {f"{section}.{k}": kw[k] for k in _TRAIN_FIELDS}
+    overrides |= {f"{section}.{k}": kw[k] for k in TRAIN_FIELDS}
     overrides |= extra or {}
     return resolve(preset or "digits", kw["config_file"], overrides, kw["sets"], base=base)
 
@@ -163,59 +192,33 @@ device_option = click.option("--device", type=click.Choice(DEVICES),
 
 def speed_options(fn):
     """How fast the refiner runs (SampleConfig.SPEED_FIELDS): images agree to float rounding."""
-    options = [
-        click.option("--compile", is_flag=True,
-                     help="torch.compile the refiner: slow first batch (and a smaller last "
-                          "one), faster after; pays off for many samples."),
-        click.option("--channels-last/--no-channels-last", "channels_last", default=None,
-                     help="Channels-last memory format for the refiner [on for CPU and CUDA]."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
+    for name in reversed(SampleConfig.SPEED_FIELDS):
+        fn = field_option(SampleConfig, name)(fn)
     return fn
 
 
-def sampling_options(n: int | None = 64, seed: bool = True, n_help: str = "Number of samples."):
+# The sampling flags: the `SampleConfig` fields but n, seed and the speed fields, which
+# `sampling_options` adds as each command needs them; a field added to SampleConfig gets its
+# flag by adding its name here.
+SAMPLING_FIELDS = ("steps", "sampler", "eta", "spacing", "var_type", "batch_size", "temperature",
+                   "guidance", "clip", "keep_eps", "use_ema")
+SAMPLING_DECLS = {"use_ema": ("--ema/--no-ema", "use_ema")}
+
+
+def sampling_options(n: int | None = 64, seed: bool = True, n_help: str | None = None):
     """The sampling flags (one per `SampleConfig` field) and --device, for every command that
     samples or refines; ``n``: the default of --n (None: no --n, the command counts its own
     images), ``n_help`` its help; ``seed``: whether the command takes --seed. `sample_config`
     reads them back."""
     def decorate(fn):
-        options = [
-            click.option("--steps", type=count(MAX_TIMESTEPS), default=10, show_default=True,
-                         help="Sampling steps (respaced from the 1000 of training)."),
-            click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim",
-                         show_default=True, help="dpmpp_2m: DPM-Solver++(2M), deterministic; "
-                         "best with --spacing trailing."),
-            click.option("--eta", type=Finite(0, MAX_ETA), default=0.0, show_default=True,
-                         help="DDIM noise: 0 deterministic, 1 like DDPM."),
-            click.option("--spacing", type=click.Choice(SPACINGS), default="uniform",
-                         show_default=True, help="Which timesteps to visit."),
-            click.option("--var-type", type=click.Choice(VAR_TYPES), default="fixedlarge",
-                         show_default=True, help="DDPM step variance."),
-            click.option("--batch-size", type=count(MAX_BATCH), default=64,
-                         show_default=True),
-            click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0,
-                         show_default=True, help="Scale of the initial noise."),
-            click.option("--guidance", type=Finite(0, MAX_GUIDANCE), default=0.0,
-                         show_default=True,
-                         help="Classifier-free guidance weight w (needs --p-uncond in training)."),
-            click.option("--clip/--no-clip", default=True, show_default=True,
-                         help="Clip predicted images to [-1, 1]."),
-            click.option("--keep-eps", is_flag=True,
-                         help="DDIM: after clipping, step with the network's eps, as the "
-                              "official DiffuseVAE sampler (reproduces its samples)."),
-            click.option("--ema/--no-ema", "use_ema", default=True, show_default=True,
-                         help="Use the EMA weights."),
-            speed_options,
-            device_option,
-        ]
+        options = [field_option(SampleConfig, name, *SAMPLING_DECLS.get(name, ()))
+                   for name in SAMPLING_FIELDS]
+        options += [speed_options, device_option]
         if seed:
-            options.insert(0, click.option("--seed", type=SEED, default=0, show_default=True,
-                                           help="Seed of the noise (image i: (seed, i))."))
+            options.insert(0, field_option(SampleConfig, "seed"))
         if n is not None:
-            options.insert(0, click.option("--n", type=count(MAX_SAMPLES), default=n,
-                                           show_default=True, help=n_help))
+            options.insert(0, field_option(SampleConfig, "n", default=n,
+                                           **({"help": n_help} if n_help else {})))
         for option in reversed(options):
             fn = option(fn)
         return fn
@@ -228,25 +231,20 @@ def sample_config(kw: dict, **fields) -> SampleConfig:
     return SampleConfig(**{k: kw.pop(k) for k in names if k in kw}, **fields)
 
 
+# The inversion flags: the parameter of each `InvertConfig` field (its flag, with dashes).
+INVERSION_PARAMS = {"steps": "inversion_steps", "fixed_point": "fixed_point",
+                    "tol": "inversion_tol"}
+
+
 def inversion_options(save_latents: bool = True):
     """--invert and its settings (one per `InvertConfig` field), and --save-latents;
     `invert_config` reads them back."""
     def decorate(fn):
-        options = [
-            click.option("--invert", is_flag=True,
-                         help="Invert the images with DDIM (docs/method.md#inversion): decoding "
-                              "returns them, details included."),
-            click.option("--inversion-steps", type=count(MAX_TIMESTEPS),
-                         default=InvertConfig.steps, show_default=True,
-                         help="DDIM steps of the inversion and of its decoding."),
-            click.option("--fixed-point", type=count(MAX_FIXED_POINT, 0),
-                         default=InvertConfig.fixed_point, show_default=True,
-                         help="Fixed-point iterations per inversion step: accurate at 10-20 "
-                              "steps, each one network call per step more."),
-            click.option("--inversion-tol", type=Finite(min=0),
-                         default=InvertConfig.tol, show_default=True,
-                         help="An image stops iterating at a step once it moves by less (RMS)."),
-        ]
+        options = [click.option("--invert", is_flag=True,
+                                help="Invert the images with DDIM (docs/method.md#inversion): "
+                                     "decoding returns them, details included.")]
+        options += [field_option(InvertConfig, name, "--" + param.replace("_", "-"), param)
+                    for name, param in INVERSION_PARAMS.items()]
         if save_latents:
             options.append(click.option(
                 "--save-latents", is_flag=True,
@@ -261,11 +259,10 @@ def inversion_options(save_latents: bool = True):
 def invert_config(kw: dict) -> InvertConfig | None:
     """The `InvertConfig` of the inversion flags in `kw` (taken out of it); None without
     --invert, where setting one of them is an error."""
-    names = {"inversion_steps": "steps", "fixed_point": "fixed_point", "inversion_tol": "tol"}
-    values = {field: kw.pop(flag) for flag, field in names.items()}
+    values = {field: kw.pop(param) for field, param in INVERSION_PARAMS.items()}
     if kw.pop("invert"):
         return InvertConfig(**values)
-    given = flags_given(names)
+    given = flags_given(INVERSION_PARAMS.values())
     if given:
         raise ConfigError(f"{', '.join(given)} set{'s' if len(given) == 1 else ''} the "
                           "inversion; add --invert")

@@ -9,7 +9,7 @@ from ..config import SampleConfig
 from ..distributed import processes
 from ..errors import ConfigError, quote
 from ..limits import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
-                      MAX_STEPS, MAX_SUBSETS, MAX_TIMESTEPS)
+                      MAX_OPTIMISER_STEPS, MAX_SUBSETS, MAX_TIMESTEPS)
 from ..names import DATASETS, SPACINGS, VAR_TYPES
 from ..scoring.evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
 from ..scoring.features import EXTRACTORS
@@ -78,7 +78,7 @@ def scoring(kw: dict) -> Scoring:
 @click.option("--out", type=click.Path(file_okay=False),
               help="Classifier folder to write [RUN/classifier].")
 @click.option("--data-dir", type=click.Path(), help="Where the dataset's files are.")
-@click.option("--steps", type=count(MAX_STEPS), default=1000, show_default=True)
+@click.option("--steps", type=count(MAX_OPTIMISER_STEPS), default=1000, show_default=True)
 @click.option("--batch-size", type=count(MAX_BATCH, 2), default=128, show_default=True)
 @click.option("--lr", type=Finite(0, MAX_LR, min_open=True), default=2e-3,
               show_default=True, help="Peak learning rate (one-cycle schedule).")

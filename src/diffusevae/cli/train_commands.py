@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import click
 
+from ..config import DiffusionConfig, VAEConfig
 from ..distributed import processes
 from ..model.run_folder import RunFolder
-from ..names import FORMS
 from ..presets import PRESETS
 from ..train.stages import train_refiner, train_vae
 from . import cli
-from .options import build_config, config_options, dry_run, run_option
+from .options import build_config, config_options, dry_run, field_option, run_option
 
 
 @cli.command()
@@ -36,7 +36,7 @@ def presets(name: str | None) -> None:
 @cli.command("train-vae")
 @run_option()
 @config_options
-@click.option("--kl-weight", type=float, help="Weight of the KL term (default 1).")
+@field_option(VAEConfig, "kl_weight", override=True)
 def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
     """Train stage 1, the VAE, and write RUN/vae/ (weights, log, previews)."""
     cfg = build_config(run_dir, "train_vae", kw, {"vae.kl_weight": kl_weight})
@@ -50,11 +50,8 @@ def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
 @cli.command("train-refiner")
 @run_option()
 @config_options
-@click.option("--form", type=click.Choice(FORMS),
-              help="How the refiner uses x_hat (docs/method.md#formulations); 'uncond' is "
-                   "the plain DDPM baseline (no VAE).")
-@click.option("--p-uncond", type=float,
-              help="Per-sample conditioning dropout, enables --guidance at sampling.")
+@field_option(DiffusionConfig, "form", override=True)
+@field_option(DiffusionConfig, "p_uncond", override=True)
 @click.option("--z-cond", is_flag=True, help="Also condition the UNet on z (time embedding).")
 def train_refiner_cmd(run_dir: str, form: str | None, p_uncond: float | None, z_cond: bool,
                       **kw) -> None:

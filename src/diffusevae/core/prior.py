@@ -113,7 +113,7 @@ def checked_mixture(prior: str, mixture: GaussianMixture | None,
         return None
     if mixture is None:
         raise ConfigError("this run has no fitted latent prior; fit one with "
-                          "`diffusevae fit-prior --run RUN --components K`, or use --prior normal")
+                          "`diffusevae fit-prior` (with `components` K), or use the normal `prior`")
     if mixture.z_dim != z_dim:
         raise ConfigError(f"the fitted prior is {mixture.z_dim}-dimensional but the VAE's z has "
                           f"{z_dim} dimensions; refit it with `diffusevae fit-prior`")
@@ -137,10 +137,10 @@ def fit_mixture(z: Tensor, components: int, seed: int = 0,
     from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
     if components < 1:
-        raise ConfigError(f"--components must be >= 1; got {components}")
+        raise ConfigError(f"`components` must be >= 1; got {components}")
     if len(z) < 2 * components:
         raise ConfigError(f"cannot fit {components} components to {len(z)} latents; use fewer "
-                          "components or more images (--max-images)")
+                          "components or more images (`max_images`)")
     gmm = SkGaussianMixture(n_components=components, covariance_type="full",
                             reg_covar=reg_covar, max_iter=max_iter,
                             random_state=rng.derived_seed(seed, rng.LIBRARY, _SKLEARN, bits=32))

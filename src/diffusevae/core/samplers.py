@@ -278,7 +278,7 @@ def _anderson(g: Tensor, r: Tensor, g_prev: Tensor, r_prev: Tensor) -> Tensor:
 
 
 # The sampler registry: the functions of the names that names.SAMPLERS declares (config and
-# --sampler accept those), checked to agree when this module is imported.
+# the command line accept those), checked to agree when this module is imported.
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
 names.check_registry("samplers.SAMPLERS", SAMPLERS, names.SAMPLERS)
 _SHARED = ("generators", "clip_fn", "callback")  # the keyword arguments every sampler takes

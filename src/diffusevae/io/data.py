@@ -136,7 +136,7 @@ def _fetch(url: str, dest: Path) -> None:
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """Parse an IDX file of unsigned bytes (gzipped or not) with `ndim` dimensions."""
-    fix = "delete it and run again with --download, or replace it with an intact copy"
+    fix = "delete it and run again with `download` on, or replace it with an intact copy"
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":  # the gzip magic, whatever the file is called
         try:
@@ -185,8 +185,8 @@ def _idx(cfg: DataConfig, split: str) -> ArrayImages:
         debian = ("install the Debian package dataset-fashion-mnist, or "
                   if cfg.dataset == "fashion-mnist" else "")
         raise DataError(f"{cfg.dataset} {split} files not found in {where}; {debian}set the "
-                        f"run's data.data_dir to a folder holding {files} (--data-dir DIR when "
-                        f"training), or data.download (--download when training) to fetch "
+                        f"run's data.data_dir to a folder holding {files}, "
+                        f"or data.download to fetch "
                         f"them into {candidates[-1]}")
     image_path, label_path = _find(folder, names[0]), _find(folder, names[1])
     images, labels = _read_idx(image_path, 3), _read_idx(label_path, 1)
@@ -234,7 +234,7 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _SafeUnpickler(f, encoding="bytes").load()
     except Exception as exc:  # any unpickling failure is a bad file, whatever its type
         raise DataError(f"{path} is not a CIFAR-10 batch this loader can read safely ({exc}); "
-                        "replace it with the original file or pass --download") from None
+                        "replace it with the original file or set data.download") from None
     data = batch.get(b"data") if isinstance(batch, dict) else None
     labels = batch.get(b"labels") if isinstance(batch, dict) else None
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
@@ -269,9 +269,8 @@ def _cifar10(cfg: DataConfig, split: str) -> ArrayImages:
     if folder is None:
         raise DataError(f"no CIFAR-10 batches (data_batch_1..5, test_batch) in {root} or "
                         f"{root / CIFAR_FOLDER}; set the run's data.data_dir to a folder "
-                        f"holding the extracted {CIFAR_FOLDER} folder, or to that folder itself "
-                        f"(--data-dir DIR when training), or data.download (--download when "
-                        f"training) to fetch it into {root}")
+                        f"holding the extracted {CIFAR_FOLDER} folder, or to that folder itself, "
+                        f"or data.download to fetch it into {root}")
     names = [f"data_batch_{k}" for k in range(1, 6)] if split == "train" else ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
@@ -483,7 +482,7 @@ class ImageFolder(Dataset):
 
 
 # --------------------------------------------------------------------------------------------
-# Images a user gives a trained model (refine, reconstruct --input, interpolate, edit)
+# Images a user gives a trained model (refine, reconstruct's input, interpolate, edit)
 # --------------------------------------------------------------------------------------------
 
 def _wrong_channels(paths: list[Path], native: list[int], channels: int,
@@ -501,7 +500,7 @@ def _wrong_channels(paths: list[Path], native: list[int], channels: int,
     what = (f"{names} is {kind}" if len(paths) == 1 else
             f"{len(wrong)} of the {len(paths)} images{where} are {kind} ({names}{more})")
     return (f"{what} but the model takes {channels}-channel images; convert them, or pass "
-            "--convert-channels")
+            "`convert_channels`")
 
 
 def open_image_folder(folder: str | Path, image_size: int, channels: int,
@@ -548,8 +547,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
             raise DataError("an image folder has only a train split; evaluate against another "
                             "folder by passing it as the train split of a second config")
         if cfg.data_dir is None:
-            raise DataError("the folder dataset needs data.data_dir, a folder of images "
-                            "(--data-dir DIR when training)")
+            raise DataError("the folder dataset needs data.data_dir, a folder of images")
         return ImageFolder(cfg.data_dir, cfg.image_size, cfg.channels)
     raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
 

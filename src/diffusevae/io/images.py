@@ -128,7 +128,7 @@ class NpzStreamWriter:
             except (OSError, ValueError) as exc:
                 raise CheckpointError(
                     f"cannot resume {self.path}: the partial arrays in {self.parts} are missing "
-                    f"or damaged ({exc}); start over with --overwrite instead of --resume"
+                    f"or damaged ({exc}); start over with `overwrite` instead of `resume`"
                 ) from None
         else:
             shutil.rmtree(self.parts, ignore_errors=True)  # parts of an abandoned run

@@ -76,7 +76,7 @@ def disk_full(path: Path, exc: OSError) -> DiskFullError:
         exc.errno,
         f"the disk is full: writing {path} failed ({os.strerror(exc.errno)}); the previous "
         f"{path.name}, if any, is intact. Free some space (or write to another disk) and run "
-        "the command again (training: with --resume)")
+        "the command again (training: with `resume`)")
 
 
 def _write_failed(path: Path, exc: BaseException) -> OSError:

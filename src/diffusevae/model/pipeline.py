@@ -31,7 +31,7 @@ from typing import Callable, ClassVar, Iterator
 import numpy as np
 import torch
 
-from ..config import DiffusionConfig, SampleConfig
+from ..config import DiffusionConfig, SampleConfig, with_settings
 from ..core.diffusion import Schedule, get_formulation, make_eps_fn, q_sample, respaced_timesteps
 from ..core.likelihood import LikelihoodBound, likelihood_bound
 from ..core.prior import GaussianMixture, checked_mixture, draw_latents
@@ -104,13 +104,13 @@ class Inversion:
                 torch.isfinite(z).all()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} cannot be read as saved latents ({exc}); write it with "
-                              "--invert --save-latents") from None
+                              "`invert` and `save_latents`") from None
         if not ok:
-            raise ConfigError(f"{path} does not hold the latents of --save-latents (z, y_T and "
-                              "their settings); write it again with --invert --save-latents")
+            raise ConfigError(f"{path} does not hold the latents of `save_latents` (z, y_T and "
+                              "their settings); write it again with `invert` and `save_latents`")
         if not finite:
             raise ConfigError(f"{path} holds non-finite latents (nan or inf); write it again "
-                              "with --invert --save-latents")
+                              "with `invert` and `save_latents`")
         return cls(y_T, z), meta
 
 
@@ -120,8 +120,8 @@ def check_decodes_inversion(sample: SampleConfig) -> None:
     if sample.sampler != "ddim" or sample.eta != 0 or sample.keep_eps:
         raise ConfigError("inversion runs deterministic DDIM backwards, and only that decodes "
                           f"back to the input; got sampler {sample.sampler} with eta "
-                          f"{sample.eta:g}{' and --keep-eps' * sample.keep_eps}: use "
-                          "--sampler ddim --eta 0 (without --keep-eps)")
+                          f"{sample.eta:g}{' and sample.keep_eps' * sample.keep_eps}: use "
+                          "sample.sampler ddim, sample.eta 0 and sample.keep_eps off")
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class DiffuseVAE:
         inductor = kwargs.get("backend", "inductor") == "inductor"
         if inductor and self.device.type == "cpu" and not _has_cpp_compiler():
             raise ConfigError("torch.compile for the CPU needs a C++ compiler (g++ or clang++, or "
-                              "one named by $CXX); install one, or sample without --compile")
+                              "one named by $CXX); install one, or sample with sample.compile off")
         self.unet.compile(**{"dynamic": False, **kwargs})
         self.compiled = True
         return self
@@ -295,13 +295,11 @@ class DiffuseVAE:
 
     def check_guidance(self, guidance: float) -> None:
         """Refuse a guidance weight this refiner cannot use (before any work is done)."""
-        if guidance < 0:
-            raise ConfigError(f"guidance must be >= 0; got {guidance}")
         if guidance > 0 and (not self.form.conditioned or self.diffusion.p_uncond == 0):
             raise ConfigError(
                 "guidance needs a refiner trained with conditioning dropout; this one has "
                 f"form={self.diffusion.form}, p_uncond={self.diffusion.p_uncond}. Retrain with "
-                "--p-uncond 0.1 (for example), or sample with --guidance 0"
+                "diffusion.p_uncond 0.1 (for example), or sample with sample.guidance 0"
             )
 
     @torch.inference_mode()
@@ -322,7 +320,7 @@ class DiffuseVAE:
         if start_step is None:
             return eps, timesteps
         if not 0 <= start_step < self.diffusion.timesteps:
-            raise ConfigError(f"--start-step must be in 0..{self.diffusion.timesteps - 1}; got "
+            raise ConfigError(f"`start_step` must be in 0..{self.diffusion.timesteps - 1}; got "
                               f"{start_step}")
         if x_start is None:
             raise ValueError("a start step needs x_start, the image to noise")
@@ -365,7 +363,7 @@ class DiffuseVAE:
     def _need_vae(self, what: str) -> VAE:
         if self.vae is None:
             raise ConfigError(f"{what} needs a VAE, and this run's refiner ({self.diffusion.form}) "
-                              "has none; use a run trained with --form form2 (or form1)")
+                              "has none; use a run trained with diffusion.form form2 (or form1)")
         return self.vae
 
     @torch.inference_mode()
@@ -405,7 +403,7 @@ class DiffuseVAE:
         if self.vae is None:  # uncond: nothing to condition on, only the SDEdit start
             if start_step is None:
                 raise ConfigError("this run's refiner is unconditional (form uncond): it cannot "
-                                  "be conditioned on an image; pass --start-step t to start "
+                                  "be conditioned on an image; give `start_step` t to start "
                                   "from the image noised to step t instead")
             y, taus = self.initial_state(gens, sample, None, x_start, start_step)
             return Generation(self.refine(None, None, gens, sample, callback, y, taus))
@@ -555,19 +553,16 @@ class DiffuseVAE:
         return Generation(images, z, x_hat)
 
     @torch.inference_mode()
-    def generate(self, n: int, steps: int = 10, sampler: str = "ddim", eta: float = 0.0,
-                 seed: int = 0, temperature: float = 1.0, guidance: float = 0.0,
-                 batch_size: int = 64, spacing: str = "uniform", var_type: str = "fixedlarge",
-                 clip: bool = True, return_latents: bool = False,
-                 prior: str = "normal") -> Generation | torch.Tensor:
-        """Generate `n` images (B, C, H, W) in [-1, 1]; with `return_latents` also z and x_hat.
+    def generate(self, n: int | None = None, sample: SampleConfig | None = None, *,
+                 prior: str = "normal", return_latents: bool = False,
+                 **settings) -> Generation | torch.Tensor:
+        """Generate images (B, C, H, W) in [-1, 1]; with `return_latents` also z and x_hat.
 
+        How: ``sample`` (default: `SampleConfig()`), with ``n`` and any of its fields given as
+        keywords in its place, e.g. ``generate(8, steps=20, sampler="dpmpp_2m")``.
         ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
         """
-        sample = SampleConfig(n=n, steps=steps, sampler=sampler, eta=eta, seed=seed,
-                              temperature=temperature, guidance=guidance,
-                              batch_size=batch_size, spacing=spacing, var_type=var_type,
-                              clip=clip)
+        sample = with_settings(sample or SampleConfig(), n=n, **settings)
         parts = [g for _, g in self.iter_generate(sample, prior=prior)]
         out = Generation(
             images=torch.cat([p.images for p in parts]),

@@ -55,5 +55,5 @@ def load_run_prior(run_dir: str | Path) -> GaussianMixture | None:
     weights = run.weights_file("vae")
     if meta.get("vae_sha256") and weights.is_file() and sha256_file(weights) != meta["vae_sha256"]:
         warnings.warn(f"{folder} was fitted to an earlier version of the run's VAE; refit it with "
-                      f"`diffusevae fit-prior --run {run_dir}`", stacklevel=2)
+                      f"`diffusevae fit-prior` on {run_dir}", stacklevel=2)
     return mixture

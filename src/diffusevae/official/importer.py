@@ -168,8 +168,8 @@ def official_vae_config(hparams: dict | None, shapes: Shapes, what: str) -> Offi
     tensor name and shape."""
     keys = ("input_res", "enc_block_str", "dec_block_str", "enc_channel_str", "dec_channel_str")
     if any(k.startswith((TARGET, ONLINE)) for k in shapes):
-        raise OfficialCheckpointError(f"{what} is a refiner (DDPM) checkpoint; pass it as --ddpm "
-                                      "and the VAE's checkpoint as --vae")
+        raise OfficialCheckpointError(f"{what} is a refiner (DDPM) checkpoint; pass it as `ddpm_path` "
+                                      "and the VAE's checkpoint as `vae_path`")
     if not isinstance(hparams, dict) or any(k not in hparams for k in keys):
         raise OfficialCheckpointError(
             f"{what} does not record the VAE's constructor arguments (hyper_parameters with "
@@ -283,7 +283,7 @@ def infer_unet_config(shapes: Shapes, image_size: int, num_heads: int | None,
     if num_heads is None:
         raise OfficialCheckpointError(
             f"{what}: the number of attention heads cannot be inferred (the attention weights "
-            f"have the same shape for any head count); pass it (--num-heads): {HEADS_HINT}")
+            f"have the same shape for any head count); pass it (`num_heads`): {HEADS_HINT}")
     cfg = OfficialUNetConfig(
         family=family, image_size=image_size, channels=channels, base_channels=ch,
         channel_mults=mults, num_res_blocks=nres, num_heads=num_heads,
@@ -327,8 +327,8 @@ def _part_of(key: str) -> tuple[str, str] | None:
 def split_refiner_state(state: dict[str, Any], what: str) -> RefinerParts:
     """Sort the keys of an official DDPM state dict; refuse any key that fits no part."""
     if state and all(k.startswith(("enc.", "dec.")) for k in state):
-        raise OfficialCheckpointError(f"{what} is a VAE checkpoint; pass it as --vae and the "
-                                      "refiner's (DDPM) checkpoint as --ddpm")
+        raise OfficialCheckpointError(f"{what} is a VAE checkpoint; pass it as `vae_path` and the "
+                                      "refiner's (DDPM) checkpoint as `ddpm_path`")
     parts = RefinerParts({}, {}, {}, {})
     store = {"target": parts.target, "online": parts.online, "target_buffers": parts.buffers,
              "vae": parts.vae, "online_buffers": {}}  # the online copy of the schedule: unused
@@ -391,7 +391,7 @@ def check_vae_copy(vae_state: dict[str, torch.Tensor], copy: dict[str, torch.Ten
             how = f"differs by up to {float((a.double() - b.double()).abs().max()):.3g}"
         raise OfficialCheckpointError(
             f"the VAE inside {ddpm_what} is not the VAE of {vae_what}: vae.{key} {how}. The "
-            "refiner was trained on the VAE it carries; pass that VAE's checkpoint as --vae")
+            "refiner was trained on the VAE it carries; pass that VAE's checkpoint as `vae_path`")
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,8 +102,8 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu"
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise ckpt.CheckpointError(
-            f"{folder} holds no trained classifier; train one with `diffusevae train-classifier "
-            f"--dataset DATASET --out {folder}`")
+            f"{folder} holds no trained classifier; train one there with `diffusevae "
+            "train-classifier`")
     model = Classifier.from_pretrained(folder, device=device).eval()
     return model, ckpt.read_json(folder / CONFIG_NAME)
 

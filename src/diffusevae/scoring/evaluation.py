@@ -339,7 +339,7 @@ def dataset_config(dataset: str, data_dir: str | None = None) -> DataConfig:
     """A dataset at its native size, without flips: what a classifier of it is trained on."""
     if dataset not in NATIVE_SIZES:
         raise EvaluationError(f"{dataset!r} has no native size; choose one of "
-                              f"{', '.join(NATIVE_SIZES)}, or give a run (--run)")
+                              f"{', '.join(NATIVE_SIZES)}, or give a run (`run_dir`)")
     size, channels = NATIVE_SIZES[dataset]
     preset = dataset if dataset in PRESETS else None  # a preset named after the dataset
     data = get_preset(preset).data if preset else DataConfig(dataset=dataset)
@@ -360,9 +360,9 @@ def reference_data(run: str | Path | None, data_dir: str | None = None,
 
 
 def default_reference(data: DataConfig | None) -> str:
-    """The test split of the run's dataset, or an error that asks for --ref."""
+    """The test split of the run's dataset, or an error that asks for a reference."""
     if data is None or data.dataset == "folder":
-        raise EvaluationError("say what to compare with: --ref DATASET:SPLIT (e.g. "
+        raise EvaluationError("say what to compare with: `ref` DATASET:SPLIT (e.g. "
                               "fashion-mnist:test), a statistics .npz or a folder of images")
     return f"{data.dataset}:test"
 
@@ -377,17 +377,17 @@ def train_classifier_for(dataset: str | None, run: str | Path | None,
     (steps, batch_size, lr, seed, device, progress).
     """
     if (dataset is None) == (run is None):
-        raise EvaluationError("give exactly one of --dataset DATASET and --run RUN")
+        raise EvaluationError("give exactly one of `dataset` DATASET and `run_dir` RUN")
     if run is not None:
         data = reference_data(run, data_dir)
         if data is None:
             raise EvaluationError(f"{run} records no training data (no vae/ or refiner/ "
-                                  "train_config.json); use --dataset instead")
+                                  "train_config.json); use `dataset` instead")
         folder = Path(out) if out is not None else RunFolder(run).classifier_dir
     else:
         data = dataset_config(dataset, data_dir)
         if out is None:
-            raise EvaluationError("say where to write the classifier: --out DIR")
+            raise EvaluationError("say where to write the classifier: `out` DIR")
         folder = Path(out)
     cfg = ClassifierConfig(image_size=data.image_size, channels=data.channels, width=width)
     _, report = train_classifier(data, folder, cfg=cfg, **train)
@@ -449,7 +449,7 @@ def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
     Returns the record and the folder. ``options``: `evaluate`'s (kid_subsets, max_kept...).
     """
     if (samples is None) == (run is None):
-        raise EvaluationError("give exactly one of --samples PATH and --run RUN")
+        raise EvaluationError("give exactly one of `samples` PATH and `run_dir` RUN")
     procs = processes or Processes(torch.device("cpu"))
     if samples is not None:
         source = path_source(samples)

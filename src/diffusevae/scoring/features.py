@@ -71,9 +71,9 @@ def _missing_weights(where: str) -> ExtractorError:
     return ExtractorError(
         f"Inception weights {where}. FID needs the TF-ported Inception-v3 weights file "
         f"{INCEPTION_FILE} (95 MB; SHA-256 starts with {INCEPTION_SHA256_PREFIX}): on a machine "
-        f"with internet, download {INCEPTION_URL}, copy it here and pass --inception-weights "
+        f"with internet, download {INCEPTION_URL}, copy it here and pass `inception_weights` "
         f"PATH (or set {INCEPTION_ENV}); nothing is downloaded for you. Offline, use "
-        "--extractor classifier instead")
+        "`extractor` classifier instead")
 
 
 def _inception_state(blob: bytes, path: Path, expected: dict) -> dict:
@@ -234,9 +234,8 @@ def build_extractor(name: str, *, inception_weights: str | Path | None = None,
         return inception_extractor(inception_weights, device)
     if name == "classifier":
         if classifier is None:
-            raise ExtractorError("the classifier extractor needs --classifier DIR, a folder "
-                                 "written by `diffusevae train-classifier --dataset DATASET "
-                                 "--out DIR`")
+            raise ExtractorError("the classifier extractor needs `classifier` DIR, a folder "
+                                 "written by `diffusevae train-classifier`")
         return classifier_extractor(classifier, device)
     raise ExtractorError(f"unknown feature extractor {name!r}; choose one of "
                          f"{', '.join(EXTRACTORS)}")

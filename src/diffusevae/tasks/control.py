@@ -89,7 +89,7 @@ def slerp(a: Tensor, b: Tensor, weights: Tensor) -> Tensor:
         dirs = ua.expand(len(w), -1)
     elif math.pi - omega < 1e-6:
         raise ConfigError("slerp is undefined between two endpoints pointing in opposite "
-                          "directions (the same image or seed negated?); use --mode lerp")
+                          "directions (the same image or seed negated?); use `modes` lerp")
     else:  # sin((1-w) omega) / sin(omega) ua + sin(w omega) / sin(omega) ub, a unit vector
         dirs = (torch.sin((1 - w) * omega) * ua + torch.sin(w * omega) * ub) / torch.sin(omega)
     norms = (1 - w) * na + w * nb  # (F, 1)
@@ -99,7 +99,7 @@ def slerp(a: Tensor, b: Tensor, weights: Tensor) -> Tensor:
 def interpolate(a: Tensor, b: Tensor, frames: int, method: str = "slerp") -> Tensor:
     """``frames`` points from a to b inclusive, by "lerp" or "slerp"; (frames, *a.shape)."""
     if not 2 <= frames <= MAX_FRAMES:
-        raise ConfigError(f"--frames must be from 2 to {MAX_FRAMES}; got {quote(frames)}")
+        raise ConfigError(f"`frames` must be from 2 to {MAX_FRAMES}; got {quote(frames)}")
     weights = torch.linspace(0.0, 1.0, frames, dtype=torch.float64)
     if method == "lerp":
         return lerp(a, b, weights)
@@ -128,7 +128,7 @@ def interpolation_frames(pipe: DiffuseVAE, mode: str, frames: int, sample: Sampl
                           f"{quote(mode)}")
     if pipe.vae is None and mode != "xt":
         raise ConfigError(f"mode {mode!r} interpolates z, and this run's refiner "
-                          f"({pipe.diffusion.form}) has no VAE; use --mode xt")
+                          f"({pipe.diffusion.form}) has no VAE; use `modes` xt")
     from_seeds = z_a is None
     gens = sample_generators(seed_a, [0] * frames)  # identical: the same noise in every frame
     gens_b = sample_generators(seed_b, [0])
@@ -172,7 +172,7 @@ def attribute_directions(z: Tensor, labels: Tensor, names: Sequence[str] | None 
              if pos[a] == 0 or neg[a] == 0]
     if empty:
         raise ConfigError(f"attribute(s) {', '.join(empty)} have no positive or no negative "
-                          f"images among the {len(z)} encoded; use more images (--max-images)")
+                          f"images among the {len(z)} encoded; use more images (`max_images`)")
     w = labels.to(torch.float64)  # (N, A)
     z64 = z.to(torch.float64)
     mean_pos = (w.T @ z64) / pos[:, None]
@@ -183,7 +183,7 @@ def attribute_directions(z: Tensor, labels: Tensor, names: Sequence[str] | None 
 def class_labels(classes: Tensor, num_classes: int) -> Tensor:
     """One-vs-rest labels (N, num_classes) from class indices (N,)."""
     if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= num_classes):
-        raise ConfigError("these images have no class labels; pass --labels CSV")
+        raise ConfigError("these images have no class labels; pass `labels_csv` CSV")
     return torch.nn.functional.one_hot(classes.long(), num_classes).bool()
 
 
@@ -249,7 +249,7 @@ def match_labels(path: str | Path, files: list[str], labels: Tensor,
         if len(files) != n_images:
             raise DataError(f"{path} has {len(files)} rows for {n_images} images; give one "
                             "row per image in the dataset's order, or images in a folder "
-                            "(--input DIR) to match rows by file name")
+                            "(`input_dir` DIR) to match rows by file name")
         return labels
     by_name = {}
     for row, name in enumerate(files):
@@ -285,14 +285,14 @@ def load_directions(run_dir: str | Path) -> tuple[list[str], Tensor]:
     folder = run.attributes_dir
     if not (folder / NAMES_FILE).is_file():
         raise CheckpointError(f"{folder} holds no attribute directions; compute them with "
-                              f"`diffusevae attributes --run {run_dir}`")
+                              f"`diffusevae attributes` on {run_dir}")
     record = read_json(folder / NAMES_FILE)
     names = record.get("names") if isinstance(record, dict) else None
     directions = load_tensors(folder / DIRECTIONS_FILE).get("directions")
     if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
             or directions is None or directions.ndim != 2 or len(directions) != len(names)):
         raise CheckpointError(f"{folder} is inconsistent; recompute it with "
-                              f"`diffusevae attributes --run {run_dir}`")
+                              f"`diffusevae attributes` on {run_dir}")
     return names, directions
 
 
@@ -333,7 +333,7 @@ def compute_directions(run_dir: str | Path, labels_csv: str | Path | None = None
             table = match_labels(labels_csv, files, table, images, len(dataset))
         elif data.dataset not in CLASS_NAMES:
             raise ConfigError(f"the {data.dataset} images of this run have no class labels; "
-                              "pass --labels CSV (a file name column, then one 1/-1 column per "
+                              "pass `labels_csv` CSV (a file name column, then one 1/-1 column per "
                               "attribute)")
         else:
             names = list(CLASS_NAMES[data.dataset])
@@ -357,16 +357,16 @@ def check_lambdas(lambdas: Sequence[float], images: int | None = None) -> list[f
     held in memory for the grids). A ConfigError says which bound is passed."""
     lambdas = [float(lam) for lam in lambdas]
     if not 0 < len(lambdas) <= MAX_LAMBDAS:
-        raise ConfigError(f"--lambdas takes 1 to {MAX_LAMBDAS} values; got {len(lambdas)}")
+        raise ConfigError(f"`lambdas` takes 1 to {MAX_LAMBDAS} values; got {len(lambdas)}")
     bad = [lam for lam in lambdas if not abs(lam) <= MAX_LAMBDA]  # nan too
     if bad:
-        raise ConfigError(f"--lambdas must be finite numbers from -{MAX_LAMBDA:g} to "
+        raise ConfigError(f"`lambdas` must be finite numbers from -{MAX_LAMBDA:g} to "
                           f"{MAX_LAMBDA:g} (1 moves by the whole gap between the two groups); "
                           f"got {bad[0]}")
     if images is not None and images * len(lambdas) > MAX_EDIT_IMAGES:
         raise ConfigError(f"an edit of {images} images x {len(lambdas)} lambdas makes "
                           f"{images * len(lambdas)} images, more than the {MAX_EDIT_IMAGES} one "
-                          "edit holds; use fewer images (--n) or fewer --lambdas")
+                          "edit holds; use fewer images (sample.n) or fewer `lambdas`")
     return lambdas
 
 
@@ -424,9 +424,9 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
     With ``invert`` the two images are inverted and their first states slerped in every mode,
     so that the end frames are the images themselves."""
     if (image_a is None) != (image_b is None):
-        raise ConfigError("give both --image-a and --image-b, or neither (then --seed-a and "
-                          "--seed-b choose the endpoints)")
-    check_inverting(invert, False, image_a is not None, sample, "--image-a and --image-b")
+        raise ConfigError("give both `image_a` and `image_b`, or neither (then `seed_a` and "
+                          "`seed_b` choose the endpoints)")
+    check_inverting(invert, False, image_a is not None, sample, "`image_a` and `image_b`")
     run = RunFolder(run_dir)
     sample = replace(sample, n=frames, seed=seed_a)
     pipe = checked_pipeline(run, sample, torch.device(device))
@@ -475,10 +475,10 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
     attribute directions: a grid per attribute, rows = images, columns = lambda, the same
     noise along a row (`edit`). With ``invert`` the images are inverted and each row holds its
     image's inverted first state, so that lambda = 0 is the image and the edits keep its
-    details; ``latents``: the latents.npz of ``--save-latents`` instead of images."""
+    details; ``latents``: the latents.npz of ``save_latents`` instead of images."""
     check_inverting(invert, save_latents, input_dir is not None, sample)
     if latents is not None and input_dir is not None:
-        raise ConfigError("give --input DIR or --latents FILE, not both")
+        raise ConfigError("give `input_dir` DIR or `latents` FILE, not both")
     run = RunFolder(run_dir)
     all_names, directions = load_directions(run)
     chosen = {name: find_direction(all_names, directions, name) for name in attributes}

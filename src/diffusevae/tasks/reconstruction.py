@@ -62,20 +62,20 @@ def _decoded(pipe: DiffuseVAE, inv: Inversion, sample: SampleConfig) -> Generati
 
 
 def check_inverting(invert: InvertConfig | None, save_latents: bool, images: bool,
-                     sample: SampleConfig, what: str = "--input DIR") -> None:
+                     sample: SampleConfig, what: str = "`input_dir` DIR") -> None:
     """Refuse inversion options that cannot apply, before any work: ``images``: whether there
     are images to invert."""
     if invert is not None and not images:
-        raise ConfigError(f"--invert inverts given images; give {what}")
+        raise ConfigError(f"`invert` inverts given images; give {what}")
     if invert is not None:
         check_decodes_inversion(sample)
     if save_latents and invert is None:
-        raise ConfigError("--save-latents writes the latents of --invert; add --invert")
+        raise ConfigError("`save_latents` writes the latents of `invert`; add `invert`")
 
 
 def load_latents(pipe: DiffuseVAE, path: str | Path,
                   sample: SampleConfig) -> tuple[Inversion, SampleConfig]:
-    """The latents of ``--save-latents`` for this run's pipeline, and ``sample`` with the
+    """The latents of ``save_latents`` for this run's pipeline, and ``sample`` with the
     settings they decode with."""
     inv, meta = Inversion.load(path)
     theirs = (tuple(inv.y_T.shape[1:]), None if inv.z is None else inv.z.shape[1])
@@ -134,8 +134,8 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
     refine = run.has_refiner() if refine is None else refine
     check_inverting(invert, save_latents, True, sample)
     if invert is not None and not refine:
-        raise ConfigError("--invert decodes with the refiner: use a run that has one, without "
-                          "--no-refine")
+        raise ConfigError("`invert` decodes with the refiner: use a run that has one, with "
+                          "`refine` on")
     # the model first: a run without one is told what to train before its data are looked for
     pipe = checked_pipeline(run, sample, torch.device(device)) if refine else None
     vae = None if refine else run.load_vae(device)

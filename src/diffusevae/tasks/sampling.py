@@ -2,7 +2,7 @@
 
 Sampling streams batches to disk, and draws them one at a time, so memory holds one batch
 whatever ``n`` is; so do ``reconstruct`` and ``refine`` with the images they are given
-(`reconstruction`). Resuming (``resume=True``, ``sample --resume``): after each batch its rows
+(`reconstruction`). Resuming (``resume=True``, the sample command's resume flag): after each batch its rows
 are flushed to the memory-mapped parts of the `.npz` and then ``sampling.json`` (settings,
 environment, ``done``: samples on disk, ``complete``) is rewritten atomically. A killed run
 resumes at index ``done`` with the same batches, so its images equal those of an
@@ -223,13 +223,13 @@ def _resume_point(out_dir: Path, settings: dict) -> int | None:
         raise ConfigError(
             f"cannot resume the sampling run in {out_dir} with other settings: "
             f"{'; '.join(changed)}. Resume with the recorded settings (see {path}), sample into "
-            "another --out folder, or leave out --resume to start over")
+            "another `out` folder, or leave out `resume` to start over")
     if old.get("complete") is True:
         return None
     done = old.get("done")
     if not isinstance(done, int) or not 0 <= done <= now["n"]:
         raise CheckpointError(f"{path} is damaged (done = {done!r}); sample again without "
-                              "--resume")
+                              "`resume`")
     return done
 
 

@@ -5,7 +5,7 @@ through what makes DiffuseVAE worth using, each part written by its `*_to_folder
 samples at 10 steps with x_hat next to the refined image, reconstructions of real images, an
 interpolation in z with its GIF, and an attribute edit. `train_to_folder` first trains both
 stages briefly on a small dataset, then writes its reconstructions and samples
-(`demo --train`).
+(`demo`, training first).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def tour_to_folder(model_dir: str | Path = SHIPPED_MODEL, out_dir: str | Path = 
     run = RunFolder(model_dir)
     if not run.has_refiner():
         raise RunFolderError(
-            f"{model_dir} holds no trained DiffuseVAE; pass --model with a run folder (or a "
-            "clone's models/fashion-mnist), or train one with `diffusevae demo --train`")
+            f"{model_dir} holds no trained DiffuseVAE; pass `model_dir`, a run folder (or a "
+            "clone's models/fashion-mnist), or train one with `diffusevae demo` (`train`)")
     out, t0 = Path(out_dir), time.time()
     # z from the model's Ex-PDE prior when it has one: the samples it draws best (docs/control.md)
     prior = "gmm" if run.has_prior() else "normal"

@@ -17,8 +17,8 @@ rows), gradients are averaged, and a step equals the single-process step up to f
 so a run resumes on any number of processes. Only the main process writes or prints.
 
 The exit paths: Ctrl-C or SIGTERM finishes the current step, saves it and exits (every process
-after the same step); a second Ctrl-C stops at once, saving only a whole step; --time-limit makes
-the step that passes it the last one, saved as a normal end (--resume continues to --steps). A
+after the same step); a second Ctrl-C stops at once, saving only a whole step; train.time_limit makes
+the step that passes it the last one, saved as a normal end (a resumed run continues to train.steps). A
 non-finite loss or gradient, or a step that does not fit in memory, stops the run with one line
 that names the step; the last good checkpoint is kept.
 """
@@ -49,7 +49,7 @@ from .. import rng
 from ..config import Config, TrainConfig, to_dict
 from ..core.unet import CHANNELS_LAST_DEVICES
 from ..distributed import Processes
-from ..errors import ConfigError, OutOfMemoryError, TrainingError
+from ..errors import ConfigError, OutOfMemoryError, TrainingError, notice
 from ..io.data import random_hflip
 from ..io.storage import atomic_write_json, folder_lock
 from ..rng import BatchShard
@@ -121,8 +121,8 @@ def micro_batch_size(global_batch: int, world: int, grad_accum: int) -> int:
     if global_batch % parts:
         raise ConfigError(
             f"the batch of {global_batch} images does not split evenly over {world} process(es) "
-            f"x {grad_accum} accumulation step(s); choose a --batch-size that is a multiple of "
-            f"{parts}, or another number of processes or --grad-accum")
+            f"x {grad_accum} accumulation step(s); choose a train.batch_size that is a multiple of "
+            f"{parts}, or another number of processes or train.grad_accum")
     return global_batch // parts
 
 
@@ -143,7 +143,7 @@ def _autocast(device: torch.device, precision: str):
     if precision == "no":
         return contextlib.nullcontext()
     if device.type == "cpu":
-        raise ConfigError(f"--mixed-precision {precision} needs a GPU; use 'no' on the CPU")
+        raise ConfigError(f"train.mixed_precision {precision} needs a GPU; use 'no' on the CPU")
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device.type, dtype=dtype)
 
@@ -179,7 +179,7 @@ class StepOutcome:
 
     means: dict[str, float]
     stop: bool  # Ctrl-C or SIGTERM reached some process
-    out_of_time: bool  # some process passed --time-limit
+    out_of_time: bool  # some process passed train.time_limit
 
 
 def _no_requests() -> tuple[bool, bool]:
@@ -255,8 +255,8 @@ def _update(state: TrainingState, ctx: StepContext, loss: float) -> None:
     """Check the loss and gradients, clip, step the optimiser (or the scaler) and the EMA."""
     name, tc, step = ctx.stage.name, ctx.tc, state.step
     since = (f"nothing was saved from this step on (the last checkpoint is step "
-             f"{state.last_saved}). Lower the learning rate, or rerun with --resume "
-             "--detect-anomaly to find the cause")
+             f"{state.last_saved}). Lower the learning rate, or rerun with `resume` and "
+             "train.detect_anomaly to find the cause")
     if not math.isfinite(loss):
         raise TrainingError(f"the {name} loss became {loss} at step {step + 1}; {since}")
     if state.scaler is not None:
@@ -290,8 +290,8 @@ def _out_of_memory(state: TrainingState, ctx: StepContext) -> TrainingError:
     return OutOfMemoryError(
         f"{ctx.procs.device} ran out of memory in {ctx.stage.name} step {state.step + 1} "
         f"(a batch of {w.global_batch} images, {w.micro} at a time in each of "
-        f"{ctx.procs.world} process(es)); {kept}. Lower --batch-size, or keep it and raise "
-        "--grad-accum to compute it in smaller parts")
+        f"{ctx.procs.world} process(es)); {kept}. Lower train.batch_size, or keep it and raise "
+        "train.grad_accum to compute it in smaller parts")
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def fit(stage: Stage, cfg: Config, tc: TrainConfig, run_dir: str | Path, dataset
 
     With several processes (`procs`, under torchrun or accelerate launch) the model is wrapped in
     DistributedDataParallel, each process computes its rows of every global batch, and only
-    the main process writes the run folder, which every process must see for --resume. That
+    the main process writes the run folder, which every process must see to resume. That
     process holds ``RUN/<stage>``'s lock throughout (`storage.folder_lock`): a second training
     of the same stage is refused, naming this one.
     """
@@ -379,14 +379,14 @@ def _fit(stage: Stage, cfg: Config, tc: TrainConfig, folder: Path, dataset: Data
             for x_local, _ in loader:
                 outcome = train_step(state, ctx, x_local,
                                      lambda: (stop_requested(), report.out_of_time()))
-                final = state.step == steps or outcome.out_of_time  # --time-limit: the last
+                final = state.step == steps or outcome.out_of_time  # train.time_limit: the last
                 _end_of_step(state, ctx, report, folder, outcome.means, final)
                 if outcome.stop and not final:
                     raise _StopRequested
                 if outcome.out_of_time:
                     if main:
-                        tqdm.write(f"time limit of {tc.time_limit:g} min reached: saved step "
-                                   f"{state.step} to {folder}; --resume continues to step "
+                        notice(f"time limit of {tc.time_limit:g} min reached: saved step "
+                                   f"{state.step} to {folder}; `resume` continues to step "
                                    f"{steps}")
                     break
     except _StopRequested:
@@ -425,7 +425,7 @@ def run_steps(stage: Stage, cfg: Config, tc: TrainConfig, dataset: Dataset, proc
 
 class _Report:
     """What the main process shows and writes while training: the progress bar, ``log.csv``,
-    TensorBoard; and the clock of --time-limit."""
+    TensorBoard; and the clock of train.time_limit."""
 
     def __init__(self, folder: Path, name: str, tc: TrainConfig, show: bool, main: bool,
                  steps: int, start: int):
@@ -482,7 +482,7 @@ def _stop_after_step(state: TrainingState, ctx: StepContext, folder: Path,
         state.save(folder, ctx.stage.name, ctx.stage.export)
     ctx.procs.barrier()  # no process leaves (and ends the launch) before the save is done
     if main:
-        tqdm.write(f"interrupted: saved step {state.step} to {folder}; continue with --resume")
+        notice(f"interrupted: saved step {state.step} to {folder}; continue with `resume`")
     raise KeyboardInterrupt from None
 
 
@@ -491,14 +491,14 @@ def _stop_at_once(state: TrainingState, ctx: StepContext, folder: Path,
     """A second Ctrl-C: this process stops now, saving what is whole (never half a step)."""
     report.bar.close()
     if state.updating:
-        tqdm.write(f"interrupted while updating the weights; the last checkpoint in {folder} "
-                   f"is step {state.last_saved}; continue with --resume")
+        notice(f"interrupted while updating the weights; the last checkpoint in {folder} "
+                   f"is step {state.last_saved}; continue with `resume`")
         raise KeyboardInterrupt
     if state.rng_at_step_start is not None:  # stopped before the update: undo the step's draws
         state.gen.set_state(state.rng_at_step_start)
     if ctx.procs.is_main and state.step > state.last_saved and not ctx.procs.distributed:
         state.save(folder, ctx.stage.name, ctx.stage.export)
-        tqdm.write(f"interrupted: saved step {state.step} to {folder}; continue with --resume")
+        notice(f"interrupted: saved step {state.step} to {folder}; continue with `resume`")
     raise KeyboardInterrupt
 
 
@@ -584,6 +584,6 @@ def _tensorboard(folder: Path):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError(
-            "--tensorboard needs the tensorboard package: pip install 'diffusevae[tensorboard]'"
+            "train.tensorboard needs the tensorboard package: pip install 'diffusevae[tensorboard]'"
         ) from None
     return SummaryWriter(str(folder / "tensorboard"))

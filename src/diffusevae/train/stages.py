@@ -95,11 +95,11 @@ def refiner_unet_config(cfg: Config, vae: VAE | None):
     form = get_formulation(cfg.diffusion.form)
     z_dim = cfg.unet.z_dim
     if z_dim and vae is None:
-        raise ConfigError("z conditioning (--z-cond) needs a VAE; it cannot go with --form uncond")
+        raise ConfigError("z conditioning (`z_cond`) needs a VAE; it cannot go with diffusion.form uncond")
     if z_dim and z_dim != vae.config.z_dim:
         raise ConfigError(
             f"unet.z_dim is {z_dim} but the VAE's latent has {vae.config.z_dim} dimensions; "
-            "use --z-cond, which sets it from the VAE"
+            "use `z_cond`, which sets it from the VAE"
         )
     return replace(cfg.unet, cond=form.conditioned, z_dim=z_dim)
 

@@ -3,7 +3,7 @@
 ``trainer_state.pt`` holds the model, its EMA, the optimiser, the fp16 gradient scaler, the
 trainer generator and the step in ONE atomically written file, so a run killed at any moment
 resumes from its last checkpoint as if it had never stopped. A run refuses to save non-finite
-weights over it, to overwrite it without --resume, and to resume it with settings that change
+weights over it, to overwrite it without resuming, and to resume it with settings that change
 what it computes. Each start appends the library versions, git revision, device and seed to
 ``RUN/<stage>/environment.json``.
 """
@@ -63,7 +63,7 @@ def _check_finite(name: str, model: nn.Module, ema: EMA | None, step: int) -> No
             raise TrainingError(
                 f"the {name} {what} hold non-finite values at step {step} ({bad[0]}); they "
                 "were not saved, the last checkpoint is intact. Lower the learning rate, or "
-                "rerun with --resume --detect-anomaly to find the cause")
+                "rerun with `resume` and train.detect_anomaly to find the cause")
 
 
 class TrainingState:
@@ -133,8 +133,8 @@ def check_resume(folder: Path, stage: str, cfg: Config, procs: Processes,
     has_state = procs.broadcast_object(state_path.exists())
     if has_state and not resume:
         raise RunFolderError(
-            f"{folder} already holds a training run; pass --resume to continue it, or choose "
-            "another --run folder")
+            f"{folder} already holds a training run; pass `resume` to continue it, or choose "
+            "another `run_dir` folder")
     if resume and has_state:
         if not state_path.exists():
             raise RunFolderError(
@@ -161,7 +161,7 @@ def _check_resume_settings(folder: Path, stage: str, cfg: Config) -> None:
         raise RunFolderError(
             f"cannot resume {folder} with changed settings: {'; '.join(changed)}. Resume with "
             f"the settings recorded in {path} (leave out the flags that change them), or start "
-            "a new run in another --run folder")
+            "a new run in another `run_dir` folder")
 
 
 def record_environment(folder: Path, device: torch.device, seed: int, step: int,
