@@ -120,8 +120,9 @@ def refuse_published(path: str | Path, what: str) -> None:
     where = "is" if Path(path).resolve() == model else "is inside"
     raise RunFolderError(
         f"{path} {where} the published model {model} (it holds {MODEL_CARD}), which no command "
-        f"writes into, so {what} cannot go there; write to a folder outside it (a published "
-        f"model's outputs go to {OUTPUTS_ROOT}/{model.name}/ in the current folder by default)")
+        f"writes into, so {what} cannot go there; write to a folder outside it (given no "
+        f"output folder, the commands write a published run's outputs to {OUTPUTS_ROOT}/"
+        "<run name>/ in the current folder)")
 
 
 # --------------------------------------------------------------------------------------------
