@@ -218,10 +218,10 @@ def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -
         raise ConfigError(_not_ours(out_dir, record, stray))
     if not overwrite:
         again = " or --resume to continue an interrupted run," if command == "sample" else ""
+        top = _names(sorted(e for e in present if "/" not in e))
         raise ConfigError(
-            f"{out_dir} already holds files ({_names(sorted(e for e in present if '/' not in e))}"
-            "): pass --overwrite to "
-            f"replace the outputs of an earlier command,{again} or choose another --out folder")
+            f"{out_dir} already holds files ({top}): pass --overwrite to replace the outputs "
+            f"of an earlier command,{again} or choose another --out folder")
     for entry in sorted(ours & present, key=lambda e: -e.count("/")):  # a folder after its files
         path = out_dir / entry
         if path.is_dir():
