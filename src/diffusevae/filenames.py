@@ -49,9 +49,5 @@ OUTPUT_DIRS = {"sample": "samples", "sample-vae": "vae_samples",
                "reconstruct": "reconstructions", "refine": "refined",
                "interpolate": "interpolation", "edit": "edit", "evaluate": "eval",
                "explore": "explore", "sweep": "sweep", "likelihood": "likelihood"}
-# What the output writers make in a folder: `overwrite` removes these alone (the .parts
-# folders are NpzStreamWriter's, beside its .npz; temporaries are atomic writes').
-OUTPUT_ENTRIES = (IMAGES_DIR, X_HAT_DIR, INVERTED_DIR, GRID_PNG, STAGES_PNG, SAMPLES_NPZ,
-                  LATENTS_NPZ, ".samples.parts", ".latents.parts", SAMPLING_RECORD,
-                  *RECORDS.values(), LIKELIHOOD_SCORES, LIKELIHOOD_RECORD, "*.gif", "*.png",
-                  ".*.tmp")  # MODE.gif, NAME.png, ...
+# What an output command wrote in its folder: `overwrite` removes these alone.
+OUTPUTS_RECORD = ".diffusevae-outputs.json"

@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import (Config, DataConfig, DiffusionConfig, SampleConfig, TrainConfig, UNetConfig,
                      VAEConfig, merge)
 from .errors import ConfigError, quote
+from .io.storage import check_regular_file
 from .io.text import parse_json, parse_yaml, too_big
 
 
@@ -106,8 +107,7 @@ def get_preset(name: str) -> Config:
 def load_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file into a dict, with a clear error on failure."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    check_regular_file(path, "config file", ConfigError)  # a named pipe would block the read
     try:
         too_big(path.stat().st_size, f"config file {path}", ConfigError)
         text = path.read_text()

@@ -22,7 +22,7 @@ import pytest
 from diffusevae.errors import CheckpointError, DiskFullError, FolderInUseError, exit_status
 from diffusevae.io.images import NpzStreamWriter
 from diffusevae.tasks.sampling import _rounds
-from diffusevae.filenames import LOCK_NAME
+from diffusevae.filenames import LOCK_NAME, OUTPUTS_RECORD
 from diffusevae.io.storage import folder_lock, read_checked, save_files
 
 from conftest import run_cli
@@ -90,7 +90,6 @@ def test_a_folder_with_files_is_refused_and_overwrite_leaves_no_old_image(traine
                                                                           capsys):
     out = tmp_path / "out"
     assert run_cli("sample", "--run", trained_run, "--out", out, "--n", 6, *SAMPLE) == 0
-    (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert run_cli("sample", "--run", trained_run, "--out", out, "--n", 3, *SAMPLE) == 2
     err = capsys.readouterr().err
@@ -101,8 +100,15 @@ def test_a_folder_with_files_is_refused_and_overwrite_leaves_no_old_image(traine
     assert _pngs(out) == ["000000.png", "000001.png", "000002.png"]
     with np.load(out / "samples.npz") as npz:
         assert len(npz["images"]) == 3
-    assert (out / "notes.txt").read_text() == "mine"  # not ours: kept, and said so
-    assert "kept 1 file(s) diffusevae does not write there: notes.txt" in capsys.readouterr().out
+    assert "removed the 10 earlier output(s) of `sample`" in capsys.readouterr().out
+    # a file of the user's there: --overwrite refuses the folder, and nothing is removed
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("sample", "--run", trained_run, "--out", out, "--n", 2, "--overwrite",
+                   *SAMPLE) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert _pngs(out) == ["000000.png", "000001.png", "000002.png"]
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     # the other writers refuse a used folder too
     assert run_cli("sample-vae", "--run", trained_run, "--out", out, "--n", 2) == 2
     assert run_cli("sample-vae", "--run", trained_run, "--out", out, "--n", 2,
@@ -116,11 +122,13 @@ def test_resume_redraws_what_the_record_counts_but_the_disk_lacks(trained_run, t
     assert run_cli(*args) == 0
     want = (out / "images" / "000003.png").read_bytes()
     (out / "images" / "000003.png").unlink()
-    (out / ".sampling.json.0123456789ab.tmp").write_text("{")
+    (out / ".sampling.json.0123456789ab.tmp").write_text("{")  # a write a kill cut short,
+    record = json.loads((out / OUTPUTS_RECORD).read_text())  # while the record was open
+    (out / OUTPUTS_RECORD).write_text(json.dumps({**record, "writing": True}))
     assert run_cli(*args, "--resume") == 0
     assert (out / "images" / "000003.png").read_bytes() == want
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "samples.npz",
-                                                     "sampling.json"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUTS_RECORD, "grid.png", "images",
+                                                     "samples.npz", "sampling.json"]
 
 
 def test_memory_holds_a_round_whatever_n_is():

@@ -45,6 +45,11 @@ def test_tour_writes_samples_reconstructions_interpolation_and_an_edit(model, tm
     assert list((out / "interpolation").glob("*.gif"))
     assert len(list((out / "edit").glob("*.png"))) >= 1
     assert _files(model) == before
+    # a second tour replaces the first one's pictures: they are on its folders' records
+    first = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert run_cli("demo", "--model", model, "--out", out, "--quiet") == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}.keys() == first.keys()
+    assert all(p.stat().st_mtime_ns != t for p, t in first.items())
 
 
 def test_tour_of_a_folder_without_a_model_says_what_to_do(tmp_path, capsys):

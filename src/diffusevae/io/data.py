@@ -40,6 +40,7 @@ from ..config import DataConfig
 from ..errors import DataError, UnreadableImageError
 from ..names import DATASETS
 from ..rng import BatchShard
+from .storage import check_regular_file
 
 SPLITS = ("train", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
@@ -311,6 +312,7 @@ def _open(path: Path, limits: ImageLimits) -> Image.Image:
     """The image's header (no pixel decoded yet), once its file size, format and pixel count
     are within `limits`: a DataError beyond them, `UnreadableImageError` for a file of another
     kind."""
+    check_regular_file(path, "image", DataError)  # a named pipe would block the read: refused
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -434,7 +436,8 @@ def output_stems(paths: list[Path], root: Path) -> list[str]:
 
 class ImageFolder(Dataset):
     """Every png/jpg/jpeg/webp/bmp file under a folder, recursively, read by `load_image`;
-    files it cannot read are skipped with a warning, a file beyond the limits is refused.
+    files it cannot read are skipped with a warning, a file beyond the limits is refused, and
+    so is a named pipe, socket or device named like an image (reading one would block).
 
     ``output_names``: a distinct name per image for writing it out (`output_stems`).
     """
@@ -447,7 +450,7 @@ class ImageFolder(Dataset):
             raise DataError(f"image folder {self.root} does not exist or is not a folder; "
                             "give the path of a folder that holds images")
         paths = sorted(p for p in self.root.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.exists() and not p.is_dir())
         self.paths, self.native, bad = [], [], []
         for path in paths:  # decode each file once now, so a bad file fails here, not mid-run
             try:

@@ -23,7 +23,14 @@ SafetensorError, not an OSError, so the error of any write is looked at where it
 One writer per folder: `folder_lock` holds an exclusive lock (``fcntl.flock`` on the folder's
 ``.diffusevae.lock``, which records the holder) while a command writes the folder. A second
 writer is refused with `FolderInUseError` naming the holder; the kernel releases the lock of a
-killed process, so a stale lock file is simply taken over.
+killed process, so a stale lock file is simply taken over. The lock file is created with
+``O_EXCL | O_NOFOLLOW``: a link (or anything but a regular file) in its place is refused, never
+followed. No folder at or under a published model (`published_ancestor`: a folder holding a
+MODEL.md) is ever locked, so no command writes there.
+
+What a command reads is a regular file (`check_regular_file`): a named pipe, device or socket
+given as an image, latents or config file is refused by name before it is opened, so nothing
+blocks on it.
 
 Test hook (nothing else reads it): ``DIFFUSEVAE_TEST_SLOW_WRITE=seconds`` sleeps that long
 between the steps of every commit, so that a test can kill a process in the middle of one.
@@ -40,6 +47,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import threading
 import time
@@ -47,10 +55,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ..errors import CheckpointError, DiskFullError, FolderInUseError
+from ..errors import CheckpointError, DiskFullError, FolderInUseError, RunFolderError
 from ..limits import MAX_TEXT_BYTES
 from .text import parse_json
-from ..filenames import LOCK_NAME, MANIFEST_NAME
+from ..filenames import LOCK_NAME, MANIFEST_NAME, MODEL_CARD, OUTPUTS_ROOT
 
 MANIFEST_FORMAT = 1
 SLOW_WRITE_ENV = "DIFFUSEVAE_TEST_SLOW_WRITE"
@@ -58,6 +66,63 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQ
 # How writers that are not Python's own (torch.save, safetensors) name a full disk.
 _DISK_FULL_TEXT = re.compile(r"no space left|os error (28|122)\b|disk quota|storagefull", re.I)
 LOW_SPACE = 1 << 20  # bytes: a write that failed with less than this free met a full disk
+
+
+# --------------------------------------------------------------------------------------------
+# What a command reads: regular files
+# --------------------------------------------------------------------------------------------
+
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
+          (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    """What a file of `mode` is, in words ("a named pipe (FIFO)", ...)."""
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_regular_file(path: str | Path, what: str, error: type[Exception]) -> None:
+    """Refuse (`error`, one line naming `what` and `path`) a path that is missing or is not a
+    regular file (a link to one is fine): a named pipe or a device would block or never end
+    the read, so it is told apart by `os.stat` before anything opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} {path} is {_kind(mode)}, not a regular file: diffusevae reads only "
+                    "regular files; give the path of the file itself")
+
+
+# --------------------------------------------------------------------------------------------
+# Published models: read only, all the way down
+# --------------------------------------------------------------------------------------------
+
+def published_ancestor(path: str | Path) -> Path | None:
+    """The nearest folder at or above `path` (resolved) that holds a model card (MODEL.md): a
+    published model, under which no command writes; None when there is none."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if (folder / MODEL_CARD).is_file():
+            return folder
+    return None
+
+
+def refuse_published(path: str | Path, what: str) -> None:
+    """Refuse to write `what` at `path` when it is, or is inside, a published model, naming the
+    model and where outputs go instead."""
+    model = published_ancestor(path)
+    if model is None:
+        return
+    where = "is" if Path(path).resolve() == model else "is inside"
+    raise RunFolderError(
+        f"{path} {where} the published model {model} (it holds {MODEL_CARD}), which no command "
+        f"writes into, so {what} cannot go there; write to a folder outside it (given no "
+        f"output folder, the commands write a published run's outputs to {OUTPUTS_ROOT}/"
+        "<run name>/ in the current folder)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,9 +410,11 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
     when). A process killed with the lock held leaves its lock file, but the kernel has
     released the lock, so the next writer takes it over. Nested calls in one process (a
     writer calling another) share the lock. On leaving, the lock file goes, and so does the
-    folder if this call created it and nothing was written.
+    folder if this call created it and nothing was written. A folder at or under a published
+    model is refused before anything is made (`refuse_published`).
     """
     folder = Path(folder)
+    refuse_published(folder, f"`{command}`")
     created = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
@@ -381,9 +448,13 @@ def _remove_if_empty(folder: Path, created: bool) -> None:
 
 
 def _acquire(path: Path, command: str) -> int:
-    """Lock `path` (flock, not blocking) and record the holder in it; the open descriptor."""
+    """Lock `path` (flock, not blocking) and record the holder in it; the open descriptor.
+    The lock file is made with O_EXCL and opened with O_NOFOLLOW: a link or any other kind of
+    file in its place is refused (`_open_lock`)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(path)
+        if fd is None:
+            continue  # the file went between two opens: make it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -395,7 +466,7 @@ def _acquire(path: Path, command: str) -> int:
                 f"{path.parent} is being written by another diffusevae process ({holder}); "
                 "wait for it to finish (or stop it), or write to another folder") from None
         try:  # the holder before us may have removed the file we opened: lock the one there
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
+            if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
                 break
         except FileNotFoundError:
             pass
@@ -405,6 +476,31 @@ def _acquire(path: Path, command: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     return fd
+
+
+def _open_lock(path: Path) -> int | None:
+    """The lock file made new (O_EXCL), or the one a writer left (a stale one is taken over),
+    never through a link; None if it went between the two opens. Anything but a regular file
+    there is refused with a line naming it, and left as it is."""
+    flags = os.O_RDWR | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        pass
+    try:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISREG(mode):
+            return os.open(path, flags)  # O_NOFOLLOW: a link put there since is refused
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        mode = stat.S_IFLNK
+    raise FolderInUseError(
+        f"{path} is {_kind(mode)}, not the lock file diffusevae makes there, so the folder "
+        f"cannot be locked and nothing was written; remove {path.name} (it is not ours) or "
+        "write to another folder")
 
 
 def _holder(fd: int) -> str:

@@ -39,7 +39,7 @@ from ..core.samplers import ddim_invert, get_sampler, sampler_options
 from ..core.unet import CHANNELS_LAST_DEVICES, UNet
 from ..core.vae import VAE
 from ..errors import CheckpointError, ConfigError
-from ..io.storage import atomic_write
+from ..io.storage import atomic_write, check_regular_file
 from ..io.text import parse_json
 from ..rng import randn_like_per_sample, sample_generators
 from .prior_files import load_run_prior, save_mixture
@@ -91,6 +91,7 @@ class Inversion:
     def load(cls, path: str | Path) -> tuple["Inversion", dict]:
         """The latents of `save` (without x_hat), and its settings: ``meta["decode"]`` are the
         `SampleConfig` fields to decode them with."""
+        check_regular_file(path, "latents file", ConfigError)  # a named pipe would block
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}

@@ -21,9 +21,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -34,11 +34,13 @@ from ..core.unet import UNet
 from ..core.vae import VAE
 from ..errors import CheckpointError, ConfigError, RunFolderError
 from ..filenames import (ATTRIBUTES_DIR, CLASSIFIER_DIR, CONFIG_NAME, EMA_NAME, ENVIRONMENT_NAME,
-                         IMAGES_DIR, LOCK_NAME, LOG_NAME, MODEL_CARD, OUTPUTS_ROOT, OUTPUT_DIRS,
-                         OUTPUT_ENTRIES, PRIOR_DIR, PRIOR_JSON, SAMPLING_RECORD, TRAIN_CONFIG_NAME,
-                         WEIGHTS_NAME)
+                         LOCK_NAME, LOG_NAME, OUTPUTS_RECORD, OUTPUTS_ROOT, OUTPUT_DIRS,
+                         PRIOR_DIR, PRIOR_JSON, SAMPLING_RECORD, TRAIN_CONFIG_NAME, WEIGHTS_NAME)
 from ..io import checkpoint as ckpt
-from ..io.storage import folder_lock, read_manifest, sha256_file
+from ..io.storage import (atomic_write_json, check_regular_file, folder_lock, published_ancestor,
+                          read_manifest, sha256_file)
+from ..io.text import parse_json
+from ..limits import MAX_TEXT_BYTES
 from ..official.importer import imported_data
 from .network_loading import arch_record, load_network
 
@@ -70,49 +72,189 @@ def load_refiner(folder: str | Path, use_ema: bool = True,
 
 
 # --------------------------------------------------------------------------------------------
-# Output folders: one writer, no earlier outputs left behind
+# Output folders: one writer, and what is ours by record
 # --------------------------------------------------------------------------------------------
 
+RECORD_FORMAT = 1
+_NAMED = 5  # files a refusal names before "..."
+
+
 @contextmanager
-def output_folder(out_dir: Path, command: str, overwrite: bool,
-                  resume: bool = False) -> Iterator[Path]:
-    """`out_dir` locked for `command` (`storage.folder_lock`) while the block writes it, and
-    checked to hold no earlier outputs: emptied of them with `overwrite` (only of what the
-    writers make, `OUTPUT_ENTRIES`, saying what it removed and kept), kept by `resume` when it
-    holds a sampling run to resume (less the temporary files a kill left). A folder holding
-    files is refused otherwise, so a shorter run never leaves an earlier one's images beside
-    its own."""
-    with folder_lock(out_dir, command):
-        _clear_earlier(out_dir, command, overwrite,
-                       resume and (out_dir / SAMPLING_RECORD).is_file())
-        yield out_dir
+def output_folder(out_dir: str | Path, command: str, overwrite: bool, resume: bool = False,
+                  inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """`out_dir` locked for `command` (`storage.folder_lock`) while the block writes it, with
+    a record of what it wrote there (`OUTPUTS_RECORD`: written on entry and again on leaving,
+    also when the block raised). A folder holding files is refused, unless ``overwrite`` and
+    every file in it is on the record of an earlier command (then exactly those are removed),
+    or ``resume`` when it holds a sampling run to continue (the record is then extended). A
+    folder at or inside a published model, or at, inside or around one of `inputs` (what the
+    command reads), is refused before anything is made."""
+    out_dir = Path(out_dir)
+    check_apart(out_dir, [p for p in inputs if p is not None], "the input")
+    with folder_lock(out_dir, command):  # refuses a published model's folders too
+        kept = _clear_earlier(out_dir, command, overwrite,
+                              resume and (out_dir / SAMPLING_RECORD).is_file())
+        before = _entries(out_dir)
+        _write_record(out_dir, command, kept, writing=True)
+
+        def close() -> None:  # what is here now and was not before entry is ours too
+            now = _entries(out_dir)
+            _write_record(out_dir, command, (kept | (now - before)) & now, writing=False)
+
+        try:
+            yield out_dir
+        except BaseException:
+            with suppress(OSError):  # a full disk: the block's own error is the one to tell
+                close()
+            raise
+        close()
 
 
-def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -> None:
-    """Refuse a folder that holds files, unless `resume`; with `overwrite`, remove ours."""
-    entries = sorted(p for p in out_dir.iterdir() if p.name != LOCK_NAME)
-    if resume:
-        for tmp in [*out_dir.glob(".*.tmp"), *(out_dir / IMAGES_DIR).glob(".*.tmp")]:
-            tmp.unlink(missing_ok=True)  # a kill during a write left it
+def check_apart(out_dir: Path, inputs: Iterable[str | Path], what: str) -> None:
+    """Refuse an output folder that is one of `inputs`, inside one or holds one: writing it
+    (or clearing it) could change what the command reads."""
+    out = Path(out_dir).resolve()
+    for path in inputs:
+        given = Path(path).resolve()
+        how = ("is" if out == given else "is inside" if given in out.parents else
+               "holds" if out in given.parents else None)
+        if how:
+            raise ConfigError(f"the output folder {out_dir} {how} {what} {path}; write the "
+                              "outputs to a folder apart from what the command reads")
+
+
+def _entries(out_dir: Path) -> set[str]:
+    """Every file and folder under `out_dir` (relative POSIX paths; links not followed), less
+    the lock file and the record itself."""
+    found = set()
+    for top, dirs, files in os.walk(out_dir):
+        rel = Path(top).relative_to(out_dir)
+        found |= {(rel / name).as_posix() for name in (*dirs, *files)}
+    return found - {LOCK_NAME, OUTPUTS_RECORD}
+
+
+def _write_record(out_dir: Path, command: str, entries: Iterable[str], writing: bool) -> None:
+    """The record of what `command` wrote in `out_dir`, grouped by folder (``writing``: still
+    being written, so a kill leaves it saying so); none at all for a folder left empty."""
+    grouped: dict[str, list[str]] = {}
+    for entry in sorted(entries):
+        parent, _, name = entry.rpartition("/")
+        grouped.setdefault(parent, []).append(name)
+    if not grouped and not writing:
+        (out_dir / OUTPUTS_RECORD).unlink(missing_ok=True)  # so that an empty folder goes
         return
-    if not entries:
-        return
-    names = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    atomic_write_json(out_dir / OUTPUTS_RECORD, {"format": RECORD_FORMAT, "command": command,
+                                                 "writing": writing, "entries": grouped})
+
+
+def _read_record(out_dir: Path) -> dict | None:
+    """The record of `out_dir` (its ``entries`` as a set of relative paths), None when it has
+    none; refused when it is not one diffusevae wrote: not a regular file, not JSON of the
+    record's shape, or naming a path that leaves the folder or passes through a link."""
+    path = out_dir / OUTPUTS_RECORD
+    if not os.path.lexists(path):
+        return None
+
+    def hostile(why: str) -> ConfigError:
+        return ConfigError(f"{path} is not a record diffusevae wrote ({why}), so nothing in "
+                           f"{out_dir} was removed; choose another output folder, or empty "
+                           "this one yourself")
+
+    try:
+        check_regular_file(path, "the record", ValueError)
+        if path.is_symlink():
+            raise ValueError("it is a symbolic link")
+        with open(path, "rb") as fh:
+            record = parse_json(fh.read(MAX_TEXT_BYTES + 1), "its text", ValueError)
+    except (OSError, ValueError) as exc:
+        raise hostile(str(exc)) from None
+    groups = record.get("entries") if isinstance(record, dict) else None
+    if not isinstance(groups, dict) or not isinstance(record.get("command"), str) or \
+            not isinstance(record.get("writing"), bool) or not all(
+                isinstance(v, list) and all(isinstance(n, str) for n in v)
+                for v in groups.values()):
+        raise hostile("not a mapping of folders to the names written in them")
+    entries = {f"{parent}/{name}" if parent else name
+               for parent, names in groups.items() for name in names}
+    for entry in sorted(entries):
+        why = _unsafe(out_dir, entry)
+        if why:
+            raise hostile(f"{entry!r} {why}")
+    return {**record, "entries": entries}
+
+
+def _unsafe(out_dir: Path, entry: str) -> str | None:
+    """Why the recorded `entry` cannot be one of ours in `out_dir` (None: it can): a path
+    that leaves the folder, names the lock or the record, or passes through a link (we write
+    none, so one put there could lead a removal outside)."""
+    parts = entry.split("/")
+    if entry.startswith("/") or "\\" in entry or "\0" in entry or \
+            any(p in ("", ".", "..") for p in parts):
+        return "is not a path inside the folder"
+    if entry in (LOCK_NAME, OUTPUTS_RECORD):
+        return "is the folder's own bookkeeping"
+    for i in range(1, len(parts) + 1):
+        if (out_dir.joinpath(*parts[:i])).is_symlink():
+            return "passes through a symbolic link"
+    return None
+
+
+def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -> set[str]:
+    """What of `out_dir` is ours to keep (`resume`), after refusing a folder that holds files
+    not on its record, or any files without `overwrite`; with it, the recorded ones go."""
+    record = _read_record(out_dir)
+    present = _entries(out_dir)
+    ours = set() if record is None else record["entries"]
+    if resume:  # a run stopped while it wrote (a kill) left its files off the record: its own
+        ours |= present if record is not None and record["writing"] else set()
+        for tmp in sorted(e for e in ours & present if fnmatch.fnmatchcase(
+                e.rpartition("/")[2], ".*.tmp")):  # a kill during a write left it
+            (out_dir / tmp).unlink(missing_ok=True)
+        return ours & _entries(out_dir)
+    if not present:
+        return set()
+    stray = sorted(e for e in present - ours if e.rpartition("/")[0] not in present - ours)
+    if stray:
+        raise ConfigError(_not_ours(out_dir, record, stray))
     if not overwrite:
         again = " or --resume to continue an interrupted run," if command == "sample" else ""
+        top = _names(sorted(e for e in present if "/" not in e))
         raise ConfigError(
-            f"{out_dir} already holds files ({names}): pass --overwrite to replace the outputs "
+            f"{out_dir} already holds files ({top}): pass --overwrite to replace the outputs "
             f"of an earlier command,{again} or choose another --out folder")
-    ours = [p for p in entries if any(fnmatch.fnmatchcase(p.name, e) for e in OUTPUT_ENTRIES)]
-    for path in ours:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+    for entry in sorted(ours & present, key=lambda e: -e.count("/")):  # a folder after its files
+        path = out_dir / entry
+        if path.is_dir():
+            path.rmdir()  # its files, all on the record, went first
         else:
             path.unlink()
-    kept = [p.name for p in entries if p not in ours]
-    tqdm.write(f"--overwrite: removed {len(ours)} earlier output(s) from {out_dir}"
-               + (f"; kept {len(kept)} file(s) diffusevae does not write there: "
-                  f"{', '.join(kept[:5])}" if kept else ""))
+    (out_dir / OUTPUTS_RECORD).unlink()
+    tqdm.write(f"overwrite: removed the {len(present)} earlier output(s) of "
+               f"`{record['command']}` from {out_dir}")
+    return set()
+
+
+def _names(entries: list[str]) -> str:
+    return ", ".join(entries[:_NAMED]) + (", ..." if len(entries) > _NAMED else "")
+
+
+def _not_ours(out_dir: Path, record: dict | None, stray: list[str]) -> str:
+    """The refusal of a folder holding `stray` files, not on its record: nothing is removed."""
+    names = _names(stray)
+    if record is None:
+        return (f"{out_dir} holds files that are not on a record of diffusevae's outputs "
+                f"({names}): it has no {OUTPUTS_RECORD}, so they are yours or were written by "
+                "a diffusevae older than these records, and none of them is removed; move "
+                "them out of the folder (or delete those you no longer need), or choose "
+                "another output folder")
+    if record["writing"]:
+        again = "continue it (resume), " if record["command"] == "sample" else ""
+        return (f"{out_dir} holds files that are not on its record ({names}): "
+                f"`{record['command']}` was stopped while it wrote there, so they may be its "
+                f"partial outputs or yours, and none is removed; {again}move them out of the "
+                "folder, or choose another output folder")
+    return (f"{out_dir} holds files diffusevae did not write there ({names}), so nothing was "
+            "removed; move them out of the folder, or choose another output folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +308,12 @@ class RunFolder:
     def classifier_dir(self) -> Path:
         return self.root / CLASSIFIER_DIR
 
+    @property
+    def model_dirs(self) -> tuple[Path, ...]:
+        """The folders of what the run has learned, which no output may overlap."""
+        return (self.vae_dir, self.refiner_dir, self.prior_dir, self.attributes_dir,
+                self.classifier_dir)
+
     def train_config_path(self, stage: str) -> Path:
         """Where training records the resolved config of `stage`."""
         return self.stage_dir(stage) / TRAIN_CONFIG_NAME
@@ -174,6 +322,7 @@ class RunFolder:
         """Where `command` writes: ``out`` when given, else its folder in the run
         (`OUTPUT_DIRS`)."""
         if out is not None:
+            check_apart(Path(out), self.model_dirs, "the run's model folder")
             return Path(out)
         if command not in OUTPUT_DIRS:
             raise ValueError(f"no default output folder for {command!r}; known: "
@@ -188,17 +337,20 @@ class RunFolder:
 
     @property
     def read_only(self) -> bool:
-        """A published model (it has a MODEL.md), or a folder this process may not write:
-        outputs then go under ``diffusevae-outputs/<run name>/`` in the current directory."""
-        return (self.root / MODEL_CARD).is_file() or (
+        """A published model (it, or a folder above it, has a MODEL.md:
+        `storage.published_ancestor`), or a folder this process may not write: outputs then go
+        under ``diffusevae-outputs/<run name>/`` in the current directory."""
+        return published_ancestor(self.root) is not None or (
             self.root.is_dir() and not os.access(self.root, os.W_OK))
 
     def require_writable(self, what: str) -> None:
         """Refuse to write `what` into a read-only run, saying what to do instead."""
         if self.read_only:
+            model = published_ancestor(self.root)
+            inside = "" if model in (None, self.root.resolve()) else f" (inside {model})"
             raise RunFolderError(
-                f"{self.root} is a published model (read only), so {what} cannot write into "
-                f"it; export a copy to work on (`diffusevae export --run {self.root} --out "
+                f"{self.root} is a published model{inside} (read only), so {what} cannot write "
+                f"into it; export a copy to work on (`diffusevae export --run {self.root} --out "
                 "DIR`) and pass that as --run")
 
     # ---- what the run holds ---------------------------------------------------------------
@@ -326,15 +478,39 @@ class RunFolder:
         """A copy of the trained models to share: each stage's EMA weights (its trained
         weights where it kept no EMA) become the weights of a new model folder, with its
         config, training config and log; the prior and attribute directions go along. No
-        trainer state, nothing pickled; `dest` must be new (or an empty folder)."""
+        trainer state, nothing pickled, only regular files (`_check_exportable`); `dest` must
+        be new (or an empty folder), apart from the run."""
         dest = RunFolder(dest)
         if dest.root.exists() and not dest.root.is_dir():
             raise RunFolderError(f"{dest.root} is a file; export into a new folder")
+        if not (self.has_vae() or self.has_refiner()):
+            raise RunFolderError(f"{self.root} holds no trained model (no vae/ or refiner/ with "
+                                 f"a {CONFIG_NAME}), so there is nothing to export; give the "
+                                 "run folder that training wrote")
+        check_apart(dest.root, [self.root], "the run")
+        self._check_exportable()
         with folder_lock(dest.root, "export"):  # a second export racing into it is refused
             if any(p.name != LOCK_NAME for p in dest.root.iterdir()):
                 raise RunFolderError(f"{dest.root} holds files; export into a new folder")
             self._export_into(dest)
         return dest
+
+    def _check_exportable(self) -> None:
+        """Refuse a run whose exported parts are not all regular files (a link, a pipe...):
+        a published model holds its own bytes, never a link to somewhere else."""
+        trees = (self.prior_dir, self.attributes_dir)  # copied whole
+        paths = [*(self.stage_dir(s) for s in STAGES), *trees,
+                 *(self.stage_dir(s) / n for s in STAGES
+                   for n in (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, *EXPORTED_RECORDS))]
+        for folder in trees:
+            if folder.is_dir() and not folder.is_symlink():
+                paths += [p for p in folder.rglob("*") if p.name != LOCK_NAME]
+        for path in paths:
+            if path.is_symlink() or (path.exists() and not (path.is_file() or path.is_dir())):
+                raise RunFolderError(
+                    f"{path} is a symbolic link or not a regular file; export copies only the "
+                    "run's own regular files, so that the exported model is self-contained: "
+                    "put the file itself there (or remove it) and export again")
 
     def _export_into(self, dest: "RunFolder") -> None:
         if self.has_vae():

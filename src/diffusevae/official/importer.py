@@ -40,7 +40,7 @@ from ..config import DataConfig, DiffusionConfig, from_dict, to_dict
 from ..errors import ConfigError, OfficialCheckpointError
 from ..filenames import CONFIG_NAME
 from ..io.checkpoint import read_json, save_model_folder, what_was_refused
-from ..io.storage import sha256_file
+from ..io.storage import check_regular_file, refuse_published, sha256_file
 from .official_unet import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .official_vae import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig, parse_widths
 
@@ -86,8 +86,9 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
     when it is not a readable checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass the path of a downloaded .ckpt file")
+    check_regular_file(path, "checkpoint", OfficialCheckpointError)  # a pipe would block
     if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
         raise OfficialCheckpointError(f"reading {path} safely needs torch 2.5 or newer (it "
                                       f"lists a file's objects before loading); this is torch "
@@ -434,6 +435,7 @@ def import_official(vae_path: str | Path, ddpm_path: str | Path, run_dir: str | 
     existing model in ``run_dir`` is never overwritten.
     """
     vae_path, ddpm_path, run_dir = Path(vae_path), Path(ddpm_path), Path(run_dir)
+    refuse_published(run_dir, "import-official")  # before the long reads
     DataConfig(dataset=dataset or "folder", channels=3).validate()  # before the long reads
     for stage in ("vae", "refiner"):
         if (run_dir / stage).exists():

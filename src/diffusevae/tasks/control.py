@@ -37,7 +37,7 @@ from ..errors import CheckpointError, ConfigError, DataError, quote
 from ..io.checkpoint import atomic_save_tensors, load_tensors, read_json
 from ..io.data import ImageFolder, build_dataset, open_image_folder, read_image
 from ..io.images import save_gif, save_grid, to_uint8
-from ..io.storage import atomic_write_json
+from ..io.storage import atomic_write_json, check_regular_file
 from ..limits import MAX_EDIT_IMAGES, MAX_FRAMES, MAX_LAMBDA, MAX_LAMBDAS
 from ..model.pipeline import DiffuseVAE, Generation
 from ..model.run_folder import RunFolder, output_folder
@@ -215,8 +215,7 @@ def read_attribute_table(path: str | Path) -> tuple[list[str], list[str], Tensor
     line, then a header without the file column, space separated) reads as well.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"label file {path} does not exist")
+    check_regular_file(path, "label file", DataError)
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     if lines and re.fullmatch(r"\s*\d+\s*", lines[0]):
         lines = lines[1:]  # CelebA's count line
@@ -442,7 +441,7 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
             z_a, z_b = (None, None) if inv.z is None else inv.z
             y_a, y_b = inv.y_T
     out_dir = run.output_dir("interpolate", out_dir)
-    with output_folder(out_dir, "interpolate", overwrite):
+    with output_folder(out_dir, "interpolate", overwrite, inputs=[image_a, image_b]):
         rows = []
         for mode in modes:
             gen = interpolation_frames(pipe, mode, frames, sample, seed_a, seed_b, z_a, z_b,
@@ -484,7 +483,7 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
     chosen = {name: find_direction(all_names, directions, name) for name in attributes}
     pipe = checked_pipeline(run, sample, torch.device(device))
     out_dir = run.output_dir("edit", out_dir)
-    with output_folder(out_dir, "edit", overwrite):
+    with output_folder(out_dir, "edit", overwrite, inputs=[input_dir, latents]):
         z = y_T = None
         if latents is not None:
             inv, sample = load_latents(pipe, latents, sample)

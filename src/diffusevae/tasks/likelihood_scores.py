@@ -69,7 +69,7 @@ def likelihood_to_folder(run_dir: str | Path, request: LikelihoodRequest,
     dataset, names = _images(run, request)
     n = len(dataset) if request.n is None else min(request.n, len(dataset))
     out_dir = run.output_dir("likelihood", out_dir)
-    with output_folder(out_dir, "likelihood", overwrite):
+    with output_folder(out_dir, "likelihood", overwrite, inputs=[request.input_dir]):
         bound = _score(pipe, dataset, n, request, progress)
         summary = summarize(bound)
         _write_scores(out_dir / LIKELIHOOD_SCORES, bound, names[:n])

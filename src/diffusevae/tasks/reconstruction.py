@@ -156,7 +156,7 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
                                                {"VAE": vae}, run.root)}
         what = "input | VAE"
     out_dir = run.output_dir("reconstruct", out_dir)
-    with output_folder(out_dir, "reconstruct", overwrite):
+    with output_folder(out_dir, "reconstruct", overwrite, inputs=[input_dir]):
         names = dataset.output_names if input_dir else None  # a user's images keep their names
         columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, step,
                           "reconstruct", names, progress)
@@ -220,7 +220,7 @@ def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleC
     dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
     sample = replace(sample, n=len(dataset))
     out_dir = run.output_dir("refine", out_dir)
-    with output_folder(out_dir, "refine", overwrite):
+    with output_folder(out_dir, "refine", overwrite, inputs=[input_dir]):
         columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, lambda x, i: {
             "images": pipe.refine_images(x, sample, start_step=start_step, first_index=i).images},
             "refine", dataset.output_names, progress)  # names that never meet

@@ -30,8 +30,10 @@ every command gets the noise of (seed, i), so a rerun writes the same pictures.
 
 One writer per folder, and no stale files (`run_folder.output_folder`): every writer holds the
 folder's lock while it writes, so a second command writing the same folder is refused with a
-line naming the first. A folder that already holds files is refused unless ``overwrite``,
-which first removes what these writers make there and keeps anything else, or ``resume``
+line naming the first. Each writer records what it wrote in the folder
+(``.diffusevae-outputs.json``). A folder that already holds files is refused unless
+``overwrite`` and every file there is on that record (then exactly those are removed first;
+a file of the user's is never removed: the folder is refused instead), or ``resume``
 (`sampling`): a shorter run can never leave an earlier run's images beside its own.
 """
 
