@@ -134,10 +134,10 @@ def test_a_run_folder_inside_a_file_is_one_line(files, capsys):
 
 
 @pytest.mark.parametrize("command, message", [
-    (["train-refiner", "--form", "form2"], "train-vae --run"),
+    (["train-refiner", "--form", "form2"], "`diffusevae train-vae` on"),
     (["sample-vae", "--n", "2"], "holds no trained VAE"),
     (["reconstruct"], "holds no trained VAE"),
-    (["sample", "--n", "2"], "train-refiner --run"),
+    (["sample", "--n", "2"], "`diffusevae train-refiner` on"),
 ])
 def test_commands_on_an_empty_run_say_what_to_train_first(tmp_path, capsys, command, message):
     assert_user_error(capsys, [command[0], "--run", tmp_path, *command[1:]], message)

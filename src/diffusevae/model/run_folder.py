@@ -9,7 +9,7 @@ the recorded training configs and the trained models::
     RUN/prior/        the Ex-PDE mixture over z (model/prior_files.py)
     RUN/attributes/   one direction in z per attribute (tasks/control.py)
     RUN/classifier/   a classifier whose features give FID on small datasets (scoring/classifier.py)
-    RUN/samples/ ...  where each output command writes unless given --out (`OUTPUT_DIRS`)
+    RUN/samples/ ...  where each output command writes unless given a folder (`OUTPUT_DIRS`)
 
 Every file and folder name is spelled in filenames.py; a model folder's own checks (config,
 safetensors, manifest) are io/checkpoint.py's. What a run adds is which folders exist, which
@@ -217,11 +217,11 @@ def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -
     if stray:
         raise ConfigError(_not_ours(out_dir, record, stray))
     if not overwrite:
-        again = " or --resume to continue an interrupted run," if command == "sample" else ""
+        again = " or `resume` to continue an interrupted run," if command == "sample" else ""
         top = _names(sorted(e for e in present if "/" not in e))
         raise ConfigError(
-            f"{out_dir} already holds files ({top}): pass --overwrite to replace the outputs "
-            f"of an earlier command,{again} or choose another --out folder")
+            f"{out_dir} already holds files ({top}): pass `overwrite` to replace the outputs "
+            f"of an earlier command,{again} or choose another `out` folder")
     for entry in sorted(ours & present, key=lambda e: -e.count("/")):  # a folder after its files
         path = out_dir / entry
         if path.is_dir():
@@ -350,8 +350,8 @@ class RunFolder:
             inside = "" if model in (None, self.root.resolve()) else f" (inside {model})"
             raise RunFolderError(
                 f"{self.root} is a published model{inside} (read only), so {what} cannot write "
-                f"into it; export a copy to work on (`diffusevae export --run {self.root} --out "
-                "DIR`) and pass that as --run")
+                f"into it; export a copy to work on (`diffusevae export` of {self.root}) and "
+                "use that")
 
     # ---- what the run holds ---------------------------------------------------------------
 
@@ -365,7 +365,7 @@ class RunFolder:
         return (self.classifier_dir / CONFIG_NAME).is_file()
 
     def has_prior(self) -> bool:
-        """A fitted Ex-PDE prior (`fit-prior`): `--prior gmm` samples with it."""
+        """A fitted Ex-PDE prior (`fit-prior`): the gmm prior samples with it."""
         return (self.prior_dir / PRIOR_JSON).is_file()
 
     def train_config(self, stage: str = "vae") -> Config:
@@ -373,8 +373,8 @@ class RunFolder:
         path = self.train_config_path(stage)
         if not path.is_file():
             raise RunFolderError(f"{path} is missing: {self.stage_dir(stage)} was not trained "
-                                 f"here; train it with `diffusevae train-{stage} --run "
-                                 f"{self.root}`")
+                                 f"here; train it with `diffusevae train-{stage}` on "
+                                 f"{self.root}")
         return config_from_json(ckpt.read_json(path))
 
     def data_config(self) -> DataConfig | None:
@@ -394,7 +394,7 @@ class RunFolder:
         if not images_only and data.dataset == "folder" and data.data_dir is None:
             raise RunFolderError(f"{self.vae_dir} was imported without naming its training "
                                  "images; import it again into a new run folder with "
-                                 "--dataset NAME (and --data-dir DIR)")
+                                 "its `dataset` (and `data_dir`)")
         return data
 
     # ---- the trained models ---------------------------------------------------------------
@@ -404,7 +404,8 @@ class RunFolder:
         if not self.has_vae():
             raise RunFolderError(
                 f"{self.vae_dir} holds no trained VAE; train one first with "
-                f"`diffusevae train-vae --run {self.root}`, or use --form uncond for the baseline"
+                f"`diffusevae train-vae` on {self.root}, or use diffusion.form uncond for the "
+                "baseline"
             )
         vae, _ = load_network(self.vae_dir, "vae", use_ema, device)  # ours, or imported
         vae.requires_grad_(False)
@@ -417,7 +418,7 @@ class RunFolder:
         if not self.has_refiner():
             raise CheckpointError(
                 f"{self.refiner_dir} holds no trained refiner; train one with "
-                f"`diffusevae train-refiner --run {self.root}`"
+                f"`diffusevae train-refiner` on {self.root}"
             )
         return load_refiner(self.refiner_dir, use_ema, device)
 
