@@ -121,3 +121,28 @@ def test_library_draws_through_a_shard_are_the_rows_of_the_whole_batch():
     assert torch.equal(torch.cat(flips), full_flip)
     assert torch.equal(torch.cat(zs), full_z)
     assert not torch.equal(full_flip, x)  # some image was flipped: the test can see a wrong row
+
+
+def test_an_unknown_generator_layout_fails_where_a_generator_is_made_not_at_import(monkeypatch):
+    """No torch API fills the CPU generator's whole state, so rng.py writes it; a torch that
+    lays it out otherwise must not break `import diffusevae` (the layout is read lazily), and
+    making a generator then fails with the fix named."""
+    import subprocess
+    import sys
+
+    from diffusevae import rng
+    from diffusevae.errors import UnsupportedTorchError
+
+    code = ("import diffusevae, diffusevae.cli; from diffusevae import rng; "
+            "assert rng._template.cache_info().currsize == 0, 'read at import'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    rng._template.cache_clear()
+    monkeypatch.setattr(rng, "_STATE_BYTES", rng._STATE_BYTES + 8)
+    try:
+        with pytest.raises(UnsupportedTorchError, match="constraints.txt"):
+            rng.generator(0, rng.SAMPLE, 1)
+    finally:
+        rng._template.cache_clear()
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.randn(4, generator=rng.generator(0, rng.SAMPLE, 1)),
+                               torch.randn(4, generator=generator(0, SAMPLE, 1)))  # works again

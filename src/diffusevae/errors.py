@@ -72,6 +72,13 @@ class TrainingError(DiffuseVAEError, RuntimeError):
     exit_code = 1
 
 
+class UnsupportedTorchError(DiffuseVAEError, RuntimeError):
+    """The installed torch lacks what a part of diffusevae needs (rng.py: the layout of the CPU
+    generator's state); the message names the torch versions that work. Exit status 1."""
+
+    exit_code = 1
+
+
 class RunFolderError(TrainingError):
     """The run folder is not in the state the command needs (a usage error: exit status 2)."""
 

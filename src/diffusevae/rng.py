@@ -26,6 +26,7 @@ stream in practice.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Sequence
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import UnsupportedTorchError
 from .limits import SEED_MAX, check_seed
 
 Generators = Sequence[torch.Generator] | torch.Generator | None
@@ -57,11 +59,24 @@ HELDOUT = 7  # (i,): image i's draws in a held-out set (fit-prior's score), apar
 _MT_WORDS = 624  # MT19937's state: 624 32-bit words
 # torch's CPU generator state: (initial seed u64, left i32, seeded i32, next u64, the words as
 # u64, then the Box-Muller caches, invalid in a fresh state). A fresh state is the template.
+# No documented torch API sets more than 32 bits of it (`manual_seed` keeps the low 32), so the
+# state is written whole; `_template` checks the layout the first time a generator is made, and
+# an unknown one fails there, naming the fix, while everything that draws no numbers still works.
 _STATE_HEAD = struct.Struct("<QiiQ")
-_TEMPLATE = torch.Generator().get_state()
-if len(_TEMPLATE) != _STATE_HEAD.size + 8 * _MT_WORDS + 40:  # pragma: no cover
-    raise ImportError(f"torch {torch.__version__} keeps its CPU generator's state in another "
-                      "layout than diffusevae knows; tests/test_rng.py shows what to update")
+_STATE_BYTES = _STATE_HEAD.size + 8 * _MT_WORDS + 40
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> bytes:
+    """A fresh CPU generator's state, checked to have the layout this module writes."""
+    state = torch.Generator().get_state()
+    if len(state) != _STATE_BYTES:
+        raise UnsupportedTorchError(
+            f"torch {torch.__version__} keeps its CPU generator's state in {len(state)} bytes, "
+            f"not the {_STATE_BYTES} of the layout diffusevae writes, so its seeds cannot be "
+            "used whole; install the torch that constraints.txt pins (pip install -c "
+            "constraints.txt torch), or update rng._STATE_HEAD (tests/test_rng.py checks it)")
+    return state.numpy().tobytes()
 
 
 def seed_words(seed: int, *keys: int, words: int = _MT_WORDS) -> np.ndarray:
@@ -84,7 +99,7 @@ def derived_seed(seed: int, *keys: int, bits: int = 64) -> int:
 
 
 def _cpu_state(seed: int, keys: tuple[int, ...]) -> Tensor:
-    state = bytearray(_TEMPLATE.numpy().tobytes())
+    state = bytearray(_template())
     _STATE_HEAD.pack_into(state, 0, derived_seed(seed, *keys), 1, 1, 0)  # left 1, seeded, next 0
     words = seed_words(seed, *keys).astype("<u8").tobytes()
     state[_STATE_HEAD.size:_STATE_HEAD.size + len(words)] = words

@@ -197,11 +197,11 @@ def speed_options(fn):
     return fn
 
 
-# The sampling flags: the `SampleConfig` fields but n, seed and the speed fields, which
-# `sampling_options` adds as each command needs them; a field added to SampleConfig gets its
-# flag by adding its name here.
-SAMPLING_FIELDS = ("steps", "sampler", "eta", "spacing", "var_type", "batch_size", "temperature",
-                   "guidance", "clip", "keep_eps", "use_ema")
+# The sampling flags: every `SampleConfig` field but n, seed and the speed fields, which
+# `sampling_options` adds as each command needs them; a field added to SampleConfig is a flag
+# of every sampling command from then on.
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig)
+                        if f.name not in ("n", "seed", *SampleConfig.SPEED_FIELDS))
 SAMPLING_DECLS = {"use_ema": ("--ema/--no-ema", "use_ema")}
 
 
