@@ -17,12 +17,13 @@ from diffusevae.cli import cli, main
 from diffusevae.errors import (CheckpointError, ConfigError, DataError, DiffuseVAEError,
                                DiskFullError, EvaluationError, ExtractorError, FolderInUseError,
                                MetricError, OfficialCheckpointError, OutOfMemoryError,
-                               RunFolderError, TrainingError, UnreadableImageError, exit_status)
+                               RunFolderError, TrainingError, UnreadableImageError,
+                               UnsupportedTorchError, exit_status)
 
 INPUT = [ConfigError, DataError, UnreadableImageError, ExtractorError, EvaluationError,
          MetricError, CheckpointError, OfficialCheckpointError, RunFolderError,
          OutOfMemoryError, FolderInUseError]
-ENVIRONMENT = [TrainingError]
+ENVIRONMENT = [TrainingError, UnsupportedTorchError]
 
 
 def test_every_error_class_of_the_package_is_defined_in_errors_py():

@@ -54,7 +54,7 @@ def fifo(tmp_path) -> Path:
 @pytest.mark.parametrize("name, read, error, what", [
     ("config.yaml", load_file, ConfigError, "config file"),
     ("config.json", load_file, ConfigError, "config file"),
-    ("latents.npz", Inversion.load, ConfigError, "latents file"),
+    ("latents.npz", Inversion.load, ConfigError, "the latents file (of `save_latents`)"),
     ("photo.png", lambda p: read_image(p, 8, 1), DataError, "image"),
     ("labels.csv", read_attribute_table, DataError, "label file"),
     ("vae.ckpt", read_lightning_checkpoint, OfficialCheckpointError, "checkpoint"),

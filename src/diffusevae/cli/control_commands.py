@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from ..config import InvertConfig, SampleConfig
 from ..errors import ConfigError, quote
 from ..limits import MAX_BATCH, MAX_COMPONENTS, MAX_FRAMES, MAX_SAMPLES
 from ..tasks.control import (MODES, check_lambdas, compute_directions, edit_to_folder,
@@ -12,7 +13,7 @@ from ..tasks.control import (MODES, check_lambdas, compute_directions, edit_to_f
 from ..tasks.prior_fitting import fit_prior
 from . import cli
 from .options import (SEED, convert_option, count, device_of, device_option, inversion_options,
-                      invert_config, overwrite_option, prior_option, run_option, sample_config,
+                      overwrite_option, prior_option, run_option,
                       sampling_options)
 
 
@@ -93,11 +94,11 @@ def attributes(run_dir: str, labels_csv: str | None, input_dir: str | None,
 @sampling_options(n=None, seed=False)
 def interpolate(run_dir: str, modes: tuple[str, ...], frames: int, seed_a: int, seed_b: int,
                 image_a: str | None, image_b: str | None, out: str | None, overwrite: bool,
-                prior: str, convert_channels: bool, device: str, **kw) -> None:
+                prior: str, convert_channels: bool, invert: InvertConfig | None,
+                sample: SampleConfig, device: str) -> None:
     """Interpolate between two seeds or two images: grid.png (a row per mode) and a GIF each.
     With --invert the two images are inverted: the end frames are the images themselves."""
-    invert = invert_config(kw)
-    written = interpolate_to_folder(run_dir, sample_config(kw), out, modes, frames, seed_a,
+    written = interpolate_to_folder(run_dir, sample, out, modes, frames, seed_a,
                                     seed_b, image_a, image_b, prior, convert_channels,
                                     device_of(device), invert, overwrite=overwrite)
     click.echo(written.summary)
@@ -133,15 +134,15 @@ def _lambdas(ctx: click.Context, param: click.Parameter, text: str) -> list[floa
 @sampling_options(n=8)
 def edit(run_dir: str, names: tuple[str, ...], lambdas: list[float], input_dir: str | None,
          latents: str | None, out: str | None, overwrite: bool, prior: str,
-         convert_channels: bool, device: str, save_latents: bool, **kw) -> None:
+         convert_channels: bool, invert: InvertConfig | None, save_latents: bool,
+         sample: SampleConfig, device: str) -> None:
     """Move samples or real images along attribute directions: a grid per attribute,
     rows = images, columns = lambda, the same noise along a row. Without --input: --n samples
     of --seed. With --input DIR --invert (or --latents FILE) each row keeps its image's
     inverted noise: lambda = 0 is the image itself, and the edits keep its details."""
     if input_dir is None and latents is None:  # --n samples: the size is known before any work
-        check_lambdas(lambdas, kw["n"])
-    invert = invert_config(kw)
-    written = edit_to_folder(run_dir, names, lambdas, sample_config(kw), out, input_dir, prior,
+        check_lambdas(lambdas, sample.n)
+    written = edit_to_folder(run_dir, names, lambdas, sample, out, input_dir, prior,
                              convert_channels, device_of(device), invert, save_latents, latents,
                              overwrite=overwrite)
     click.echo(written.summary)

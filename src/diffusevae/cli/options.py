@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -207,10 +208,16 @@ SAMPLING_DECLS = {"use_ema": ("--ema/--no-ema", "use_ema")}
 
 def sampling_options(n: int | None = 64, seed: bool = True, n_help: str | None = None):
     """The sampling flags (one per `SampleConfig` field) and --device, for every command that
-    samples or refines; ``n``: the default of --n (None: no --n, the command counts its own
-    images), ``n_help`` its help; ``seed``: whether the command takes --seed. `sample_config`
-    reads them back."""
+    samples or refines, handed to the command as one parameter, ``sample``: the `SampleConfig`
+    they make (``device`` stays a parameter). ``n``: the default of --n (None: no --n, the
+    command counts its own images), ``n_help`` its help; ``seed``: whether the command takes
+    --seed."""
     def decorate(fn):
+        @functools.wraps(fn)
+        def command(*args, **params):
+            fields = {name: params.pop(name) for name in SAMPLE_FIELDS if name in params}
+            return fn(*args, sample=SampleConfig(**fields), **params)
+
         options = [field_option(SampleConfig, name, *SAMPLING_DECLS.get(name, ()))
                    for name in SAMPLING_FIELDS]
         options += [speed_options, device_option]
@@ -220,15 +227,12 @@ def sampling_options(n: int | None = 64, seed: bool = True, n_help: str | None =
             options.insert(0, field_option(SampleConfig, "n", default=n,
                                            **({"help": n_help} if n_help else {})))
         for option in reversed(options):
-            fn = option(fn)
-        return fn
+            command = option(command)
+        return command
     return decorate
 
 
-def sample_config(kw: dict, **fields) -> SampleConfig:
-    """The `SampleConfig` of the sampling flags in `kw` (taken out of it), and `fields`."""
-    names = [f.name for f in dataclasses.fields(SampleConfig)]
-    return SampleConfig(**{k: kw.pop(k) for k in names if k in kw}, **fields)
+SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
 
 
 # The inversion flags: the parameter of each `InvertConfig` field (its flag, with dashes).
@@ -237,9 +241,15 @@ INVERSION_PARAMS = {"steps": "inversion_steps", "fixed_point": "fixed_point",
 
 
 def inversion_options(save_latents: bool = True):
-    """--invert and its settings (one per `InvertConfig` field), and --save-latents;
-    `invert_config` reads them back."""
+    """--invert and its settings (one per `InvertConfig` field), handed to the command as one
+    parameter, ``invert``: their `InvertConfig`, or None without --invert (where setting one of
+    them is an error); and --save-latents."""
     def decorate(fn):
+        @functools.wraps(fn)
+        def command(*args, **params):
+            values = {field: params.pop(param) for field, param in INVERSION_PARAMS.items()}
+            return fn(*args, invert=_invert_config(params.pop("invert"), values), **params)
+
         options = [click.option("--invert", is_flag=True,
                                 help="Invert the images with DDIM (docs/method.md#inversion): "
                                      "decoding returns them, details included.")]
@@ -251,16 +261,13 @@ def inversion_options(save_latents: bool = True):
                 help="Also write z and the inverted y_T to latents.npz (edit --latents reads "
                      "it)."))
         for option in reversed(options):
-            fn = option(fn)
-        return fn
+            command = option(command)
+        return command
     return decorate
 
 
-def invert_config(kw: dict) -> InvertConfig | None:
-    """The `InvertConfig` of the inversion flags in `kw` (taken out of it); None without
-    --invert, where setting one of them is an error."""
-    values = {field: kw.pop(param) for field, param in INVERSION_PARAMS.items()}
-    if kw.pop("invert"):
+def _invert_config(invert: bool, values: dict) -> InvertConfig | None:
+    if invert:
         return InvertConfig(**values)
     given = flags_given(INVERSION_PARAMS.values())
     if given:

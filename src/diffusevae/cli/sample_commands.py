@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 from click.core import ParameterSource
+
+from ..config import InvertConfig, SampleConfig
 
 from ..distributed import processes
 from ..limits import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
@@ -12,8 +16,8 @@ from ..tasks.reconstruction import reconstruct_to_folder, refine_to_folder
 from ..tasks.sampling import sample_to_folder, sample_vae_to_folder
 from . import cli
 from .options import (SEED, Finite, convert_option, count, device_of, device_option,
-                      inversion_options, invert_config, overwrite_option, prior_option, run_option,
-                      sample_config, sampling_options, start_step_option)
+                      inversion_options, overwrite_option, prior_option, run_option,
+                      sampling_options, start_step_option)
 
 
 @cli.command()
@@ -25,15 +29,15 @@ from .options import (SEED, Finite, convert_option, count, device_of, device_opt
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in --out with the same settings.")
 @overwrite_option
-def sample(run_dir: str, out: str | None, show_stages: bool, device: str, resume: bool,
-           prior: str, overwrite: bool, **kw) -> None:
+def sample(run_dir: str, sample: SampleConfig, out: str | None, show_stages: bool, device: str,
+           resume: bool, prior: str, overwrite: bool) -> None:
     """Generate with DiffuseVAE: PNG files, grid.png, samples.npz and sampling.json.
 
     Under torchrun or accelerate launch the processes share the samples (docs/distributed.md,
     "Sampling and evaluating on several GPUs").
     """
     procs = processes(device)
-    written = sample_to_folder(run_dir, sample_config(kw), out, procs, show_stages=show_stages,
+    written = sample_to_folder(run_dir, sample, out, procs, show_stages=show_stages,
                                prior=prior, resume=resume, overwrite=overwrite)
     if procs.is_main:
         click.echo(written.summary)
@@ -75,17 +79,17 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
                                "(given --input, every image of it unless --n is given).")
 @overwrite_option
 def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bool | None,
-                start_step: int | None, convert_channels: bool, device: str,
-                save_latents: bool, overwrite: bool, **kw) -> None:
+                start_step: int | None, convert_channels: bool, sample: SampleConfig,
+                device: str, invert: InvertConfig | None, save_latents: bool,
+                overwrite: bool) -> None:
     """Encode images and decode them with the VAE; with a refiner, refine x_hat too (from
     fresh noise, or from the input noised to --start-step): PNG files and a side-by-side grid.
     --n: the number of images. --invert adds the inverted reconstruction (inverted/, the last
     column of the grid)."""
-    invert = invert_config(kw)
     if input_dir and click.get_current_context().get_parameter_source("n") is \
             ParameterSource.DEFAULT:
-        kw["n"] = MAX_SAMPLES  # a folder of one's own images: all of them, as refine and edit
-    written = reconstruct_to_folder(run_dir, sample_config(kw), out, input_dir, refine,
+        sample = replace(sample, n=MAX_SAMPLES)  # one's own images: all of them, as refine
+    written = reconstruct_to_folder(run_dir, sample, out, input_dir, refine,
                                     start_step, convert_channels, device_of(device), invert,
                                     save_latents, overwrite)
     click.echo(written.summary)
@@ -101,13 +105,13 @@ def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bo
 @sampling_options(n=None)
 @overwrite_option
 def refine(run_dir: str, input_dir: str, out: str | None, start_step: int | None,
-           convert_channels: bool, device: str, overwrite: bool, **kw) -> None:
+           convert_channels: bool, sample: SampleConfig, device: str, overwrite: bool) -> None:
     """Refine any coarse images (another model's samples, upscaled or noisy images).
 
     Each image, resized to the model's size, is taken as x_hat; a z-conditioned refiner gets
     z = mu(x_hat) from the VAE. Writes images/ (named like the inputs), grid.png
     (input | refined) and refine.json.
     """
-    written = refine_to_folder(run_dir, input_dir, sample_config(kw), out, start_step,
+    written = refine_to_folder(run_dir, input_dir, sample, out, start_step,
                                convert_channels, device_of(device), overwrite)
     click.echo(written.summary)

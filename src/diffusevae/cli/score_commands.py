@@ -17,7 +17,7 @@ from ..scoring.sweep import sweep_to_folder
 from ..tasks.likelihood_scores import LikelihoodRequest, likelihood_to_folder
 from . import cli
 from .options import (SEED, Finite, count, device_of, device_option, flags_given,
-                      overwrite_option, prior_option, run_option, sample_config,
+                      SAMPLE_FIELDS, overwrite_option, prior_option, run_option,
                       sampling_options)
 
 MAX_CELLS = 64  # values of one comma-separated list of a sweep
@@ -115,7 +115,7 @@ def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | No
               help="Folder for metrics.json [beside the samples, or RUN/eval/SAMPLER-STEPS].")
 def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: str,
              device: str, quiet: bool, out: str | None, kid_subsets: int, kid_subset_size: int,
-             max_kept: int, is_splits: int, **kw) -> None:
+             max_kept: int, is_splits: int, sample: SampleConfig, **kw) -> None:
     """FID, KID and IS of samples against a reference; writes metrics.json, prints one line.
 
     \b
@@ -126,14 +126,14 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
     scores them (docs/distributed.md, "Sampling and evaluating on several GPUs").
     """
     score_with = scoring(kw)
-    if samples is not None and run_dir is None and (flags_given(kw) or vae_only
+    if samples is not None and run_dir is None and (flags_given(SAMPLE_FIELDS) or vae_only
                                                     or prior != "normal"):
-        flags = ", ".join(flags_given(kw)) or ("--vae-only" if vae_only else "--prior")
+        flags = ", ".join(flags_given(SAMPLE_FIELDS)) or ("--vae-only" if vae_only else "--prior")
         raise ConfigError(f"{flags} only apply with --run (sampling on the fly); the "
                           "samples given with --samples were already drawn")
     procs = processes(device)
     result, out_dir = evaluate_to_folder(
-        score_with, samples=samples, run=run_dir, sample=sample_config(kw), vae_only=vae_only,
+        score_with, samples=samples, run=run_dir, sample=sample, vae_only=vae_only,
         out=out, processes=procs, progress=not quiet, prior=prior, kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size, max_kept=max_kept, is_splits=is_splits)
     if procs.is_main:
