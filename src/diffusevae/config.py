@@ -92,7 +92,12 @@ class Setting:
     most: float | None = None  # the largest value (excluded with `below`)
     above: bool = False
     below: bool = False
-    choices: tuple[str, ...] = ()  # the names it may take (names.py)
+    choices: str = ""  # the list of names.py it takes its names from ("SAMPLERS")
+
+    def names(self) -> tuple[str, ...]:
+        """The names it may take: names.py's list, read at each call (a name registered there
+        later is taken at once)."""
+        return getattr(names, self.choices) if self.choices else ()
 
     def bounds(self) -> str:
         """The range in words: '> 0 and <= 10', '>= 0 and < 1'."""
@@ -109,7 +114,7 @@ class Setting:
         if value is None or isinstance(value, bool):
             return
         if self.choices:
-            _check_choice(name, value, self.choices)
+            _check_choice(name, value, self.names())
             return
         if not isinstance(value, numbers.Real):
             return
@@ -125,7 +130,7 @@ class Setting:
 
 def setting(default: Any, help: str, *, least: float | None = None,
             most: float | None = None, above: bool = False, below: bool = False,
-            choices: tuple[str, ...] = ()) -> Any:
+            choices: str = "") -> Any:
     """A dataclass field with its `Setting`: declare a field, its default, range and help once."""
     return field(default=default, metadata={SETTING: Setting(help, least, most, above, below,
                                                              choices)})
@@ -151,7 +156,7 @@ def check_settings(section: str, obj: Any) -> None:
 class DataConfig:
     """Which images to train on, and their shape."""
 
-    dataset: str = setting("digits", "Dataset to train on.", choices=names.DATASETS)
+    dataset: str = setting("digits", "Dataset to train on.", choices="DATASETS")
     data_dir: str | None = setting(None, "Where the dataset's files are (each dataset has a "
                                          "documented default).")
     image_size: int = setting(16, "Pixels a side.", least=0, above=True, most=MAX_IMAGE_SIZE)
@@ -292,7 +297,7 @@ class DiffusionConfig:
     beta_end: float = 0.02
     form: str = setting("form2", "How the refiner uses x_hat (docs/method.md#formulations); "
                                  "'uncond' is the plain DDPM baseline (no VAE).",
-                        choices=names.FORMS)
+                        choices="FORMS")
     p_uncond: float = setting(0.0, "Per-sample conditioning dropout; enables classifier-free "
                                    "guidance at sampling.", least=0, most=1, below=True)
 
@@ -326,7 +331,7 @@ class TrainConfig:
     # the decays reach 0 at the last step (`steps`, or `epochs` converted to steps);
     # docs/method.md#training-recipe
     lr_schedule: str = setting("constant", "After the warm-up: constant, or a decay to 0 at the "
-                                           "last step.", choices=names.LR_SCHEDULES)
+                                           "last step.", choices="LR_SCHEDULES")
     # Hang et al. 2023, for eps-prediction
     min_snr_gamma: float = setting(0.0, "Refiner: weight each timestep's loss by min(SNR, "
                                         "gamma) / SNR (Min-SNR-gamma, e.g. 5); 0 = unweighted.",
@@ -349,8 +354,8 @@ class TrainConfig:
               "models/fashion-mnist; its EMA weights where it has them), with a fresh "
               "optimiser: fine-tuning.")
     device: str = setting("auto", "Where to train (auto: CUDA, then MPS, then the CPU).",
-                          choices=names.DEVICES)
-    mixed_precision: str = setting("no", "Mixed precision on GPUs.", choices=names.PRECISIONS)
+                          choices="DEVICES")
+    mixed_precision: str = setting("no", "Mixed precision on GPUs.", choices="PRECISIONS")
     num_workers: int = setting(0, "Data-loading worker processes.", least=0, most=MAX_WORKERS)
     tensorboard: bool = setting(False, "Also log to TensorBoard (pip install "
                                        "'diffusevae[tensorboard]').")
@@ -384,11 +389,11 @@ class SampleConfig:
     steps: int = setting(10, "Sampling steps (respaced from the diffusion's timesteps).",
                          least=0, above=True, most=MAX_TIMESTEPS)
     sampler: str = setting("ddim", "dpmpp_2m: DPM-Solver++(2M), deterministic; best with "
-                                   "trailing spacing.", choices=names.SAMPLERS)
+                                   "trailing spacing.", choices="SAMPLERS")
     eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 like DDPM.", least=0,
                          most=MAX_ETA)
-    spacing: str = setting("uniform", "Which timesteps to visit.", choices=names.SPACINGS)
-    var_type: str = setting("fixedlarge", "DDPM step variance.", choices=names.VAR_TYPES)
+    spacing: str = setting("uniform", "Which timesteps to visit.", choices="SPACINGS")
+    var_type: str = setting("fixedlarge", "DDPM step variance.", choices="VAR_TYPES")
     clip: bool = setting(True, "Clip predicted images to [-1, 1].")
     keep_eps: bool = setting(False, "DDIM: after clipping, step with the network's eps, as the "
                                     "official DiffuseVAE sampler (reproduces its samples).")

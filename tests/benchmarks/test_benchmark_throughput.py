@@ -183,4 +183,4 @@ def test_gpu_checks_script_runs_the_gpu_path_on_the_cpu(tmp_path):
     for key in ("small_batch_speedup", "training_mfu", "compiled_training"):
         assert targets[key]["passed"] in (True, False) and positive(targets[key]["measured"])
     md = (out / "throughput_cuda.md").read_text()
-    assert "# B2 throughput (gpu-smoke budget)" in md and "skipped: --mixed-precision" in md
+    assert "# B2 throughput (gpu-smoke budget)" in md and "skipped: train.mixed_precision" in md

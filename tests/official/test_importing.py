@@ -465,7 +465,7 @@ def test_commands_that_read_the_training_images_say_how_to_name_them(tmp_path, c
     run = tmp_path / "run"
     import_official(FIX / "vae.ckpt", FIX / "ddpm_form1.ckpt", run, num_heads=HEADS)
     assert run_cli("fit-prior", "--run", run, "--device", "cpu") == 2
-    assert "import it again into a new run folder with --dataset" in capsys.readouterr().err
+    assert "import it again into a new run folder with `diffusevae import-official`, naming" in capsys.readouterr().err
 
 
 def test_import_official_errors_are_one_line_with_exit_2(tmp_path, capsys):

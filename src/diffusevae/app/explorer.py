@@ -426,7 +426,7 @@ def _control(gr, name: str, **kw):
     choices, a slider over its UI range, or a number box over its range."""
     setting, default = setting_of(SampleConfig, name), getattr(SampleConfig, name)
     if setting.choices:
-        return gr.Dropdown(list(setting.choices), value=default, label=name, info=setting.help,
+        return gr.Dropdown(list(setting.names()), value=default, label=name, info=setting.help,
                            **kw)
     if name in UI_RANGES:
         low, high, step = UI_RANGES[name]

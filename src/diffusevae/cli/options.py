@@ -80,7 +80,7 @@ def field_option(cls: type, name: str, *decls: str, override: bool = False, **ex
     if kind is bool:
         kw["is_flag"] = True
     elif setting.choices:
-        kw["type"] = click.Choice(setting.choices)
+        kw["type"] = click.Choice(setting.names())
     else:
         kw["type"] = kind
     return click.option(*decls, cls=FieldOption, field=f"{SECTIONS[cls]}.{name}",

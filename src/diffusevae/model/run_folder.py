@@ -394,7 +394,7 @@ class RunFolder:
         if not images_only and data.dataset == "folder" and data.data_dir is None:
             raise RunFolderError(f"{self.vae_dir} was imported without naming its training "
                                  "images; import it again into a new run folder with "
-                                 "its `dataset` (and `data_dir`)")
+                                 "`diffusevae import-official`, naming their dataset (and its folder)")
         return data
 
     # ---- the trained models ---------------------------------------------------------------
