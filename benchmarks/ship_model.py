@@ -145,6 +145,19 @@ def name_path(name: str) -> str:
     return f"models/{name}"
 
 
+def export_model(source: RunFolder, dest: Path, extras: bool, components: int,
+                 data_dir: str | None, device: str) -> None:
+    """`source` exported into a fresh `dest` (EMA weights only); with `extras`, the Ex-PDE
+    prior, the attribute directions and the examples too."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    source.export(dest)
+    if extras:
+        fit_prior(dest, components, device=device)
+        compute_directions(dest, device=device)
+        write_examples(dest, data_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="benchmarks/results/speed_quality_long.json")
@@ -159,27 +172,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--card-only", action="store_true",
                         help="Only write the MODEL.md files again (after benchmarks/ex_pde.py "
                              "has scored the shipped model with its prior)")
+    parser.add_argument("--form2-run", default=None,
+                        help="Ship this form2 run (a run folder with vae/ and refiner/) "
+                             "instead of B1's, e.g. a longer training run")
+    parser.add_argument("--uncond-run", default=None,
+                        help="Ship this `uncond` run as the baseline (with --form2-run)")
+    parser.add_argument("--from-long-run", default=None, metavar="JSON",
+                        help="Write the cards from benchmarks/long_run.py's results "
+                             "(benchmarks/results/long_run.json) instead of B1's")
+    parser.add_argument("--no-card", action="store_true",
+                        help="Export only, without MODEL.md (to score the export with "
+                             "benchmarks/long_run.py before its card can be written)")
     args = parser.parse_args(argv)
-    results = json.loads(Path(args.results).read_text())
-    ex_pde = Path(args.results).with_name(f"ex_pde_{results['budget']}.json")
-    if args.card_only and ex_pde.is_file():
-        results["ex_pde_cells"] = [c for c in json.loads(ex_pde.read_text())["cells"]
-                                   if c["prior"] == "gmm"]  # its N(0, I) cells are B1's
-    for model, name, extras in (("diffusevae-form2", "fashion-mnist", True),
-                                ("ddpm-uncond", "fashion-mnist-uncond", False)):
+    if bool(args.form2_run) != bool(args.uncond_run):
+        parser.error("--form2-run and --uncond-run go together")
+    if args.from_long_run:
+        long_run = json.loads(Path(args.from_long_run).read_text())
+        results = None
+    else:
+        long_run = None
+        results = json.loads(Path(args.results).read_text())
+        ex_pde = Path(args.results).with_name(f"ex_pde_{results['budget']}.json")
+        if args.card_only and ex_pde.is_file():
+            results["ex_pde_cells"] = [c for c in json.loads(ex_pde.read_text())["cells"]
+                                       if c["prior"] == "gmm"]  # its N(0, I) cells are B1's
+    for model, name, extras, given in (("diffusevae-form2", "fashion-mnist", True,
+                                        args.form2_run),
+                                       ("ddpm-uncond", "fashion-mnist-uncond", False,
+                                        args.uncond_run)):
         dest = Path(args.models) / name
         if not args.card_only:
-            recorded = Path(results["models"][model]["run"])
-            source = RunFolder(Path(args.runs) / recorded.name if args.runs else recorded)
-            if dest.exists():
-                shutil.rmtree(dest)
-            source.export(dest)
-            if extras:
-                fit_prior(dest, args.components, device=args.device)
-                compute_directions(dest, device=args.device)
-                write_examples(dest, args.data_dir)
-        prior = read_json(RunFolder(dest).prior_dir / PRIOR_JSON) if extras else None
-        (dest / "MODEL.md").write_text(model_card(results, name, model, prior))
+            if given:
+                source = RunFolder(given)
+            else:
+                recorded = Path(results["models"][model]["run"])
+                source = RunFolder(Path(args.runs) / recorded.name if args.runs else recorded)
+            export_model(source, dest, extras, args.components, args.data_dir, args.device)
+        if not args.no_card:
+            prior = read_json(RunFolder(dest).prior_dir / PRIOR_JSON) if extras else None
+            card = (long_run_card(long_run, name, model, prior) if long_run
+                    else model_card(results, name, model, prior))
+            (dest / "MODEL.md").write_text(card)
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
         print(f"{dest}: {size / 2**20:.1f} MiB")
 
