@@ -141,8 +141,149 @@ The weights: MIT, like this package. Fashion-MNIST: MIT (Zalando Research).
 """
 
 
+def long_run_card(lr: dict, name: str, model: str, prior: dict | None) -> str:
+    """MODEL.md of the last model `benchmarks/long_run.py` scored (its results `lr`), with the
+    first model's numbers beside it: `model` "diffusevae-form2" for the form2 folder,
+    "ddpm-uncond" for the baseline."""
+    key, old = list(lr["models"])[-1], list(lr["models"])[0]
+    m, s, fl = lr["models"][key], lr["settings"], lr["floor"]
+    part = "uncond" if model == "ddpm-uncond" else "form2"
+    tr = m["training"]
+    ref = tr["uncond" if part == "uncond" else "refiner"]
+    r = ref["recipe"]
+
+    def runs(cmd: str) -> str:  # the run folders by role, not by where they were on disk
+        words = cmd.split()
+        if "--run" in words:
+            i = words.index("--run") + 1
+            words[i] = "RUN_UNCOND" if "--form" in words and words[
+                words.index("--form") + 1] == "uncond" else "RUN"
+        return " ".join(w for w in words if w not in ("--quiet", "--resume"))
+
+    commands = list(dict.fromkeys(runs(c) for st in (("uncond",) if part == "uncond"
+                                                      else ("vae", "refiner"))
+                                  for c in tr[st]["commands"]))
+    resumed = any("--resume" in c for c in ref["commands"])
+
+    def rows(which: str) -> str:
+        out = []
+        for c in lr["cells"]:
+            if c["model"] != f"{which}/{part}":
+                continue
+            what = "VAE alone (x̂)" if c["sampler"] == "vae" else \
+                f"{c['sampler']}, {c['spacing']} spacing, {c['steps']} steps"
+            if part == "form2":
+                what += ", z ~ Ex-PDE" if c["prior"] == "gmm" else ", z ~ N(0, I)"
+            iv = c.get("fid_ci95")
+            out.append(f"| {which} | {what} | {c['fid']:.2f} | "
+                       f"{'–' if not iv else f'[{iv[0]:.2f}, {iv[1]:.2f}]'} |")
+        return "\n".join(out)
+
+    v = m["vae"]
+    vae_part = "" if part == "uncond" else (
+        f"- VAE: z of {tr['vae']['recipe']['z_dim']} dimensions, KL weight "
+        f"{tr['vae']['recipe']['kl_weight']:g}, {tr['vae']['steps']:,} optimiser steps at batch "
+        f"{tr['vae']['recipe']['batch_size']} ({tr['vae']['epochs']:g} epochs), lr "
+        f"{tr['vae']['recipe']['lr']:g}, EMA {tr['vae']['recipe']['ema_decay']:g}; on the "
+        f"10,000 test images it carries {v['kl_nats']:.1f} nats an image ({v['active_dims']} of "
+        f"{v['z_dim']} latent dimensions active) and reconstructs with an MSE of "
+        f"{v['mse_per_pixel_01']:.4f} a pixel (images in [0, 1]).\n")
+    prior_part = "" if prior is None else (
+        f"- Ex-PDE prior: a {prior['components']}-component Gaussian mixture over z, fitted on "
+        f"the encoded training set (held-out log-likelihood {prior['loglik_per_dim']['gmm_heldout']}"
+        f" nats a dimension, against {prior['loglik_per_dim']['normal_heldout']} for N(0, I)); "
+        "`sample --prior gmm` uses it.\n- Attribute directions: one per Fashion-MNIST class "
+        "(class mean minus the rest's mean in z); `edit --attribute NAME`.\n"
+        "- `examples/`: the first 32 test images, for the demo.\n")
+    cmp_ = lr.get("comparison")
+    verdict = "" if not cmp_ or part == "uncond" else (
+        f"\nIn the recommended cell (DPM-Solver++(2M), trailing, 10 steps, z from the prior) "
+        f"this model scores {cmp_['fid_new']:.2f} against {cmp_['fid_old']:.2f} for the model "
+        f"shipped before it ({old}), {cmp_['margin']:.2f} lower"
+        + (f", the 95% intervals {cmp_['gap_between_intervals']:.2f} apart."
+           if (cmp_["gap_between_intervals"] or 0) > 0 else ", the 95% intervals overlapping.")
+        + "\n")
+    flags = "--sampler dpmpp_2m --spacing trailing --steps 10" + (" --prior gmm" if prior else "")
+    exported = ("python benchmarks/ship_model.py --form2-run RUN --uncond-run RUN_UNCOND "
+                "--no-card --models DEST")
+    return f"""# {name}
+
+{"A DiffuseVAE (form2)" if part == "form2" else "The plain DDPM baseline (`uncond`) of the DiffuseVAE in `models/fashion-mnist`"}
+trained on Fashion-MNIST (28x28 grey garments, 60,000 training images; the Debian package
+`dataset-fashion-mnist`), {r['epochs'] or ref['epochs']} epochs{" each stage" if part == "form2" else ""} on a 2-core CPU with
+`diffusevae {"train-vae` and `train-refiner" if part == "form2" else "train-refiner"}`.
+
+## What is in it
+
+- Formulation: `{r['form']}`; the noise schedule and sampler settings are in `refiner/config.json`.
+{vae_part}- Refiner: a {r['base_channels']}-channel UNet (channel multipliers
+  {tuple(r['channel_mults'])}, {r['num_res_blocks']} residual block a level, dropout {r['dropout']:g}),
+  {ref['steps']:,} optimiser steps at batch {r['batch_size']} ({ref['epochs']:g} epochs), lr {r['lr']:g}
+  after {r['warmup_steps']} warm-up steps, {r['lr_schedule']} schedule, EMA {r['ema_decay']:g},
+  Min-SNR-gamma {r['min_snr_gamma']:g}, gradient clipping {r['grad_clip']:g}, seed {r['seed']}.
+{prior_part}- Weights: the exponential moving averages of training, in safetensors, each folder
+  with a checked manifest. No optimiser state, nothing pickled.
+
+Trained with{" (the refiner stopped once and went on with `--resume`)" if resumed else ""}:
+
+```bash
+{chr(10).join(commands)}
+```
+
+then exported with `{exported}` (EMA weights;
+the Ex-PDE prior with 10 components, the attribute directions and the examples fitted on the
+export).
+
+## How good it is
+
+FID in the features of the project's classifier of record for Fashion-MNIST
+(`{s['classifier']}`, test accuracy {100 * (lr['extractor'].get('test_accuracy') or 0):.2f}%;
+not Inception FID), {s['n']} samples (seed {s['seed']}, EMA weights) against the 10,000 test images,
+each with a 95% bootstrap interval ({s['bootstrap']} rounds), scored by
+`benchmarks/long_run.py` (`benchmarks/results/long_run.md`). `{old}` is the model
+shipped here before, scored the same way. FIDs in another classifier's features do not compare
+with these: the earlier card's numbers (B1's own classifier, `speed_quality_long.md`) are on
+another scale.
+
+| model | sampler | FID | 95% interval |
+|---|---|---:|---|
+{rows(key)}
+{rows(old)}
+
+Real data, {fl['n']} training images against the test split: {fl['fid']:.2f}
+[{fl['fid_ci95'][0]:.2f}, {fl['fid_ci95'][1]:.2f}], the floor at this sample size.
+{verdict}
+## Use
+
+```bash
+diffusevae sample --run {name_path(name)} --n 64 {flags} --out my-samples
+```
+
+or in Python: `DiffuseVAE.from_pretrained("{name_path(name)}")`. Outputs never go into this
+folder: each command writes to `--out`, or under `diffusevae-outputs/` in the current
+directory.
+
+## Licence
+
+The weights: MIT, like this package. Fashion-MNIST: MIT (Zalando Research).
+"""
+
+
 def name_path(name: str) -> str:
     return f"models/{name}"
+
+
+def export_model(source: RunFolder, dest: Path, extras: bool, components: int,
+                 data_dir: str | None, device: str) -> None:
+    """`source` exported into a fresh `dest` (EMA weights only); with `extras`, the Ex-PDE
+    prior, the attribute directions and the examples too."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    source.export(dest)
+    if extras:
+        fit_prior(dest, components, device=device)
+        compute_directions(dest, device=device)
+        write_examples(dest, data_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,27 +300,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--card-only", action="store_true",
                         help="Only write the MODEL.md files again (after benchmarks/ex_pde.py "
                              "has scored the shipped model with its prior)")
+    parser.add_argument("--form2-run", default=None,
+                        help="Ship this form2 run (a run folder with vae/ and refiner/) "
+                             "instead of B1's, e.g. a longer training run")
+    parser.add_argument("--uncond-run", default=None,
+                        help="Ship this `uncond` run as the baseline (with --form2-run)")
+    parser.add_argument("--from-long-run", default=None, metavar="JSON",
+                        help="Write the cards from benchmarks/long_run.py's results "
+                             "(benchmarks/results/long_run.json) instead of B1's")
+    parser.add_argument("--no-card", action="store_true",
+                        help="Export only, without MODEL.md (to score the export with "
+                             "benchmarks/long_run.py before its card can be written)")
     args = parser.parse_args(argv)
-    results = json.loads(Path(args.results).read_text())
-    ex_pde = Path(args.results).with_name(f"ex_pde_{results['budget']}.json")
-    if args.card_only and ex_pde.is_file():
-        results["ex_pde_cells"] = [c for c in json.loads(ex_pde.read_text())["cells"]
-                                   if c["prior"] == "gmm"]  # its N(0, I) cells are B1's
-    for model, name, extras in (("diffusevae-form2", "fashion-mnist", True),
-                                ("ddpm-uncond", "fashion-mnist-uncond", False)):
+    if bool(args.form2_run) != bool(args.uncond_run):
+        parser.error("--form2-run and --uncond-run go together")
+    if args.from_long_run:
+        long_run = json.loads(Path(args.from_long_run).read_text())
+        results = None
+    else:
+        long_run = None
+        results = json.loads(Path(args.results).read_text())
+        ex_pde = Path(args.results).with_name(f"ex_pde_{results['budget']}.json")
+        if args.card_only and ex_pde.is_file():
+            results["ex_pde_cells"] = [c for c in json.loads(ex_pde.read_text())["cells"]
+                                       if c["prior"] == "gmm"]  # its N(0, I) cells are B1's
+    for model, name, extras, given in (("diffusevae-form2", "fashion-mnist", True,
+                                        args.form2_run),
+                                       ("ddpm-uncond", "fashion-mnist-uncond", False,
+                                        args.uncond_run)):
         dest = Path(args.models) / name
         if not args.card_only:
-            recorded = Path(results["models"][model]["run"])
-            source = RunFolder(Path(args.runs) / recorded.name if args.runs else recorded)
-            if dest.exists():
-                shutil.rmtree(dest)
-            source.export(dest)
-            if extras:
-                fit_prior(dest, args.components, device=args.device)
-                compute_directions(dest, device=args.device)
-                write_examples(dest, args.data_dir)
-        prior = read_json(RunFolder(dest).prior_dir / PRIOR_JSON) if extras else None
-        (dest / "MODEL.md").write_text(model_card(results, name, model, prior))
+            if given:
+                source = RunFolder(given)
+            else:
+                recorded = Path(results["models"][model]["run"])
+                source = RunFolder(Path(args.runs) / recorded.name if args.runs else recorded)
+            export_model(source, dest, extras, args.components, args.data_dir, args.device)
+        if not args.no_card:
+            prior = read_json(RunFolder(dest).prior_dir / PRIOR_JSON) if extras else None
+            card = (long_run_card(long_run, name, model, prior) if long_run
+                    else model_card(results, name, model, prior))
+            (dest / "MODEL.md").write_text(card)
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
         print(f"{dest}: {size / 2**20:.1f} MiB")
 
