@@ -35,7 +35,7 @@ echo "wrote $dest/{stages,reconstructions,interpolation,edit,edit_real_fresh,edi
 
 # the explorer's page in a headless Chromium (needs the `app` extra and chromium-driver)
 if python -c "import gradio, selenium" 2>/dev/null && command -v chromedriver >/dev/null; then
-    python tests/test_app.py --run "$model" --out docs/explorer.png
+    python tests/app/test_explorer.py --run "$model" --out docs/explorer.png
 else
     echo "docs/explorer.png not made: it needs the app extra, selenium and chromium-driver"
 fi
