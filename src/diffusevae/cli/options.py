@@ -53,6 +53,8 @@ SEED = click.IntRange(0, SEED_MAX)  # what the generators take, used whole (rng.
 
 SECTIONS = {DataConfig: "data", VAEConfig: "vae", DiffusionConfig: "diffusion",
             TrainConfig: "train", SampleConfig: "sample", InvertConfig: "invert"}
+
+
 class FieldOption(click.Option):
     """An option that sets a config field, ``section.field`` (`field_option` makes them): the
     command's messages name that field by the option's flag (`as_flags`)."""
@@ -102,7 +104,7 @@ def as_flags(message: str, command: click.Command | None, fields: bool = True) -
     options = [] if command is None else [p for p in command.params
                                           if isinstance(p, click.Option)]
     flag = {p: max(p.opts, key=lambda o: o.startswith("--")) for p in options}
-    for p in sorted(options, key=lambda p: -len(getattr(p, "field", ""))):
+    for p in options:
         if fields and isinstance(p, FieldOption):
             message = re.sub(rf"(?<![\w.:/-]){re.escape(p.field)}(?![\w-])", flag[p], message)
     by_name = {p.name: flag[p] for p in options}
@@ -115,9 +117,9 @@ def run_option(required: bool = True):
 
 
 def config_options(fn):
-    """Flags that choose and change the configuration (shared by the training commands): one
-    per field of `TRAIN_FIELDS` and `DATA_FIELDS`, unset unless given (the preset, file or run
-    then decides)."""
+    """Flags that choose and change the configuration (shared by the training commands): the
+    data fields and one per `TRAIN_FIELDS`, unset unless given (the preset, file or run then
+    decides)."""
     options = [
         click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                      help="Preset, as `diffusevae presets` lists them (default: the run's "
