@@ -2,10 +2,12 @@
 
 One dataclass per concern (data, VAE, UNet, diffusion, training, sampling); `Config` bundles
 them. presets.py holds the presets and resolves a config from a preset, a file and overrides.
-Every CLI flag maps to one field; a section.field=value assignment reaches any field; a YAML/JSON file
-can give any subset of sections. The resolved config is what a run folder records. The names
-a field can take (datasets, forms, samplers, ...) are declared once, in names.py; the bounds
-of its numbers, in limits.py.
+Each field is declared once, with its help and range (`setting`): its section's `validate`
+checks it, and the command line's options and the explorer's controls are made from it. Every
+CLI flag maps to one field; a section.field=value assignment reaches any field; a YAML/JSON
+file can give any subset of sections. The resolved config is what a run folder records. The
+names a field can take (datasets, forms, samplers, ...) are declared once, in names.py; the
+bounds of its numbers, in limits.py.
 """
 
 from __future__ import annotations

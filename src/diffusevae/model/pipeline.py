@@ -91,7 +91,8 @@ class Inversion:
     def load(cls, path: str | Path) -> tuple["Inversion", dict]:
         """The latents of `save` (without x_hat), and its settings: ``meta["decode"]`` are the
         `SampleConfig` fields to decode them with."""
-        check_regular_file(path, "the latents file (of `save_latents`)", ConfigError)  # a FIFO blocks
+        # a named pipe would block the read: refused before it
+        check_regular_file(path, "the latents file (of `save_latents`)", ConfigError)
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
