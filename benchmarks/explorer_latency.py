@@ -34,7 +34,8 @@ import torch
 
 from common import fmt, log, provenance, table, write_results
 
-from diffusevae.app.explorer import Explorer, Settings, serving_threads
+from diffusevae.app.explorer import Explorer, Settings
+from diffusevae.app.page import serving_threads
 
 TARGET_S = 0.5
 SLIDERS_MOVED = 3  # sliders that change at each move

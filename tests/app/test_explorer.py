@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from diffusevae.app import explorer as app
+from diffusevae.app import page
 from diffusevae.app.explorer import Direction, Explorer, Latent, Settings, read_upload
 from diffusevae.config import DiffusionConfig
 from diffusevae.errors import ConfigError, DataError
@@ -131,7 +132,7 @@ def test_the_prior_of_z_starts_at_the_fitted_one_when_the_run_has_it(explorer):
     _need("gradio (the app extra)", _has_module("gradio"))
 
     def prior_radio(ex: Explorer):
-        radios = [c for c in app.build_app(ex).blocks.values()
+        radios = [c for c in page.build_app(ex).blocks.values()
                   if getattr(c, "label", None) == "prior of z"]
         assert len(radios) == 1
         return radios[0]
@@ -147,11 +148,11 @@ def test_the_prior_of_z_starts_at_the_fitted_one_when_the_run_has_it(explorer):
 
 def test_the_server_leaves_one_core_to_the_web_on_a_cpu(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert app.serving_threads(torch.device("cpu")) == 1
-    assert app.serving_threads(torch.device("cpu"), threads=2) == 2  # asked for: kept
-    assert app.serving_threads(torch.device("cuda")) == 2  # the GPU does the work
+    assert page.serving_threads(torch.device("cpu")) == 1
+    assert page.serving_threads(torch.device("cpu"), threads=2) == 2  # asked for: kept
+    assert page.serving_threads(torch.device("cuda")) == 2  # the GPU does the work
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert app.serving_threads(torch.device("cpu")) == 1  # never zero
+    assert page.serving_threads(torch.device("cpu")) == 1  # never zero
 
 
 def test_directions_are_cached_in_the_output_folder_not_the_run(explorer, run_with_attributes,
@@ -247,7 +248,7 @@ def test_the_explorer_needs_a_vae(explorer):
 def test_without_gradio_the_page_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)
     with pytest.raises(ConfigError, match=r"diffusevae\[app\]"):
-        app._gradio()
+        page._gradio()
 
 
 def test_cli_warns_when_not_on_loopback(explorer, run_with_attributes, tmp_path, monkeypatch,
@@ -292,7 +293,7 @@ def server(explorer):
     axis[0] = 1.0
     served = Explorer(explorer.pipe, [Direction("z[0]", axis, 3.0), *explorer.directions[1:]],
                       explorer.test_images, explorer.out_dir)
-    demo = app.serve(served, "127.0.0.1", free_port(), block=False,
+    demo = page.serve(served, "127.0.0.1", free_port(), block=False,
                      threads=torch.get_num_threads())  # the suite's other tests keep theirs
     yield demo.local_url
     demo.close()
@@ -454,7 +455,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/explorer.png")
     parser.add_argument("--cache", default=None, help="the explorer's --out")
     args = parser.parse_args()
-    demo = app.serve(Explorer.from_run(args.run, args.cache), "127.0.0.1", free_port(),
+    demo = page.serve(Explorer.from_run(args.run, args.cache), "127.0.0.1", free_port(),
                      block=False)
     try:
         with browser() as driver:

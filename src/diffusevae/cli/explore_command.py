@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..app.explorer import Explorer, serve
+from ..app.explorer import Explorer
+from ..app.page import serve
 from ..limits import MAX_SAMPLES, MAX_THREADS
 from . import cli
 from .options import count, device_of, device_option, run_option
