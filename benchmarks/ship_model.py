@@ -64,6 +64,18 @@ def fid_rows(results: dict, models: tuple[str, ...]) -> str:
     return "\n".join(rows)
 
 
+def extras_lines(prior: dict | None) -> str:
+    """The card's lines on what a DiffuseVAE folder carries beside its networks (the Ex-PDE
+    prior's report, the attribute directions, the examples); none for the baseline."""
+    return "" if prior is None else (
+        f"- Ex-PDE prior: a {prior['components']}-component Gaussian mixture over z, fitted on "
+        f"the encoded training set (held-out log-likelihood {prior['loglik_per_dim']['gmm_heldout']}"
+        f" nats a dimension, against {prior['loglik_per_dim']['normal_heldout']} for N(0, I)); "
+        "`sample --prior gmm` uses it.\n- Attribute directions: one per Fashion-MNIST class "
+        "(class mean minus the rest's mean in z); `edit --attribute NAME`.\n"
+        "- `examples/`: the first 32 test images, for the demo.\n")
+
+
 def model_card(results: dict, name: str, model: str, prior: dict | None) -> str:
     """MODEL.md, from the B1 results that trained the model."""
     v, m, s = results["vae"], results["machine"], results["settings"]
@@ -83,13 +95,7 @@ def model_card(results: dict, name: str, model: str, prior: dict | None) -> str:
         f"epochs); on the 10,000 test images it carries {v['kl_nats']:.1f} nats an image "
         f"({v['active_dims']} of {v['z_dim']} latent dimensions active) and reconstructs with "
         f"an MSE of {v['mse_per_pixel_01']:.4f} a pixel (images in [0, 1]).\n")
-    prior_part = "" if prior is None else (
-        f"- Ex-PDE prior: a {prior['components']}-component Gaussian mixture over z, fitted on "
-        f"the encoded training set (held-out log-likelihood {prior['loglik_per_dim']['gmm_heldout']}"
-        f" nats a dimension, against {prior['loglik_per_dim']['normal_heldout']} for N(0, I)); "
-        "`sample --prior gmm` uses it.\n- Attribute directions: one per Fashion-MNIST class "
-        "(class mean minus the rest's mean in z); `edit --attribute NAME`.\n"
-        "- `examples/`: the first 32 test images, for the demo.\n")
+    prior_part = extras_lines(prior)
     return f"""# {name}
 
 A DiffuseVAE trained on Fashion-MNIST (28x28 grey garments, 60,000 training images; the
@@ -188,13 +194,7 @@ def long_run_card(lr: dict, name: str, model: str, prior: dict | None) -> str:
         f"10,000 test images it carries {v['kl_nats']:.1f} nats an image ({v['active_dims']} of "
         f"{v['z_dim']} latent dimensions active) and reconstructs with an MSE of "
         f"{v['mse_per_pixel_01']:.4f} a pixel (images in [0, 1]).\n")
-    prior_part = "" if prior is None else (
-        f"- Ex-PDE prior: a {prior['components']}-component Gaussian mixture over z, fitted on "
-        f"the encoded training set (held-out log-likelihood {prior['loglik_per_dim']['gmm_heldout']}"
-        f" nats a dimension, against {prior['loglik_per_dim']['normal_heldout']} for N(0, I)); "
-        "`sample --prior gmm` uses it.\n- Attribute directions: one per Fashion-MNIST class "
-        "(class mean minus the rest's mean in z); `edit --attribute NAME`.\n"
-        "- `examples/`: the first 32 test images, for the demo.\n")
+    prior_part = extras_lines(prior)
     cmp_ = lr.get("comparison")
     verdict = "" if not cmp_ or part == "uncond" else (
         f"\nIn the recommended cell (DPM-Solver++(2M), trailing, 10 steps, z from the prior) "
