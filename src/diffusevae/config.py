@@ -38,12 +38,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _check_positive(name: str, value: float, allow_zero: bool = False,
                     most: float | None = None) -> None:
-    """`value` finite and > 0 (>= 0 with `allow_zero`), and <= `most` where given."""
-    if not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number; got {quote(value)}")
-    if value < 0 or (value == 0 and not allow_zero) or (most is not None and value > most):
-        bound = (">= 0" if allow_zero else "> 0") + ("" if most is None else f" and <= {most:n}")
-        raise ConfigError(f"{name} must be {bound}; got {quote(value)}")
+    """`value` finite and > 0 (>= 0 with `allow_zero`), and <= `most` where given: the check of
+    a `Setting`, for the numbers that are not fields of their own (the VAE's widths) and the
+    architecture fields declared without one."""
+    Setting("", least=0, above=not allow_zero, most=most).check(name, value)
 
 
 def _is_of(value: Any, tp: Any) -> bool:
@@ -430,14 +428,14 @@ class SampleConfig:
 
 
 def with_settings(sample: SampleConfig, **settings: Any) -> SampleConfig:
-    """``sample`` with the given fields replaced (a None leaves a field as it is), checked; an
-    unknown name is refused with the known ones."""
+    """``sample`` with the given fields replaced, checked; an unknown name is refused with the
+    known ones."""
     known = [f.name for f in fields(SampleConfig)]
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise ConfigError(f"{', '.join(unknown)}: not a sampling setting; the settings are "
                           f"{', '.join(known)}")
-    return replace(sample, **{k: v for k, v in settings.items() if v is not None})
+    return replace(sample, **settings)
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,13 @@ def test_sdedit_starts_at_the_nearest_step_from_the_noised_image():
     assert (out.images - x).abs().max() < 0.05
     fresh = pipe.reconstruct(x, SampleConfig(n=2, steps=10))
     assert (fresh.images - x).abs().max() > 0.2
+
+
+def test_generate_takes_a_config_or_keyword_overrides_of_it():
+    pipe = _pipe()
+    cfg = SampleConfig(n=3, steps=2, seed=4, batch_size=2)
+    given = pipe.generate(sample=cfg)
+    assert given.shape[0] == 3
+    torch.testing.assert_close(pipe.generate(3, steps=2, seed=4, batch_size=2), given)
+    torch.testing.assert_close(pipe.generate(2, cfg), given[:2])  # n given beside the config
+    assert not torch.equal(pipe.generate(sample=cfg, seed=5), given)  # a keyword overrides it

@@ -415,6 +415,8 @@ def test_random_sampling_arguments_give_images_or_a_config_error(**kw):
 
 @pytest.mark.parametrize("kw, message", [
     ({"n": 0}, "sample.n must be > 0"),
+    ({"n": None}, "sample.n must be of type int"),  # without a config, n is required
+    ({"n": 2, "stepz": 2}, "stepz: not a sampling setting"),
     ({"n": "3"}, "sample.n must be of type int"),
     ({"n": 2, "steps": 0}, "sample.steps must be > 0"),
     ({"n": 2, "steps": 2.5}, "sample.steps must be of type int"),

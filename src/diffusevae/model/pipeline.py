@@ -564,7 +564,9 @@ class DiffuseVAE:
         keywords in its place, e.g. ``generate(8, steps=20, sampler="dpmpp_2m")``.
         ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
         """
-        sample = with_settings(sample or SampleConfig(), n=n, **settings)
+        if n is not None or sample is None:  # without a config, n is required (None refused)
+            settings["n"] = n
+        sample = with_settings(sample or SampleConfig(), **settings)
         parts = [g for _, g in self.iter_generate(sample, prior=prior)]
         out = Generation(
             images=torch.cat([p.images for p in parts]),
