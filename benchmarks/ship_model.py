@@ -32,6 +32,7 @@ from diffusevae.tasks.prior_fitting import fit_prior
 from diffusevae.io.checkpoint import read_json
 from diffusevae.filenames import PRIOR_JSON
 from diffusevae.model.run_folder import RunFolder
+from diffusevae.model.sampling_defaults import SamplingDefaults, write_sampling_defaults
 
 EXAMPLES = 32  # test images for the demo's reconstructions and edits
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
@@ -132,7 +133,7 @@ paper's claim holds.{complete}
 diffusevae sample --run {name_path(name)} --n 64 --steps 10 --sampler dpmpp_2m --spacing trailing {"--prior gmm " if prior else ""}--show-stages --out my-samples
 ```
 
-or in Python: `DiffuseVAE.from_pretrained("{name_path(name)}")`. Outputs never go into this
+`DiffuseVAE.from_pretrained("{name_path(name)}").generate(64)`, which starts from the same settings. Outputs never go into this
 folder: each command writes to `--out`, or under `diffusevae-outputs/` in the current
 directory.
 
@@ -203,7 +204,10 @@ def long_run_card(lr: dict, name: str, model: str, prior: dict | None) -> str:
         + (f", the 95% intervals {cmp_['gap_between_intervals']:.2f} apart."
            if (cmp_["gap_between_intervals"] or 0) > 0 else ", the 95% intervals overlapping.")
         + "\n")
-    flags = "--sampler dpmpp_2m --spacing trailing --steps 10" + (" --prior gmm" if prior else "")
+    best = best_sampling(lr, model)
+    how = ", ".join(f"{k} {v}" for k, v in best.settings.items()) + (
+        f", z from {'the Ex-PDE prior' if best.prior == 'gmm' else 'N(0, I)'}"
+        if part == "form2" else "")
     exported = ("python benchmarks/ship_model.py --form2-run RUN --uncond-run RUN_UNCOND "
                 "--no-card --models DEST")
     return f"""# {name}
@@ -256,17 +260,35 @@ Real data, {fl['n']} training images against the test split: {fl['fid']:.2f}
 ## Use
 
 ```bash
-diffusevae sample --run {name_path(name)} --n 64 {flags} --out my-samples
+diffusevae sample --run {name_path(name)} --n 64 --out my-samples
 ```
 
-or in Python: `DiffuseVAE.from_pretrained("{name_path(name)}")`. Outputs never go into this
-folder: each command writes to `--out`, or under `diffusevae-outputs/` in the current
+samples with the settings of `sampling_defaults.json` ({how}): the cell of lowest FID above.
+A flag given replaces its setting (`--sampler ddim`{", `--prior normal`" if part == "form2" else ""}). In Python,
+`DiffuseVAE.from_pretrained("{name_path(name)}").generate(64)` starts from the same settings.
+Outputs never go into this folder: each command writes to `--out`, or under `diffusevae-outputs/` in the current
 directory.
 
 ## Licence
 
 The weights: MIT, like this package. Fashion-MNIST: MIT (Zalando Research).
 """
+
+
+def best_sampling(lr: dict, model: str) -> SamplingDefaults:
+    """The sampling defaults of the last model `benchmarks/long_run.py` scored: its refined
+    cell of lowest FID (`model` "diffusevae-form2" or "ddpm-uncond"), with a note of the score."""
+    key = list(lr["models"])[-1]
+    part = "uncond" if model == "ddpm-uncond" else "form2"
+    cells = [c for c in lr["cells"] if c["model"] == f"{key}/{part}" and c["sampler"] != "vae"]
+    best = min(cells, key=lambda c: c["fid"])
+    low, high = best["fid_ci95"]
+    return SamplingDefaults(
+        {"sampler": best["sampler"], "spacing": best["spacing"], "steps": best["steps"]},
+        best["prior"],
+        f"the lowest FID of the {len(cells)} sampling settings benchmarks/long_run.py scored "
+        f"on this model: {best['fid']:.2f} [{low:.2f}, {high:.2f}] in the features of "
+        f"{lr['settings']['classifier']}, {best['n']} samples (benchmarks/results/long_run.md)")
 
 
 def name_path(name: str) -> str:
@@ -340,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
             prior = read_json(RunFolder(dest).prior_dir / PRIOR_JSON) if extras else None
             card = (long_run_card(long_run, name, model, prior) if long_run
                     else model_card(results, name, model, prior))
+            if long_run:  # before the card, which makes the folder a published model
+                write_sampling_defaults(dest, best_sampling(long_run, model))
             (dest / "MODEL.md").write_text(card)
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
         print(f"{dest}: {size / 2**20:.1f} MiB")

@@ -24,6 +24,7 @@ ATTRIBUTES_DIR = "attributes"
 DIRECTIONS_FILE = "directions.safetensors"  # one direction in z per attribute
 NAMES_FILE = "names.json"  # the attributes' names, in the order of the directions
 CLASSIFIER_DIR = "classifier"
+SAMPLING_DEFAULTS = "sampling_defaults.json"  # the settings it is sampled with by default
 
 # What the output commands write in their folders
 IMAGES_DIR = "images"

@@ -29,6 +29,7 @@ from diffusevae.config import DiffusionConfig
 from diffusevae.errors import ConfigError, DataError
 from diffusevae.tasks.control import compute_directions, principal_directions
 from diffusevae.model.pipeline import DiffuseVAE
+from diffusevae.model.sampling_defaults import SamplingDefaults
 from diffusevae.core.prior import GaussianMixture
 from diffusevae.rng import sample_generators
 
@@ -127,8 +128,9 @@ def test_settings_are_checked():
         Settings().sample(1.5)
 
 
-def test_the_prior_of_z_starts_at_the_fitted_one_when_the_run_has_it(explorer):
-    """A run with an Ex-PDE prior samples best with it (docs/control.md): the page starts there."""
+def test_the_prior_of_z_starts_at_the_runs_sampling_default(explorer):
+    """The page starts at the prior the run's sampling defaults name (the shipped model's: its
+    Ex-PDE prior, which it samples best with); gmm is offered only when a prior is fitted."""
     _need("gradio (the app extra)", _has_module("gradio"))
 
     def prior_radio(ex: Explorer):
@@ -140,10 +142,13 @@ def test_the_prior_of_z_starts_at_the_fitted_one_when_the_run_has_it(explorer):
     assert explorer.pipe.prior is None and prior_radio(explorer).value == "normal"
     mixture = GaussianMixture(torch.ones(1), torch.zeros(1, explorer.pipe.vae.config.z_dim),
                               torch.eye(explorer.pipe.vae.config.z_dim)[None])
-    fitted = Explorer(DiffuseVAE(explorer.pipe.vae, explorer.pipe.unet, explorer.pipe.diffusion,
-                                 mixture), explorer.directions)
-    radio = prior_radio(fitted)
-    assert radio.value == "gmm" and [c[0] for c in radio.choices] == ["normal", "gmm"]
+    for defaults, value in ((SamplingDefaults(), "normal"),
+                            (SamplingDefaults(prior="gmm"), "gmm")):
+        fitted = Explorer(DiffuseVAE(explorer.pipe.vae, explorer.pipe.unet,
+                                     explorer.pipe.diffusion, mixture, defaults),
+                          explorer.directions)
+        radio = prior_radio(fitted)
+        assert radio.value == value and [c[0] for c in radio.choices] == ["normal", "gmm"]
 
 
 def test_the_server_leaves_one_core_to_the_web_on_a_cpu(monkeypatch):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import SampleConfig
+from ..config import SampleConfig, with_settings
 from ..core.prior import PRIORS
 from ..errors import ConfigError, DataError
 from ..io.checkpoint import atomic_save_tensors, load_tensors, read_json
@@ -82,9 +82,10 @@ class Settings:
     temperature: float = SampleConfig.temperature
     prior: str = "normal"
 
-    def sample(self, seed: int, n: int = 1) -> SampleConfig:
-        """These settings as the pipeline's config, checked by it (a bad value: ConfigError),
-        and within the sliders' ranges."""
+    def sample(self, seed: int, n: int = 1, base: SampleConfig | None = None) -> SampleConfig:
+        """These settings in ``base`` (the run's sampling defaults, which set the spacing and
+        the rest; default `SampleConfig()`), as the pipeline's config, checked by it (a bad value: ConfigError), and within the sliders'
+        ranges."""
         low, high, _ = UI_RANGES["steps"]
         steps = _int(self.steps, "steps", low, high)
         if self.prior not in PRIORS:
@@ -92,9 +93,9 @@ class Settings:
         if not UI_RANGES["temperature"][0] <= self.temperature <= UI_RANGES["temperature"][1]:
             raise ConfigError(f"temperature must be in {UI_RANGES['temperature'][0]:g}.."
                               f"{UI_RANGES['temperature'][1]:g}; got {self.temperature}")
-        return SampleConfig(n=n, steps=steps, sampler=str(self.sampler), seed=_int(seed, "seed"),
-                            guidance=float(self.guidance), temperature=float(self.temperature),
-                            batch_size=max(n, 1))
+        return with_settings(base or SampleConfig(), n=n, steps=steps, sampler=str(self.sampler),
+                             seed=_int(seed, "seed"), guidance=float(self.guidance),
+                             temperature=float(self.temperature), batch_size=max(n, 1))
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ class Explorer:
             raise ConfigError(f"the explorer moves z, and this run's refiner "
                               f"({pipe.diffusion.form}) has no VAE; use a form2 or form1 run")
         self.pipe, self.directions = pipe, list(directions)
+        self.base = pipe.defaults.sample()  # what the page's settings row does not set
         self.test_images, self.out_dir = test_images, Path(out_dir)
         self.lock = threading.Lock()  # one request uses the model at a time
         self._decoded, self._refined = _LRU(CACHE_SIZE), _LRU(CACHE_SIZE)
@@ -256,8 +258,8 @@ class Explorer:
                ) -> Tensor:
         """The refined image (1, C, H, W) of one latent, with the noise of (seed, 0) or the
         first state y_T held fixed, cached."""
-        sample = settings.sample(seed) if y_T is None else replace(
-            settings, sampler="ddim").sample(seed)
+        sample = settings.sample(seed, base=self.base) if y_T is None else replace(
+            settings, sampler="ddim").sample(seed, base=self.base)
         key = (_key(z), None if y_T is None else _key(y_T), sample)
 
         def make() -> Tensor:
@@ -284,7 +286,7 @@ class Explorer:
     def generate(self, settings: Settings, seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """n samples of ``seed`` as pairs x_hat | refined; sample 0's prediction at each step."""
         n = _int(n, "the number of images", 1, MAX_IMAGES)
-        sample = settings.sample(seed, n)
+        sample = settings.sample(seed, n, self.base)
         steps = []
         with self.lock:
             gen = self.pipe.generate_batch(sample, range(n), lambda k, S, y, y0: steps.append(
@@ -320,7 +322,7 @@ class Explorer:
             z = self.pipe.encode(x[None])[0].cpu()
             y_T = None
             if exact:
-                sample = replace(settings, sampler="ddim").sample(seed)
+                sample = replace(settings, sampler="ddim").sample(seed, base=self.base)
                 y_T = self.pipe.invert(x[None], sample, INVERSION_FIXED_POINT).y_T[0].cpu()
         return Latent(z, seed, x, y_T)
 
@@ -360,7 +362,7 @@ class Explorer:
         """Frames from a to b (two seeds, or two images (C, H, W) as z = mu): the GIF's path
         (in the output folder) and a strip of the frames."""
         frames = _int(frames, "frames", 2, MAX_FRAMES)
-        sample = settings.sample(seed_a, frames)
+        sample = settings.sample(seed_a, frames, self.base)
         if (x_a is None) != (x_b is None):
             raise ConfigError("give two images, or none (then the two seeds are the endpoints)")
         with self.lock:

@@ -50,21 +50,22 @@ def _guard(gr, fn: Callable) -> Callable:
 
 def _settings_row(gr, explorer: Explorer) -> list:
     """The sampling settings every panel uses: steps, sampler, guidance, temperature, prior."""
+    base = explorer.base  # each control starts at the run's sampling defaults
     with gr.Row():
-        steps, sampler = _control(gr, "steps"), _control(gr, "sampler")
+        steps, sampler = _control(gr, "steps", base), _control(gr, "sampler", base)
         guidable = explorer.pipe.form.conditioned and explorer.pipe.diffusion.p_uncond > 0
-        guidance = _control(gr, "guidance", interactive=guidable)
-        temperature = _control(gr, "temperature")
-        fitted = explorer.pipe.prior is not None  # then its samples are the better ones
+        guidance = _control(gr, "guidance", base, interactive=guidable)
+        temperature = _control(gr, "temperature", base)
+        fitted = explorer.pipe.prior is not None
         prior = gr.Radio([p for p in PRIORS if p == "normal" or fitted],
-                         value="gmm" if fitted else "normal", label="prior of z")
+                         value=explorer.pipe.defaults.prior, label="prior of z")
     return [steps, sampler, guidance, temperature, prior]
 
 
-def _control(gr, name: str, **kw):
+def _control(gr, name: str, base: SampleConfig, **kw):
     """The control of `SampleConfig` field ``name``, made from its setting: a menu of its
-    choices, a slider over its UI range, or a number box over its range."""
-    setting, default = setting_of(SampleConfig, name), getattr(SampleConfig, name)
+    choices, a slider over its UI range, or a number box over its range; at ``base``'s value."""
+    setting, default = setting_of(SampleConfig, name), getattr(base, name)
     if setting.choices:
         return gr.Dropdown(list(setting.names()), value=default, label=name, info=setting.help,
                            **kw)

@@ -13,12 +13,13 @@ import torch
 import yaml
 
 from ..config import (SETTING, Config, DataConfig, DiffusionConfig, InvertConfig, SampleConfig,
-                      TrainConfig, VAEConfig, to_dict)
+                      TrainConfig, VAEConfig, setting_of, to_dict)
 from ..core.prior import PRIORS
 from ..distributed import resolve_device
 from ..errors import ConfigError
 from ..limits import MAX_TIMESTEPS, SEED_MAX
 from ..model.run_folder import RunFolder
+from ..model.sampling_defaults import DRAWING_FIELDS, SamplingDefaults, read_sampling_defaults
 from ..names import DEVICES
 from ..presets import PRESETS, resolve
 
@@ -218,10 +219,12 @@ def sampling_options(n: int | None = 64, seed: bool = True, n_help: str | None =
         @functools.wraps(fn)
         def command(*args, **params):
             fields = {name: params.pop(name) for name in SAMPLE_FIELDS if name in params}
-            return fn(*args, sample=SampleConfig(**fields), **params)
+            sample = run_defaults(params.get("run_dir")).apply(
+                SampleConfig(**fields), keep=given(fields))
+            return fn(*args, sample=sample, **params)
 
-        options = [field_option(SampleConfig, name, *SAMPLING_DECLS.get(name, ()))
-                   for name in SAMPLING_FIELDS]
+        options = [field_option(SampleConfig, name, *SAMPLING_DECLS.get(name, ()),
+                                **_run_default(name)) for name in SAMPLING_FIELDS]
         options += [speed_options, device_option]
         if seed:
             options.insert(0, field_option(SampleConfig, "seed"))
@@ -235,6 +238,29 @@ def sampling_options(n: int | None = 64, seed: bool = True, n_help: str | None =
 
 
 SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
+
+
+def run_defaults(run_dir: str | None) -> SamplingDefaults:
+    """What the run samples with where the command line does not say (its
+    sampling_defaults.json); the library's defaults without a run."""
+    return read_sampling_defaults(run_dir) if run_dir else SamplingDefaults()
+
+
+def _run_default(name: str) -> dict:
+    """How the help of a sampling flag that a run's defaults may set shows its default."""
+    if name not in DRAWING_FIELDS:
+        return {}
+    default = getattr(SampleConfig, name)
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return {"help": f"{setting_of(SampleConfig, name).help}  [default: {shown}, or the run's "
+                    "sampling_defaults.json]", "show_default": False}
+
+
+def given(names) -> list[str]:
+    """The parameters among `names` that the command line set (not their defaults)."""
+    ctx = click.get_current_context()
+    return [k for k in names
+            if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
 
 
 # The inversion flags: the parameter of each `InvertConfig` field (its flag, with dashes).
@@ -280,10 +306,8 @@ def _invert_config(invert: bool, values: dict) -> InvertConfig | None:
 
 def flags_given(names) -> list[str]:
     """The flags among the parameters `names` that the command line set (not defaults)."""
-    ctx = click.get_current_context()
-    given = [k for k in names
-             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
-    return ["--ema/--no-ema" if k == "use_ema" else "--" + k.replace("_", "-") for k in given]
+    return ["--ema/--no-ema" if k == "use_ema" else "--" + k.replace("_", "-")
+            for k in given(names)]
 
 
 start_step_option = click.option(
@@ -294,9 +318,19 @@ convert_option = click.option(
     "--convert-channels", is_flag=True,
     help="Convert images of another channel count (RGB to luma, gray repeated) instead of "
          "refusing them.")
-prior_option = click.option(
-    "--prior", type=click.Choice(PRIORS), default="normal", show_default=True,
-    help="z ~ N(0, I), or the Ex-PDE mixture of `diffusevae fit-prior`.")
+
+
+def prior_option(fn):
+    """--prior, handed to the command as the prior named, else the run's (its
+    sampling_defaults.json), else "normal"."""
+    @functools.wraps(fn)
+    def command(*args, prior: str | None, **params):
+        return fn(*args, prior=prior or run_defaults(params.get("run_dir")).prior, **params)
+
+    return click.option(
+        "--prior", type=click.Choice(PRIORS), default=None,
+        help="z ~ N(0, I), or the Ex-PDE mixture of `diffusevae fit-prior`.  [default: normal, "
+             "or the run's sampling_defaults.json]")(command)
 overwrite_option = click.option(
     "--overwrite", is_flag=True,
     help="Replace the outputs of an earlier command in the output folder (a folder that holds "

@@ -44,6 +44,7 @@ from ..io.text import parse_json
 from ..rng import randn_like_per_sample, sample_generators
 from .prior_files import load_run_prior, save_mixture
 from .run_folder import RunFolder, save_refiner
+from .sampling_defaults import SamplingDefaults, read_sampling_defaults, write_sampling_defaults
 
 
 def _has_cpp_compiler() -> bool:
@@ -177,10 +178,13 @@ class DiffuseVAE:
     """The two stages together: ``generate`` samples z, decodes x_hat and refines it.
 
     ``prior``: the Ex-PDE mixture over z, if one was fitted; ``generate(prior="gmm")`` uses it.
+    ``defaults``: the settings and prior `generate` uses where it is not given them (a run's
+    ``sampling_defaults.json``, model/sampling_defaults.py; none: `SampleConfig`'s, N(0, I)).
     """
 
     def __init__(self, vae: VAE | None, unet: UNet, diffusion: DiffusionConfig,
-                 prior: GaussianMixture | None = None):
+                 prior: GaussianMixture | None = None,
+                 defaults: SamplingDefaults | None = None):
         self.form = get_formulation(diffusion.form)
         if self.form.uses_vae and vae is None:
             raise ConfigError(f"the {diffusion.form} refiner needs a VAE, and none was given")
@@ -192,6 +196,7 @@ class DiffuseVAE:
             raise ConfigError("the latent prior does not fit this pipeline's VAE (no VAE, or "
                               "another z size); refit it with `diffusevae fit-prior`")
         self.prior = prior
+        self.defaults = defaults or SamplingDefaults()
         self.source: Path | None = None  # the run folder it was loaded from, for messages
         self.compiled = False  # `compile` was called
         self.channels_last: bool | None = None  # the UNet's layout; None: as it was given
@@ -203,23 +208,27 @@ class DiffuseVAE:
                         device: str | torch.device = "cpu",
                         channels_last: bool | None = None) -> "DiffuseVAE":
         """Load ``folder/refiner``, ``folder/vae`` when the formulation needs one, and
-        ``folder/prior`` when an Ex-PDE mixture was fitted; the refiner's memory layout as
-        `use_channels_last` chooses (None: by device). ``folder``: a path or a `RunFolder`."""
+        ``folder/prior`` when an Ex-PDE mixture was fitted, and the sampling defaults it records;
+        the refiner's memory layout as `use_channels_last` chooses (None: by device).
+        ``folder``: a path or a `RunFolder`."""
         run = RunFolder(folder)
         vae, unet, diffusion = run.load_models(device, use_ema)
-        pipe = cls(vae, unet, diffusion, load_run_prior(run) if vae is not None else None)
+        pipe = cls(vae, unet, diffusion, load_run_prior(run) if vae is not None else None,
+                   read_sampling_defaults(run.root))
         pipe.source = run.root
         return pipe.use_channels_last(channels_last)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``folder/vae`` (if any), ``folder/refiner`` and ``folder/prior`` (if any),
-        the layout of a run folder."""
+        """Write ``folder/vae`` (if any), ``folder/refiner``, ``folder/prior`` (if any) and
+        the sampling defaults (unless they are the library's), the layout of a run folder."""
         run = RunFolder(folder)
         if self.vae is not None:
             self.vae.save_pretrained(run.vae_dir)
         save_refiner(run.refiner_dir, self.unet, None, self.diffusion)
         if self.prior is not None:
             save_mixture(run.prior_dir, self.prior, {})
+        if self.defaults != SamplingDefaults():
+            write_sampling_defaults(run.root, self.defaults)
 
     @property
     def device(self) -> torch.device:
@@ -556,17 +565,19 @@ class DiffuseVAE:
 
     @torch.inference_mode()
     def generate(self, n: int | None = None, sample: SampleConfig | None = None, *,
-                 prior: str = "normal", return_latents: bool = False,
+                 prior: str | None = None, return_latents: bool = False,
                  **settings) -> Generation | torch.Tensor:
         """Generate images (B, C, H, W) in [-1, 1]; with `return_latents` also z and x_hat.
 
-        How: ``sample`` (default: `SampleConfig()`), with ``n`` and any of its fields given as
-        keywords in its place, e.g. ``generate(8, steps=20, sampler="dpmpp_2m")``.
-        ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
+        How: ``sample`` (default: the run's sampling defaults, ``self.defaults``), with ``n``
+        and any of its fields given as keywords in its place, e.g.
+        ``generate(8, steps=20, sampler="dpmpp_2m")``. ``prior``: z ~ N(0, I) ("normal") or
+        the run's fitted Ex-PDE mixture ("gmm"); default: the run's.
         """
         if n is not None or sample is None:  # without a config, n is required (None refused)
             settings["n"] = n
-        sample = with_settings(sample or SampleConfig(), **settings)
+        sample = with_settings(sample or self.defaults.sample(), **settings)
+        prior = self.defaults.prior if prior is None else prior
         parts = [g for _, g in self.iter_generate(sample, prior=prior)]
         out = Generation(
             images=torch.cat([p.images for p in parts]),

@@ -7,6 +7,8 @@ the recorded training configs and the trained models::
     RUN/refiner/      the refiner: the same, its config.json also naming the formulation and
                       the noise schedule; it never holds a copy of the VAE
     RUN/prior/        the Ex-PDE mixture over z (model/prior_files.py)
+    RUN/sampling_defaults.json   the settings it is sampled with by default
+                      (model/sampling_defaults.py)
     RUN/attributes/   one direction in z per attribute (tasks/control.py)
     RUN/classifier/   a classifier whose features give FID on small datasets (scoring/classifier.py)
     RUN/samples/ ...  where each output command writes unless given a folder (`OUTPUT_DIRS`)
@@ -35,7 +37,8 @@ from ..core.vae import VAE
 from ..errors import CheckpointError, ConfigError, RunFolderError
 from ..filenames import (ATTRIBUTES_DIR, CLASSIFIER_DIR, CONFIG_NAME, EMA_NAME, ENVIRONMENT_NAME,
                          LOCK_NAME, LOG_NAME, OUTPUTS_RECORD, OUTPUTS_ROOT, OUTPUT_DIRS,
-                         PRIOR_DIR, PRIOR_JSON, SAMPLING_RECORD, TRAIN_CONFIG_NAME, WEIGHTS_NAME)
+                         PRIOR_DIR, PRIOR_JSON, SAMPLING_DEFAULTS,
+                         SAMPLING_RECORD, TRAIN_CONFIG_NAME, WEIGHTS_NAME)
 from ..io import checkpoint as ckpt
 from ..io.storage import (atomic_write_json, check_regular_file, folder_lock, published_ancestor,
                           read_manifest, sha256_file)
@@ -309,6 +312,11 @@ class RunFolder:
         return self.root / CLASSIFIER_DIR
 
     @property
+    def sampling_defaults_path(self) -> Path:
+        """The settings the run is sampled with by default (model/sampling_defaults.py)."""
+        return self.root / SAMPLING_DEFAULTS
+
+    @property
     def model_dirs(self) -> tuple[Path, ...]:
         """The folders of what the run has learned, which no output may overlap."""
         return (self.vae_dir, self.refiner_dir, self.prior_dir, self.attributes_dir,
@@ -500,7 +508,7 @@ class RunFolder:
         """Refuse a run whose exported parts are not all regular files (a link, a pipe...):
         a published model holds its own bytes, never a link to somewhere else."""
         trees = (self.prior_dir, self.attributes_dir)  # copied whole
-        paths = [*(self.stage_dir(s) for s in STAGES), *trees,
+        paths = [*(self.stage_dir(s) for s in STAGES), *trees, self.sampling_defaults_path,
                  *(self.stage_dir(s) / n for s in STAGES
                    for n in (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, *EXPORTED_RECORDS))]
         for folder in trees:
@@ -525,6 +533,8 @@ class RunFolder:
             for name in EXPORTED_RECORDS:
                 if (self.stage_dir(stage) / name).is_file():
                     shutil.copy2(self.stage_dir(stage) / name, dest.stage_dir(stage) / name)
+        if self.sampling_defaults_path.is_file():
+            shutil.copy2(self.sampling_defaults_path, dest.sampling_defaults_path)
         for folder in (self.prior_dir, self.attributes_dir):  # their VAE digests still hold:
             if folder.is_dir():  # the exported weights are the bytes they were fitted on
                 shutil.copytree(folder, dest.root / folder.name,

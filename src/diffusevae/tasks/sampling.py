@@ -79,7 +79,9 @@ def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | P
         "device": procs.device.type,  # cuda:0 and cuda:1 draw alike, the CPU otherwise
         "weights": run.weights_digest(sample.use_ema, pipe.vae is not None, prior != "normal"),
     }
-    written = Written(out_dir, f"{sample.n} samples written to {out_dir}")
+    z = "" if pipe.vae is None else f", z ~ {'Ex-PDE' if prior == 'gmm' else 'N(0, I)'}"
+    written = Written(out_dir, f"{sample.n} samples written to {out_dir} ({sample.sampler}, "
+                               f"{sample.spacing} spacing, {sample.steps} steps{z})")
     with ExitStack() as held:  # the main process holds the folder's lock until all are done
         start, to_write = procs.on_main(lambda: _plan(held.enter_context(output_folder(
             out_dir, "sample", overwrite, resume)), settings, sample, resume))
@@ -260,4 +262,5 @@ def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None
                 npz.write(start, images=images, z=z.cpu().numpy())
                 first.extend(images[: max(0, GRID_SIZE - len(first))])
         save_grid(np.stack(first), out_dir / GRID_PNG)
-        return Written(out_dir, f"{n} VAE samples written to {out_dir}")
+        return Written(out_dir, f"{n} VAE samples written to {out_dir} (z ~ "
+                                f"{'Ex-PDE' if prior == 'gmm' else 'N(0, I)'})")

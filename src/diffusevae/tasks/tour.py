@@ -19,6 +19,7 @@ import torch
 from ..config import SampleConfig
 from ..errors import RunFolderError
 from ..model.run_folder import RunFolder
+from ..model.sampling_defaults import SamplingDefaults, read_sampling_defaults
 from ..presets import resolve
 from ..train.stages import train_refiner, train_vae
 from .control import edit_to_folder, interpolate_to_folder, load_directions
@@ -29,8 +30,9 @@ from .writing import Written
 SHIPPED_MODEL = "models/fashion-mnist"
 TOUR_OUT = "diffusevae-outputs/demo"
 EXAMPLES_DIR = "examples"  # real images a shipped model carries for its demo
-# Ten steps of DPM-Solver++ on its right spacing: the fast path the benchmarks favour.
-FAST = SampleConfig(n=64, steps=10, sampler="dpmpp_2m", spacing="trailing", batch_size=64)
+# For a model that records no sampling defaults: ten steps of DPM-Solver++ on its right
+# spacing, the fast path the benchmarks favour, and z from its Ex-PDE prior when it has one.
+FAST = {"steps": 10, "sampler": "dpmpp_2m", "spacing": "trailing"}
 EDIT_LAMBDAS = (-3.0, -1.5, 0.0, 1.5, 3.0)
 
 
@@ -38,29 +40,32 @@ def tour_to_folder(model_dir: str | Path = SHIPPED_MODEL, out_dir: str | Path = 
                    device: str | torch.device = "cpu", progress: bool = True) -> Written:
     """Samples (x_hat | refined), reconstructions, an interpolation and an edit of a trained
     model, in ``out_dir/{samples,reconstructions,interpolation,edit}``, z drawn from the
-    model's Ex-PDE prior when it has one; nothing is written into the model's folder."""
+    model's sampling defaults (`FAST` where it records none); nothing is written into the
+    model's folder."""
     run = RunFolder(model_dir)
     if not run.has_refiner():
         raise RunFolderError(
             f"{model_dir} holds no trained DiffuseVAE; pass `model_dir`, a run folder (or a "
             "clone's models/fashion-mnist), or train one with `diffusevae demo` (`train`)")
     out, t0 = Path(out_dir), time.time()
-    # z from the model's Ex-PDE prior when it has one: the samples it draws best (docs/control.md)
-    prior = "gmm" if run.has_prior() else "normal"
+    defaults = read_sampling_defaults(run.root)
+    if defaults == SamplingDefaults():
+        defaults = SamplingDefaults(FAST, "gmm" if run.has_prior() else "normal")
+    fast, prior = defaults.sample(n=64, batch_size=64), defaults.prior
     # overwrite: a second tour replaces the first one's pictures (nothing else is removed)
-    samples = sample_to_folder(run, FAST, out / "samples", device, show_stages=True,
+    samples = sample_to_folder(run, fast, out / "samples", device, show_stages=True,
                                progress=progress, prior=prior, overwrite=True)
     examples = run.root / EXAMPLES_DIR
-    recon = reconstruct_to_folder(run, replace(FAST, n=16), out / "reconstructions",
+    recon = reconstruct_to_folder(run, replace(fast, n=16), out / "reconstructions",
                                   input_dir=examples if examples.is_dir() else None,
                                   device=device, overwrite=True, progress=progress)
-    interp = interpolate_to_folder(run, replace(FAST, n=1), out / "interpolation", frames=8,
+    interp = interpolate_to_folder(run, replace(fast, n=1), out / "interpolation", frames=8,
                                    prior=prior, device=device, overwrite=True)
     parts = [f"{samples.folder / 'stages.png'}", f"{recon.folder / 'grid.png'}",
              f"{interp.folder / 'grid.png'}"]
     if run.attributes_dir.is_dir():
         names, _ = load_directions(run)
-        edit = edit_to_folder(run, names[:1], EDIT_LAMBDAS, replace(FAST, n=8),
+        edit = edit_to_folder(run, names[:1], EDIT_LAMBDAS, replace(fast, n=8),
                               out / "edit", prior=prior, device=device, overwrite=True)
         parts.append(f"{edit.folder} ({names[0]})")
     return Written(out, f"demo done in {time.time() - t0:.0f} s (z ~ "
