@@ -29,7 +29,7 @@ import torch
 from diffusevae.config import DataConfig, SampleConfig
 from diffusevae.scoring.features import classifier_extractor
 from diffusevae.model.prior_files import load_run_prior
-from diffusevae.scoring.sweep import markdown_table, sweep
+from diffusevae.scoring.sweep import SweepRequest, markdown_table, sweep
 
 from common import ROOT, fmt, log, provenance, write_results
 
@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     t0, cells, record = time.time(), [], None
     for prior, name in MODELS.items():
         log(f"{name} ...")
-        record = sweep([args.run], ["dpmpp_2m"], steps, settings["n"], "fashion-mnist:test",
-                       extractor, base=base, names=[name],
+        grid = SweepRequest([args.run], ["dpmpp_2m"], steps, settings["n"], base, names=[name],
+                            prior=prior, bootstrap=budget["bootstrap"], grid_steps=10,
+                            grid_prefix=f"ex_pde_{b1['budget']}_grid")
+        record = sweep(grid, "fashion-mnist:test", extractor,
                        data=DataConfig(**settings["config"]["data"]),
                        cache_dir=clf.parent / "cache", ref_limit=budget["ref_limit"],
-                       grid_dir=Path(args.out), grid_steps=10,
-                       grid_prefix=f"ex_pde_{b1['budget']}_grid", device=device,
-                       progress=not args.quiet, bootstrap=budget["bootstrap"], prior=prior)
+                       grid_dir=Path(args.out), device=device, progress=not args.quiet)
         cells += record["cells"]
         for c in record["cells"]:
             log(f"  {c['sampler']} {c['steps'] or ''}: FID {c['fid']:.3f}")

@@ -38,7 +38,7 @@ from diffusevae.model.prior_files import load_run_prior
 from diffusevae.scoring.evaluation import evaluate
 from diffusevae.scoring.features import classifier_extractor, record_classifier
 from diffusevae.scoring.sources import dataset_source, run_source, vae_source
-from diffusevae.scoring.sweep import sweep
+from diffusevae.scoring.sweep import SweepRequest, sweep
 
 from common import ROOT, fmt, log, prepare_work, provenance, table, write_results
 from speed_quality import steps_reached, vae_report
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     extractor = classifier_extractor(clf, device=device)
     base = SampleConfig(seed=args.seed, batch_size=args.batch_size, eta=0.0, use_ema=True)
     common_args = dict(data=data, cache_dir=work / "cache", device=device,
-                       progress=not args.quiet, bootstrap=args.bootstrap)
+                       progress=not args.quiet)
+    grid_args = dict(bootstrap=args.bootstrap)
     t0, cells, record = time.time(), [], {}
 
     def add(name: str, part: str, new: list[dict]) -> None:
@@ -212,14 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     for name, form2, uncond in models:
         log(f"{name}: {form2}, {uncond}")
         for sampler, spacing, prior in FORM2_CELLS:
-            record = sweep([form2], [sampler], [STEPS], args.n, REF, extractor,
-                           base=replace(base, spacing=spacing), prior=prior,
-                           include_vae=sampler == "dpmpp_2m", **common_args)
+            record = sweep(SweepRequest([form2], [sampler], [STEPS], args.n,
+                                        replace(base, spacing=spacing), prior=prior,
+                                        include_vae=sampler == "dpmpp_2m", **grid_args),
+                           REF, extractor, **common_args)
             add(name, "form2", record["cells"])
         for sampler, spacing in UNCOND_CELLS:
-            add(name, "uncond", sweep([uncond], [sampler], [STEPS], args.n, REF, extractor,
-                                      base=replace(base, spacing=spacing),
-                                      **common_args)["cells"])
+            add(name, "uncond", sweep(SweepRequest([uncond], [sampler], [STEPS], args.n,
+                                                   replace(base, spacing=spacing), **grid_args),
+                                      REF, extractor, **common_args)["cells"])
     log("real-data floor ...")
     floor = evaluate(dataset_source(data, "train", limit=args.n), REF, extractor,
                      data=data, cache_dir=work / "cache", progress=not args.quiet,

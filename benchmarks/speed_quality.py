@@ -39,7 +39,7 @@ from diffusevae.scoring.evaluation import evaluate, machine
 from diffusevae.scoring.features import classifier_extractor
 from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.scoring.sources import vae_source
-from diffusevae.scoring.sweep import plot_fid, sweep
+from diffusevae.scoring.sweep import SweepRequest, plot_fid, sweep
 from diffusevae.train.stages import train_refiner, train_vae
 from diffusevae.core.unet import UNet
 from diffusevae.core.vae import VAE
@@ -508,12 +508,13 @@ def main(argv: list[str] | None = None) -> None:
                "timing": timing}
     t_eval, records = time.time(), []
     for k, (sampler, spacing, steps) in enumerate(budget.cells):
-        records.append(sweep(
-            list(runs.values()), [sampler], list(steps), budget.n, "fashion-mnist:test",
-            extractor, base=replace(base, spacing=spacing), include_vae=k == 0,
-            names=list(runs), data=cfg.data, cache_dir=cache, ref_limit=budget.ref_limit,
-            grid_dir=s.out, grid_steps=10, grid_prefix=f"{s.stem}_grid", device=device,
-            progress=s.progress, on_cell=on_cell, bootstrap=budget.bootstrap))
+        grid = SweepRequest(list(runs.values()), [sampler], list(steps), budget.n,
+                            replace(base, spacing=spacing), include_vae=k == 0,
+                            names=list(runs), bootstrap=budget.bootstrap, grid_steps=10,
+                            grid_prefix=f"{s.stem}_grid")
+        records.append(sweep(grid, "fashion-mnist:test", extractor, data=cfg.data,
+                             cache_dir=cache, ref_limit=budget.ref_limit, grid_dir=s.out,
+                             device=device, progress=s.progress, on_cell=on_cell))
         s.wall["evaluation"] = round(time.time() - t_eval, 1)
         last = k == len(budget.cells) - 1
         write(s, {**records[0], "cells": [c for r in records for c in r["cells"]]}, last,

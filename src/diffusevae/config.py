@@ -28,7 +28,7 @@ from .errors import ConfigError, quote
 from .limits import (MAX_BATCH, MAX_EPOCHS, MAX_ETA, MAX_FIXED_POINT, MAX_GUIDANCE, MAX_IMAGE_SIZE,
                      MAX_LEVELS, MAX_LR, MAX_MINUTES, MAX_OPTIMISER_STEPS, MAX_SAMPLES,
                      MAX_SNR_GAMMA, MAX_TEMPERATURE, MAX_TIMESTEPS, MAX_VAE_BLOCKS, MAX_WIDTH,
-                     MAX_WORKERS, SEED_MAX)
+                     MAX_WORKERS, SEED_MAX, SEED_WORDS)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -102,7 +102,7 @@ class Setting:
     def bounds(self) -> str:
         """The range in words: '> 0 and <= 10', '>= 0 and < 1'."""
         if (self.least, self.most) == (0, SEED_MAX):
-            return "an integer from 0 to 2^64 - 1"  # a seed
+            return SEED_WORDS
         parts = [] if self.least is None else [f"{'>' if self.above else '>='} {self.least:n}"]
         if self.most is not None:
             parts.append(f"{'<' if self.below else '<='} {self.most:n}")

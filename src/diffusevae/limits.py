@@ -22,6 +22,7 @@ from .errors import ConfigError, quote
 # --------------------------------------------------------------------------------------------
 
 SEED_MAX = 2**64 - 1  # a seed: what torch's generators take; rng.py uses all 64 bits
+SEED_WORDS = "an integer from 0 to 2^64 - 1"  # the range of a seed, in words
 MAX_SAMPLES = 10**8  # images one command draws, scores or writes (sample.n): 10^8
 MAX_BATCH = 65_536  # images in one batch
 MAX_OPTIMISER_STEPS = 10**9  # optimiser steps (training), and the intervals counted in them
@@ -54,8 +55,7 @@ def check_seed(seed: Any, what: str = "seed") -> int:
     """`seed` if it is an integer the generators take whole, [0, 2^64 - 1], else a ConfigError."""
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) \
             or not 0 <= seed <= SEED_MAX:
-        raise ConfigError(f"{what} must be an integer from 0 to 2^64 - 1 = {SEED_MAX}; got "
-                          f"{quote(seed)}")
+        raise ConfigError(f"{what} must be {SEED_WORDS} = {SEED_MAX}; got {quote(seed)}")
     return int(seed)
 
 

@@ -16,7 +16,7 @@ from diffusevae.core.prior import GaussianMixture, fit_mixture, loglik_per_dim, 
 from diffusevae.model.prior_files import load_mixture, save_mixture
 from diffusevae.rng import sample_generators
 from diffusevae.scoring.sources import run_source, vae_source
-from diffusevae.scoring.sweep import sweep
+from diffusevae.scoring.sweep import SweepRequest, sweep
 from diffusevae.core.unet import UNet
 from diffusevae.core.vae import VAE
 
@@ -165,6 +165,6 @@ def test_scoring_with_a_prior_the_run_lacks_is_refused_before_any_work(trained_r
     with pytest.raises(ConfigError, match="fit-prior"):
         run_source(trained_run, SampleConfig(n=4, steps=1), prior="gmm")
     with pytest.raises(ConfigError, match="fit-prior"):
-        sweep([trained_run], ["ddim"], [1], 4, "digits:test", None, prior="gmm")
+        sweep(SweepRequest([trained_run], ["ddim"], [1], 4, prior="gmm"), "digits:test", None)
     assert run("evaluate", "--samples", trained_run, "--prior", "gmm") == 2
     assert "--prior only apply with --run" in capsys.readouterr().err

@@ -13,9 +13,10 @@ from diffusevae.config import SampleConfig
 from diffusevae.io.data import build_dataset, open_image_folder
 from diffusevae.errors import ConfigError
 from diffusevae.io.images import to_uint8
-from diffusevae.tasks.control import interpolate_to_folder
-from diffusevae.tasks.reconstruction import reconstruct_to_folder, refine_to_folder
-from diffusevae.tasks.sampling import sample_to_folder
+from diffusevae.tasks.control import InterpolateRequest, interpolate_to_folder
+from diffusevae.tasks.reconstruction import (ReconstructRequest, RefineRequest,
+                                             reconstruct_to_folder, refine_to_folder)
+from diffusevae.tasks.sampling import SampleRequest, sample_to_folder
 from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.model.run_folder import RunFolder
 
@@ -33,7 +34,8 @@ def _write_pngs(folder, n):
 
 def test_sample_to_folder_holds_the_pipelines_samples(trained_run, tmp_path):
     s = SampleConfig(n=5, steps=2, batch_size=4, seed=7)
-    written = sample_to_folder(trained_run, s, tmp_path / "s", show_stages=True, progress=False)
+    written = sample_to_folder(trained_run, SampleRequest(s, show_stages=True), tmp_path / "s",
+                               progress=False)
     assert written.folder == tmp_path / "s" and written.summary.startswith("5 samples")
     want = DiffuseVAE.from_pretrained(trained_run).generate(5, steps=2, batch_size=4, seed=7,
                                                             return_latents=True)
@@ -51,7 +53,8 @@ def test_sample_to_folder_holds_the_pipelines_samples(trained_run, tmp_path):
 def test_refine_to_folder_keeps_names_and_holds_the_refined_images(trained_run, tmp_path):
     _write_pngs(tmp_path / "coarse" / "sub", 3)
     s = SampleConfig(steps=2, batch_size=4, seed=3)
-    written = refine_to_folder(trained_run, tmp_path / "coarse", s, tmp_path / "out")
+    written = refine_to_folder(trained_run, RefineRequest(tmp_path / "coarse", s),
+                               tmp_path / "out")
     assert written.folder == tmp_path / "out" and "3 refined images" in written.summary
     files = sorted((tmp_path / "out" / "images" / "sub").glob("*.png"))
     assert [f.name for f in files] == ["im0.png", "im1.png", "im2.png"]
@@ -71,7 +74,8 @@ def test_refine_streams_each_batch_to_disk_before_the_next(trained_run, tmp_path
     the third batch are never read."""
     _write_pngs(tmp_path / "coarse", 7)
     s = SampleConfig(steps=2, batch_size=7, seed=3)
-    refine_to_folder(trained_run, tmp_path / "coarse", s, tmp_path / "whole", progress=False)
+    refine_to_folder(trained_run, RefineRequest(tmp_path / "coarse", s), tmp_path / "whole",
+                     progress=False)
     real, calls = DiffuseVAE.refine_images, []
 
     def failing_third(self, x, *args, **kw):
@@ -82,8 +86,8 @@ def test_refine_streams_each_batch_to_disk_before_the_next(trained_run, tmp_path
 
     monkeypatch.setattr(DiffuseVAE, "refine_images", failing_third)
     with pytest.raises(RuntimeError, match="batch 3"):
-        refine_to_folder(trained_run, tmp_path / "coarse", SampleConfig(steps=2, batch_size=2,
-                         seed=3), tmp_path / "out", progress=False)
+        refine_to_folder(trained_run, RefineRequest(tmp_path / "coarse", SampleConfig(
+            steps=2, batch_size=2, seed=3)), tmp_path / "out", progress=False)
     assert calls == [2, 2, 2]
     written = sorted(f.name for f in (tmp_path / "out" / "images").glob("*.png"))
     assert written == ["im0.png", "im1.png", "im2.png", "im3.png"]
@@ -94,18 +98,20 @@ def test_refine_streams_each_batch_to_disk_before_the_next(trained_run, tmp_path
 
 def test_reconstruct_grid_holds_the_first_images_only(trained_run, tmp_path):
     """Every reconstruction is written, and grid.png shows the first 64 (input | VAE)."""
-    reconstruct_to_folder(trained_run, SampleConfig(n=70, batch_size=32), tmp_path / "r",
-                          refine=False, progress=False)
+    reconstruct_to_folder(trained_run, ReconstructRequest(SampleConfig(n=70, batch_size=32),
+                                                          refine=False), tmp_path / "r",
+                          progress=False)
     assert len(list((tmp_path / "r" / "images").glob("*.png"))) == 70
-    reconstruct_to_folder(trained_run, SampleConfig(n=64, batch_size=64), tmp_path / "r64",
-                          refine=False, progress=False)
+    reconstruct_to_folder(trained_run, ReconstructRequest(SampleConfig(n=64, batch_size=64),
+                                                          refine=False), tmp_path / "r64",
+                          progress=False)
     assert np.array_equal(_png(tmp_path / "r" / "grid.png"), _png(tmp_path / "r64" / "grid.png"))
 
 
 def test_reconstruct_to_folder_without_the_refiner_writes_the_vaes_reconstructions(
         trained_run, tmp_path):
-    written = reconstruct_to_folder(trained_run, SampleConfig(n=3), tmp_path / "r",
-                                    refine=False)
+    written = reconstruct_to_folder(
+        trained_run, ReconstructRequest(SampleConfig(n=3), refine=False), tmp_path / "r")
     assert "input | VAE)" in written.summary
     run = RunFolder(trained_run)
     test = build_dataset(run.data_config(), "test")
@@ -114,19 +120,21 @@ def test_reconstruct_to_folder_without_the_refiner_writes_the_vaes_reconstructio
     for i in range(3):
         assert np.array_equal(_png(tmp_path / "r" / "images" / f"{i:06d}.png"), want[i, ..., 0])
     assert not (tmp_path / "r" / "x_hat").exists()  # no refiner, no x_hat/ and no record
-    written = reconstruct_to_folder(trained_run, SampleConfig(n=2, steps=2), tmp_path / "rr")
+    written = reconstruct_to_folder(trained_run, ReconstructRequest(SampleConfig(n=2, steps=2)),
+                                    tmp_path / "rr")
     assert len(list((tmp_path / "rr" / "x_hat").glob("*.png"))) == 2  # refined by default
     assert json.loads((tmp_path / "rr" / "reconstruct.json").read_text())["n"] == 2
 
 
 def test_interpolate_to_folder_records_its_endpoints(trained_run, tmp_path):
-    written = interpolate_to_folder(trained_run, SampleConfig(steps=2, seed=99), tmp_path / "i",
-                                    modes=["slerp"], frames=3, seed_a=4, seed_b=5)
+    written = interpolate_to_folder(trained_run, InterpolateRequest(
+        SampleConfig(steps=2, seed=99), modes=["slerp"], frames=3, seed_a=4, seed_b=5),
+        tmp_path / "i")
     assert "slerp.gif" in written.summary
     assert Image.open(tmp_path / "i" / "slerp.gif").n_frames == 4  # there and back
     record = json.loads((tmp_path / "i" / "interpolate.json").read_text())
     assert (record["n"], record["seed"], record["seed_a"], record["modes"]) == (3, 4, 4,
                                                                                 ["slerp"])
     with pytest.raises(ConfigError, match="both `image_a` and `image_b`"):
-        interpolate_to_folder(trained_run, SampleConfig(), tmp_path / "j",
-                              image_a=tmp_path / "a.png")
+        interpolate_to_folder(trained_run, InterpolateRequest(image_a=tmp_path / "a.png"),
+                              tmp_path / "j")

@@ -8,8 +8,8 @@ import click
 from ..config import InvertConfig, SampleConfig
 from ..errors import ConfigError, quote
 from ..limits import MAX_BATCH, MAX_COMPONENTS, MAX_FRAMES, MAX_SAMPLES
-from ..tasks.control import (MODES, check_lambdas, compute_directions, edit_to_folder,
-                             interpolate_to_folder)
+from ..tasks.control import (MODES, EditRequest, InterpolateRequest, check_lambdas,
+                             compute_directions, edit_to_folder, interpolate_to_folder)
 from ..tasks.prior_fitting import fit_prior
 from . import cli
 from .options import (SEED, convert_option, count, device_of, device_option, inversion_options,
@@ -98,9 +98,11 @@ def interpolate(run_dir: str, modes: tuple[str, ...], frames: int, seed_a: int, 
                 sample: SampleConfig, device: str) -> None:
     """Interpolate between two seeds or two images: grid.png (a row per mode) and a GIF each.
     With --invert the two images are inverted: the end frames are the images themselves."""
-    written = interpolate_to_folder(run_dir, sample, out, modes, frames, seed_a,
-                                    seed_b, image_a, image_b, prior, convert_channels,
-                                    device_of(device), invert, overwrite=overwrite)
+    request = InterpolateRequest(sample=sample, modes=modes, frames=frames, seed_a=seed_a,
+                                 seed_b=seed_b, image_a=image_a, image_b=image_b, prior=prior,
+                                 convert_channels=convert_channels, invert=invert)
+    written = interpolate_to_folder(run_dir, request, out, device=device_of(device),
+                                    overwrite=overwrite)
     click.echo(written.summary)
 
 
@@ -142,7 +144,9 @@ def edit(run_dir: str, names: tuple[str, ...], lambdas: list[float], input_dir: 
     inverted noise: lambda = 0 is the image itself, and the edits keep its details."""
     if input_dir is None and latents is None:  # --n samples: the size is known before any work
         check_lambdas(lambdas, sample.n)
-    written = edit_to_folder(run_dir, names, lambdas, sample, out, input_dir, prior,
-                             convert_channels, device_of(device), invert, save_latents, latents,
+    request = EditRequest(attributes=names, lambdas=lambdas, sample=sample, input_dir=input_dir,
+                          prior=prior, convert_channels=convert_channels, invert=invert,
+                          save_latents=save_latents, latents=latents)
+    written = edit_to_folder(run_dir, request, out, device=device_of(device),
                              overwrite=overwrite)
     click.echo(written.summary)

@@ -117,11 +117,35 @@ def run_option(required: bool = True):
                         help="Run folder: holds vae/, refiner/ and outputs (e.g. runs/digits).")
 
 
-def config_options(fn):
-    """Flags that choose and change the configuration (shared by the training commands): the
-    data fields and one per `TRAIN_FIELDS`, unset unless given (the preset, file or run then
-    decides)."""
-    options = [
+def config_options(stage: str):
+    """Flags that choose and change the configuration of training stage ``stage``
+    ("train_vae" or "train_refiner"): --preset, --config, --set, the data fields and one per
+    `TRAIN_FIELDS`, unset unless given (the preset, file or run then decides), and --resume,
+    --dry-run and --quiet. The command is handed ``cfg``, the `Config` they resolve to
+    (`build_config`), in place of them: every option made from a config field (`FieldOption`,
+    also the command's own, such as --form) sets the field it names, the training fields
+    those of ``stage``."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def command(*args, **params):
+            overrides = {}
+            for p in click.get_current_context().command.params:
+                if isinstance(p, FieldOption):
+                    section, name = p.field.split(".")
+                    overrides[f"{stage if section == 'train' else section}.{name}"] = \
+                        params.pop(p.name)
+            cfg = build_config(params["run_dir"], stage, params.pop("preset"),
+                               params.pop("config_file"), overrides, params.pop("sets"))
+            return fn(*args, cfg=cfg, **params)
+
+        for option in reversed(_config_flags()):
+            command = option(command)
+        return command
+    return decorate
+
+
+def _config_flags() -> list:
+    return [
         click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                      help="Preset, as `diffusevae presets` lists them (default: the run's "
                           "own, else 'digits')."),
@@ -140,9 +164,6 @@ def config_options(fn):
         click.option("--dry-run", is_flag=True, help="Print the resolved config and exit."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
 
 
 TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr", "warmup_steps",
@@ -152,19 +173,18 @@ TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr
 TRAIN_TYPES = {"init_from": {"type": click.Path(file_okay=False)}}
 
 
-def build_config(run_dir: str, section: str, kw: dict, extra: dict | None = None) -> Config:
-    """Preset (or the run's recorded config), file, flags, --set; validated."""
+def build_config(run_dir: str, stage: str, preset: str | None, config_file: str | None,
+                 overrides: dict, sets: tuple[str, ...]) -> Config:
+    """Preset (or the run's recorded config, or the weights' of ``stage.init_from``), file,
+    ``overrides`` ("section.field": value; None: not given), --set; validated."""
     run = RunFolder(run_dir)
-    preset = kw["preset"]
     base = None
+    init_from = overrides.get(f"{stage}.init_from")
     if preset is None and run.train_config_path("vae").is_file():
         base = run.train_config("vae")  # the run's own data and architecture
-    elif preset is None and kw["init_from"] is not None:
-        base = _init_config(kw["init_from"], section)  # the architecture of the weights
-    overrides = {f"data.{k}": kw[k] for k in ("dataset", "data_dir", "download", "hflip")}
-    overrides |= {f"{section}.{k}": kw[k] for k in TRAIN_FIELDS}
-    overrides |= extra or {}
-    return resolve(preset or "digits", kw["config_file"], overrides, kw["sets"], base=base)
+    elif preset is None and init_from is not None:
+        base = _init_config(init_from, stage)  # the architecture of the weights
+    return resolve(preset or "digits", config_file, overrides, sets, base=base)
 
 
 def _init_config(init_from: str, section: str) -> Config | None:
@@ -182,7 +202,7 @@ def _init_config(init_from: str, section: str) -> Config | None:
     return None
 
 
-def dry_run(cfg: Config) -> None:
+def show_config(cfg: Config) -> None:
     click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -11,11 +11,13 @@ from click.core import ParameterSource
 from ..config import InvertConfig, SampleConfig
 
 from ..distributed import processes
-from ..limits import MAX_BATCH, MAX_SAMPLES, MAX_TEMPERATURE
-from ..tasks.reconstruction import reconstruct_to_folder, refine_to_folder
-from ..tasks.sampling import sample_to_folder, sample_vae_to_folder
+from ..limits import MAX_SAMPLES
+from ..tasks.reconstruction import (ReconstructRequest, RefineRequest, reconstruct_to_folder,
+                                    refine_to_folder)
+from ..tasks.sampling import (SampleRequest, VAESampleRequest, sample_to_folder,
+                              sample_vae_to_folder)
 from . import cli
-from .options import (SEED, Finite, convert_option, count, device_of, device_option,
+from .options import (convert_option, device_of, device_option, field_option,
                       inversion_options, overwrite_option, prior_option, run_option,
                       sampling_options, start_step_option)
 
@@ -37,21 +39,20 @@ def sample(run_dir: str, sample: SampleConfig, out: str | None, show_stages: boo
     "Sampling and evaluating on several GPUs").
     """
     procs = processes(device)
-    written = sample_to_folder(run_dir, sample, out, procs, show_stages=show_stages,
-                               prior=prior, resume=resume, overwrite=overwrite)
+    written = sample_to_folder(run_dir, SampleRequest(sample, prior, show_stages), out,
+                               device=procs, resume=resume, overwrite=overwrite)
     if procs.is_main:
         click.echo(written.summary)
 
 
 @cli.command("sample-vae")
 @run_option()
-@click.option("--n", type=count(MAX_SAMPLES), default=64, show_default=True,
-              help="Number of samples.")
+@field_option(SampleConfig, "n")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder [RUN/vae_samples].")
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--temperature", type=Finite(0, MAX_TEMPERATURE), default=1.0, show_default=True,
-              help="Scale of z ~ N(0, t^2 I) (or of the Ex-PDE draws).")
-@click.option("--batch-size", type=count(MAX_BATCH), default=256, show_default=True)
+@field_option(SampleConfig, "seed")
+@field_option(SampleConfig, "temperature", help="Scale of z ~ N(0, t^2 I) (or of the Ex-PDE "
+                                                "draws).")
+@field_option(SampleConfig, "batch_size", default=VAESampleRequest.batch_size)
 @prior_option
 @device_option
 @overwrite_option
@@ -59,8 +60,10 @@ def sample_vae_cmd(run_dir: str, n: int, out: str | None, seed: int, temperature
                    batch_size: int, prior: str, device: str, overwrite: bool) -> None:
     """Sample the VAE alone (z ~ N(0, I) or --prior gmm, x = D(z)): PNG files, a grid and an
     .npz."""
-    written = sample_vae_to_folder(run_dir, n, out, seed, temperature, batch_size,
-                                   device_of(device), overwrite=overwrite, prior=prior)
+    request = VAESampleRequest(n=n, seed=seed, temperature=temperature, batch_size=batch_size,
+                               prior=prior)
+    written = sample_vae_to_folder(run_dir, request, out, device=device_of(device),
+                                   overwrite=overwrite)
     click.echo(written.summary)
 
 
@@ -89,9 +92,11 @@ def reconstruct(run_dir: str, input_dir: str | None, out: str | None, refine: bo
     if input_dir and click.get_current_context().get_parameter_source("n") is \
             ParameterSource.DEFAULT:
         sample = replace(sample, n=MAX_SAMPLES)  # one's own images: all of them, as refine
-    written = reconstruct_to_folder(run_dir, sample, out, input_dir, refine,
-                                    start_step, convert_channels, device_of(device), invert,
-                                    save_latents, overwrite)
+    request = ReconstructRequest(sample=sample, input_dir=input_dir, refine=refine,
+                                 start_step=start_step, convert_channels=convert_channels,
+                                 invert=invert, save_latents=save_latents)
+    written = reconstruct_to_folder(run_dir, request, out, device=device_of(device),
+                                    overwrite=overwrite)
     click.echo(written.summary)
 
 
@@ -112,6 +117,8 @@ def refine(run_dir: str, input_dir: str, out: str | None, start_step: int | None
     z = mu(x_hat) from the VAE. Writes images/ (named like the inputs), grid.png
     (input | refined) and refine.json.
     """
-    written = refine_to_folder(run_dir, input_dir, sample, out, start_step,
-                               convert_channels, device_of(device), overwrite)
+    request = RefineRequest(input_dir=input_dir, sample=sample, start_step=start_step,
+                            convert_channels=convert_channels)
+    written = refine_to_folder(run_dir, request, out, device=device_of(device),
+                               overwrite=overwrite)
     click.echo(written.summary)

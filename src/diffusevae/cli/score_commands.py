@@ -3,22 +3,25 @@ and `likelihood` (docs/likelihood.md)."""
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 from ..config import SampleConfig
 from ..distributed import processes
 from ..errors import ConfigError, quote
-from ..limits import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_ETA, MAX_KEPT, MAX_LR, MAX_SAMPLES,
+from ..limits import (MAX_BATCH, MAX_CLASSIFIER_WIDTH, MAX_KEPT, MAX_LR, MAX_SAMPLES,
                       MAX_OPTIMISER_STEPS, MAX_SUBSETS, MAX_TIMESTEPS)
-from ..names import DATASETS, SPACINGS, VAR_TYPES
-from ..scoring.evaluation import Scoring, evaluate_to_folder, summary_line, train_classifier_for
+from ..names import DATASETS, VAR_TYPES
+from ..scoring.evaluation import (EvaluateRequest, Scoring, evaluate_to_folder, summary_line,
+                                  train_classifier_for)
 from ..scoring.features import EXTRACTORS
-from ..scoring.sweep import sweep_to_folder
+from ..scoring.sweep import SweepRequest, sweep_to_folder
 from ..tasks.likelihood_scores import LikelihoodRequest, likelihood_to_folder
 from . import cli
-from .options import (SEED, Finite, count, device_of, device_option, flags_given,
-                      SAMPLE_FIELDS, overwrite_option, prior_option, run_option,
-                      sampling_options)
+from .options import (SAMPLE_FIELDS, SAMPLING_DECLS, SEED, Finite, count, device_of,
+                      device_option, field_option, flags_given, overwrite_option, prior_option,
+                      run_option, sampling_options)
 
 MAX_CELLS = 64  # values of one comma-separated list of a sweep
 
@@ -36,9 +39,18 @@ def _int_list(text: str, flag: str, most: int) -> list[int]:
     return values
 
 
+SCORING_FLAGS = ("ref", "extractor", "inception_weights", "classifier", "data_dir", "ref_limit",
+                 "cache_dir")
+
+
 def feature_options(fn):
-    """Flags choosing the feature extractor and the reference (shared by evaluate and sweep);
-    `scoring` reads them back."""
+    """Flags choosing the feature extractor and the reference (shared by evaluate and sweep),
+    handed to the command as one parameter, ``scoring``: the `Scoring` they make; and
+    --quiet."""
+    @functools.wraps(fn)
+    def command(*args, **params):
+        return fn(*args, scoring=Scoring(**{k: params.pop(k) for k in SCORING_FLAGS}), **params)
+
     options = [
         click.option("--ref", help="Reference: DATASET:SPLIT (e.g. fashion-mnist:test), a "
                                    "statistics .npz, a samples .npz or a folder of images "
@@ -60,15 +72,8 @@ def feature_options(fn):
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
     for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def scoring(kw: dict) -> Scoring:
-    """The `Scoring` of the feature flags in `kw` (taken out of it)."""
-    return Scoring(**{k: kw.pop(k) for k in ("ref", "extractor", "inception_weights",
-                                             "classifier", "data_dir", "ref_limit",
-                                             "cache_dir")})
+        command = option(command)
+    return command
 
 
 @cli.command("train-classifier")
@@ -115,7 +120,7 @@ def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | No
               help="Folder for metrics.json [beside the samples, or RUN/eval/SAMPLER-STEPS].")
 def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: str,
              device: str, quiet: bool, out: str | None, kid_subsets: int, kid_subset_size: int,
-             max_kept: int, is_splits: int, sample: SampleConfig, **kw) -> None:
+             max_kept: int, is_splits: int, sample: SampleConfig, scoring: Scoring) -> None:
     """FID, KID and IS of samples against a reference; writes metrics.json, prints one line.
 
     \b
@@ -125,17 +130,17 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
     Under torchrun or accelerate launch the processes share the images and the main process
     scores them (docs/distributed.md, "Sampling and evaluating on several GPUs").
     """
-    score_with = scoring(kw)
     if samples is not None and run_dir is None and (flags_given(SAMPLE_FIELDS) or vae_only
                                                     or prior != "normal"):
         flags = ", ".join(flags_given(SAMPLE_FIELDS)) or ("--vae-only" if vae_only else "--prior")
         raise ConfigError(f"{flags} only apply with --run (sampling on the fly); the "
                           "samples given with --samples were already drawn")
     procs = processes(device)
-    result, out_dir = evaluate_to_folder(
-        score_with, samples=samples, run=run_dir, sample=sample, vae_only=vae_only,
-        out=out, processes=procs, progress=not quiet, prior=prior, kid_subsets=kid_subsets,
-        kid_subset_size=kid_subset_size, max_kept=max_kept, is_splits=is_splits)
+    request = EvaluateRequest(scoring=scoring, samples=samples, run=run_dir, sample=sample,
+                              vae_only=vae_only, prior=prior, kid_subsets=kid_subsets,
+                              kid_subset_size=kid_subset_size, max_kept=max_kept,
+                              is_splits=is_splits)
+    result, out_dir = evaluate_to_folder(request, out, processes=procs, progress=not quiet)
     if procs.is_main:
         click.echo(f"{summary_line(result)} -> {out_dir / 'metrics.json'}")
 
@@ -149,12 +154,11 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
               help="Comma-separated step counts.")
 @click.option("--n", type=count(MAX_SAMPLES, 2), default=1000, show_default=True,
               help="Samples per cell.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--batch-size", type=count(MAX_BATCH), default=64, show_default=True)
-@click.option("--eta", type=Finite(0, MAX_ETA), default=0.0, show_default=True)
-@click.option("--spacing", type=click.Choice(SPACINGS), default="uniform",
-              show_default=True)
-@click.option("--ema/--no-ema", "use_ema", default=True, show_default=True)
+@field_option(SampleConfig, "seed")
+@field_option(SampleConfig, "batch_size")
+@field_option(SampleConfig, "eta")
+@field_option(SampleConfig, "spacing")
+@field_option(SampleConfig, "use_ema", *SAMPLING_DECLS["use_ema"])
 @click.option("--vae/--no-vae", "include_vae", default=True, show_default=True,
               help="Also evaluate each run's VAE alone (x_hat) as its own row.")
 @prior_option
@@ -163,18 +167,20 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for sweep.json, sweep.md, sweep.png [FIRST_RUN/sweep].")
 def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include_vae: bool,
-          prior: str, quiet: bool, device: str, out: str | None, **kw) -> None:
+          prior: str, quiet: bool, device: str, out: str | None, scoring: Scoring,
+          seed: int, batch_size: int, eta: float, spacing: str, use_ema: bool) -> None:
     """Score runs over a grid of samplers and step counts: JSON, markdown table and plot."""
     def show(cell: dict) -> None:
         what = "VAE alone" if cell["sampler"] == "vae" else f"{cell['sampler']} {cell['steps']}"
         click.echo(f"{cell['model']:<20} {what:<14} FID {cell['fid']:.3f}")
 
-    score_with = scoring(kw)
-    record, paths = sweep_to_folder(
-        list(runs), [s.strip() for s in samplers.split(",") if s.strip()],
-        _int_list(steps_list, "--steps", MAX_TIMESTEPS), n, score_with, base=SampleConfig(**kw),
-        include_vae=include_vae, out=out, device=device_of(device), progress=not quiet,
-        on_cell=show, prior=prior)
+    request = SweepRequest(
+        runs=runs, samplers=[s.strip() for s in samplers.split(",") if s.strip()],
+        steps=_int_list(steps_list, "--steps", MAX_TIMESTEPS), n=n,
+        base=SampleConfig(seed=seed, batch_size=batch_size, eta=eta, spacing=spacing,
+                          use_ema=use_ema), include_vae=include_vae, prior=prior)
+    record, paths = sweep_to_folder(request, scoring, out, device=device_of(device),
+                                    progress=not quiet, on_cell=show)
     click.echo(f"{len(record['cells'])} cells ({record['names']['fid']}) written to "
                f"{', '.join(str(p) for p in paths)}")
 

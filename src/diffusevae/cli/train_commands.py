@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import click
 
-from ..config import DiffusionConfig, VAEConfig
+from ..config import Config, DiffusionConfig, VAEConfig
 from ..distributed import processes
 from ..model.run_folder import RunFolder
 from ..presets import PRESETS
 from ..train.stages import train_refiner, train_vae
 from . import cli
-from .options import build_config, config_options, dry_run, field_option, run_option
+from .options import config_options, field_option, run_option, show_config
 
 
 @cli.command()
@@ -20,7 +20,7 @@ from .options import build_config, config_options, dry_run, field_option, run_op
 def presets(name: str | None) -> None:
     """List the presets and their main settings (all of them with --name)."""
     if name:
-        dry_run(PRESETS[name])
+        show_config(PRESETS[name])
         return
     click.echo(f"{'preset':<14}{'image':<11}{'dataset':<15}{'z':>5}{'unet ch':>9}  mults    "
                f"{'attn':<8}{'refiner lr, batch':<18}")
@@ -35,33 +35,30 @@ def presets(name: str | None) -> None:
 
 @cli.command("train-vae")
 @run_option()
-@config_options
+@config_options("train_vae")
 @field_option(VAEConfig, "kl_weight", override=True)
-def train_vae_cmd(run_dir: str, kl_weight: float | None, **kw) -> None:
+def train_vae_cmd(run_dir: str, cfg: Config, resume: bool, dry_run: bool, quiet: bool) -> None:
     """Train stage 1, the VAE, and write RUN/vae/ (weights, log, previews)."""
-    cfg = build_config(run_dir, "train_vae", kw, {"vae.kl_weight": kl_weight})
-    if kw["dry_run"]:
-        return dry_run(cfg)
-    train_vae(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
+    if dry_run:
+        return show_config(cfg)
+    train_vae(cfg, run_dir, resume=resume, progress=not quiet)
     if processes(cfg.train_vae.device).is_main:
         click.echo(f"VAE written to {RunFolder(run_dir).vae_dir}")
 
 
 @cli.command("train-refiner")
 @run_option()
-@config_options
+@config_options("train_refiner")
 @field_option(DiffusionConfig, "form", override=True)
 @field_option(DiffusionConfig, "p_uncond", override=True)
 @click.option("--z-cond", is_flag=True, help="Also condition the UNet on z (time embedding).")
-def train_refiner_cmd(run_dir: str, form: str | None, p_uncond: float | None, z_cond: bool,
-                      **kw) -> None:
+def train_refiner_cmd(run_dir: str, cfg: Config, z_cond: bool, resume: bool, dry_run: bool,
+                      quiet: bool) -> None:
     """Train stage 2, the refiner, on the run's frozen VAE; writes RUN/refiner/."""
-    extra = {"diffusion.form": form, "diffusion.p_uncond": p_uncond}
-    cfg = build_config(run_dir, "train_refiner", kw, extra)
     if z_cond:
         cfg = replace(cfg, unet=replace(cfg.unet, z_dim=cfg.vae.z_dim)).validate()
-    if kw["dry_run"]:
-        return dry_run(cfg)
-    train_refiner(cfg, run_dir, resume=kw["resume"], progress=not kw["quiet"])
+    if dry_run:
+        return show_config(cfg)
+    train_refiner(cfg, run_dir, resume=resume, progress=not quiet)
     if processes(cfg.train_refiner.device).is_main:
         click.echo(f"refiner written to {RunFolder(run_dir).refiner_dir}")

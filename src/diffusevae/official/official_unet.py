@@ -217,7 +217,9 @@ class OpenAIAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x).reshape(b, c, h * w))  # (B, 3C, T)
         q, k, v = qkv.reshape(b, self.heads, 3, c // self.heads, h * w).unbind(2)
-        merge = (lambda y: y.reshape(b, c, h * w))  # (B, heads, C/heads, T) -> (B, C, T)
+        def merge(y: torch.Tensor) -> torch.Tensor:  # (B, heads, C/heads, T) -> (B, C, T)
+            return y.reshape(b, c, h * w)
+
         out = heads_attention(merge(q), merge(k), merge(v), self.heads,
                               (c // self.heads) ** -0.5)
         return x + self.proj_out(out).reshape(b, c, h, w)

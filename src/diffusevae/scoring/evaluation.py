@@ -22,7 +22,7 @@ import json
 import platform
 import time
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -436,18 +436,32 @@ class Scoring:
         return None
 
 
-def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
-                       run: str | Path | None = None, sample: SampleConfig | None = None,
-                       vae_only: bool = False, out: str | Path | None = None,
-                       processes: Processes | None = None, progress: bool = True,
-                       prior: str = "normal", **options) -> tuple[dict, Path]:
-    """What `evaluate` does: score `samples` (a folder, an .npz or the folder of `sample`), or
-    samples drawn from `run` with `sample` and z from `prior` (its VAE alone with
-    `vae_only`); writes
-    ``metrics.json`` to `out` (default: beside the samples, or ``RUN/eval/SAMPLER-STEPS``).
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What `evaluate_to_folder` scores, and how (`evaluate`): ``samples`` (a folder, an .npz
+    or the folder of `sample`), or samples drawn from ``run`` with ``sample`` (default:
+    `SampleConfig()`) and z from ``prior`` (its VAE alone with ``vae_only``), against the
+    reference of ``scoring``; KID over ``kid_subsets`` subsets of ``kid_subset_size`` of at
+    most ``max_kept`` features a set, IS over ``is_splits`` splits."""
 
-    Returns the record and the folder. ``options``: `evaluate`'s (kid_subsets, max_kept...).
-    """
+    scoring: Scoring = field(default_factory=Scoring)
+    samples: str | Path | None = None
+    run: str | Path | None = None
+    sample: SampleConfig | None = None
+    vae_only: bool = False
+    prior: str = "normal"
+    kid_subsets: int = M.KID_SUBSETS
+    kid_subset_size: int = M.KID_SUBSET_SIZE
+    max_kept: int = M.MAX_KEPT
+    is_splits: int = M.IS_SPLITS
+
+
+def evaluate_to_folder(request: EvaluateRequest, out: str | Path | None = None, *,
+                       processes: Processes | None = None,
+                       progress: bool = True) -> tuple[dict, Path]:
+    """Score what ``request`` asks for and write ``metrics.json`` to `out` (default: beside
+    the samples, or ``RUN/eval/SAMPLER-STEPS``); returns the record and the folder."""
+    samples, run, vae_only, prior = request.samples, request.run, request.vae_only, request.prior
     if (samples is None) == (run is None):
         raise EvaluationError("give exactly one of `samples` PATH and `run_dir` RUN")
     procs = processes or Processes(torch.device("cpu"))
@@ -457,7 +471,7 @@ def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
         samples = Path(samples)
         out_dir = Path(out) if out else (samples if samples.is_dir() else samples.parent)
     else:
-        sample = sample or SampleConfig()
+        sample = request.sample or SampleConfig()
         if vae_only:
             source = vae_source(run, sample.n, sample.seed, sample.batch_size, sample.use_ema,
                                 sample.temperature, procs.device, prior)
@@ -466,10 +480,13 @@ def evaluate_to_folder(scoring: Scoring, *, samples: str | Path | None = None,
         tag = ("vae" if vae_only else f"{sample.sampler}-{sample.steps}") + (
             "" if prior == "normal" else f"-{prior}")
         out_dir = Path(out) if out else RunFolder(run).output_dir("evaluate") / tag
+    scoring = request.scoring
     ref, data, extractor = scoring.resolve(run, procs.device)
     # one writer of the output folder at a time (only the main process writes it)
     with folder_lock(out_dir, "evaluate") if procs.is_main else contextlib.nullcontext():
         result = evaluate(source, ref, extractor, data=data, cache_dir=scoring.cache_dir,
                           ref_limit=scoring.ref_limit, out=out_dir, progress=progress,
-                          processes=procs, **options)
+                          processes=procs, kid_subsets=request.kid_subsets,
+                          kid_subset_size=request.kid_subset_size, max_kept=request.max_kept,
+                          is_splits=request.is_splits)
     return result, out_dir

@@ -8,9 +8,9 @@ them as JSON, a markdown table and a plot of FID against steps, one line per mod
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -52,21 +52,40 @@ def model_names(runs: list[str | Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(r) for r in runs]
 
 
-def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int, ref: str,
-          extractor: Extractor, *, base: SampleConfig | None = None, include_vae: bool = True,
-          names: list[str] | None = None, data: DataConfig | None = None,
-          cache_dir: str | Path | None = None, ref_limit: int | None = None,
-          grid_dir: str | Path | None = None, grid_steps: int = 10, grid_prefix: str = "grid",
-          device: torch.device | str = "cpu", progress: bool = True,
-          on_cell: Callable[[dict], None] | None = None, bootstrap: int = 0,
-          prior: str = "normal") -> dict:
-    """Evaluate every (run, sampler, steps) cell and each run's VAE; returns the record.
+@dataclass(frozen=True)
+class SweepRequest:
+    """The grid a sweep scores: each of ``runs`` (named ``names``, default: their folder names)
+    with each of ``samplers`` at each count of ``steps``, ``n`` samples a cell drawn with
+    ``base``'s other settings (spacing, eta, seed, batch size, EMA...) and z from ``prior``
+    ("gmm": each run's Ex-PDE mixture); with ``include_vae`` each run's VAE alone as its own
+    row. ``bootstrap`` > 0 adds a 95% interval to each FID; the cells at ``grid_steps`` steps
+    also write a grid of their samples, named from ``grid_prefix``."""
 
-    Every cell uses `base`'s spacing and draws z from `prior` ("gmm": each run's Ex-PDE
-    mixture); `bootstrap` > 0 adds a 95% interval to each FID.
-    """
-    base = base or SampleConfig()
-    names = names or model_names(runs)
+    runs: Sequence[str | Path]
+    samplers: Sequence[str] = ("ddim",)
+    steps: Sequence[int] = (5, 10, 25, 50)
+    n: int = 1000
+    base: SampleConfig = field(default_factory=SampleConfig)
+    include_vae: bool = True
+    names: Sequence[str] | None = None
+    prior: str = "normal"
+    bootstrap: int = 0
+    grid_steps: int = 10
+    grid_prefix: str = "grid"
+
+
+def sweep(request: SweepRequest, ref: str, extractor: Extractor, *,
+          data: DataConfig | None = None, cache_dir: str | Path | None = None,
+          ref_limit: int | None = None, grid_dir: str | Path | None = None,
+          device: torch.device | str = "cpu", progress: bool = True,
+          on_cell: Callable[[dict], None] | None = None) -> dict:
+    """Evaluate every cell of ``request`` against ``ref`` in ``extractor``'s features (the
+    reference read with ``data``, its statistics cached in ``cache_dir``, only its first
+    ``ref_limit`` images); returns the record. ``on_cell`` sees each cell as it is scored."""
+    r = request
+    runs, samplers, steps, n, base, prior = (list(r.runs), list(r.samplers), list(r.steps), r.n,
+                                             r.base, r.prior)
+    names = list(r.names or model_names(runs))
     if not runs or not samplers or not steps:
         raise ConfigError("a sweep needs at least one run, one sampler and one step count")
     for sampler in samplers:  # every setting checked before hours of sampling
@@ -92,22 +111,22 @@ def sweep(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
             on_cell(cell)
 
     for run, name, pipe in zip(runs, names, pipes):
-        if include_vae and pipe.vae is not None:
+        if r.include_vae and pipe.vae is not None:
             src = vae_source(run, n, base.seed, base.batch_size, base.use_ema,
                              base.temperature, device, prior)
-            grid = grid_dir / f"{grid_prefix}_{name}_vae.png" if grid_dir else None
+            grid = grid_dir / f"{r.grid_prefix}_{name}_vae.png" if grid_dir else None
             add(_cell(name, str(run), evaluate(src, ref, extractor, ref_stats=ref_stats,
                                                grid=grid, progress=progress,
-                                               bootstrap=bootstrap)))
+                                               bootstrap=r.bootstrap)))
         for sampler in samplers:
             for s in steps:
                 sample = replace(base, n=n, sampler=sampler, steps=s)
                 src = run_source(run, sample, device, pipe=pipe, prior=prior)
-                grid = (grid_dir / f"{grid_prefix}_{name}_{sampler}_{base.spacing}_{s}steps.png"
-                        if grid_dir and s == grid_steps else None)
+                grid = (grid_dir / f"{r.grid_prefix}_{name}_{sampler}_{base.spacing}_{s}steps.png"
+                        if grid_dir and s == r.grid_steps else None)
                 add(_cell(name, str(run), evaluate(src, ref, extractor, ref_stats=ref_stats,
                                                    grid=grid, progress=progress,
-                                                   bootstrap=bootstrap)))
+                                                   bootstrap=r.bootstrap)))
     return {"cells": cells, "names": metric_names(extractor),
             "extractor": extractor.describe(), "reference": ref_stats[1],
             "settings": {"n": n, "samplers": samplers, "steps": steps, "seed": base.seed,
@@ -194,23 +213,20 @@ def write_sweep(record: dict, out_dir: str | Path, stem: str = "sweep",
     return paths
 
 
-def sweep_to_folder(runs: list[str | Path], samplers: list[str], steps: list[int], n: int,
-                    scoring: Scoring, *, base: SampleConfig | None = None,
-                    include_vae: bool = True, out: str | Path | None = None,
+def sweep_to_folder(request: SweepRequest, scoring: Scoring, out: str | Path | None = None, *,
                     device: torch.device | str = "cpu", progress: bool = True,
-                    on_cell: Callable[[dict], None] | None = None,
-                    prior: str = "normal") -> tuple[dict, list[Path]]:
-    """What `sweep` does: score the grid against the reference of the first run (`Scoring`)
-    and write ``sweep.json``, ``sweep.md``, ``sweep.png`` and the grids to `out` (default:
-    ``FIRST_RUN/sweep``); returns the record and the three paths."""
+                    on_cell: Callable[[dict], None] | None = None) -> tuple[dict, list[Path]]:
+    """What `sweep` does: score the grid of ``request`` against the reference of its first run
+    (`Scoring`) and write ``sweep.json``, ``sweep.md``, ``sweep.png`` and the grids to `out`
+    (default: ``FIRST_RUN/sweep``); returns the record and the three paths."""
     require_matplotlib()  # fail before the sampling, not after
-    if not runs:
+    if not request.runs:
         raise ConfigError("a sweep needs at least one run")
-    ref, data, extractor = scoring.resolve(runs[0], device)
-    out_dir = RunFolder(runs[0]).output_dir("sweep", out)
+    first = request.runs[0]
+    ref, data, extractor = scoring.resolve(first, device)
+    out_dir = RunFolder(first).output_dir("sweep", out)
     with folder_lock(out_dir, "sweep"):  # one sweep writes a folder at a time
-        record = sweep(list(runs), samplers, steps, n, ref, extractor, base=base,
-                       include_vae=include_vae, data=data, cache_dir=scoring.cache_dir,
+        record = sweep(request, ref, extractor, data=data, cache_dir=scoring.cache_dir,
                        ref_limit=scoring.ref_limit, grid_dir=out_dir, device=device,
-                       progress=progress, on_cell=on_cell, prior=prior)
+                       progress=progress, on_cell=on_cell)
         return record, write_sweep(record, out_dir)

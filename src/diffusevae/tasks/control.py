@@ -24,7 +24,7 @@ import csv
 import dataclasses
 import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -409,31 +409,47 @@ def edit_latents(pipe: DiffuseVAE, direction: Tensor, lambdas: Sequence[float],
 # interpolate and edit, written as folders
 # --------------------------------------------------------------------------------------------
 
-def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
-                          out_dir: str | Path | None = None, modes: Sequence[str] = (),
-                          frames: int = 8, seed_a: int = 0, seed_b: int = 1,
-                          image_a: str | Path | None = None, image_b: str | Path | None = None,
-                          prior: str = "normal", convert_channels: bool = False,
-                          device: str | torch.device = "cpu",
-                          invert: InvertConfig | None = None,
-                          overwrite: bool = False) -> Written:
-    """Interpolate between sample 0 of two seeds, or two image files (z = mu), in each of
-    `modes` (default: all the run can do): a GIF per mode and grid.png, a row per mode
-    (`interpolate`). ``sample.n`` and ``sample.seed`` are replaced by `frames` and `seed_a`.
-    With ``invert`` the two images are inverted and their first states slerped in every mode,
-    so that the end frames are the images themselves."""
+@dataclass(frozen=True)
+class InterpolateRequest:
+    """What `interpolate_to_folder` makes (`interpolate`): ``frames`` frames between sample 0
+    of ``seed_a`` and of ``seed_b`` (z from ``prior``), or between two image files (z = mu),
+    in each of ``modes`` (default: all the run can do). ``sample.n`` and ``sample.seed`` are
+    replaced by ``frames`` and ``seed_a``. With ``invert`` the two images are inverted and
+    their first states slerped in every mode, so that the end frames are the images
+    themselves. ``convert_channels``: convert images of another channel count."""
+
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    modes: Sequence[str] = ()
+    frames: int = 8
+    seed_a: int = 0
+    seed_b: int = 1
+    image_a: str | Path | None = None
+    image_b: str | Path | None = None
+    prior: str = "normal"
+    convert_channels: bool = False
+    invert: InvertConfig | None = None
+
+
+def interpolate_to_folder(run_dir: str | Path, request: InterpolateRequest,
+                          out_dir: str | Path | None = None, *,
+                          device: str | torch.device = "cpu", overwrite: bool = False) -> Written:
+    """Write what ``request`` asks for into ``out_dir`` (default RUN/interpolation): a GIF
+    per mode and grid.png, a row per mode."""
+    r = request
+    image_a, image_b, seed_a, seed_b, frames, prior, invert = (
+        r.image_a, r.image_b, r.seed_a, r.seed_b, r.frames, r.prior, r.invert)
     if (image_a is None) != (image_b is None):
         raise ConfigError("give both `image_a` and `image_b`, or neither (then `seed_a` and "
                           "`seed_b` choose the endpoints)")
-    check_inverting(invert, False, image_a is not None, sample, "`image_a` and `image_b`")
+    check_inverting(invert, False, image_a is not None, r.sample, "`image_a` and `image_b`")
     run = RunFolder(run_dir)
-    sample = replace(sample, n=frames, seed=seed_a)
+    sample = replace(r.sample, n=frames, seed=seed_a)
     pipe = checked_pipeline(run, sample, torch.device(device))
-    modes = tuple(modes) or (MODES if pipe.vae is not None else ("xt",))
+    modes = tuple(r.modes) or (MODES if pipe.vae is not None else ("xt",))
     z_a = z_b = y_a = y_b = None
     if image_a is not None:
         c, s, _ = pipe.image_shape
-        x = torch.stack([read_image(p, s, c, convert_channels) for p in (image_a, image_b)])
+        x = torch.stack([read_image(p, s, c, r.convert_channels) for p in (image_a, image_b)])
         if invert is None:
             z_a, z_b = pipe.encode(x)
         else:
@@ -463,24 +479,39 @@ def interpolate_to_folder(run_dir: str | Path, sample: SampleConfig,
                                 f"{', '.join(modes)}) and {', '.join(m + '.gif' for m in modes)}")
 
 
-def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequence[float],
-                   sample: SampleConfig, out_dir: str | Path | None = None,
-                   input_dir: str | Path | None = None, prior: str = "normal",
-                   convert_channels: bool = False, device: str | torch.device = "cpu",
-                   invert: InvertConfig | None = None, save_latents: bool = False,
-                   latents: str | Path | None = None,
-                   overwrite: bool = False) -> Written:
-    """Move ``sample.n`` samples (or the images of `input_dir`, z = mu) along the run's
-    attribute directions: a grid per attribute, rows = images, columns = lambda, the same
-    noise along a row (`edit`). With ``invert`` the images are inverted and each row holds its
-    image's inverted first state, so that lambda = 0 is the image and the edits keep its
-    details; ``latents``: the latents.npz of ``save_latents`` instead of images."""
+@dataclass(frozen=True)
+class EditRequest:
+    """What `edit_to_folder` makes (`edit`): ``sample.n`` samples (z from ``prior``), or the
+    images of ``input_dir`` (z = mu), moved along the run's directions of ``attributes`` by
+    each of ``lambdas``: a grid per attribute, rows = images, columns = lambda, the same noise
+    along a row. With ``invert`` the images are inverted and each row holds its image's
+    inverted first state, so that lambda = 0 is the image and the edits keep its details
+    (``save_latents``: write those latents to latents.npz); ``latents``: such a latents.npz,
+    instead of images. ``convert_channels``: convert images of another channel count."""
+
+    attributes: Sequence[str]
+    lambdas: Sequence[float]
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    input_dir: str | Path | None = None
+    prior: str = "normal"
+    convert_channels: bool = False
+    invert: InvertConfig | None = None
+    save_latents: bool = False
+    latents: str | Path | None = None
+
+
+def edit_to_folder(run_dir: str | Path, request: EditRequest, out_dir: str | Path | None = None,
+                   *, device: str | torch.device = "cpu", overwrite: bool = False) -> Written:
+    """Write what ``request`` asks for into ``out_dir`` (default RUN/edit)."""
+    r = request
+    sample, lambdas, input_dir, latents, invert, save_latents = (
+        r.sample, r.lambdas, r.input_dir, r.latents, r.invert, r.save_latents)
     check_inverting(invert, save_latents, input_dir is not None, sample)
     if latents is not None and input_dir is not None:
         raise ConfigError("give `input_dir` DIR or `latents` FILE, not both")
     run = RunFolder(run_dir)
     all_names, directions = load_directions(run)
-    chosen = {name: find_direction(all_names, directions, name) for name in attributes}
+    chosen = {name: find_direction(all_names, directions, name) for name in r.attributes}
     pipe = checked_pipeline(run, sample, torch.device(device))
     out_dir = run.output_dir("edit", out_dir)
     with output_folder(out_dir, "edit", overwrite, inputs=[input_dir, latents]):
@@ -490,7 +521,7 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
             z, y_T = inv.z, inv.y_T
         elif input_dir is not None:
             c, s, _ = pipe.image_shape
-            dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
+            dataset = open_image_folder(input_dir, s, c, convert=r.convert_channels)
             check_lambdas(lambdas, len(dataset))  # the edit's size, before any is encoded
             x = torch.stack([dataset[i][0] for i in range(len(dataset))])
             if invert is None:
@@ -502,14 +533,14 @@ def edit_to_folder(run_dir: str | Path, attributes: Sequence[str], lambdas: Sequ
                     inv.save(out_dir / LATENTS_NPZ, sample, run=str(run),
                              invert=dataclasses.asdict(invert), input=str(input_dir))
         for name, direction in chosen.items():
-            gen = edit_latents(pipe, direction, lambdas, sample, z, prior, y_T)
+            gen = edit_latents(pipe, direction, lambdas, sample, z, r.prior, y_T)
             save_grid(to_uint8(gen.images.flatten(0, 1)), out_dir / f"{slug(name)}.png",
                       nrow=len(lambdas), scale=2)
             save_grid(to_uint8(gen.x_hat.flatten(0, 1)), out_dir / f"{slug(name)}_x_hat.png",
                       nrow=len(lambdas), scale=2)
-        write_record(out_dir / RECORDS["edit"], sample, run=str(run), attributes=list(attributes),
+        write_record(out_dir / RECORDS["edit"], sample, run=str(run), attributes=list(r.attributes),
                       lambdas=list(lambdas), input=None if input_dir is None else str(input_dir),
-                      prior=prior, invert=None if invert is None else dataclasses.asdict(invert),
+                      prior=r.prior, invert=None if invert is None else dataclasses.asdict(invert),
                       latents=None if latents is None else str(latents))
         return Written(out_dir, f"edits written to {out_dir}: "
                                 f"{', '.join(slug(k) + '.png' for k in chosen)} (rows: images, "

@@ -7,7 +7,7 @@ They stream the images in batches, so memory holds one batch whatever their numb
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -116,22 +116,36 @@ def _stream(dataset, n: int, batch_size: int, device: str | torch.device, out_di
     return [torch.cat(parts) for parts in grid.values()]
 
 
-def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
-                          out_dir: str | Path | None = None, input_dir: str | Path | None = None,
-                          refine: bool | None = None, start_step: int | None = None,
-                          convert_channels: bool = False, device: str | torch.device = "cpu",
-                          invert: InvertConfig | None = None,
-                          save_latents: bool = False,
-                          overwrite: bool = False, progress: bool = True) -> Written:
-    """Encode ``sample.n`` images (of `input_dir`, else the run's test split) and decode them
-    with the VAE; with the refiner (``refine``, default: when the run has one) refine x_hat
-    too, from fresh noise or from the input noised to `start_step` (`reconstruct`); the images
-    of `input_dir` keep their names, test images are numbered. With
-    ``invert`` also invert them and decode the inverted latents (inverted/, the last column of
-    grid.png), and with ``save_latents`` write those latents to latents.npz. Batches stream to
+@dataclass(frozen=True)
+class ReconstructRequest:
+    """What `reconstruct_to_folder` makes (`reconstruct`): ``sample.n`` images of
+    ``input_dir`` (else of the run's test split) encoded and decoded with the VAE; with the
+    refiner (``refine``, default: when the run has one) x_hat refined too, from fresh noise or
+    from the input noised to ``start_step``. With ``invert`` the images are also inverted and
+    their latents decoded (inverted/, the last column of grid.png), and with ``save_latents``
+    those latents written to latents.npz. ``convert_channels``: convert images of another
+    channel count instead of refusing them."""
+
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    input_dir: str | Path | None = None
+    refine: bool | None = None
+    start_step: int | None = None
+    convert_channels: bool = False
+    invert: InvertConfig | None = None
+    save_latents: bool = False
+
+
+def reconstruct_to_folder(run_dir: str | Path, request: ReconstructRequest,
+                          out_dir: str | Path | None = None, *,
+                          device: str | torch.device = "cpu", overwrite: bool = False,
+                          progress: bool = True) -> Written:
+    """Write what ``request`` asks for into ``out_dir`` (default RUN/reconstructions): the
+    images of an input folder keep their names, test images are numbered. Batches stream to
     disk (`_stream`); grid.png shows the first `GRID_SIZE` images."""
     run = RunFolder(run_dir)
-    refine = run.has_refiner() if refine is None else refine
+    sample, input_dir, start_step = request.sample, request.input_dir, request.start_step
+    invert, save_latents = request.invert, request.save_latents
+    refine = run.has_refiner() if request.refine is None else request.refine
     check_inverting(invert, save_latents, True, sample)
     if invert is not None and not refine:
         raise ConfigError("`invert` decodes with the refiner: use a run that has one, with "
@@ -142,7 +156,7 @@ def reconstruct_to_folder(run_dir: str | Path, sample: SampleConfig,
     data = run.training_data(images_only=bool(input_dir))
     if input_dir:  # the same loading and channel check as `refine` and `edit`
         dataset = open_image_folder(input_dir, data.image_size, data.channels,
-                                    convert=convert_channels)
+                                    convert=request.convert_channels)
     else:
         dataset = build_dataset(data, "test" if data.dataset != "folder" else "train")
     sample = replace(sample, n=min(sample.n, len(dataset)))
@@ -205,20 +219,32 @@ class _Reconstructing:
         return Inversion(torch.cat([k.y_T for k in self.kept]), z), self.decoding
 
 
-def refine_to_folder(run_dir: str | Path, input_dir: str | Path, sample: SampleConfig,
-                     out_dir: str | Path | None = None, start_step: int | None = None,
-                     convert_channels: bool = False,
-                     device: str | torch.device = "cpu",
+@dataclass(frozen=True)
+class RefineRequest:
+    """What `refine_to_folder` makes (`refine`): every image of ``input_dir``, resized to the
+    model's size and taken as x_hat (a z-conditioned refiner gets z = mu(x_hat)), refined
+    with ``sample`` from fresh noise, or from the image noised to ``start_step``.
+    ``sample.n`` is ignored: every image is refined. ``convert_channels``: convert images of
+    another channel count instead of refusing them."""
+
+    input_dir: str | Path
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    start_step: int | None = None
+    convert_channels: bool = False
+
+
+def refine_to_folder(run_dir: str | Path, request: RefineRequest,
+                     out_dir: str | Path | None = None, *, device: str | torch.device = "cpu",
                      overwrite: bool = False, progress: bool = True) -> Written:
-    """Refine every image of `input_dir`, resized to the model's size and taken as x_hat
-    (a z-conditioned refiner gets z = mu(x_hat)); from fresh noise, or from the image noised
-    to `start_step` (`refine`). ``sample.n`` is ignored: every image is refined, batch by batch
+    """Write what ``request`` asks for into ``out_dir`` (default RUN/refined), batch by batch
     straight to disk (`_stream`); grid.png shows the first `GRID_SIZE`."""
     run = RunFolder(run_dir)
-    pipe = checked_pipeline(run, sample, torch.device(device))
+    input_dir, start_step, convert_channels = (request.input_dir, request.start_step,
+                                               request.convert_channels)
+    pipe = checked_pipeline(run, request.sample, torch.device(device))
     c, s, _ = pipe.image_shape
     dataset = open_image_folder(input_dir, s, c, convert=convert_channels)
-    sample = replace(sample, n=len(dataset))
+    sample = replace(request.sample, n=len(dataset))
     out_dir = run.output_dir("refine", out_dir)
     with output_folder(out_dir, "refine", overwrite, inputs=[input_dir]):
         columns = _stream(dataset, sample.n, sample.batch_size, device, out_dir, lambda x, i: {

@@ -28,6 +28,7 @@ import json
 import os
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -54,18 +55,29 @@ from ..filenames import GRID_PNG, SAMPLES_NPZ, SAMPLING_RECORD, STAGES_PNG
 # --------------------------------------------------------------------------------------------
 
 
-def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | Path | None = None,
-                     device: str | torch.device | Processes = "cpu", show_stages: bool = False,
-                     progress: bool = True, prior: str = "normal",
+@dataclass(frozen=True)
+class SampleRequest:
+    """What `sample_to_folder` makes (`sample`): ``sample.n`` images drawn with ``sample``, z
+    from ``prior`` (N(0, I), "normal", or the run's fitted Ex-PDE mixture, "gmm"); with
+    ``show_stages`` also stages.png, each x_hat beside its refined image."""
+
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    prior: str = "normal"
+    show_stages: bool = False
+
+
+def sample_to_folder(run_dir: str | Path, request: SampleRequest,
+                     out_dir: str | Path | None = None, *,
+                     device: str | torch.device | Processes = "cpu", progress: bool = True,
                      resume: bool = False, overwrite: bool = False) -> Written:
-    """Generate ``sample.n`` images from the run and write them to `out_dir` (`sample`).
+    """Write what ``request`` asks for into ``out_dir`` (default RUN/samples).
 
     ``device``: a device, or the processes of a launched command (`distributed.processes`),
     every one of which calls this; they share the batches (module docstring).
-    ``prior``: z ~ N(0, I) ("normal") or the run's fitted Ex-PDE mixture ("gmm").
     ``resume``: continue an interrupted run in `out_dir`; ``overwrite``: replace the outputs
     there of an earlier command (module docstring).
     """
+    sample, prior, show_stages = request.sample, request.prior, request.show_stages
     procs = processes_of(device)
     run = RunFolder(run_dir)
     out_dir = run.output_dir("sample", out_dir)
@@ -239,13 +251,32 @@ def _resume_point(out_dir: Path, settings: dict) -> int | None:
 # sample-vae
 # --------------------------------------------------------------------------------------------
 
-def sample_vae_to_folder(run_dir: str | Path, n: int, out_dir: str | Path | None = None,
-                         seed: int = 0, temperature: float = 1.0, batch_size: int = 256,
+@dataclass(frozen=True)
+class VAESampleRequest:
+    """What `sample_vae_to_folder` makes (`sample-vae`): ``n`` samples of the VAE alone,
+    x = D(z) with z ~ N(0, t^2 I), or z from the Ex-PDE mixture (``prior`` "gmm") scaled by
+    t = ``temperature``: sample i is the x_hat that `sample` refines for the same seed, i and
+    prior. The numbers are `SampleConfig`'s fields of the same names, checked as they are."""
+
+    n: int = 64
+    seed: int = 0
+    temperature: float = 1.0
+    batch_size: int = 256
+    prior: str = "normal"
+
+    def __post_init__(self) -> None:
+        SampleConfig(n=self.n, seed=self.seed, temperature=self.temperature,
+                     batch_size=self.batch_size)
+
+
+def sample_vae_to_folder(run_dir: str | Path, request: VAESampleRequest,
+                         out_dir: str | Path | None = None, *,
                          device: str | torch.device = "cpu", progress: bool = True,
-                         overwrite: bool = False, prior: str = "normal") -> Written:
-    """Sample the VAE alone, x = D(z) with z ~ N(0, t^2 I), or z from the Ex-PDE mixture
-    (`prior` "gmm") scaled by t (`sample-vae`): sample i is the x_hat that `sample` refines for
-    the same seed, i and prior."""
+                         overwrite: bool = False) -> Written:
+    """Write what ``request`` asks for into ``out_dir`` (default RUN/vae_samples): PNG files,
+    a grid and samples.npz."""
+    n, seed, temperature, batch_size, prior = (request.n, request.seed, request.temperature,
+                                               request.batch_size, request.prior)
     run = RunFolder(run_dir)
     vae = run.load_vae(device)
     mixture = run_mixture(run.root, prior, vae.config.z_dim)

@@ -22,9 +22,10 @@ from ..model.run_folder import RunFolder
 from ..model.sampling_defaults import SamplingDefaults, read_sampling_defaults
 from ..presets import resolve
 from ..train.stages import train_refiner, train_vae
-from .control import edit_to_folder, interpolate_to_folder, load_directions
-from .reconstruction import reconstruct_to_folder
-from .sampling import sample_to_folder
+from .control import (EditRequest, InterpolateRequest, edit_to_folder, interpolate_to_folder,
+                      load_directions)
+from .reconstruction import ReconstructRequest, reconstruct_to_folder
+from .sampling import SampleRequest, sample_to_folder
 from .writing import Written
 
 SHIPPED_MODEL = "models/fashion-mnist"
@@ -53,20 +54,24 @@ def tour_to_folder(model_dir: str | Path = SHIPPED_MODEL, out_dir: str | Path = 
         defaults = SamplingDefaults(FAST, "gmm" if run.has_prior() else "normal")
     fast, prior = defaults.sample(n=64, batch_size=64), defaults.prior
     # overwrite: a second tour replaces the first one's pictures (nothing else is removed)
-    samples = sample_to_folder(run, fast, out / "samples", device, show_stages=True,
-                               progress=progress, prior=prior, overwrite=True)
+    samples = sample_to_folder(run, SampleRequest(fast, prior, show_stages=True),
+                               out / "samples", device=device, progress=progress,
+                               overwrite=True)
     examples = run.root / EXAMPLES_DIR
-    recon = reconstruct_to_folder(run, replace(fast, n=16), out / "reconstructions",
-                                  input_dir=examples if examples.is_dir() else None,
-                                  device=device, overwrite=True, progress=progress)
-    interp = interpolate_to_folder(run, replace(fast, n=1), out / "interpolation", frames=8,
-                                   prior=prior, device=device, overwrite=True)
+    recon = reconstruct_to_folder(
+        run, ReconstructRequest(replace(fast, n=16),
+                                input_dir=examples if examples.is_dir() else None),
+        out / "reconstructions", device=device, overwrite=True, progress=progress)
+    interp = interpolate_to_folder(run, InterpolateRequest(replace(fast, n=1), frames=8,
+                                                           prior=prior),
+                                   out / "interpolation", device=device, overwrite=True)
     parts = [f"{samples.folder / 'stages.png'}", f"{recon.folder / 'grid.png'}",
              f"{interp.folder / 'grid.png'}"]
     if run.attributes_dir.is_dir():
         names, _ = load_directions(run)
-        edit = edit_to_folder(run, names[:1], EDIT_LAMBDAS, replace(fast, n=8),
-                              out / "edit", prior=prior, device=device, overwrite=True)
+        edit = edit_to_folder(run, EditRequest(names[:1], EDIT_LAMBDAS, replace(fast, n=8),
+                                               prior=prior),
+                              out / "edit", device=device, overwrite=True)
         parts.append(f"{edit.folder} ({names[0]})")
     return Written(out, f"demo done in {time.time() - t0:.0f} s (z ~ "
                         f"{'the Ex-PDE prior' if prior == 'gmm' else 'N(0, I)'}): "
@@ -86,9 +91,10 @@ def train_to_folder(run_dir: str | Path | None = None, preset: str = "digits",
     # resume=True: a second demo continues (or just reuses) the first one's run
     train_vae(cfg, run, resume=True, progress=progress)
     train_refiner(cfg, run, resume=True, progress=progress)
-    recon = reconstruct_to_folder(run, SampleConfig(n=32), device=device, overwrite=True,
-                                  progress=progress)
-    samples = sample_to_folder(run, SampleConfig(n=64, steps=10), device=device,
-                               show_stages=True, progress=progress, overwrite=True)
+    recon = reconstruct_to_folder(run, ReconstructRequest(SampleConfig(n=32)), device=device,
+                                  overwrite=True, progress=progress)
+    samples = sample_to_folder(run, SampleRequest(SampleConfig(n=64, steps=10),
+                                                  show_stages=True),
+                               device=device, progress=progress, overwrite=True)
     return Written(run.root, f"demo done in {time.time() - t0:.0f} s: see "
                              f"{recon.folder / 'grid.png'} and {samples.folder / 'stages.png'}")

@@ -25,7 +25,10 @@ What the other commands write lives beside what they compute: ``fit-prior``
 (`prior_fitting.fit_prior`, RUN/prior), ``attributes`` (`control.compute_directions`,
 RUN/attributes), ``train-classifier`` and ``evaluate`` (`diffusevae.scoring.evaluation`),
 ``sweep`` (`diffusevae.scoring.sweep`), ``demo`` (`tour`).
-Every writer returns a `Written`: the folder, and one line saying what is in it. Image i of
+Each writer takes the run, one frozen request of its own (`SampleRequest`, `ReconstructRequest`
+...: what to make, passed whole so that no argument shifts another), the output folder, and the
+device and ``overwrite`` by keyword. Every writer returns a `Written`: the folder, and one line
+saying what is in it. Image i of
 every command gets the noise of (seed, i), so a rerun writes the same pictures.
 
 One writer per folder, and no stale files (`run_folder.output_folder`): every writer holds the
