@@ -5,7 +5,7 @@ list them, and each module that implements the names maps them to what they name
 that module is imported (`check_registry`). They live here, below `config`, because a config is
 checked without importing torch or a network: the implementations (layer 2) import the config,
 never the other way round. Lists that no config field takes live with their owner instead
-(`prior.PRIORS`, `features.EXTRACTORS`, `latents.MODES`).
+(`core.prior.PRIORS`, `scoring.features.EXTRACTORS`, `tasks.control.MODES`).
 
 To add a sampler: write it in core/samplers.py, add it to `samplers.SAMPLERS` and its name here;
 the config and the command line accept it from then on.
@@ -17,7 +17,7 @@ from typing import Iterable
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "folder")  # data.build_dataset
 FORMS = ("uncond", "form1", "form2", "form2-official")  # diffusion.FORMULATIONS
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")  # samplers.SAMPLERS
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m")  # samplers.SAMPLERS
 SPACINGS = ("uniform", "trailing", "quad")  # diffusion.respaced_timesteps
 VAR_TYPES = ("fixedlarge", "fixedsmall")  # samplers.ddpm's step variance
 PRECISIONS = ("no", "fp16", "bf16")  # mixed precision of training

@@ -185,6 +185,64 @@ def dpmpp_2m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
     return y
 
 
+def dpmpp_3m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int],
+             *, generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
+             callback: Callback | None = None) -> Tensor:
+    """DPM-Solver++(3M) on the respaced steps (Lu et al. 2022, the multistep solver of order 3;
+    data prediction): `dpmpp_2m` with a second difference of the last three predictions.
+
+    Each step uses as many earlier predictions as it has, up to two, and fewer near the end:
+    the last step returns the prediction (h = inf), the one before it is second order (as
+    diffusers' ``lower_order_final`` does below 15 steps). So one step is DDIM and two or three
+    steps are `dpmpp_2m`."""
+    chain = prepare(schedule, timesteps, y_T, generators)  # deterministic: no generators
+    sub = chain.sub
+    alpha_t, sigma_t = sub.alpha_bar.sqrt(), (1 - sub.alpha_bar).sqrt()
+    alpha_s, sigma_s = sub.alpha_bar_prev.sqrt(), (1 - sub.alpha_bar_prev).sqrt()
+    h = (alpha_s.log() - sigma_s.log()) - (alpha_t.log() - sigma_t.log())  # inf at i = 0
+    c_y = (sigma_s / sigma_t).tolist()
+    em = torch.expm1(-h)
+    # y_s = c_y y + A D0 + B D1 + C D2 (Lu et al. 2022, DPM-Solver++; D0 = the prediction, D1, D2
+    # its first and second differences in lambda, scaled by h): A = -alpha_s (e^-h - 1),
+    # B = alpha_s ((e^-h - 1) / h + 1), C = -alpha_s ((e^-h - 1 + h) / h^2 - 1/2).
+    A = -alpha_s * em
+    B = alpha_s * (em / h + 1)
+    C = -alpha_s * ((em + h) / h**2 - 0.5)
+    # With r0 = h_{i+1} / h_i, r1 = h_{i+2} / h_i (the steps just taken) and the predictions
+    # m0, m1, m2 at i, i + 1, i + 2: D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
+    # D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1). Collected
+    # here as one weight per prediction; second order is dpmpp_2m's D1 = (m0 - m1) / (2 r0).
+    S = chain.S
+    w3 = [(0.0, 0.0, 0.0)] * S
+    w2 = [(0.0, 0.0)] * S
+    for i in range(1, S - 1):
+        r0 = (h[i + 1] / h[i]).item()
+        w2[i] = (1 + 1 / (2 * r0), -1 / (2 * r0))  # dpmpp_2m's weights on m0 and m1
+        if i < S - 2:
+            r1 = (h[i + 2] / h[i]).item()
+            a, b, c = A[i].item(), B[i].item(), C[i].item()
+            b0 = b * (1 + r0 / (r0 + r1)) + c / (r0 + r1)  # the weight of D1_0
+            b1 = -b * r0 / (r0 + r1) - c / (r0 + r1)  # of D1_1
+            w3[i] = ((a + b0 / r0) / a, (-b0 / r0 + b1 / r1) / a, (-b1 / r1) / a)
+    c_d = A.tolist()
+
+    y, m1, m2 = y_T, None, None
+    for k, i in enumerate(reversed(range(S))):
+        _, m0 = _denoise(eps_fn, chain, y, i, clip_fn)
+        order = min(3, k + 1, i + 1)  # what it has, and lower at the last two steps
+        if order == 1:
+            d = m0
+        elif order == 2:
+            d = w2[i][0] * m0 + w2[i][1] * m1
+        else:
+            d = w3[i][0] * m0 + w3[i][1] * m1 + w3[i][2] * m2
+        y = c_y[i] * y + c_d[i] * d
+        m2, m1 = m1, m0
+        if callback is not None:
+            callback(k, S, y, m0)
+    return y
+
+
 # --------------------------------------------------------------------------------------------
 # Inversion: the deterministic DDIM chain run backwards (docs/method.md#inversion)
 # --------------------------------------------------------------------------------------------
@@ -279,7 +337,8 @@ def _anderson(g: Tensor, r: Tensor, g_prev: Tensor, r_prev: Tensor) -> Tensor:
 
 # The sampler registry: the functions of the names that names.SAMPLERS declares (config and
 # the command line accept those), checked to agree when this module is imported.
-SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m}
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m,
+                                              "dpmpp_3m": dpmpp_3m}
 names.check_registry("samplers.SAMPLERS", SAMPLERS, names.SAMPLERS)
 _SHARED = ("generators", "clip_fn", "callback")  # the keyword arguments every sampler takes
 
