@@ -12,9 +12,12 @@ Reads the B1 results (which runs were trained, how long, and what they scored) a
 
 No trainer state and nothing pickled goes in. A folder with a MODEL.md is a published model:
 the commands read it and write their outputs elsewhere (`RunFolder.read_only`).
-`make model` retrains both from scratch (B1 at the `long` budget, then this script, then
-`ex_pde.py` on the shipped model and this script again with `--card-only`, which writes the
-cards with the Ex-PDE rows and touches nothing else).
+`make model-b1` retrains both from scratch that way (B1 at the `long` budget, then this
+script, then `ex_pde.py` on the shipped model and this script again with `--card-only`, which
+writes the cards with the Ex-PDE rows and touches nothing else). `make model` trains the
+12-epoch models instead and ships them with `--form2-run`, `--uncond-run` and
+`--from-long-run` (the cards and `sampling_defaults.json` from `benchmarks/long_run.py`'s
+results).
 """
 
 from __future__ import annotations
