@@ -154,7 +154,7 @@ def test_commands_on_an_empty_run_say_what_to_train_first(tmp_path, capsys, comm
     (["sample", "--sampler", "euler"], "Invalid value for '--sampler'", False),
     (["sample", "--n", "1", "--steps", "1001"], "--steps must be in 1..1000", True),
     (["sample", "--n", "1", "--guidance", "1"], "Retrain with diffusion.p_uncond 0.1", True),
-    (["sample-vae", "--n", "0"], "0 is not in the range 1<=x<=", False),
+    (["sample-vae", "--n", "0"], "--n must be > 0 and <= 100000000; got 0", True),
     (["reconstruct", "--input", "/no/such/folder"], "does not exist", False),
 ])
 def test_commands_on_a_trained_run(trained_run, tmp_path, capsys, args, message, one_line):
