@@ -31,16 +31,17 @@ from oracles import MU, SCHEDULE, SIGMA, X_HAT, oracle_model
 # --------------------------------------------------------------------------------------------
 
 
-def _oracle_case(form_name: str, n: int = 64, guidance: float = 0.0):
+def _oracle_case(form_name: str, n: int = 64, guidance: float = 0.0, clamp: bool = True):
     """(form, x_hat, eps_fn, x0): n images of the Gaussian data, clamped to the data range (what
-    a clipping DDIM can return), and the exact predictor in the formulation's coordinates."""
+    a clipping DDIM can return; not with ``clamp`` off), and the exact predictor in the
+    formulation's coordinates."""
     form = get_formulation(form_name)
     x_hat = X_HAT.reshape(1, 1, 2, 2).expand(n, 1, 2, 2) if form.conditioned else None
     eps_fn = make_eps_fn(oracle_model(form_name, form.conditioned), form, x_hat,
                          guidance=guidance)
     g = torch.Generator().manual_seed(5)
     x0 = MU + torch.randn(n, 4, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(SIGMA).T
-    return form, x_hat, eps_fn, x0.clamp(-1, 1).reshape(n, 1, 2, 2)
+    return form, x_hat, eps_fn, (x0.clamp(-1, 1) if clamp else x0).reshape(n, 1, 2, 2)
 
 
 def _round_trip_error(form_name: str, steps: int, fixed_point: int, clip: bool = True,
@@ -85,6 +86,32 @@ def test_fixed_point_with_clipping_at_10_steps():
     assert errors[-1] < 1e-4, errors
 
 
+def test_fixed_point_never_ends_further_than_first_order_on_images_clipping_cannot_return():
+    """Pixels beyond [-1, 1] (the oracle's images scaled by 1.6, up to 2.04): no y_T decodes to
+    them through the clipping sampler, and the iterates of an inversion step can wander. Each
+    step keeps its iterate of smallest residual, the first-order one among them, so iterating
+    never ends further from the image than not iterating. Measured (max |error|): 1.20 first
+    order; 1.16, 1.17, 1.04 and 1.04 after 1, 2, 5 and 10 iterations (the floor is 1.04, what
+    clipping cuts off); ending on the last iterate instead gave 1.45, 1.89, 1.77 and 2.70."""
+    form, x_hat, eps_fn, x0 = _oracle_case("form2", clamp=False)
+    x0 = 1.6 * x0
+    clip_fn = form.clip_fn(x_hat)
+    taus = respaced_timesteps(1000, 10, "uniform")
+
+    def error(fixed_point: int) -> float:
+        y_T = ddim_invert(eps_fn, form.target(x0, x_hat), SCHEDULE, taus, clip_fn=clip_fn,
+                          fixed_point=fixed_point)
+        back = form.readback(ddim(eps_fn, y_T, SCHEDULE, taus, clip_fn=clip_fn), x_hat)
+        return (back - x0).abs().max().item()
+
+    assert x0.abs().max() > 2
+    first = error(0)
+    for k in (1, 2, 5, 10):
+        assert error(k) <= first, (k, error(k), first)
+    assert error(5) < first - 0.1  # and it still helps: 1.04 against 1.20
+    assert error(5) >= x0.abs().max().item() - 1 - 1e-9  # nothing beats what clipping cuts
+
+
 def test_fixed_point_helps_on_trailing_steps_too():
     first, fixed = (_round_trip_error("form2", 10, k, spacing="trailing") for k in (0, 6))
     assert first > 0.2 and fixed < 0.02, (first, fixed)
@@ -108,7 +135,10 @@ def test_tolerance_stops_early_and_each_sample_on_its_own():
     full, early = _Counting(eps_fn), _Counting(eps_fn)
     exact = ddim_invert(full, y0, SCHEDULE, taus, fixed_point=10)
     stopped = ddim_invert(early, y0, SCHEDULE, taus, fixed_point=10, tol=1e-6)
-    assert full.calls == 10 * 11 and early.calls < full.calls * 0.8, (full.calls, early.calls)
+    # 1 + 10 calls a step (the first-order iterate's residual, then one an iterate) and the
+    # last iterate's residual at the end
+    assert full.calls == 10 * 11 + 1 and early.calls < full.calls * 0.8, (full.calls,
+                                                                           early.calls)
     assert (stopped - exact).abs().max() < 1e-4
     # a sample's result does not depend on the others in its batch, tol or not
     for tol in (0.0, 1e-6):

@@ -21,6 +21,8 @@ from diffusevae.scoring.sources import dataset_source, npz_source
 from diffusevae.scoring.features import INCEPTION_FILE, classifier_extractor, inception_extractor
 from diffusevae.io.images import save_pngs
 from diffusevae.model.pipeline import DiffuseVAE
+from diffusevae.errors import EvaluationError
+from diffusevae.scoring.evaluation import check_fid_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = DataConfig(dataset="digits", image_size=16, channels=1)
@@ -113,9 +115,13 @@ def test_evaluate_a_run_end_to_end(trained_run, classifier_dir, tmp_path, capsys
             "--extractor", "classifier", "--classifier", classifier_dir, "--ref", "digits:test",
             "--cache-dir", tmp_path / "cache", "--out", tmp_path / "e", "--quiet"]
     assert run(*args) == 0
-    line = capsys.readouterr().out.strip()
+    printed = capsys.readouterr()
+    line = printed.out.strip()
     assert "\n" not in line and line.startswith("FID (digits classifier features) ")
     m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    # 20 samples in 64-dimensional features: scored, with the rule's warning, one line
+    assert [w for w in printed.err.splitlines() if w.startswith("warning: ")] == [
+        f"warning: {m['fid_note']}"] and "20 samples against 300 reference" in m["fid_note"]
     assert np.isfinite(m["fid"]) and m["fid"] > 0 and m["kid"] is not None
     assert m["names"]["fid"] == "FID (digits classifier features)"
     p = m["protocol"]
@@ -130,6 +136,20 @@ def test_evaluate_a_run_end_to_end(trained_run, classifier_dir, tmp_path, capsys
     again = json.loads((tmp_path / "f" / "metrics.json").read_text())
     assert again["protocol"]["reference"]["cached"] is True
     assert again["fid"] == pytest.approx(m["fid"], rel=1e-9)
+
+
+def test_sets_too_small_for_fid_are_refused_or_warned_about_by_the_rule():
+    """Fewer than 2 images in a set: refused. No more images than feature dimensions in
+    either set: a warning, returned to be recorded. More: nothing."""
+    with pytest.raises(EvaluationError, match="at least 2 images in each set; got 1 samples"):
+        check_fid_sizes(1, 1000, 64)
+    with pytest.raises(EvaluationError, match="got 500 samples and 1 reference"):
+        check_fid_sizes(500, 1, 64)
+    for n_samples, n_ref in ((64, 1000), (1000, 2)):
+        with pytest.warns(UserWarning, match="no more images than dimensions") as caught:
+            note = check_fid_sizes(n_samples, n_ref, 64)
+        assert note == str(caught[0].message) and "more than 64 images" in note
+    assert check_fid_sizes(65, 65, 64) is None
 
 
 def test_the_test_split_against_itself_scores_zero(classifier_dir, tmp_path):

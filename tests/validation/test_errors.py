@@ -105,3 +105,28 @@ def test_a_bug_is_not_dressed_as_a_user_error(monkeypatch):
     monkeypatch.setitem(cli.commands, "boom", boom)
     with pytest.raises(KeyError):
         main(["boom"])
+
+
+def test_a_warning_is_one_line_never_pythons_format(trained_run, tmp_path, capsys):
+    """A library warning (here: a .png file in an image folder that is no image) reaches the
+    user as one line, `warning: ...`, with the command's flags, not as Python's `file.py:N:
+    UserWarning:` and the source line; the warnings filter is left as it was."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import run_cli
+
+    images = tmp_path / "coarse"
+    images.mkdir()
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(images / "a.png")
+    (images / "b.png").write_bytes(b"not an image")
+    before = warnings.showwarning
+    assert run_cli("refine", "--run", trained_run, "--input", images, "--steps", "1",
+                   "--out", tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "skipped" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: skipped 1 image file"), err
+    assert "UserWarning" not in err and ".py:" not in err, err
+    assert warnings.showwarning is before

@@ -8,6 +8,7 @@ mistakes end with one line saying what is wrong and what to do, and exit status 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 import torch
@@ -48,9 +49,21 @@ from . import (control_commands, demo_command, explore_command, export_command, 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; the errors of errors.py become one line on stderr and their exit
-    status (2: the input; 1: the environment)."""
+    status (2: the input; 1: the environment), and every warning one line ``warning: ...``
+    (never Python's format with its source line)."""
     command = _command(sys.argv[1:] if argv is None else argv)
     speak_as(lambda message: options.as_flags(message, command))
+    shown = warnings.showwarning
+    warnings.showwarning = lambda message, *_: click.echo(  # one line, no source line
+        f"warning: {cut(options.as_flags(str(message), command))}", err=True)
+    try:
+        _run(argv, command)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(argv: list[str] | None, command: click.Command | None) -> None:
+    """`main` without its warnings: each error of errors.py as one line and an exit status."""
     try:
         cli.main(args=argv, prog_name="diffusevae", standalone_mode=False)
     except click.exceptions.Abort:

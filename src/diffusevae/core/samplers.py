@@ -269,8 +269,10 @@ def ddim_invert(eps_fn: EpsFn, y0: Tensor, schedule: Schedule, timesteps: Tensor
     evaluates that eps at the current y_i: y_i <- G(y_i), accelerated (`_anderson`). With
     ``tol`` > 0 a sample stops iterating at a step once |G(y_i) - y_i| (root mean square) is
     below tol, each sample on its own so that a result does not depend on its batch; that check
-    reads one value back from the device per iteration.
-    Cost: at most S (1 + fixed_point) network calls. ``callback(i, S, y_i, y0_pred)``.
+    reads one value back from the device per iteration. Each step ends on the iterate of
+    smallest residual (`_fixed_point`), never worse than its first-order step.
+    Cost: at most S (1 + fixed_point) network calls, one more with ``fixed_point`` > 0.
+    ``callback(i, S, y_i, y0_pred)``.
     """
     if fixed_point < 0:
         raise ValueError(f"fixed_point (iterations per step) must be >= 0; got {fixed_point}")
@@ -288,29 +290,56 @@ def ddim_invert(eps_fn: EpsFn, y0: Tensor, schedule: Schedule, timesteps: Tensor
     eps = eps_fn(y, chain.t[0])
     for i in range(S):
         y_prev = y
-        y = c_y[i] * y_prev + c_eps[i] * eps
-        active, g_prev, r_prev = None, None, None  # active: samples still iterating (tol > 0)
-        for _ in range(fixed_point):
+        y = c_y[i] * y_prev + c_eps[i] * eps  # first order
+        if fixed_point:  # also gives the eps at y, where the next step leaves from
+            y, eps = _fixed_point(eps_fn, chain, i, y, y_prev, (c_y[i], c_eps[i]), clip_fn,
+                                  fixed_point, tol)
+        if callback is not None:
+            callback(i, S, y, c_y0_y[i] * y_prev + c_y0_eps[i] * eps)
+        if i < S - 1 and not fixed_point:  # the eps of the point the next step leaves
             eps, _ = _denoise(eps_fn, chain, y, i, clip_fn)
-            g = c_y[i] * y_prev + c_eps[i] * eps  # G(y), the step taken with y's own eps
-            r = g - y
-            y_new = g if r_prev is None else _anderson(g, r, g_prev, r_prev)
-            g_prev, r_prev = g, r
-            if tol == 0:
-                y = y_new
-                continue
+    return y
+
+
+def _fixed_point(eps_fn: EpsFn, chain: Chain, i: int, y: Tensor, y_prev: Tensor,
+                 coef: tuple[float, float], clip_fn: Callable[[Tensor], Tensor] | None,
+                 iterations: int, tol: float) -> tuple[Tensor, Tensor]:
+    """Inversion step i iterated from its first-order ``y``: y <- G(y) = c_y y_prev + c_eps
+    eps(y), accelerated (`_anderson`), up to ``iterations`` times (with ``tol``: a sample stops
+    once its residual |G(y) - y| is below it). Returns, sample by sample, the iterate of
+    smallest residual, the first-order one among them, so that iterating never ends further
+    from a fixed point than not iterating (on images that clipping cannot return, the
+    iterates can wander), and the eps at it. Network calls: one per iterate, the first-order
+    one included."""
+    c_y, c_eps = coef
+
+    def evaluated(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        eps, _ = _denoise(eps_fn, chain, y, i, clip_fn)
+        g = c_y * y_prev + c_eps * eps
+        return eps, g, g - y
+
+    eps, g, r = evaluated(y)
+    best_y, best_eps, best_r = y, eps, _rms(r)
+    active, g_prev, r_prev = None, None, None  # active: samples still iterating (tol > 0)
+    for _ in range(iterations):
+        y_new = g if r_prev is None else _anderson(g, r, g_prev, r_prev)
+        g_prev, r_prev = g, r
+        if tol == 0:
+            y = y_new
+        else:
             done = _rms(r) < tol  # such a sample ends on G(y); a finished one stays put
             if active is not None:
                 done = done & active
             active = ~done if active is None else active & ~done
             y = torch.where(_rows(active, y), y_new, torch.where(_rows(done, y), g, y))
-            if not bool(active.any()):
-                break
-        if callback is not None:
-            callback(i, S, y, c_y0_y[i] * y_prev + c_y0_eps[i] * eps)
-        if i < S - 1:  # the eps of the point the next step leaves
-            eps, _ = _denoise(eps_fn, chain, y, i, clip_fn)
-    return y
+        eps, g, r = evaluated(y)
+        better = _rms(r) < best_r
+        best_y = torch.where(_rows(better, y), y, best_y)
+        best_eps = torch.where(_rows(better, eps), eps, best_eps)
+        best_r = torch.where(better, _rms(r), best_r)
+        if active is not None and not bool(active.any()):
+            break
+    return best_y, best_eps
 
 
 def _rms(x: Tensor) -> Tensor:

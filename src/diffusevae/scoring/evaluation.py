@@ -21,6 +21,7 @@ import contextlib
 import json
 import platform
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -230,8 +231,12 @@ def score(samples: Collected, ref: M.Stats, extractor: Extractor,
           kid_subsets: int = M.KID_SUBSETS, kid_subset_size: int = M.KID_SUBSET_SIZE,
           bootstrap: int = 0) -> dict:
     """FID, KID (when the reference kept features) and IS of collected samples; with
-    `bootstrap` rounds, also a 95% interval of the FID (`fid_ci95`)."""
+    `bootstrap` rounds, also a 95% interval of the FID (`fid_ci95`). The sizes of the two
+    sets are checked first (`check_fid_sizes`)."""
+    note = check_fid_sizes(samples.stats.n, ref.n, len(ref.mu))
     out: dict = {"fid": M.fid(samples.stats, ref), "fid_ci95": None}
+    if note:
+        out["fid_note"] = note
     if bootstrap:
         kept = samples.stats.features
         if kept is None or len(kept) < samples.stats.n:
@@ -250,6 +255,25 @@ def score(samples: Collected, ref: M.Stats, extractor: Extractor,
         out["is"] = out["is_std"] = None
     out["names"] = metric_names(extractor)
     return out
+
+
+def check_fid_sizes(n_samples: int, n_reference: int, dim: int) -> str | None:
+    """The rule for sets too small for FID. Fewer than 2 images in either set: refused (no
+    covariance). No more images than feature dimensions in either: scored, with a warning,
+    which is returned to be recorded: the covariance is singular and regularised, so the FID
+    is biased upward and compares only with FIDs of the same counts."""
+    if min(n_samples, n_reference) < 2:
+        raise EvaluationError(f"FID needs at least 2 images in each set; got {n_samples} "
+                              f"samples and {n_reference} reference images: use more (`n`, "
+                              "`ref_limit`)")
+    if min(n_samples, n_reference) > dim:
+        return None
+    note = (f"FID of {n_samples} samples against {n_reference} reference images in "
+            f"{dim}-dimensional features: no more images than dimensions, so the covariance "
+            "is singular (regularised here) and the FID is biased upward; it compares only "
+            f"with FIDs of the same counts (use more than {dim} images in each set)")
+    warnings.warn(note, stacklevel=2)
+    return note
 
 
 def machine() -> dict:
