@@ -37,10 +37,8 @@ from ..filenames import (ATTRIBUTES_DIR, CLASSIFIER_DIR, CONFIG_NAME, EMA_NAME, 
                          LOCK_NAME, LOG_NAME, OUTPUTS_RECORD, OUTPUTS_ROOT, OUTPUT_DIRS,
                          PRIOR_DIR, PRIOR_JSON, SAMPLING_RECORD, TRAIN_CONFIG_NAME, WEIGHTS_NAME)
 from ..io import checkpoint as ckpt
-from ..io.storage import (atomic_write_json, check_regular_file, folder_lock, published_ancestor,
-                          read_manifest, sha256_file)
-from ..io.text import parse_json
-from ..limits import MAX_TEXT_BYTES
+from ..io.reading import read_json
+from ..io.storage import atomic_write_json, folder_lock, published_ancestor, read_manifest, sha256_file
 from ..official.importer import imported_data
 from .network_loading import arch_record, load_network
 
@@ -161,18 +159,15 @@ def _read_record(out_dir: Path) -> dict | None:
                            "this one yourself")
 
     try:
-        check_regular_file(path, "the record", ValueError)
         if path.is_symlink():
             raise ValueError("it is a symbolic link")
-        with open(path, "rb") as fh:
-            record = parse_json(fh.read(MAX_TEXT_BYTES + 1), "its text", ValueError)
-    except (OSError, ValueError) as exc:
+        record = read_json(path, "the record", {"command": str, "writing": bool, "entries": dict},
+                           ValueError, fix="")
+    except ValueError as exc:
         raise hostile(str(exc)) from None
-    groups = record.get("entries") if isinstance(record, dict) else None
-    if not isinstance(groups, dict) or not isinstance(record.get("command"), str) or \
-            not isinstance(record.get("writing"), bool) or not all(
-                isinstance(v, list) and all(isinstance(n, str) for n in v)
-                for v in groups.values()):
+    groups = record["entries"]
+    if not all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+               for v in groups.values()):
         raise hostile("not a mapping of folders to the names written in them")
     entries = {f"{parent}/{name}" if parent else name
                for parent, names in groups.items() for name in names}
@@ -375,7 +370,7 @@ class RunFolder:
             raise RunFolderError(f"{path} is missing: {self.stage_dir(stage)} was not trained "
                                  f"here; train it with `diffusevae train-{stage}` on "
                                  f"{self.root}")
-        return config_from_json(ckpt.read_json(path))
+        return config_from_json(read_json(path, "the training config"))
 
     def data_config(self) -> DataConfig | None:
         """The data the run was trained on (from the VAE's record, else the refiner's, else

@@ -39,7 +39,8 @@ from .. import __version__
 from ..config import SampleConfig
 from ..distributed import Processes
 from ..errors import CheckpointError, ConfigError
-from ..io.checkpoint import environment, read_json
+from ..io.checkpoint import environment
+from ..io.reading import read_json
 from ..io.images import NpzStreamWriter, save_grid, save_pngs, to_uint8
 from ..io.storage import atomic_write_json
 from ..model.pipeline import DiffuseVAE, check_finite
@@ -209,7 +210,8 @@ def _resume_point(out_dir: Path, settings: dict) -> int | None:
     if not path.is_file():
         tqdm.write(f"nothing to resume in {out_dir}; starting from sample 0")
         return 0
-    old = read_json(path)
+    old = read_json(path, "the sampling record", {"done": int, "complete": bool},
+                    fix="sample again with `overwrite` instead of `resume`")
     now = json.loads(json.dumps(settings))  # as JSON gives it back
     ignored = ("run", "weights", *SampleConfig.SPEED_FIELDS)  # speed changes no image
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in now.items()
