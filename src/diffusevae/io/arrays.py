@@ -14,14 +14,17 @@ its declared shape, dtype and order. It refuses, naming the file:
 `read_npz` then reads the arrays a reader asks for (`Want`: dtype kinds, rank, required, rows),
 whole, with ``allow_pickle=False`` and the zip's CRC checked (a flipped byte is a one-line
 refusal), refusing arrays above `limits.MAX_ARRAY_BYTES`, and checks their content: finite
-numbers, and at least one row where rows are required. `read_rows` streams rows of one array
-(the samples of `evaluate`), checking the CRC whenever the whole array was read in order.
+numbers, and at least one row where rows are required. `NpzReader.rows` streams rows of one
+array (the samples of `evaluate`), checking the CRC whenever the whole array was read in order;
+`NpzReader.extract` copies the arrays out, and `open_part` maps a `.npy` part of a sampling run
+for writing once its header and size are checked (io/images.NpzStreamWriter).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -184,6 +187,44 @@ class NpzReader:
                 raise
             except _DAMAGED as exc:
                 raise self.damaged(exc) from None
+
+
+    def extract(self, folder: Path) -> None:
+        """Write each checked array of the `.npz` to ``folder/NAME.npy`` as it is stored (the
+        parts a resumed `sample` fills in again), the CRC checked as each is copied."""
+        members = self.members()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with zipfile.ZipFile(self.path) as zf:
+                for name in members:
+                    with zf.open(f"{name}.npy") as src, open(folder / f"{name}.npy", "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+        except DiffuseVAEError:
+            raise
+        except _DAMAGED as exc:
+            raise self.damaged(exc) from None
+
+
+def open_part(path: str | Path, rows: int, what: str, error: type[Exception],
+              fix: str) -> np.memmap:
+    """The `.npy` file at `path` memory-mapped for writing, after its header is checked: a
+    regular file of numbers, `rows` rows, and exactly as many bytes as the header declares (a
+    truncated or grown part is refused, not mapped)."""
+    path = Path(path)
+    check_regular_file(path, what, error)
+    try:
+        with open(path, "rb") as fh:
+            shape, fortran, dtype = _header(fh)
+            start = fh.tell()
+    except _DAMAGED as exc:
+        raise error(f"{what} {path} is not a readable .npy file ({exc}); {fix}") from None
+    member = Member(path.stem, shape, dtype, fortran)
+    size = os.path.getsize(path)
+    if dtype.hasobject or dtype.kind not in _READABLE_KINDS or not shape or shape[0] != rows \
+            or fortran or start + member.nbytes != size:
+        raise error(f"{what} {path} holds {shape} of {dtype.str} in {size} bytes, not the "
+                    f"{rows} rows of numbers it was made with: it is truncated or damaged; {fix}")
+    return np.lib.format.open_memmap(path, mode="r+")
 
 
 def _header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:

@@ -23,7 +23,7 @@ import os
 import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -79,19 +79,23 @@ _NAMED = 5  # files a refusal names before "..."
 
 @contextmanager
 def output_folder(out_dir: str | Path, command: str, overwrite: bool, resume: bool = False,
-                  inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+                  inputs: Iterable[str | Path | None] = (),
+                  adopt: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """`out_dir` locked for `command` (`storage.folder_lock`) while the block writes it, with
     a record of what it wrote there (`OUTPUTS_RECORD`: written on entry and again on leaving,
     also when the block raised). A folder holding files is refused, unless ``overwrite`` and
     every file in it is on the record of an earlier command (then exactly those are removed),
-    or ``resume`` when it holds a sampling run to continue (the record is then extended). A
-    folder at or inside a published model, or at, inside or around one of `inputs` (what the
-    command reads), is refused before anything is made."""
+    or ``resume`` when it holds a sampling run to continue (the record is then extended): of
+    the files its record does not list (a kill stopped it before it wrote the record again),
+    a resume takes as the stopped run's only those that ``adopt(entry)`` says it writes, and
+    refuses the folder when it holds any other. A folder at or inside a published model, or
+    at, inside or around one of `inputs` (what the command reads), is refused before anything
+    is made."""
     out_dir = Path(out_dir)
     check_apart(out_dir, [p for p in inputs if p is not None], "the input")
     with folder_lock(out_dir, command):  # refuses a published model's folders too
         kept = _clear_earlier(out_dir, command, overwrite,
-                              resume and (out_dir / SAMPLING_RECORD).is_file())
+                              resume and (out_dir / SAMPLING_RECORD).is_file(), adopt)
         before = _entries(out_dir)
         _write_record(out_dir, command, kept, writing=True)
 
@@ -194,14 +198,23 @@ def _unsafe(out_dir: Path, entry: str) -> str | None:
     return None
 
 
-def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -> set[str]:
-    """What of `out_dir` is ours to keep (`resume`), after refusing a folder that holds files
-    not on its record, or any files without `overwrite`; with it, the recorded ones go."""
+def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool,
+                   adopt: Callable[[str], bool] | None = None) -> set[str]:
+    """What of `out_dir` is ours to keep (`resume`, taking what `adopt` says the stopped run
+    wrote), after refusing a folder that holds files not on its record, or any files without
+    `overwrite`; with it, the recorded ones go."""
     record = _read_record(out_dir)
     present = _entries(out_dir)
     ours = set() if record is None else record["entries"]
-    if resume:  # a run stopped while it wrote (a kill) left its files off the record: its own
-        ours |= present if record is not None and record["writing"] else set()
+    if resume:  # a run stopped while it wrote (a kill) left its files off the record
+        if record is not None and record["writing"] and adopt is not None:
+            ours |= {e for e in present - ours if adopt(e)}
+        stray = sorted(e for e in present - ours if e.rpartition("/")[0] not in present - ours)
+        if stray:
+            raise ConfigError(
+                f"{out_dir} holds files that the `{command}` run there did not write "
+                f"({_names(stray)}), and a resume keeps only its own; move them out of the "
+                "folder, or sample into another `out` folder")
         for tmp in sorted(e for e in ours & present if fnmatch.fnmatchcase(
                 e.rpartition("/")[2], ".*.tmp")):  # a kill during a write left it
             (out_dir / tmp).unlink(missing_ok=True)
