@@ -2,13 +2,17 @@
 
 Sampling streams batches to disk, and draws them one at a time, so memory holds one batch
 whatever ``n`` is; so do ``reconstruct`` and ``refine`` with the images they are given
-(`reconstruction`). Resuming (``resume=True``, the sample command's resume flag): after each batch its rows
-are flushed to the memory-mapped parts of the `.npz` and then ``sampling.json`` (settings,
-environment, ``done``: samples on disk, ``complete``) is rewritten atomically. A killed run
+(`reconstruction`). Resuming (``resume=True``): after each batch its rows are flushed to the
+memory-mapped parts of the `.npz` and then ``sampling.json`` (settings, environment, ``done``:
+samples on disk, ``complete``) is rewritten atomically. A killed run
 resumes at index ``done`` with the same batches, so its images equal those of an
 uninterrupted run; settings, device or weights that differ from the recorded ones are
-refused. Before it trusts ``done``, a resume removes the temporary files a kill left and
-checks that the PNG files it counts are there; from the first one missing, it draws again.
+refused. As each batch is committed, its digest (`batch_digest`: its rows in every part and
+its PNG files) joins ``sampling.json``'s ``batch_sha256``; a resume removes the temporary files
+a kill left, keeps only the batches that still match their digests, and draws again from the
+first that does not (`_verified`), so it never reports a complete run with rows it did not
+write. A record without digests (an older diffusevae) is refused; so is a file in the folder
+that `sample` does not write (`_writes`: what a resume adopts of a killed run's files).
 
 Several processes (``torchrun`` / ``accelerate launch``; `distributed.processes`) share the
 batches round by round: in each round process r draws the r-th of the next `world` batches,
