@@ -179,3 +179,29 @@ def test_the_record_holds_a_digest_per_batch(trained_run, tmp_path):
     digests = json.loads((out / "sampling.json").read_text())["batch_sha256"]
     assert len(digests) == 3 and len(set(digests)) == 3
     assert all(isinstance(d, str) and len(d) == 32 for d in digests)
+
+
+def test_a_digest_may_span_several_batches(trained_run, tmp_path, reference, monkeypatch,
+                                           capsys):
+    """With more batches than MAX_DIGESTS a digest covers whole batches (here two: samples
+    0-3 and 4-5); a damaged row redraws its whole span, and the result is the same."""
+    from diffusevae.tasks import sampling
+
+    monkeypatch.setattr(sampling, "MAX_DIGESTS", 2)
+    out = _stopped(trained_run, tmp_path / "out", monkeypatch, capsys)
+    record = json.loads((out / "sampling.json").read_text())
+    assert record["batch_sha256_rows"] == 4 and len(record["batch_sha256"]) == 1
+    _nan_in_row(out / PARTS / "z.npy", 2)
+    _resumes_to_the_reference(trained_run, out, reference, capsys, "drawing again from sample 0")
+    assert len(json.loads((out / "sampling.json").read_text())["batch_sha256"]) == 2
+
+
+def test_a_kill_within_a_span_redraws_the_span(trained_run, tmp_path, reference, monkeypatch,
+                                               capsys):
+    from diffusevae.tasks import sampling
+
+    monkeypatch.setattr(sampling, "MAX_DIGESTS", 1)  # one span of all 6 samples
+    out = _stopped(trained_run, tmp_path / "out", monkeypatch, capsys)
+    assert json.loads((out / "sampling.json").read_text())["batch_sha256"] == []
+    _resumes_to_the_reference(trained_run, out, reference, capsys,
+                              "drawing again from sample 0, where the last verified")

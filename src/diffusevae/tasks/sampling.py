@@ -8,10 +8,10 @@ samples on disk, ``complete``) is rewritten atomically. A killed run
 resumes at index ``done`` with the same batches, so its images equal those of an
 uninterrupted run; settings, device or weights that differ from the recorded ones are
 refused. As each batch is committed, its digest (`batch_digest`: its rows in every part and
-its PNG files) joins ``sampling.json``'s ``batch_sha256``; a resume removes the temporary files
-a kill left, keeps only the batches that still match their digests, and draws again from the
-first that does not (`_verified`), so it never reports a complete run with rows it did not
-write. A record without digests (an older diffusevae) is refused; so is a file in the folder
+its PNG files; one per span of batches when a run has more than `MAX_DIGESTS` batches) joins
+``sampling.json``'s ``batch_sha256``; a resume removes the temporary files a kill left, keeps
+only the batches that still match their digests, and draws again from the first that does not
+(`_verified`), so it never reports a complete run with rows it did not write. A record without digests (an older diffusevae) is refused; so is a file in the folder
 that `sample` does not write (`_writes`: what a resume adopts of a killed run's files).
 
 Several processes (``torchrun`` / ``accelerate launch``; `distributed.processes`) share the
@@ -58,7 +58,16 @@ from ..model.run_folder import RunFolder, output_folder
 from .writing import GRID_SIZE, STAGES_SIZE, Written, checked_pipeline, processes_of
 from ..filenames import GRID_PNG, SAMPLES_NPZ, SAMPLING_RECORD, STAGES_PNG
 
-DIGESTS = "batch_sha256"  # sampling.json's digest of each batch written (`batch_digest`)
+DIGESTS = "batch_sha256"  # sampling.json's digest of each span of batches written
+DIGEST_ROWS = "batch_sha256_rows"  # and the samples each covers (`digest_span`)
+MAX_DIGESTS = 4096  # digests of one run at most: sampling.json stays small, rewritten per batch
+
+
+def digest_span(sample: SampleConfig) -> int:
+    """The samples one digest covers: a batch, or as many whole batches as keep a run to
+    `MAX_DIGESTS` digests (sampling.json is rewritten after every batch)."""
+    size = sample.batch_size
+    return size * -(-sample.n // (size * MAX_DIGESTS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +117,7 @@ def sample_to_folder(run_dir: str | Path, sample: SampleConfig, out_dir: str | P
         def progress_to(done: int, complete: bool = False) -> None:
             atomic_write_json(out_dir / SAMPLING_RECORD, {
                 **record, "done": done, "complete": complete, DIGESTS: digests,
+                DIGEST_ROWS: digest_span(sample),
                 "seconds": round(time.time() - t0, 2)})
 
         if to_write:
@@ -137,7 +147,7 @@ def _plan(out_dir: Path, settings: dict, sample: SampleConfig,
     if start == n and from_npz:  # the .npz was packed and verifies: nothing to draw
         shutil.rmtree(parts, ignore_errors=True)
         return (None if complete else n), False, digests
-    return start, True, digests[:-(-start // sample.batch_size)]  # the batches before start
+    return start, True, digests[:-(-start // digest_span(sample))]  # those before start
 
 
 def _writes(n: int) -> Callable[[str], bool]:
@@ -161,9 +171,9 @@ def _writes(n: int) -> Callable[[str], bool]:
 
 
 def batch_digest(out_dir: Path, first: int, rows: dict[str, np.ndarray]) -> str | None:
-    """The digest of the batch from sample `first`: SHA-256 (its first 32 hex digits) of
-    each array's rows, by name, and of the batch's PNG files; None when one of those is not
-    a regular file (missing, say)."""
+    """The digest of the samples from `first` whose `rows` are given (a batch, or a span of
+    them): SHA-256 (its first 32 hex digits) of each array's rows, by name, then of their PNG
+    files; None when one of those is not a regular file (missing, say)."""
     digest = hashlib.sha256()
     for name in sorted(rows):
         digest.update(name.encode() + b"\0" + np.ascontiguousarray(rows[name]).tobytes())
@@ -178,12 +188,22 @@ def batch_digest(out_dir: Path, first: int, rows: dict[str, np.ndarray]) -> str 
     return digest.hexdigest()[:32]
 
 
+def _digest_done(out_dir: Path, parts: dict[str, np.ndarray], digests: list[str], done: int,
+                 span: int, n: int) -> None:
+    """Append to `digests` the digest of every span of `span` samples that the first `done`
+    complete (the last, shorter one once all `n` are done)."""
+    while len(digests) * span < done and ((len(digests) + 1) * span <= done or done == n):
+        first = len(digests) * span
+        rows = slice(first, min(first + span, n))
+        digests.append(batch_digest(out_dir, first, {k: p[rows] for k, p in parts.items()}))
+
+
 def _verified(out_dir: Path, sample: SampleConfig, upto: int, digests: list[str]) -> int:
-    """The start of the first batch before sample `upto` whose rows or PNG files do not
-    match the digest recorded when it was written (`upto` when all do; 0 when the kept
-    arrays cannot be read back). The arrays are the parts a kill left or, once packed, the
+    """The start of the first span of batches (`digest_span`) before sample `upto` whose rows
+    or PNG files do not match the digest recorded when it was written, or that has none yet
+    (`upto` when all do; 0 when the kept arrays cannot be read back). The arrays are the parts a kill left or, once packed, the
     `.npz`, unpacked into parts again so that a resume can fill in what does not verify."""
-    npz_path, n, size = out_dir / SAMPLES_NPZ, sample.n, sample.batch_size
+    npz_path, n, size = out_dir / SAMPLES_NPZ, sample.n, digest_span(sample)
     parts = NpzStreamWriter.parts_folder(npz_path)
     try:
         if not parts.is_dir() and npz_path.is_file():
@@ -195,7 +215,11 @@ def _verified(out_dir: Path, sample: SampleConfig, upto: int, digests: list[str]
         return 0
     for k, first in enumerate(range(0, upto, size)):
         rows = {name: a[first:min(first + size, n)] for name, a in arrays.items()}
-        if k >= len(digests) or batch_digest(out_dir, first, rows) != digests[k]:
+        if k >= len(digests):  # a kill within a span of several batches
+            tqdm.write(f"drawing again from sample {first}, where the last verified samples "
+                       f"in {out_dir} end")
+            return first
+        if batch_digest(out_dir, first, rows) != digests[k]:
             tqdm.write(f"samples {first} to {min(first + size, n) - 1} in {out_dir} are not "
                        f"those {SAMPLING_RECORD} recorded as written (changed, truncated or "
                        f"missing); drawing again from sample {first}")
@@ -239,10 +263,8 @@ def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs:
                 for first, arrays in filter(None, made):
                     npz.write(first, **arrays)
                 npz.flush()  # the rows are on disk before the record that counts them
-                for first, arrays in filter(None, made):
-                    rows = slice(first, first + len(arrays["images"]))
-                    digests.append(batch_digest(out_dir, first, {
-                        name: part[rows] for name, part in npz.arrays.items()}))
+                _digest_done(out_dir, npz.arrays, digests, batches[-1].stop,
+                             digest_span(sample), sample.n)
                 progress_to(batches[-1].stop)
                 bar.update(batches[-1].stop - batches[0].start)
     finally:
