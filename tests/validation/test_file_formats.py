@@ -356,3 +356,19 @@ def test_a_config_json_that_is_a_list_is_one_line(tmp_path, capsys):
                     tmp_path / "c.json", "--dry-run")
     assert "config file" in err and "holds a list, not an object" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_compressed_member_claiming_more_than_it_can_hold_is_refused_unread(tmp_path):
+    """A deflated member whose directory and header agree on 10^9 rows, from a few bytes."""
+    path = npz(tmp_path / "l.npz", True, **_latents())
+    data = bytearray(path.read_bytes())
+    # the uncompressed size, in the member's local header and in the central directory
+    for signature, name_at, size_at in ((b"PK\x03\x04", 30, 22), (b"PK\x01\x02", 46, 24)):
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            if data[start + name_at:].startswith(b"y_T.npy"):
+                data[start + size_at:start + size_at + 4] = (10**9).to_bytes(4, "little")
+            start += 4
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="claims 1000000000 bytes from .* stored, more than"):
+        Inversion.load(path)

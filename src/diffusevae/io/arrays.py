@@ -6,14 +6,15 @@ its declared shape, dtype and order. It refuses, naming the file:
 - an object dtype (a pickle) or any dtype but numbers and text;
 - a rank above `limits.MAX_ARRAY_RANK`, more members than `limits.MAX_NPZ_MEMBERS`;
 - a declared size that the member cannot hold: an uncompressed member's data must be exactly
-  ``prod(shape) * itemsize`` bytes, a compressed one's decompressed size must be, and neither
-  may lie past the end of the file (a header that declares 10^12 rows is refused here, not by
-  the allocator);
+  ``prod(shape) * itemsize`` bytes, a compressed one's decompressed size must be and be no more
+  than DEFLATE can give from the bytes stored, and neither may lie past the end of the file (a
+  header that declares 10^12 rows is refused here, not by the allocator);
 - a file that is not a zip, or whose directory is damaged or truncated.
 
 `read_npz` then reads the arrays a reader asks for (`Want`: dtype kinds, rank, required, rows),
 whole, with ``allow_pickle=False`` and the zip's CRC checked (a flipped byte is a one-line
-refusal), refusing arrays above `limits.MAX_ARRAY_BYTES`, and checks their content: finite
+refusal), refusing arrays above `limits.MAX_ARRAY_BYTES` (text: 4 x `limits.MAX_TEXT_BYTES`),
+and checks their content: finite
 numbers, and at least one row where rows are required. `NpzReader.rows` streams rows of one
 array (the samples of `evaluate`), checking the CRC whenever the whole array was read in order;
 `NpzReader.extract` copies the arrays out, and `open_part` maps a `.npy` part of a sampling run
@@ -34,7 +35,7 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from ..errors import DiffuseVAEError
-from ..limits import MAX_ARRAY_BYTES, MAX_ARRAY_RANK, MAX_NPZ_MEMBERS
+from ..limits import MAX_ARRAY_BYTES, MAX_ARRAY_RANK, MAX_NPZ_MEMBERS, MAX_TEXT_BYTES
 from .reading import check_regular_file
 
 _READABLE_KINDS = "biufcU"  # bool, integers, floats, complex, text: never objects or records
@@ -42,6 +43,8 @@ _KIND_NAMES = {"b": "booleans", "i": "integers", "u": "unsigned integers", "f": 
                "c": "complex numbers", "U": "text"}
 _DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError)
 _LOCAL_HEADER = 30  # bytes of a zip member's local header before its name and extra field
+_METHODS = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}  # numpy's: the most a byte
+# of stored data can give (DEFLATE expands at most about 1032-fold)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,14 @@ class NpzReader:
         if info.header_offset + _LOCAL_HEADER + info.compress_size > size:
             raise self.refuse(f"is truncated: its array {info.filename} ends past the end of "
                               f"the file ({size} bytes)")
+        ratio = _METHODS.get(info.compress_type)
+        if ratio is None:
+            raise self.refuse(f"holds {info.filename} compressed in a way numpy never writes "
+                              f"(zip method {info.compress_type})")
+        if info.file_size > ratio * info.compress_size + 1024:
+            raise self.refuse(f"holds {info.filename}, which claims {info.file_size} bytes from "
+                              f"{info.compress_size} stored, more than they can give: it is "
+                              "corrupt")
         with zf.open(info) as fh:
             shape, fortran, dtype = _header(fh)
             member = Member(info.filename[:-4], shape, dtype, fortran)
@@ -148,9 +159,10 @@ class NpzReader:
         self.check(members, want)
         chosen = [members[k] for k in want if k in members]
         for m in chosen:
-            if m.nbytes > MAX_ARRAY_BYTES:
-                raise self.refuse(f"holds {m.name} of {m.nbytes} bytes, more than the "
-                                  f"{MAX_ARRAY_BYTES} an array read whole may hold")
+            limit = MAX_TEXT_BYTES * 4 if m.dtype.kind == "U" else MAX_ARRAY_BYTES  # UTF-32
+            if m.nbytes > limit:
+                raise self.refuse(f"holds {m.name} of {m.nbytes} bytes, more than the {limit} "
+                                  "an array read whole may hold")
         arrays = {}
         try:
             with zipfile.ZipFile(self.path) as zf:
