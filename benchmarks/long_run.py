@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from diffusevae.config import DataConfig, SampleConfig
-from diffusevae.io.checkpoint import read_json
+from diffusevae.io.reading import read_json
 from diffusevae.io.images import make_grid, save_png
 from diffusevae.model.prior_files import load_run_prior
 from diffusevae.scoring.evaluation import evaluate

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusevae
-from diffusevae.io.checkpoint import read_json
+from diffusevae.io.reading import read_json
 from diffusevae.config import SampleConfig, config_from_json
 from diffusevae.io.data import build_dataset
 from diffusevae.io.images import save_grid, side_by_side

@@ -32,7 +32,7 @@ from diffusevae.io.data import build_dataset
 from diffusevae.io.images import save_png, to_uint8
 from diffusevae.tasks.control import compute_directions
 from diffusevae.tasks.prior_fitting import fit_prior
-from diffusevae.io.checkpoint import read_json
+from diffusevae.io.reading import read_json
 from diffusevae.filenames import PRIOR_JSON
 from diffusevae.model.run_folder import RunFolder
 from diffusevae.model.sampling_defaults import SamplingDefaults, write_sampling_defaults

@@ -96,3 +96,16 @@ def trained_run(tmp_path_factory):
     train_vae(cfg, run, progress=False)
     train_refiner(cfg, run, progress=False)
     return run
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    """A digits classifier of a few steps: evaluate needs features, not good ones."""
+    from diffusevae.config import DataConfig
+    from diffusevae.scoring.classifier import ClassifierConfig, train_classifier
+
+    folder = tmp_path_factory.mktemp("classifier")
+    train_classifier(DataConfig("digits", image_size=16, channels=1), folder, steps=2,
+                     batch_size=16, cfg=ClassifierConfig(image_size=16, channels=1, width=4),
+                     progress=False)
+    return folder

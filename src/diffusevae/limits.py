@@ -1,5 +1,5 @@
 """Bounds on what a user can hand a command, each stated once: counts, sizes, floats, seeds, and
-the size and nesting of the JSON and YAML files a command reads.
+the size and nesting of the JSON and YAML files a command reads, and the arrays of its .npz files.
 
 Every bound is far beyond any real use, and small enough that no index, size or allocation
 derived from it overflows. The config classes check them (config.py), the command line's types
@@ -63,3 +63,8 @@ def check_seed(seed: Any, what: str = "seed") -> int:
 MAX_TEXT_BYTES = 16 * 2**20  # a JSON or YAML file a command reads (configs, records, manifests)
 MAX_NESTING = 64  # levels of lists and mappings in one
 MAX_YAML_VALUES = 100_000  # values of a YAML document, counted with its aliases expanded
+
+# Arrays a command reads (the reader: diffusevae.io.arrays)
+MAX_ARRAY_BYTES = 16 * 2**30  # one array of an .npz that a command loads whole (latents, stats)
+MAX_ARRAY_RANK = 8  # dimensions of one (images: 4)
+MAX_NPZ_MEMBERS = 64  # arrays in one .npz (diffusevae writes at most 5)

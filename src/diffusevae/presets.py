@@ -10,8 +10,8 @@ from pathlib import Path
 from .config import (Config, DataConfig, DiffusionConfig, SampleConfig, TrainConfig, UNetConfig,
                      VAEConfig, merge)
 from .errors import ConfigError, quote
-from .io.storage import check_regular_file
-from .io.text import parse_json, parse_yaml, too_big
+from .io.reading import check_json, read_json, read_text
+from .io.text import parse_yaml
 
 
 def _preset(name: str, size: int, ch: int, dataset: str, vae: dict, unet: dict,
@@ -107,22 +107,17 @@ def get_preset(name: str) -> Config:
 def load_file(path: str | Path) -> dict:
     """Read a YAML or JSON config file into a dict, with a clear error on failure."""
     path = Path(path)
-    check_regular_file(path, "config file", ConfigError)  # a named pipe would block the read
+    fix = "it must hold a mapping of sections (vae, unet, train_vae, ...)"
+    if path.suffix.lower() == ".json":
+        return read_json(path, "config file", dict, ConfigError, fix)
+    data = read_text(path, "config file", ConfigError)  # a named pipe: refused before a read
     try:
-        too_big(path.stat().st_size, f"config file {path}", ConfigError)
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read config file {path} ({exc}); pass a readable YAML or "
                           "JSON text file") from None
-    if path.suffix.lower() == ".json":
-        data = parse_json(text, f"config file {path}")
-    else:
-        data = parse_yaml(text, f"config file {path}")
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
-    return data
+    data = parse_yaml(text, f"config file {path}")
+    return {} if data is None else check_json(data, f"config file {path}", dict, ConfigError, fix)
 
 
 def apply_sets(cfg: Config, assignments: list[str] | tuple[str, ...]) -> Config:

@@ -98,8 +98,8 @@ def test_export_and_save_pretrained_carry_the_record(recorded_run, tmp_path):
 
 
 @pytest.mark.parametrize("content, says", [
-    ("[1, 2]", "must be an object"),
-    ('{"sample": [1]}', "must be an object"),
+    ("[1, 2]", "holds a list, not an object"),
+    ('{"sample": [1]}', "`sample` is a list, where an object belongs"),
     ('{"sample": {}, "weights": "ema"}', "unknown key(s) weights"),
     ('{"sample": {"n": 5}}', "n: not a setting"),
     ('{"sample": {"seed": 5}}', "seed: not a setting"),

@@ -197,7 +197,7 @@ def _other_preset_vae(run: Path) -> None:
     (lambda r: _edit_json(r / "refiner" / "config.json", lambda m: m["config"].pop("dropout")),
      "refiner/config.json:config lacks the key(s) dropout"),
     (lambda r: _edit_json(r / "refiner" / "config.json", lambda m: m.pop("diffusion")),
-     "refiner/config.json lacks the keys kind, config, diffusion"),
+     "refiner/config.json lacks `diffusion`; the file is corrupt"),
     (lambda r: _edit_json(r / "refiner" / "config.json",
                           lambda m: m["diffusion"].update(form="form9")),
      "diffusion.form must be one of"),

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from diffusevae import rng
 from diffusevae.filenames import TRAINER_STATE_NAME
-from diffusevae.io.checkpoint import load_tensors, load_trainer_state, read_json, read_model_config
+from diffusevae.io.checkpoint import load_tensors, load_trainer_state, read_model_config
+from diffusevae.io.reading import read_json
 from diffusevae.cli import _os_error_message
 from diffusevae.config import SampleConfig, VAEConfig
 from diffusevae.errors import CheckpointError, ConfigError, quote

@@ -15,7 +15,6 @@ from PIL import Image
 from conftest import bomb_png, png_bytes, run_cli as run
 from diffusevae.io.checkpoint import atomic_save_tensors
 from diffusevae.io.storage import atomic_write_json
-from diffusevae.scoring.classifier import ClassifierConfig, train_classifier
 from diffusevae.config import DataConfig, SampleConfig
 from diffusevae.io.data import (USER_IMAGES, ImageFolder, ImageLimits, build_dataset, load_image,
                                 open_image_folder, read_image)
@@ -52,16 +51,6 @@ def _digit_pngs(folder: Path, n: int = 4) -> Path:
     for i in range(n):
         x = ((ds[i][0][0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         Image.fromarray(x).save(folder / f"{i:06d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory):
-    """A digits classifier of a few steps: evaluate needs features, not good ones."""
-    folder = tmp_path_factory.mktemp("classifier")
-    train_classifier(DataConfig("digits", image_size=16, channels=1), folder, steps=2,
-                     batch_size=16, cfg=ClassifierConfig(image_size=16, channels=1, width=4),
-                     progress=False)
     return folder
 
 
@@ -131,7 +120,7 @@ def test_a_missing_or_unreadable_reference_is_called_the_reference(classifier_di
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 no zip")
     features = ["--extractor", "classifier", "--classifier", classifier_dir, "--quiet"]
     for ref, says in ((tmp_path / "missing", "does not exist"), (junk, "not an image"),
-                      (tmp_path / "bad.npz", "cannot be read as an .npz")):
+                      (tmp_path / "bad.npz", "is not a readable .npz file")):
         assert run("evaluate", "--samples", good, "--ref", ref, *features,
                    "--out", tmp_path / "out") == 2
         err = _error_line(capsys)
@@ -324,10 +313,10 @@ def test_non_finite_latents_and_statistics_are_refused_when_loaded(tmp_path):
     y_T = torch.zeros(2, 1, 16, 16)
     y_T[1, 0, 3, 3] = float("nan")
     Inversion(y_T, torch.zeros(2, 4)).save(tmp_path / "latents.npz", SampleConfig())
-    with pytest.raises(ConfigError, match="latents.npz holds non-finite latents"):
+    with pytest.raises(ConfigError, match="latents.npz holds non-finite numbers"):
         Inversion.load(tmp_path / "latents.npz")
     sigma = np.eye(3)
     sigma[0, 1] = np.inf
     save_stats(tmp_path / "stats.npz", Stats(np.zeros(3), sigma, 10, None, {}))
-    with pytest.raises(MetricError, match="stats.npz holds non-finite statistics"):
+    with pytest.raises(MetricError, match="stats.npz holds non-finite numbers"):
         load_stats(tmp_path / "stats.npz")

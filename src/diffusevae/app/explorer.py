@@ -35,7 +35,8 @@ from torch import Tensor
 from ..config import SampleConfig, with_settings
 from ..core.prior import PRIORS
 from ..errors import ConfigError, DataError
-from ..io.checkpoint import atomic_save_tensors, load_tensors, read_json
+from ..io.checkpoint import atomic_save_tensors, load_tensors
+from ..io.reading import read_json
 from ..io.data import ImageLimits, build_dataset, read_image
 from ..io.images import make_grid, save_gif, to_uint8
 from ..io.storage import atomic_write_json, sha256_file
@@ -183,7 +184,8 @@ def latent_directions(run_dir: str | Path, out_dir: str | Path, pipe: DiffuseVAE
     cache, record = Path(out_dir) / CACHE_FILE, Path(out_dir) / CACHE_RECORD
     key = {"vae_sha256": sha256_file(run.weights_file("vae")), "max_images": max_images,
            "seed": seed, "principal": PRINCIPAL}
-    if cache.is_file() and record.is_file() and read_json(record) == key:
+    if cache.is_file() and record.is_file() and \
+            read_json(record, "the direction cache record", None) == key:
         stored = load_tensors(cache)
     else:
         stored = _encode_directions(run, pipe, max_images, seed)

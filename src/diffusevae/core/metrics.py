@@ -28,8 +28,9 @@ import numpy as np
 import scipy.linalg
 
 from ..errors import MetricError
+from ..io.arrays import Want, read_npz
+from ..io.reading import parse_checked
 from ..io.storage import atomic_write
-from ..io.text import parse_json
 
 DEFAULT_CACHE_DIR = Path("~/.cache/diffusevae/stats")
 MAX_KEPT = 10_000  # features kept (a uniform reservoir) for KID
@@ -392,31 +393,20 @@ def save_stats(path: str | Path, stats: Stats) -> None:
     atomic_write(Path(path), write)
 
 
+# The arrays of a statistics file (`io.arrays.read_npz` checks them as it reads)
+STATS_ARRAYS = {"mu": Want("f", 1, rows=True), "sigma": Want("f", 2),
+                "n": Want("iu", 0, required=False), "features": Want("f", 2, required=False),
+                "meta": Want("U", 0, required=False)}
+
+
 def load_stats(path: str | Path) -> Stats:
     """Read statistics written by `save_stats` (or any `.npz` with ``mu`` and ``sigma``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetricError(f"statistics file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise MetricError(f"{path} holds no statistics: expected arrays 'mu' and "
-                                  f"'sigma', found {', '.join(data.files)}")
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            n = int(data["n"]) if "n" in data else 0
-            features = data["features"] if "features" in data else None
-            meta = parse_json(str(data["meta"]), f"{path}:meta", MetricError) \
-                if "meta" in data else {}
-            if not isinstance(meta, dict):
-                raise MetricError(f"{path}:meta is not a JSON object; compute the statistics "
-                                  "again")
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, MetricError):
-            raise
-        raise MetricError(f"cannot read statistics {path}: {exc}") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise MetricError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise MetricError(f"{path} holds non-finite statistics (nan or inf in mu or sigma), "
-                          "which give no score; compute them again")
-    return Stats(mu, sigma, n, features, meta)
+    fix = "compute the statistics again"
+    data = read_npz(path, STATS_ARRAYS, "statistics file", MetricError, fix)
+    mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    meta = parse_checked(str(data["meta"]), f"{path}:meta", dict, MetricError, fix) \
+        if "meta" in data else {}
+    if sigma.shape != (len(mu), len(mu)):
+        raise MetricError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together; "
+                          f"{fix}")
+    return Stats(mu, sigma, int(data.get("n", 0)), data.get("features"), meta)

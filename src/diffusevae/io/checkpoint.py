@@ -11,7 +11,7 @@ The weights and config are written as one commit, the trainer state as another (
 process killed at any moment leaves a folder that loads. A model folder without its manifest
 is refused, and so is a file whose hash differs, naming the file. Every tensor file read here
 must hold finite numbers (a file of nan or inf weights would only draw black images), and every
-JSON file is read with limits.parse_json's limits on size and nesting.
+JSON file is read by io/reading.py, with limits on size and nesting and its shape checked.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ from safetensors.torch import save_file
 
 from ..config import DiffusionConfig, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, quote
-from ..limits import MAX_TEXT_BYTES
 from .storage import atomic_write, read_checked, save_files
-from .text import parse_json
+from .reading import Expect, parse_checked
 from ..filenames import CONFIG_NAME, EMA_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME
 
 CHECKED_FILES = (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, TRAINER_STATE_NAME)  # in the manifest
@@ -64,30 +63,10 @@ def atomic_torch_save(path: str | Path, obj: dict) -> None:
 # Reading
 # --------------------------------------------------------------------------------------------
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file of a run or model folder (size and nesting bounded: limits.parse_json)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_TEXT_BYTES + 1)  # never more than the limit, however big
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return _parse(data, path)
-
-
-def read_checked_json(path: str | Path) -> Any:
-    """A model folder's JSON file, checked against its manifest, then parsed with limits."""
-    return _parse(read_checked(Path(path), require_manifest=True), Path(path))
-
-
-def _parse(data: bytes, path: Path) -> Any:
-    try:
-        return parse_json(data, str(path), error=CheckpointError)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; the file is corrupt or was not written by diffusevae: "
-                              "restore it or write it again") from None
+def read_checked_json(path: str | Path, expect: Expect = dict) -> Any:
+    """A model folder's JSON file, checked against its manifest, then parsed with limits and
+    checked against `expect` (`reading.check_json`: an object by default)."""
+    return parse_checked(read_checked(Path(path), require_manifest=True), str(path), expect)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -195,12 +174,8 @@ def read_model_config(folder: str | Path, kind: str, config_cls: type) -> tuple[
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
-    meta = read_checked_json(path)
     sections = _SECTIONS.get(kind, {})
-    if not isinstance(meta, dict) or not {"kind", "config", *sections} <= set(meta):
-        keys = ", ".join(["kind", "config", *sections])
-        raise CheckpointError(f"{path} lacks the keys {keys}; it is incomplete or was not "
-                              "written by diffusevae")
+    meta = read_checked_json(path, {"kind": str, "config": dict, **dict.fromkeys(sections, dict)})
     if meta["kind"] != kind:
         raise CheckpointError(f"{folder} holds a {quote(meta['kind'])} model, not a {kind!r} "
                               "model")

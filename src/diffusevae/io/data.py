@@ -40,7 +40,7 @@ from ..config import DataConfig
 from ..errors import DataError, UnreadableImageError
 from ..names import DATASETS
 from ..rng import BatchShard
-from .storage import check_regular_file
+from .reading import check_regular_file
 
 SPLITS = ("train", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist

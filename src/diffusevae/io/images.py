@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..errors import CheckpointError, DiskFullError
+from .arrays import open_part
 from .storage import DISK_FULL_ERRNOS, atomic_write, disk_full
 
 
@@ -118,21 +119,22 @@ class NpzStreamWriter:
         self.parts = self.parts_folder(self.path)
         self.arrays: dict[str, np.memmap] = {}
         if resume:
-            try:
-                for part in sorted(self.parts.glob("*.npy")):
-                    self.arrays[part.stem] = np.lib.format.open_memmap(part, mode="r+")
-                    if self.arrays[part.stem].shape[0] != n:
-                        raise ValueError(f"{part.name} holds {len(self.arrays[part.stem])} rows")
-                if "images" not in self.arrays:
-                    raise ValueError("images.npy is missing")
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(
-                    f"cannot resume {self.path}: the partial arrays in {self.parts} are missing "
-                    f"or damaged ({exc}); start over with `overwrite` instead of `resume`"
-                ) from None
+            self.arrays = self.open_parts(self.path, n)
         else:
             shutil.rmtree(self.parts, ignore_errors=True)  # parts of an abandoned run
             self.parts.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def open_parts(cls, path: str | Path, n: int) -> dict[str, np.memmap]:
+        """The parts a killed writer of `path` left, each checked (`arrays.open_part`) and
+        mapped for writing; a CheckpointError when one is damaged or images.npy is missing."""
+        fix = "start over with `overwrite` instead of `resume`"
+        parts = cls.parts_folder(path)
+        if not (parts / "images.npy").is_file():
+            raise CheckpointError(f"cannot resume {path}: {parts / 'images.npy'} is missing; "
+                                  f"{fix}")
+        return {part.stem: open_part(part, n, "the partial array", CheckpointError, fix)
+                for part in sorted(parts.glob("*.npy"))}
 
     @staticmethod
     def parts_folder(path: str | Path) -> Path:

@@ -28,9 +28,7 @@ killed process, so a stale lock file is simply taken over. The lock file is crea
 followed. No folder at or under a published model (`published_ancestor`: a folder holding a
 MODEL.md) is ever locked, so no command writes there.
 
-What a command reads is a regular file (`check_regular_file`): a named pipe, device or socket
-given as an image, latents or config file is refused by name before it is opened, so nothing
-blocks on it.
+What a command reads is checked by its one reader (io/reading.py, io/arrays.py).
 
 Test hook (nothing else reads it): ``DIFFUSEVAE_TEST_SLOW_WRITE=seconds`` sleeps that long
 between the steps of every commit, so that a test can kill a process in the middle of one.
@@ -56,8 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import CheckpointError, DiskFullError, FolderInUseError, RunFolderError
-from ..limits import MAX_TEXT_BYTES
-from .text import parse_json
+from .reading import kind, parse_checked, read_text
 from ..filenames import LOCK_NAME, MANIFEST_NAME, MODEL_CARD, OUTPUTS_ROOT
 
 MANIFEST_FORMAT = 1
@@ -66,35 +63,6 @@ DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQ
 # How writers that are not Python's own (torch.save, safetensors) name a full disk.
 _DISK_FULL_TEXT = re.compile(r"no space left|os error (28|122)\b|disk quota|storagefull", re.I)
 LOW_SPACE = 1 << 20  # bytes: a write that failed with less than this free met a full disk
-
-
-# --------------------------------------------------------------------------------------------
-# What a command reads: regular files
-# --------------------------------------------------------------------------------------------
-
-_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"),
-          (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def _kind(mode: int) -> str:
-    """What a file of `mode` is, in words ("a named pipe (FIFO)", ...)."""
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def check_regular_file(path: str | Path, what: str, error: type[Exception]) -> None:
-    """Refuse (`error`, one line naming `what` and `path`) a path that is missing or is not a
-    regular file (a link to one is fine): a named pipe or a device would block or never end
-    the read, so it is told apart by `os.stat` before anything opens it."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise error(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(mode):
-        raise error(f"{what} {path} is {_kind(mode)}, not a regular file: diffusevae reads only "
-                    "regular files; give the path of the file itself")
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,11 +232,10 @@ def read_manifest(folder: str | Path) -> dict | None:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         return None
-    try:
-        with open(path, "rb") as fh:
-            text = fh.read(MAX_TEXT_BYTES + 1)  # a manifest lists a few files: never more
-        manifest = parse_json(text, "its text", error=ValueError)  # size and nesting bounded
-    except (OSError, ValueError) as exc:
+    try:  # a manifest lists a few files: never more than the limit of a text file is read
+        manifest = parse_checked(read_text(path, "the manifest", ValueError), "its text", None,
+                                 ValueError, fix="")
+    except ValueError as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); the file is corrupt, so the "
                               "folder's files cannot be checked. Restore the folder from a "
                               "backup, or save (or train) the model again") from None
@@ -498,7 +465,7 @@ def _open_lock(path: Path) -> int | None:
             raise
         mode = stat.S_IFLNK
     raise FolderInUseError(
-        f"{path} is {_kind(mode)}, not the lock file diffusevae makes there, so the folder "
+        f"{path} is {kind(mode)}, not the lock file diffusevae makes there, so the folder "
         f"cannot be locked and nothing was written; remove {path.name} (it is not ours) or "
         "write to another folder")
 
@@ -506,7 +473,8 @@ def _open_lock(path: Path) -> int | None:
 def _holder(fd: int) -> str:
     """Who holds a lock, from what its holder wrote into the lock file."""
     try:
-        record = parse_json(os.pread(fd, 4096, 0), "the lock record", error=ValueError)
+        record = parse_checked(os.pread(fd, 4096, 0), "the lock record", {
+            "command": str, "pid": int, "host": str, "since": str}, ValueError, fix="")
         return (f"`{str(record['command'])[:40]}`, pid {int(record['pid'])} on "
                 f"{str(record['host'])[:64]}, since {str(record['since'])[:32]}")
     except (OSError, ValueError, KeyError, TypeError):

@@ -39,8 +39,9 @@ from ..core.samplers import ddim_invert, get_sampler, sampler_options
 from ..core.unet import CHANNELS_LAST_DEVICES, UNet
 from ..core.vae import VAE
 from ..errors import CheckpointError, ConfigError
-from ..io.storage import atomic_write, check_regular_file
-from ..io.text import parse_json
+from ..io.arrays import Want, read_npz
+from ..io.reading import parse_checked
+from ..io.storage import atomic_write
 from ..rng import randn_like_per_sample, sample_generators
 from .prior_files import load_run_prior, save_mixture
 from .run_folder import RunFolder, save_refiner
@@ -73,6 +74,10 @@ class Inversion:
 
     DECODE_FIELDS: ClassVar[tuple[str, ...]] = ("steps", "spacing", "guidance", "clip")
     """The `SampleConfig` fields that must equal the inversion's for decoding to return x."""
+    ARRAYS: ClassVar[dict[str, Want]] = {"y_T": Want("f", 4, rows=True),
+                                         "z": Want("f", 2, required=False),
+                                         "meta": Want("U", 0)}
+    """The arrays of a latents file (`io.arrays.read_npz` checks them as it reads)."""
 
     def save(self, path: str | Path, sample: SampleConfig, **info) -> None:
         """Write z and y_T to an `.npz` (arrays only), with the settings that decode them
@@ -92,29 +97,16 @@ class Inversion:
     def load(cls, path: str | Path) -> tuple["Inversion", dict]:
         """The latents of `save` (without x_hat), and its settings: ``meta["decode"]`` are the
         `SampleConfig` fields to decode them with."""
-        # a named pipe would block the read: refused before it
-        check_regular_file(path, "the latents file (of `save_latents`)", ConfigError)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-            meta = parse_json(str(arrays.pop("meta")), f"{path}:meta", ValueError)
-            y_T = torch.from_numpy(arrays.pop("y_T"))
-            z = torch.from_numpy(arrays.pop("z")) if "z" in arrays else None
-            ok = isinstance(meta, dict) and isinstance(meta.get("decode"), dict) and \
-                set(meta["decode"]) == set(cls.DECODE_FIELDS) and y_T.ndim == 4 and (
-                z is None or (z.ndim == 2 and len(z) == len(y_T)))
-            finite = bool(torch.isfinite(y_T).all()) and (z is None or bool(
-                torch.isfinite(z).all()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{path} cannot be read as saved latents ({exc}); write it with "
-                              "`invert` and `save_latents`") from None
-        if not ok:
+        fix = "write it again with `invert` and `save_latents`"
+        arrays = read_npz(path, cls.ARRAYS, "the latents file (of `save_latents`)", ConfigError,
+                          fix)
+        meta = parse_checked(str(arrays["meta"]), f"{path}:meta", {"decode": dict},
+                             ConfigError, fix)
+        y_T, z = torch.from_numpy(arrays["y_T"]), arrays.get("z")
+        if set(meta["decode"]) != set(cls.DECODE_FIELDS) or (z is not None and len(z) != len(y_T)):
             raise ConfigError(f"{path} does not hold the latents of `save_latents` (z, y_T and "
-                              "their settings); write it again with `invert` and `save_latents`")
-        if not finite:
-            raise ConfigError(f"{path} holds non-finite latents (nan or inf); write it again "
-                              "with `invert` and `save_latents`")
-        return cls(y_T, z), meta
+                              f"their settings, one z a y_T); {fix}")
+        return cls(y_T, None if z is None else torch.from_numpy(z)), meta
 
 
 def check_decodes_inversion(sample: SampleConfig) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..core.prior import GaussianMixture, checked_mixture
 from ..errors import CheckpointError
-from ..io.checkpoint import atomic_save_tensors, load_tensors, read_json
+from ..io.checkpoint import atomic_save_tensors, load_tensors
+from ..io.reading import read_json
 from ..io.storage import atomic_write_json, sha256_file
 from ..filenames import GMM_FILE, PRIOR_JSON
 from .run_folder import RunFolder
@@ -28,8 +29,9 @@ def save_mixture(folder: str | Path, mixture: GaussianMixture, info: dict) -> No
 def load_mixture(folder: str | Path) -> tuple[GaussianMixture, dict]:
     """The mixture of a prior folder and its ``prior.json``, or a CheckpointError naming it."""
     folder = Path(folder)
-    meta = read_json(folder / PRIOR_JSON)
-    if meta.get("kind") != "gmm":
+    meta = read_json(folder / PRIOR_JSON, "the prior record", {"kind": str},
+                     fix="refit the prior with `diffusevae fit-prior`")
+    if meta["kind"] != "gmm":
         raise CheckpointError(f"{folder / PRIOR_JSON} is not a Gaussian-mixture prior")
     arrays = load_tensors(folder / GMM_FILE)
     try:

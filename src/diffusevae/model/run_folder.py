@@ -25,7 +25,7 @@ import os
 import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -40,10 +40,8 @@ from ..filenames import (ATTRIBUTES_DIR, CLASSIFIER_DIR, CONFIG_NAME, EMA_NAME, 
                          PRIOR_DIR, PRIOR_JSON, SAMPLING_DEFAULTS,
                          SAMPLING_RECORD, TRAIN_CONFIG_NAME, WEIGHTS_NAME)
 from ..io import checkpoint as ckpt
-from ..io.storage import (atomic_write_json, check_regular_file, folder_lock, published_ancestor,
-                          read_manifest, sha256_file)
-from ..io.text import parse_json
-from ..limits import MAX_TEXT_BYTES
+from ..io.reading import read_json
+from ..io.storage import atomic_write_json, folder_lock, published_ancestor, read_manifest, sha256_file
 from ..official.importer import imported_data
 from .network_loading import arch_record, load_network
 
@@ -84,19 +82,23 @@ _NAMED = 5  # files a refusal names before "..."
 
 @contextmanager
 def output_folder(out_dir: str | Path, command: str, overwrite: bool, resume: bool = False,
-                  inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+                  inputs: Iterable[str | Path | None] = (),
+                  adopt: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """`out_dir` locked for `command` (`storage.folder_lock`) while the block writes it, with
     a record of what it wrote there (`OUTPUTS_RECORD`: written on entry and again on leaving,
     also when the block raised). A folder holding files is refused, unless ``overwrite`` and
     every file in it is on the record of an earlier command (then exactly those are removed),
-    or ``resume`` when it holds a sampling run to continue (the record is then extended). A
-    folder at or inside a published model, or at, inside or around one of `inputs` (what the
-    command reads), is refused before anything is made."""
+    or ``resume`` when it holds a sampling run to continue (the record is then extended): of
+    the files its record does not list (a kill stopped it before it wrote the record again),
+    a resume takes as the stopped run's only those that ``adopt(entry)`` says it writes, and
+    refuses the folder when it holds any other. A folder at or inside a published model, or
+    at, inside or around one of `inputs` (what the command reads), is refused before anything
+    is made."""
     out_dir = Path(out_dir)
     check_apart(out_dir, [p for p in inputs if p is not None], "the input")
     with folder_lock(out_dir, command):  # refuses a published model's folders too
         kept = _clear_earlier(out_dir, command, overwrite,
-                              resume and (out_dir / SAMPLING_RECORD).is_file())
+                              resume and (out_dir / SAMPLING_RECORD).is_file(), adopt)
         before = _entries(out_dir)
         _write_record(out_dir, command, kept, writing=True)
 
@@ -164,18 +166,15 @@ def _read_record(out_dir: Path) -> dict | None:
                            "this one yourself")
 
     try:
-        check_regular_file(path, "the record", ValueError)
         if path.is_symlink():
             raise ValueError("it is a symbolic link")
-        with open(path, "rb") as fh:
-            record = parse_json(fh.read(MAX_TEXT_BYTES + 1), "its text", ValueError)
-    except (OSError, ValueError) as exc:
+        record = read_json(path, "the record", {"command": str, "writing": bool, "entries": dict},
+                           ValueError, fix="")
+    except ValueError as exc:
         raise hostile(str(exc)) from None
-    groups = record.get("entries") if isinstance(record, dict) else None
-    if not isinstance(groups, dict) or not isinstance(record.get("command"), str) or \
-            not isinstance(record.get("writing"), bool) or not all(
-                isinstance(v, list) and all(isinstance(n, str) for n in v)
-                for v in groups.values()):
+    groups = record["entries"]
+    if not all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+               for v in groups.values()):
         raise hostile("not a mapping of folders to the names written in them")
     entries = {f"{parent}/{name}" if parent else name
                for parent, names in groups.items() for name in names}
@@ -202,14 +201,23 @@ def _unsafe(out_dir: Path, entry: str) -> str | None:
     return None
 
 
-def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool) -> set[str]:
-    """What of `out_dir` is ours to keep (`resume`), after refusing a folder that holds files
-    not on its record, or any files without `overwrite`; with it, the recorded ones go."""
+def _clear_earlier(out_dir: Path, command: str, overwrite: bool, resume: bool,
+                   adopt: Callable[[str], bool] | None = None) -> set[str]:
+    """What of `out_dir` is ours to keep (`resume`, taking what `adopt` says the stopped run
+    wrote), after refusing a folder that holds files not on its record, or any files without
+    `overwrite`; with it, the recorded ones go."""
     record = _read_record(out_dir)
     present = _entries(out_dir)
     ours = set() if record is None else record["entries"]
-    if resume:  # a run stopped while it wrote (a kill) left its files off the record: its own
-        ours |= present if record is not None and record["writing"] else set()
+    if resume:  # a run stopped while it wrote (a kill) left its files off the record
+        if record is not None and record["writing"] and adopt is not None:
+            ours |= {e for e in present - ours if adopt(e)}
+        stray = sorted(e for e in present - ours if e.rpartition("/")[0] not in present - ours)
+        if stray:
+            raise ConfigError(
+                f"{out_dir} holds files that the `{command}` run there did not write "
+                f"({_names(stray)}), and a resume keeps only its own; move them out of the "
+                "folder, or sample into another `out` folder")
         for tmp in sorted(e for e in ours & present if fnmatch.fnmatchcase(
                 e.rpartition("/")[2], ".*.tmp")):  # a kill during a write left it
             (out_dir / tmp).unlink(missing_ok=True)
@@ -383,7 +391,7 @@ class RunFolder:
             raise RunFolderError(f"{path} is missing: {self.stage_dir(stage)} was not trained "
                                  f"here; train it with `diffusevae train-{stage}` on "
                                  f"{self.root}")
-        return config_from_json(ckpt.read_json(path))
+        return config_from_json(read_json(path, "the training config"))
 
     def data_config(self) -> DataConfig | None:
         """The data the run was trained on (from the VAE's record, else the refiner's, else

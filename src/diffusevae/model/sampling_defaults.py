@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from ..config import SampleConfig, merge, with_settings
 from ..core.prior import PRIORS
 from ..errors import CheckpointError, ConfigError
-from ..io.checkpoint import read_json
+from ..io.reading import read_json
 from ..io.storage import atomic_write_json
 from .run_folder import RunFolder
 
@@ -66,11 +66,10 @@ def read_sampling_defaults(folder: str | Path) -> SamplingDefaults:
     path = RunFolder(folder).sampling_defaults_path
     if not path.exists():
         return SamplingDefaults()
-    data = read_json(path)
+    fix = "correct the file, or remove it to sample with the library's defaults"
+    data = read_json(path, "the sampling defaults", dict, fix=fix,
+                     optional={"sample": dict, "prior": str, "note": str})
     try:
-        if not isinstance(data, dict) or not isinstance(data.get("sample", {}), dict):
-            raise ConfigError('it must be an object like {"sample": {"sampler": "dpmpp_2m"}, '
-                              '"prior": "gmm"}')
         unknown = sorted(set(data) - set(KEYS))
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(unknown)}; the keys are "
@@ -80,8 +79,7 @@ def read_sampling_defaults(folder: str | Path) -> SamplingDefaults:
         return SamplingDefaults({k: getattr(parsed, k) for k in settings},
                                 data.get("prior", "normal"), str(data.get("note", "")))
     except ConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}; correct the file, or remove it to sample with "
-                              "the library's defaults") from None
+        raise CheckpointError(f"{path}: {exc}; {fix}") from None
 
 
 def write_sampling_defaults(folder: str | Path, defaults: SamplingDefaults) -> Path:

@@ -39,8 +39,9 @@ import torch
 from ..config import DataConfig, DiffusionConfig, from_dict, to_dict
 from ..errors import ConfigError, OfficialCheckpointError
 from ..filenames import CONFIG_NAME
-from ..io.checkpoint import read_json, save_model_folder, what_was_refused
-from ..io.storage import check_regular_file, refuse_published, sha256_file
+from ..io.checkpoint import save_model_folder, what_was_refused
+from ..io.reading import check_regular_file, read_json
+from ..io.storage import refuse_published, sha256_file
 from .official_unet import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .official_vae import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig, parse_widths
 
@@ -470,7 +471,7 @@ def imported_data(vae_dir: str | Path) -> DataConfig | None:
     """The data recorded by `import_official` in an imported VAE's folder; None for a VAE
     trained here (its training config says) or a folder without one."""
     path = Path(vae_dir) / CONFIG_NAME
-    meta = read_json(path) if path.is_file() else None
+    meta = read_json(path, "the model config") if path.is_file() else None
     if not isinstance(meta, dict) or not isinstance(meta.get("data"), dict):
         return None
     return from_dict(DataConfig, meta["data"], where=f"{path}:data")

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..filenames import CONFIG_NAME
 from ..io import checkpoint as ckpt
 from ..io.checkpoint import PretrainedMixin
+from ..io.reading import read_json
 from ..io.data import build_dataset
 from ..train.loop import StepBatches
 
@@ -105,7 +106,7 @@ def load_classifier(folder: str | Path, device: str | torch.device = "cpu"
             f"{folder} holds no trained classifier; train one there with `diffusevae "
             "train-classifier`")
     model = Classifier.from_pretrained(folder, device=device).eval()
-    return model, ckpt.read_json(folder / CONFIG_NAME)
+    return model, read_json(folder / CONFIG_NAME, "the classifier config")
 
 
 @torch.no_grad()

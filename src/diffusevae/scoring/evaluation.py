@@ -22,7 +22,6 @@ import json
 import platform
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from ..config import DataConfig, SampleConfig
 from ..core import metrics as M
 from ..distributed import Processes
 from ..errors import EvaluationError
+from ..io.arrays import npz_members
 from ..io.images import make_grid, save_png
 from ..io.storage import atomic_write_json, folder_lock
 from ..model.run_folder import RunFolder
@@ -183,12 +183,8 @@ def reference_stats(ref: str, extractor: Extractor, shape: tuple[int, int, int],
 
 def _holds_stats(path: Path) -> bool:
     """Whether a reference `.npz` holds statistics (``mu``), not images."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return "mu" in npz.files
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise EvaluationError(f"reference {path} cannot be read as an .npz file ({exc}); pass "
-                              "statistics or samples written by diffusevae") from None
+    return "mu" in npz_members(path, "reference", EvaluationError,
+                               "pass statistics or samples written by diffusevae")
 
 
 def _stats_file(path: Path, extractor: Extractor) -> tuple[M.Stats, dict]:

@@ -11,7 +11,6 @@ would.
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,7 +20,8 @@ import torch
 
 from ..config import DataConfig, SampleConfig
 from ..errors import DataError, EvaluationError
-from ..io.checkpoint import read_json
+from ..io.reading import read_json
+from ..io.arrays import NpzReader, Want
 from ..io.data import IMAGE_EXTENSIONS, USER_IMAGES, build_dataset, load_image
 from ..io.images import to_uint8
 from ..model.pipeline import DiffuseVAE, check_finite
@@ -99,53 +99,27 @@ def folder_source(folder: str | Path, batch_size: int = 250, role: str = "sample
     return Source("folder", shape, len(files), batch_size, read, {role: str(folder)})
 
 
-def _npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fh)
-    read = {(1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    if read is None:
-        raise EvaluationError(f"unsupported .npy version {version}")
-    return read(fh)
-
-
 def npz_source(path: str | Path, batch_size: int = 250, role: str = "samples") -> Source:
     """The uint8 ``images`` (N, H, W, C) of an `.npz` (``arr_0`` as fallback), read in chunks;
     images of more pixels than `data.USER_IMAGES` allows are refused from the header."""
     path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-            key = "images" if "images" in names else "arr_0" if "arr_0" in names else None
-            if key is None:
-                raise EvaluationError(f"{role} {path} holds no 'images' array (found: "
-                                      f"{', '.join(names) or 'nothing'}); pass the samples.npz "
-                                      "written by `diffusevae sample`")
-            with zf.open(f"{key}.npy") as fh:
-                shape, fortran, dtype = _npy_header(fh)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise EvaluationError(f"cannot read {role} {path} as an .npz file: {exc}") from None
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
+    reader = NpzReader(path, role, EvaluationError, "pass the samples.npz written by "
+                       "`diffusevae sample`, or a folder of images")
+    members = reader.members()
+    key = "arr_0" if "arr_0" in members and "images" not in members else "images"
+    reader.check(members, {key: Want("u", 4, rows=True)})
+    shape, fortran, dtype = members[key].shape, members[key].fortran, members[key].dtype
+    if dtype != np.uint8 or shape[-1] not in (1, 3) or fortran:
         raise EvaluationError(f"{role} {path}:{key} is {dtype} {shape}; expected uint8 images "
                               "(N, H, W, C) with C = 1 or 3, as `diffusevae sample` writes")
     if shape[1] * shape[2] > USER_IMAGES.max_pixels:
         raise EvaluationError(f"{role} {path}:{key} claims images of {shape[1]}x{shape[2]} "
                               f"pixels, more than the {USER_IMAGES.max_pixels:,} read; pass "
                               "smaller images")
-    row = int(np.prod(shape[1:]))
 
     def read(ks: range) -> Batches:
-        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as fh:
-            _npy_header(fh)
-            data_start = fh.tell()
-            for k in ks:
-                i = k * batch_size
-                if fh.tell() != data_start + i * row:
-                    fh.seek(data_start + i * row)  # another process reads the batches between
-                count = min(batch_size, shape[0] - i)
-                buf = fh.read(count * row)
-                if len(buf) != count * row:
-                    raise EvaluationError(f"{role} {path}:{key} is truncated at image {i}")
-                yield np.frombuffer(buf, np.uint8).reshape(count, *shape[1:]).copy()
+        return reader.rows(members[key], ((k * batch_size, min(shape[0], (k + 1) * batch_size))
+                                          for k in ks))
 
     return Source("npz", tuple(shape[1:]), shape[0], batch_size, read, {role: str(path)})
 
@@ -156,7 +130,7 @@ def _sampling_record(folder: Path) -> dict:
     if not record.is_file():
         return {"note": "no sampling.json beside the samples: sampler, steps, seed and EMA "
                         "unknown"}
-    settings = read_json(record)
+    settings = read_json(record, "the sampling record", error=EvaluationError)
     keys = ("run", "formulation", "n", "sampler", "steps", "seed", "use_ema", "eta", "spacing",
             "var_type", "temperature", "guidance", "clip")
     return {k: settings.get(k) for k in keys} | {"settings_from": str(record)}

@@ -34,10 +34,11 @@ from torch import Tensor
 
 from ..config import DataConfig, InvertConfig, SampleConfig
 from ..errors import CheckpointError, ConfigError, DataError, quote
-from ..io.checkpoint import atomic_save_tensors, load_tensors, read_json
+from ..io.checkpoint import atomic_save_tensors, load_tensors
+from ..io.reading import check_regular_file, read_json
 from ..io.data import ImageFolder, build_dataset, open_image_folder, read_image
 from ..io.images import save_gif, save_grid, to_uint8
-from ..io.storage import atomic_write_json, check_regular_file
+from ..io.storage import atomic_write_json
 from ..limits import MAX_EDIT_IMAGES, MAX_FRAMES, MAX_LAMBDA, MAX_LAMBDAS
 from ..model.pipeline import DiffuseVAE, Generation
 from ..model.run_folder import RunFolder, output_folder
@@ -285,10 +286,10 @@ def load_directions(run_dir: str | Path) -> tuple[list[str], Tensor]:
     if not (folder / NAMES_FILE).is_file():
         raise CheckpointError(f"{folder} holds no attribute directions; compute them with "
                               f"`diffusevae attributes` on {run_dir}")
-    record = read_json(folder / NAMES_FILE)
-    names = record.get("names") if isinstance(record, dict) else None
+    names = read_json(folder / NAMES_FILE, "the attribute names", {"names": list},
+                      fix=f"recompute them with `diffusevae attributes` on {run_dir}")["names"]
     directions = load_tensors(folder / DIRECTIONS_FILE).get("directions")
-    if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    if (not all(isinstance(n, str) for n in names)
             or directions is None or directions.ndim != 2 or len(directions) != len(names)):
         raise CheckpointError(f"{folder} is inconsistent; recompute it with "
                               f"`diffusevae attributes` on {run_dir}")

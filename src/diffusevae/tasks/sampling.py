@@ -2,13 +2,17 @@
 
 Sampling streams batches to disk, and draws them one at a time, so memory holds one batch
 whatever ``n`` is; so do ``reconstruct`` and ``refine`` with the images they are given
-(`reconstruction`). Resuming (``resume=True``, the sample command's resume flag): after each batch its rows
-are flushed to the memory-mapped parts of the `.npz` and then ``sampling.json`` (settings,
-environment, ``done``: samples on disk, ``complete``) is rewritten atomically. A killed run
+(`reconstruction`). Resuming (``resume=True``): after each batch its rows are flushed to the
+memory-mapped parts of the `.npz` and then ``sampling.json`` (settings, environment, ``done``:
+samples on disk, ``complete``) is rewritten atomically. A killed run
 resumes at index ``done`` with the same batches, so its images equal those of an
 uninterrupted run; settings, device or weights that differ from the recorded ones are
-refused. Before it trusts ``done``, a resume removes the temporary files a kill left and
-checks that the PNG files it counts are there; from the first one missing, it draws again.
+refused. As each batch is committed, its digest (`batch_digest`: its rows in every part and
+its PNG files; one per span of batches when a run has more than `MAX_DIGESTS` batches) joins
+``sampling.json``'s ``batch_sha256``; a resume removes the temporary files a kill left, keeps
+only the batches that still match their digests, and draws again from the first that does not
+(`_verified`), so it never reports a complete run with rows it did not write. A record without digests (an older diffusevae) is refused; so is a file in the folder
+that `sample` does not write (`_writes`: what a resume adopts of a killed run's files).
 
 Several processes (``torchrun`` / ``accelerate launch``; `distributed.processes`) share the
 batches round by round: in each round process r draws the r-th of the next `world` batches,
@@ -24,8 +28,12 @@ with any number of them. Only the main process writes the `.npz`, the grids and
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import hashlib
 import json
 import os
+import shutil
+import stat
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -40,7 +48,9 @@ from .. import __version__
 from ..config import SampleConfig
 from ..distributed import Processes
 from ..errors import CheckpointError, ConfigError
-from ..io.checkpoint import environment, read_json
+from ..io.checkpoint import environment
+from ..io.reading import read_json
+from ..io.arrays import NpzReader
 from ..io.images import NpzStreamWriter, save_grid, save_pngs, to_uint8
 from ..io.storage import atomic_write_json
 from ..model.pipeline import DiffuseVAE, check_finite
@@ -48,6 +58,17 @@ from ..model.prior_files import run_mixture
 from ..model.run_folder import RunFolder, output_folder
 from .writing import GRID_SIZE, STAGES_SIZE, Written, checked_pipeline, processes_of
 from ..filenames import GRID_PNG, SAMPLES_NPZ, SAMPLING_RECORD, STAGES_PNG
+
+DIGESTS = "batch_sha256"  # sampling.json's digest of each span of batches written
+DIGEST_ROWS = "batch_sha256_rows"  # and the samples each covers (`digest_span`)
+MAX_DIGESTS = 4096  # digests of one run at most: sampling.json stays small, rewritten per batch
+
+
+def digest_span(sample: SampleConfig) -> int:
+    """The samples one digest covers: a batch, or as many whole batches as keep a run to
+    `MAX_DIGESTS` digests (sampling.json is rewritten after every batch)."""
+    size = sample.batch_size
+    return size * -(-sample.n // (size * MAX_DIGESTS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,8 +116,9 @@ def sample_to_folder(run_dir: str | Path, request: SampleRequest,
     written = Written(out_dir, f"{sample.n} samples written to {out_dir} ({sample.sampler}, "
                                f"{sample.spacing} spacing, {sample.steps} steps{z})")
     with ExitStack() as held:  # the main process holds the folder's lock until all are done
-        start, to_write = procs.on_main(lambda: _plan(held.enter_context(output_folder(
-            out_dir, "sample", overwrite, resume)), settings, sample, resume))
+        start, to_write, digests = procs.on_main(lambda: _plan(held.enter_context(output_folder(
+            out_dir, "sample", overwrite, resume, adopt=_writes(sample.n))), settings, sample,
+            resume))
         if start is None:
             if procs.is_main:
                 tqdm.write(f"{out_dir} already holds the {sample.n} samples of these settings")
@@ -108,12 +130,13 @@ def sample_to_folder(run_dir: str | Path, request: SampleRequest,
 
         def progress_to(done: int, complete: bool = False) -> None:
             atomic_write_json(out_dir / SAMPLING_RECORD, {
-                **record, "done": done, "complete": complete,
+                **record, "done": done, "complete": complete, DIGESTS: digests,
+                DIGEST_ROWS: digest_span(sample),
                 "seconds": round(time.time() - t0, 2)})
 
         if to_write:
             _write_samples(pipe, sample, out_dir, procs, start, prior, show_stages,
-                           progress and procs.is_main, progress_to)
+                           progress and procs.is_main, progress_to, digests)
         if procs.is_main:
             progress_to(sample.n, complete=True)
         procs.barrier()  # every process returns with the folder complete
@@ -121,44 +144,109 @@ def sample_to_folder(run_dir: str | Path, request: SampleRequest,
 
 
 def _plan(out_dir: Path, settings: dict, sample: SampleConfig,
-          resume: bool) -> tuple[int | None, bool]:
-    """Where to start (None: the folder holds the whole run), and whether there is anything to
-    write. A resume trusts ``done`` only as far as the PNG files it counts are on disk."""
+          resume: bool) -> tuple[int | None, bool, list[str]]:
+    """Where to start (None: the folder holds the whole run, verified), whether there is
+    anything to write, and the digests of the batches kept. A resume keeps a batch only when
+    its rows and PNG files match the digest recorded when it was written (`_verified`)."""
     if not resume:
-        return 0, True
-    done = _resume_point(out_dir, settings)
+        return 0, True, []
+    point = _resume_point(out_dir, settings)
+    if point is None:
+        return 0, True, []
+    done, complete, digests = point
     n, npz_path = sample.n, out_dir / SAMPLES_NPZ
-    parts = NpzStreamWriter.parts_folder(npz_path).is_dir()
-    counted = n if done is None else done
-    start = _first_missing(out_dir / "images", counted, sample.batch_size)
-    if start < counted:
-        tqdm.write(f"{out_dir / 'images'} lacks image {start:06d}.png or one after it, which "
-                   f"{out_dir / 'sampling.json'} counts as written; drawing again from there")
-    if 0 < start and not parts and not (start == n and npz_path.is_file()):
-        start = 0  # the rows before `start` are in no file any more: draw them again
-    if done is None and start == n:
-        return None, False
-    # start == n and no parts left: killed after the .npz was packed; only the record is missing
-    return start, start < n or parts or not npz_path.is_file()
+    parts = NpzStreamWriter.parts_folder(npz_path)
+    from_npz = not parts.is_dir() and npz_path.is_file()
+    start = _verified(out_dir, sample, n if complete else done, digests)
+    if start == n and from_npz:  # the .npz was packed and verifies: nothing to draw
+        shutil.rmtree(parts, ignore_errors=True)
+        return (None if complete else n), False, digests
+    return start, True, digests[:-(-start // digest_span(sample))]  # those before start
 
 
-def _first_missing(images: Path, upto: int, batch_size: int) -> int:
-    """The start of the batch holding the first of ``images/000000.png ...`` (up to `upto`)
-    that is not on disk, else `upto`."""
+def _writes(n: int) -> Callable[[str], bool]:
+    """Whether an entry of an output folder is one that `sample` of `n` samples writes (what
+    a resume adopts of a stopped run's files that its record does not list)."""
+    parts = NpzStreamWriter.parts_folder(SAMPLES_NPZ).name
+    top = {"images", GRID_PNG, STAGES_PNG, SAMPLES_NPZ, SAMPLING_RECORD, parts}
+
+    def ours(entry: str) -> bool:
+        folder, _, name = entry.rpartition("/")
+        if fnmatch.fnmatchcase(name, ".*.tmp"):  # a write a kill cut short
+            name = name[1:].rsplit(".", 2)[0]
+        if folder == "":
+            return name in top
+        if folder == "images":
+            stem = name.removesuffix(".png")
+            return name.endswith(".png") and stem.isdigit() and len(stem) >= 6 and int(stem) < n
+        return folder == parts and name in ("images.npy", "z.npy", "x_hat.npy")
+
+    return ours
+
+
+def batch_digest(out_dir: Path, first: int, rows: dict[str, np.ndarray]) -> str | None:
+    """The digest of the samples from `first` whose `rows` are given (a batch, or a span of
+    them): SHA-256 (its first 32 hex digits) of each array's rows, by name, then of their PNG
+    files; None when one of those is not a regular file (missing, say)."""
+    digest = hashlib.sha256()
+    for name in sorted(rows):
+        digest.update(name.encode() + b"\0" + np.ascontiguousarray(rows[name]).tobytes())
+    for i in range(first, first + len(rows["images"])):
+        png = out_dir / "images" / f"{i:06d}.png"
+        try:
+            if not stat.S_ISREG(os.lstat(png).st_mode):
+                return None
+            digest.update(png.read_bytes())
+        except OSError:
+            return None
+    return digest.hexdigest()[:32]
+
+
+def _digest_done(out_dir: Path, parts: dict[str, np.ndarray], digests: list[str], done: int,
+                 span: int, n: int) -> None:
+    """Append to `digests` the digest of every span of `span` samples that the first `done`
+    complete (the last, shorter one once all `n` are done)."""
+    while len(digests) * span < done and ((len(digests) + 1) * span <= done or done == n):
+        first = len(digests) * span
+        rows = slice(first, min(first + span, n))
+        digests.append(batch_digest(out_dir, first, {k: p[rows] for k, p in parts.items()}))
+
+
+def _verified(out_dir: Path, sample: SampleConfig, upto: int, digests: list[str]) -> int:
+    """The start of the first span of batches (`digest_span`) before sample `upto` whose rows
+    or PNG files do not match the digest recorded when it was written, or that has none yet
+    (`upto` when all do; 0 when the kept arrays cannot be read back). The arrays are the parts a kill left or, once packed, the
+    `.npz`, unpacked into parts again so that a resume can fill in what does not verify."""
+    npz_path, n, size = out_dir / SAMPLES_NPZ, sample.n, digest_span(sample)
+    parts = NpzStreamWriter.parts_folder(npz_path)
     try:
-        names = {entry.name for entry in os.scandir(images)}
-    except (FileNotFoundError, NotADirectoryError):
-        names = set()
-    for i in range(upto):
-        if f"{i:06d}.png" not in names:
-            return i - i % batch_size
+        if not parts.is_dir() and npz_path.is_file():
+            NpzReader(npz_path, "the samples file", CheckpointError, "").extract(parts)
+        arrays = NpzStreamWriter.open_parts(npz_path, n)
+    except CheckpointError as exc:
+        tqdm.write(f"{str(exc).split('; ')[0]}: its samples cannot be kept; drawing all of "
+                   "them again")
+        return 0
+    for k, first in enumerate(range(0, upto, size)):
+        rows = {name: a[first:min(first + size, n)] for name, a in arrays.items()}
+        if k >= len(digests):  # a kill within a span of several batches
+            tqdm.write(f"drawing again from sample {first}, where the last verified samples "
+                       f"in {out_dir} end")
+            return first
+        if batch_digest(out_dir, first, rows) != digests[k]:
+            tqdm.write(f"samples {first} to {min(first + size, n) - 1} in {out_dir} are not "
+                       f"those {SAMPLING_RECORD} recorded as written (changed, truncated or "
+                       f"missing); drawing again from sample {first}")
+            return first
     return upto
 
 
 def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs: Processes,
                    start: int, prior: str, show_stages: bool, progress: bool,
-                   progress_to: Callable[[int], None]) -> None:
-    """Draw the samples from `start` on, round by round, into PNG files and the `.npz`."""
+                   progress_to: Callable[[int], None], digests: list[str]) -> None:
+    """Draw the samples from `start` on, round by round, into PNG files and the `.npz`; the
+    main process appends each batch's digest (`batch_digest`) to `digests` once its rows are
+    on disk, before the record that counts them."""
     main = procs.is_main
     bar = tqdm(total=sample.n, initial=start, desc="sample", unit="img", disable=not progress,
                dynamic_ncols=True)
@@ -189,6 +277,8 @@ def _write_samples(pipe: DiffuseVAE, sample: SampleConfig, out_dir: Path, procs:
                 for first, arrays in filter(None, made):
                     npz.write(first, **arrays)
                 npz.flush()  # the rows are on disk before the record that counts them
+                _digest_done(out_dir, npz.arrays, digests, batches[-1].stop,
+                             digest_span(sample), sample.n)
                 progress_to(batches[-1].stop)
                 bar.update(batches[-1].stop - batches[0].start)
     finally:
@@ -216,14 +306,17 @@ def _rounds(start: int, sample: SampleConfig, world: int) -> Iterator[list[range
                                                            size)]
 
 
-def _resume_point(out_dir: Path, settings: dict) -> int | None:
-    """The first sample index an interrupted run in `out_dir` has not written (None: it is
-    complete); refuses settings that differ from the recorded ones."""
+def _resume_point(out_dir: Path, settings: dict) -> tuple[int, bool, list[str]] | None:
+    """What the run in `out_dir` recorded: the samples it counts as written, whether it is
+    complete, and the digest of each batch written (None: there is nothing to resume);
+    refuses settings that differ from the recorded ones, and a record without digests."""
     path = out_dir / SAMPLING_RECORD
     if not path.is_file():
         tqdm.write(f"nothing to resume in {out_dir}; starting from sample 0")
-        return 0
-    old = read_json(path)
+        return None
+    again = "sample again with `overwrite` instead of `resume`"
+    old = read_json(path, "the sampling record", {"done": int, "complete": bool}, fix=again,
+                    optional={DIGESTS: list})
     now = json.loads(json.dumps(settings))  # as JSON gives it back
     ignored = ("run", "weights", *SampleConfig.SPEED_FIELDS)  # speed changes no image
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in now.items()
@@ -238,13 +331,18 @@ def _resume_point(out_dir: Path, settings: dict) -> int | None:
             f"cannot resume the sampling run in {out_dir} with other settings: "
             f"{'; '.join(changed)}. Resume with the recorded settings (see {path}), sample into "
             "another `out` folder, or leave out `resume` to start over")
-    if old.get("complete") is True:
-        return None
-    done = old.get("done")
-    if not isinstance(done, int) or not 0 <= done <= now["n"]:
-        raise CheckpointError(f"{path} is damaged (done = {done!r}); sample again without "
-                              "`resume`")
-    return done
+    done, digests = old["done"], old.get(DIGESTS)
+    if not 0 <= done <= now["n"]:
+        raise CheckpointError(f"{path} is damaged (done = {done!r}); {again}")
+    if digests is None and (done or old["complete"]):
+        raise CheckpointError(
+            f"{path} records no digests of the batches written (it was written by an older "
+            f"diffusevae), so the samples in {out_dir} cannot be verified and are not kept; "
+            f"{again}")
+    if not all(isinstance(d, str) for d in digests or []):
+        raise CheckpointError(f"{path} is damaged ({DIGESTS} holds other things than "
+                              f"digests); {again}")
+    return done, old["complete"], digests or []
 
 
 # --------------------------------------------------------------------------------------------

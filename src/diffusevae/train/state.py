@@ -21,6 +21,7 @@ from ..config import Config, TrainConfig, to_dict
 from ..distributed import Processes
 from ..errors import RunFolderError, TrainingError
 from ..io import checkpoint as ckpt
+from ..io.reading import read_json
 from ..io.storage import atomic_write_json
 from ..filenames import ENVIRONMENT_NAME, TRAINER_STATE_NAME, TRAIN_CONFIG_NAME
 
@@ -150,7 +151,7 @@ def _check_resume_settings(folder: Path, stage: str, cfg: Config) -> None:
     path = folder / TRAIN_CONFIG_NAME
     if not path.is_file():
         return
-    old, new = ckpt.read_json(path), to_dict(cfg)
+    old, new = read_json(path, "the training config"), to_dict(cfg)
     changed = []
     for section in (*_STAGE_SECTIONS[stage], f"train_{stage}"):
         before = old.get(section) if isinstance(old.get(section), dict) else {}
@@ -172,7 +173,7 @@ def record_environment(folder: Path, device: torch.device, seed: int, step: int,
     sessions: list = []
     if path.is_file():
         try:
-            sessions = list(ckpt.read_json(path)["sessions"])  # size and nesting bounded
+            sessions = read_json(path, "the environment record", {"sessions": list})["sessions"]
         except Exception:  # a damaged record must not stop training
             sessions = []
     entry = {**ckpt.environment(device, seed), "processes": processes, "start_step": step}
