@@ -14,6 +14,7 @@ TRAIN_CONFIG_NAME = "train_config.json"  # the resolved config a stage was train
 LOG_NAME = "log.csv"  # the losses of a training run
 ENVIRONMENT_NAME = "environment.json"  # versions, device, seed of every session of a run
 LOCK_NAME = ".diffusevae.lock"  # held by the one writer of a folder
+IMPORT_PARTIAL = ".diffusevae-import"  # import-official builds vae/ and refiner/ in it first
 MODEL_CARD = "MODEL.md"  # a published model: the commands read it and never write into it
 
 # A run folder's other parts

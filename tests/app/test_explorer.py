@@ -472,3 +472,26 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_an_address_that_cannot_be_served_is_refused_before_any_work(trained_run, capsys):
+    """A host that names no address, one of another machine, or a port in use: one line,
+    exit 2, before the run is loaded and before any URL is printed (it was three errors and a
+    URL)."""
+    import socket
+
+    with pytest.raises(ConfigError, match="`host` 'a..b' is not an address"):
+        page.check_address("a..b", 7860)
+    with pytest.raises(ConfigError, match="not an address of this machine"):
+        page.check_address("192.0.2.1", 7860)  # TEST-NET-1: never this machine's
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: in use"):
+            page.check_address("127.0.0.1", port)
+        assert run_cli("explore", "--run", trained_run, "--port", port) == 2
+        err = capsys.readouterr()
+        assert err.err.startswith("error: cannot serve on 127.0.0.1") and "--port" in err.err
+        assert len(err.err.splitlines()) == 1 and "http://" not in err.out
+    page.check_address("127.0.0.1", port)  # free again: accepted

@@ -139,11 +139,35 @@ def test_memory_holds_a_round_whatever_n_is():
     assert last == [[range(8, 10)]]
 
 
+@pytest.mark.parametrize("command", ["sample", "sample-vae"])
+def test_samples_the_disk_cannot_hold_are_refused_before_any_work(command, trained_run,
+                                                                  tmp_path, monkeypatch,
+                                                                  capsys):
+    """The files of --n samples (PNGs, and samples.npz twice while it is packed) are estimated
+    first: a disk without room for them refuses in one line, exit 1, before the model draws
+    anything, and no output folder is made."""
+    from collections import namedtuple
+
+    from diffusevae.io import storage
+    from diffusevae.model.pipeline import DiffuseVAE
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**5,
+                                                                        10**5))
+    monkeypatch.setattr(DiffuseVAE, "generate_batch", lambda *a, **k: pytest.fail("drew"))
+    code = run_cli(command, "--run", trained_run, "--n", 1000, "--out", tmp_path / "out")
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: not enough room on the disk: {command} of 1000 images "
+                          "needs ") and "Ask for fewer images (--n)" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_npz_too_big_for_the_disk_fails_before_it_is_allocated(tmp_path):
     npz = NpzStreamWriter(tmp_path / "samples.npz", 10 ** 19)
     t0 = time.time()
-    with pytest.raises(DiskFullError, match="the disk is full: samples.npz's images for "
-                                            "10000000000000000000 samples needs"):
+    with pytest.raises(DiskFullError, match="not enough room on the disk: samples.npz.s images "
+                                            "for 10000000000000000000 samples needs"):
         npz.write(0, images=np.zeros((4, 16, 16, 1), np.uint8))
     assert time.time() - t0 < 1 and not list(npz.parts.iterdir())
 
@@ -240,7 +264,7 @@ def test_sampling_more_than_the_disk_holds_exits_1_with_one_line(trained_run, tm
                                    f"--batch-size 2 --steps 1 --device cpu")
     assert done.returncode == 1, done.stderr
     lines = [line for line in done.stderr.splitlines() if "error" in line]
-    assert len(lines) == 1 and "the disk is full" in lines[0], done.stderr
+    assert len(lines) == 1 and "not enough room on the disk" in lines[0], done.stderr
     assert "Traceback" not in done.stderr
 
 

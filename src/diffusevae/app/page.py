@@ -8,7 +8,9 @@ on serving.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import traceback
 from typing import Callable
 
@@ -236,6 +238,29 @@ def serving_threads(device: torch.device, threads: int | None = None) -> int:
     return max(1, current - 1) if device.type == "cpu" else current
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, before any work, an address the page could not be served on: a ``host`` that
+    names no address, or one of another machine, and a ``port`` in use there."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"`host` {host!r} is not an address this machine knows "
+                          f"({getattr(exc, 'strerror', None) or exc}); give one of its "
+                          "addresses, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every "
+                          "network)") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            what = ("in use" if exc.errno == errno.EADDRINUSE else
+                    "not an address of this machine" if exc.errno == errno.EADDRNOTAVAIL
+                    else exc.strerror or str(exc))
+            raise ConfigError(f"cannot serve on {host}:{port}: {what}; choose another "
+                              "`port`, or a `host` of this machine") from None
+
+
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
           threads: int | None = None):
     """Start the page on http://host:port/ (no share link, uploads capped at
@@ -243,6 +268,7 @@ def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, block: 
     ``close()`` stops it).
 
     ``threads``: torch's CPU threads for the model [`serving_threads`]."""
+    check_address(host, port)
     torch.set_num_threads(serving_threads(explorer.pipe.device, threads))
     demo = build_app(explorer)
     demo.queue(default_concurrency_limit=1)  # one model: requests take turns

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..app.explorer import Explorer
-from ..app.page import serve
+from ..app.page import check_address, serve
 from ..limits import MAX_SAMPLES, MAX_THREADS
 from . import cli
 from .options import count, device_of, device_option, run_option
@@ -30,6 +30,7 @@ def explore(run_dir: str, host: str, port: int, out: str | None, max_images: int
             threads: int | None, device: str) -> None:
     """A web page to play with z: generate, move z along principal and attribute
     directions, encode and edit a real image, interpolate (needs the `app` extra)."""
+    check_address(host, port)  # before the minutes of loading, not after
     if host not in LOOPBACK:
         click.echo(f"warning: serving on {host}: anyone who can reach this machine can use "
                    "the explorer (it has no login); use the default 127.0.0.1 to keep it "

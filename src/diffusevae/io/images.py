@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import shutil
@@ -13,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import CheckpointError, DiskFullError
+from ..errors import CheckpointError
 from .arrays import open_part
-from .storage import DISK_FULL_ERRNOS, atomic_write, disk_full
+from .storage import DISK_FULL_ERRNOS, atomic_write, check_room, disk_full
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -82,13 +81,9 @@ def _check_room(folder: Path, n: int, row_shape: tuple[int, ...], dtype: np.dtyp
                 what: str) -> None:
     """Refuse an array of `n` rows that the disk under `folder` cannot hold, before a byte of
     it is allocated (an n in the quintillions must not reach numpy)."""
-    need = n * math.prod(row_shape) * np.dtype(dtype).itemsize
-    free = shutil.disk_usage(folder).free
-    if need > free:
-        raise DiskFullError(errno.ENOSPC, (
-            f"the disk is full: {what} for {n} samples needs {need / 1e9:.3g} GB in {folder}, "
-            f"and {free / 1e9:.3g} GB are free; nothing was written. Ask for fewer samples, or "
-            "free some space (or write to another disk) and run the command again"))
+    check_room(folder, n * math.prod(row_shape) * np.dtype(dtype).itemsize,
+               f"{what} for {n} samples", "Ask for fewer samples, or free some space (or "
+               "write to another disk) and run the command again")
 
 
 def _reserve(path: Path) -> None:

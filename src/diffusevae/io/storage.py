@@ -112,6 +112,19 @@ def disk_full(path: Path, exc: OSError) -> DiskFullError:
         "the command again (training: with `resume`)")
 
 
+def check_room(folder: Path, need: int, what: str, fix: str) -> None:
+    """Refuse, before a byte is written, ``need`` bytes that the disk under ``folder`` (or its
+    nearest existing parent) cannot hold, naming ``what`` needs them and what to do (``fix``)."""
+    place = Path(folder)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if need > free:
+        raise DiskFullError(errno.ENOSPC, (
+            f"not enough room on the disk: {what} needs {need / 1e9:.3g} GB in {folder}, and "
+            f"{free / 1e9:.3g} GB are free; nothing was written. {fix}"))
+
+
 def _write_failed(path: Path, exc: BaseException) -> OSError:
     """The error of a write of `path` that raised `exc`, while its temporary file still holds
     what was written: `DiskFullError` when the disk is full (an errno, the writer's message, or

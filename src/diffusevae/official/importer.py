@@ -27,8 +27,11 @@ What it does, and why (docs/method.md#official-checkpoints):
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +41,10 @@ import torch
 
 from ..config import DataConfig, DiffusionConfig, from_dict, to_dict
 from ..errors import ConfigError, OfficialCheckpointError
-from ..filenames import CONFIG_NAME
+from ..filenames import CONFIG_NAME, IMPORT_PARTIAL
 from ..io.checkpoint import save_model_folder, what_was_refused
 from ..io.reading import check_regular_file, read_json
-from ..io.storage import refuse_published, sha256_file
+from ..io.storage import folder_lock, refuse_published, sha256_file
 from .official_unet import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from .official_vae import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig, parse_widths
 
@@ -97,6 +100,7 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
     if not zipfile.is_zipfile(path):
         raise OfficialCheckpointError(f"{path} is not a PyTorch checkpoint (torch.save's zip "
                                       "format); is it truncated, or another kind of file?")
+    check_zip_integrity(path)
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as exc:  # a zip without data.pkl, a TorchScript file, a broken pickle
@@ -124,6 +128,39 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
         raise OfficialCheckpointError(f"{path} has no 'state_dict' of tensors; it is not a "
                                       "Lightning checkpoint of DiffuseVAE")
     return data
+
+
+def check_zip_integrity(path: Path) -> None:
+    """Every member of the checkpoint's zip read through against its CRC, before any is used
+    (loading maps the tensors without checking them)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise OfficialCheckpointError(f"cannot read {path}: the file is truncated or corrupt "
+                                      f"({_first_line(exc)}); download it again") from None
+    if bad is not None:
+        raise OfficialCheckpointError(f"{path} is corrupt: its part {bad} fails its CRC check "
+                                      "(a damaged download or copy); download it again")
+
+
+def check_weights(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                  what: str, prefix: str = "") -> None:
+    """Refuse weights that loading would take without a word: a tensor of another kind of
+    dtype than the network's (integers where it has floats: load_state_dict converts them),
+    or one that is not finite. ``prefix``: the keys' prefix in the file, for the message."""
+    for key, want in expected.items():
+        got = found.get(key)
+        if got is None:
+            continue  # the layout check names missing tensors
+        if got.is_floating_point() != want.is_floating_point():
+            raise OfficialCheckpointError(
+                f"{what}: {prefix}{key} holds {str(got.dtype).removeprefix('torch.')}, not "
+                f"the {str(want.dtype).removeprefix('torch.')} weights of the network; the "
+                "file is corrupt or not an official DiffuseVAE checkpoint")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise OfficialCheckpointError(f"{what}: {prefix}{key} holds nan or inf values; "
+                                          "the file is corrupt (or the training diverged)")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -186,6 +223,8 @@ def official_vae_config(hparams: dict | None, shapes: Shapes, what: str) -> Offi
             enc_widths=str(hparams["enc_channel_str"]),
             dec_widths=str(hparams["dec_channel_str"]),
             kl_weight=float(hparams.get("alpha", 1.0)))
+        if not math.isfinite(cfg.kl_weight) or cfg.kl_weight < 0:
+            raise ValueError(f"alpha (the KL weight) is {cfg.kl_weight}")
         expected = layout_of(on_meta(OfficialVAE, cfg))
     except (ConfigError, ValueError, TypeError) as exc:
         raise OfficialCheckpointError(f"{what}: its recorded VAE arguments do not describe a "
@@ -369,12 +408,22 @@ def diffusion_config(betas: torch.Tensor, form: str, what: str) -> DiffusionConf
     if betas.ndim != 1 or n < 2:
         raise OfficialCheckpointError(f"{what}: target_network.betas has shape "
                                       f"{tuple(betas.shape)}; expected one beta per step")
+    if not bool(((betas > 0) & (betas < 1)).all()):  # false for nan too
+        raise OfficialCheckpointError(f"{what}: target_network.betas are not all in (0, 1); "
+                                      "no noise schedule has such steps: the file is corrupt")
     start, end = (float(f"{float(b):.6g}") for b in (betas[0], betas[-1]))
     linear = torch.linspace(start, end, n, dtype=torch.float64)
     if not torch.allclose(betas, linear, rtol=1e-6, atol=0.0):
         raise OfficialCheckpointError(f"{what}: the stored betas are not a linear schedule; "
                                       "diffusevae supports the linear one only")
-    return DiffusionConfig(timesteps=n, beta_start=start, beta_end=end, form=form, p_uncond=0.0)
+    config = DiffusionConfig(timesteps=n, beta_start=start, beta_end=end, form=form,
+                             p_uncond=0.0)
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise OfficialCheckpointError(f"{what}: its noise schedule cannot be used ({exc})"
+                                      ) from None
+    return config
 
 
 def check_vae_copy(vae_state: dict[str, torch.Tensor], copy: dict[str, torch.Tensor],
@@ -408,6 +457,8 @@ def build_imported(vae_ckpt: dict, ddpm_ckpt: dict, num_heads: int | None,
     vae_state = vae_ckpt["state_dict"]
     vae_cfg = official_vae_config(vae_ckpt.get("hyper_parameters"), shapes_of(vae_state),
                                   vae_what)
+    vae = OfficialVAE(vae_cfg)
+    check_weights(vae.state_dict(), vae_state, vae_what)  # before the copy is compared with it
     parts = split_refiner_state(ddpm_ckpt["state_dict"], ddpm_what)
     if parts.vae:
         check_vae_copy(vae_state, parts.vae, vae_what, ddpm_what)
@@ -415,9 +466,9 @@ def build_imported(vae_ckpt: dict, ddpm_ckpt: dict, num_heads: int | None,
                                  ddpm_what)
     form = formulation_of(parts.buffers)
     diffusion = diffusion_config(parts.buffers["betas"], form, ddpm_what)
-    vae = OfficialVAE(vae_cfg)
     vae.load_state_dict(vae_state)
     unet = build_official_unet(unet_cfg)
+    check_weights(unet.state_dict(), parts.target, ddpm_what, TARGET)
     unet.load_state_dict(parts.target)
     return vae.eval(), unet.eval(), diffusion
 
@@ -432,7 +483,10 @@ def import_official(vae_path: str | Path, ddpm_path: str | Path, run_dir: str | 
     official CIFAR-10 configuration, 1 in the CelebA ones). ``dataset``/``data_dir``: the
     images the models were trained on (e.g. "cifar10", or "folder" and the CelebA folder),
     recorded for the commands that read them (`RunFolder.training_data`); without them the
-    run knows only the images' size. Nothing is written unless both files import; an
+    run knows only the images' size. Both files are read and checked whole (zip CRCs,
+    dtypes, finite weights, the schedule, the hyper-parameters) before anything is written,
+    and the run is built in ``RUN/.diffusevae-import`` and renamed into place
+    (`_write_atomically`): a failure, a full disk included, leaves nothing behind, and an
     existing model in ``run_dir`` is never overwritten.
     """
     vae_path, ddpm_path, run_dir = Path(vae_path), Path(ddpm_path), Path(run_dir)
@@ -454,17 +508,47 @@ def import_official(vae_path: str | Path, ddpm_path: str | Path, run_dir: str | 
     sources = {"vae": _provenance(vae_path, vae_ckpt, "the VAE"),
                "refiner": _provenance(ddpm_path, ddpm_ckpt,
                                       "target_network.decoder (the EMA UNet)")}
-    save_model_folder(run_dir / "vae", vae.kind, vae.config, vae.state_dict(),
-                      extra={"arch": OFFICIAL_ARCH, "imported_from": sources["vae"],
-                             "data": to_dict(data)})
-    save_model_folder(run_dir / "refiner", "refiner", unet.config, unet.state_dict(),
-                      extra={"arch": OFFICIAL_ARCH, "diffusion": to_dict(diffusion),
-                             "imported_from": sources["refiner"]})
+
+    def write(folder: Path) -> None:
+        save_model_folder(folder / "vae", vae.kind, vae.config, vae.state_dict(),
+                          extra={"arch": OFFICIAL_ARCH, "imported_from": sources["vae"],
+                                 "data": to_dict(data)})
+        save_model_folder(folder / "refiner", "refiner", unet.config, unet.state_dict(),
+                          extra={"arch": OFFICIAL_ARCH, "diffusion": to_dict(diffusion),
+                                 "imported_from": sources["refiner"]})
+
+    _write_atomically(run_dir, write)
     return {"run": str(run_dir), "form": diffusion.form, "family": unet.config.family,
             "image_size": vae.config.image_size, "z_dim": vae.config.z_dim,
             "vae_parameters": vae.num_parameters(), "unet_parameters": unet.num_parameters(),
             "unet": unet.summary(), "vae_copy_checked": bool(vae_copy),
             "timesteps": diffusion.timesteps}
+
+
+def _write_atomically(run_dir: Path, write) -> None:
+    """``write(folder)`` into ``run_dir/IMPORT_PARTIAL`` (a killed import's is replaced: the
+    name is ours), then its vae/ and refiner/ renamed into ``run_dir``. On any failure what
+    was made is removed, ``run_dir`` too where this made it, so that a retry starts clean."""
+    made = not run_dir.exists()
+    partial = run_dir / IMPORT_PARTIAL
+    moved: list[Path] = []
+    try:
+        with folder_lock(run_dir, "import-official"):
+            if partial.is_dir() and not partial.is_symlink():
+                shutil.rmtree(partial)
+            partial.mkdir()
+            write(partial)
+            for stage in ("vae", "refiner"):
+                os.rename(partial / stage, run_dir / stage)
+                moved.append(run_dir / stage)
+            partial.rmdir()
+    except BaseException:
+        for folder in moved:
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        if made:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def imported_data(vae_dir: str | Path) -> DataConfig | None:

@@ -56,7 +56,8 @@ from ..io.storage import atomic_write_json
 from ..model.pipeline import DiffuseVAE, check_finite
 from ..model.prior_files import run_mixture
 from ..model.run_folder import RunFolder, output_folder
-from .writing import GRID_SIZE, STAGES_SIZE, Written, checked_pipeline, processes_of
+from .writing import (GRID_SIZE, STAGES_SIZE, Written, check_sample_room, checked_pipeline,
+                      processes_of)
 from ..filenames import GRID_PNG, SAMPLES_NPZ, SAMPLING_RECORD, STAGES_PNG
 
 DIGESTS = "batch_sha256"  # sampling.json's digest of each span of batches written
@@ -104,6 +105,9 @@ def sample_to_folder(run_dir: str | Path, request: SampleRequest,
     out_dir = run.output_dir("sample", out_dir)
     pipe = checked_pipeline(run, sample, procs.device)  # fails before anything is written
     pipe.check_prior(prior)  # as does a missing prior
+    if procs.is_main and not resume:  # a resumed run has its files already
+        check_sample_room(out_dir, sample.n, pipe.image_shape,
+                          0 if pipe.vae is None else pipe.vae.config.z_dim)
     settings = {
         **dataclasses.asdict(sample),
         "run": str(run),
@@ -379,6 +383,8 @@ def sample_vae_to_folder(run_dir: str | Path, request: VAESampleRequest,
     vae = run.load_vae(device)
     mixture = run_mixture(run.root, prior, vae.config.z_dim)
     out_dir = run.output_dir("sample-vae", out_dir)
+    c, s = vae.config.channels, vae.config.image_size
+    check_sample_room(out_dir, n, (c, s, s), vae.config.z_dim, "sample-vae")
     with output_folder(out_dir, "sample-vae", overwrite):
         first: list[np.ndarray] = []
         with NpzStreamWriter(out_dir / SAMPLES_NPZ, n) as npz, torch.inference_mode():

@@ -51,13 +51,14 @@ import torch
 
 from ..config import SampleConfig
 from ..distributed import Processes
-from ..io.storage import atomic_write_json
+from ..io.storage import atomic_write_json, check_room
 from ..model.pipeline import DiffuseVAE
 from ..model.run_folder import RunFolder
 
 GRID_SIZE = 64  # images in grid.png
 STAGES_SIZE = 32  # pairs in stages.png
 GIF_SCALE = 4  # small images are upscaled in GIFs so that a viewer shows them at a usable size
+PNG_OVERHEAD = 128  # bytes of a small PNG beyond its pixels: signature, chunks, zlib framing
 
 
 @dataclass
@@ -79,6 +80,20 @@ def checked_pipeline(run: RunFolder, sample: SampleConfig, device: torch.device)
     sample.validate(pipe.diffusion.timesteps)
     pipe.check_guidance(sample.guidance)
     return pipe
+
+
+def check_sample_room(out_dir: Path, n: int, image_shape: tuple[int, int, int],
+                      z_dim: int = 0, what: str = "sample") -> None:
+    """Refuse, before any work, ``n`` samples whose files the disk cannot hold: per image its
+    PNG (at most its raw pixels, a filter byte a row and the headers) and its rows of
+    samples.npz (the image, x_hat and z with a VAE), twice, since the parts are packed into the
+    .npz at the end before they are removed."""
+    c, h, w = image_shape
+    pixels = c * h * w
+    rows = pixels * (2 if z_dim else 1) + 4 * z_dim
+    per_image = pixels + h + PNG_OVERHEAD + 2 * rows
+    check_room(out_dir, n * per_image, f"{what} of {n} images",
+               "Ask for fewer images (`n`), free some space, or write elsewhere (`out`)")
 
 
 def write_record(path: Path, sample: SampleConfig, **extra) -> None:

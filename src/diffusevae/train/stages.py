@@ -28,7 +28,8 @@ from ..io.images import save_grid, side_by_side
 from ..model.pipeline import DiffuseVAE
 from ..model.run_folder import RunFolder, save_refiner
 from ..rng import BatchShard
-from .loop import Stage, fit
+from ..core.memory import check_training_fits, footprint
+from .loop import Stage, fit, micro_batch_size
 
 
 def init_weights(model: nn.Module, stage: str, init_from: str | None) -> nn.Module:
@@ -65,6 +66,12 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
     procs = processes(tc.device)
     device = procs.device
     dataset = build_dataset(cfg.data, "train")
+    micro = _micro(cfg, tc, len(dataset), procs.world)
+    fits = footprint(lambda: VAE(cfg.vae), lambda net: net.decode(net.encode(torch.zeros(
+        micro, cfg.data.channels, cfg.data.image_size, cfg.data.image_size))[0]))
+    check_training_fits(f"training the VAE at {micro} images a step", [fits], device,
+                        "lower train.batch_size (or raise train.grad_accum), or the VAE's "
+                        "widths (vae.widths)")
     rng.seed_global(tc.seed, rng.INIT)  # the initial weights depend on the seed alone
     vae = init_weights(VAE(cfg.vae), "vae", tc.init_from)
     fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))])
@@ -89,6 +96,11 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
 # --------------------------------------------------------------------------------------------
 # Stage 2: the refiner on the frozen VAE
 # --------------------------------------------------------------------------------------------
+
+def _micro(cfg: Config, tc, n_images: int, world: int) -> int:
+    """The rows of one micro-batch, as the training loop will cut them."""
+    return micro_batch_size(min(tc.batch_size, n_images), world, tc.grad_accum)
+
 
 def refiner_unet_config(cfg: Config, vae: VAE | None):
     """The UNet config the refiner of `cfg` needs: 2C inputs when conditioned, z width."""
@@ -121,8 +133,20 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
             f"{cfg.data.channels}; use the preset the VAE was trained with"
         )
     dataset = build_dataset(cfg.data, "train")
+    unet_cfg, micro = refiner_unet_config(cfg, vae), _micro(cfg, tc, len(dataset), procs.world)
+
+    def one_pass(net: UNet) -> torch.Tensor:
+        x = torch.zeros(micro, net.in_channels, cfg.data.image_size, cfg.data.image_size)
+        z = torch.zeros(micro, unet_cfg.z_dim) if unet_cfg.z_dim else None
+        return net(x, torch.zeros(micro), z)
+
+    check_training_fits(f"training the refiner at {micro} images a step",
+                        [footprint(lambda: UNet(unet_cfg), one_pass)], device,
+                        "lower train.batch_size (or raise train.grad_accum), or the UNet's "
+                        "width (unet.base_channels)",
+                        frozen=0 if vae is None else vae.num_parameters())
     rng.seed_global(tc.seed, rng.INIT)
-    unet = init_weights(UNet(refiner_unet_config(cfg, vae)), "refiner", tc.init_from)
+    unet = init_weights(UNet(unet_cfg), "refiner", tc.init_from)
     schedule = Schedule.from_config(cfg.diffusion)
     if procs.is_main:
         tqdm.write(unet.summary())
