@@ -130,19 +130,26 @@ def image_sets(data: DataConfig, n_id: int, n: int, seed: int) -> dict[str, torc
 # Scoring
 # --------------------------------------------------------------------------------------------
 
+def dvae_bounds(pipe: DiffuseVAE, x: torch.Tensor, request: LikelihoodRequest
+                ) -> dict[str, LikelihoodBound]:
+    """The DiffuseVAE's bound of images x with the Ex-PDE prior and with N(0, I): the same z
+    and diffusion draws, the N(0, I) rate in closed form in place of the mixture's (the library
+    draws the rate's noise last, so the priors differ in the rate alone)."""
+    gmm = score_dataset(pipe, [(img, 0) for img in x], len(x), replace(request, prior="gmm"))
+    b = request.batch_size
+    with torch.inference_mode():
+        rate = torch.cat([normal_rate(*pipe.vae.encode(x[i:i + b].to(pipe.device)))
+                          for i in range(0, len(x), b)])
+    return {"gmm": gmm,
+            "normal": replace(gmm, rate=rate, rate_se=torch.zeros_like(rate), log_prior_z=None)}
+
+
 def bounds_of(pipe: DiffuseVAE, baseline: DiffuseVAE, x: torch.Tensor, strata: int, seed: int,
               batch_size: int) -> dict[str, LikelihoodBound]:
-    """The DiffuseVAE's bound with the Ex-PDE prior and with N(0, I) (the same z and diffusion
-    draws: the N(0, I) rate in closed form replaces the mixture's) and the baseline's."""
-    items = [(img, 0) for img in x]
+    """`dvae_bounds` and the baseline's bound, K = ``strata`` draws an image."""
     request = LikelihoodRequest(strata=strata, seed=seed, batch_size=batch_size)
-    gmm = score_dataset(pipe, items, len(x), replace(request, prior="gmm"))
-    with torch.inference_mode():
-        rates = [normal_rate(*pipe.vae.encode(x[i:i + batch_size].to(pipe.device)))
-                 for i in range(0, len(x), batch_size)]
-    rate = torch.cat(rates)
-    normal = replace(gmm, rate=rate, rate_se=torch.zeros_like(rate), log_prior_z=None)
-    return {"gmm": gmm, "normal": normal, "ddpm": score_dataset(baseline, items, len(x), request)}
+    return {**dvae_bounds(pipe, x, request),
+            "ddpm": score_dataset(baseline, [(img, 0) for img in x], len(x), request)}
 
 
 def scores_of(b: dict[str, LikelihoodBound]) -> dict[str, np.ndarray]:

@@ -286,17 +286,34 @@ def _gaussian_form2_case(T: int, s: float, B: int):
         x_hat.expand(B, *SHAPE), generators=sample_generators(4, range(B)), **kw)
 
 
+def _reference_decoder(ref: Ref, s: float, x0: np.ndarray, x_hat: np.ndarray, m_y: np.ndarray,
+                       e: np.ndarray) -> float:
+    """-log p(x0 | y_1) of one form2 image for noise e: the mean read back from the exact
+    predictor's y0 at step 0, plus x_hat, scored by the 8-bit bins of scale sqrt(beta_tilde_1)."""
+    a, b = math.sqrt(ref.ab[0]), math.sqrt(1 - ref.ab[0])
+    y_1 = a * (x0 - x_hat) + b * e
+    pred = b * (y_1 - a * m_y) / (a * a * s * s + b * b)
+    mean = (y_1 - b * pred) / a + x_hat
+    return -float(_log_bin_prob_np(x0, mean, math.sqrt(ref.model_var(0, "fixedlarge"))).sum())
+
+
 def test_exact_sum_is_every_step_with_the_documented_draws():
     """exact=True is the sum of the reference KLs over t = 1..T-1 with the noise drawn from each
-    image's generator in the documented order (K uniforms, two decoder noises, then one noise
-    per step)."""
+    image's generator in the documented order (K uniforms, DECODER_DRAWS decoder noises, then
+    one noise per step); the decoder term is the mean of the reference decoder costs of those
+    noises, its standard error their standard deviation over sqrt(DECODER_DRAWS)."""
     T, s, B = 30, 0.2, 3
     ref = Ref(T)
     m, x_hat, x0, terms = _gaussian_form2_case(T, s, B)
     exact = terms(exact=True)
     for i, g in enumerate(sample_generators(4, range(B))):
         torch.rand(T - 1, generator=g, dtype=F64)
-        [torch.randn(SHAPE, generator=g) for _ in range(2)]
+        dec = [_reference_decoder(ref, s, x0[i].numpy(), x_hat.numpy(), (m - x_hat).numpy(),
+                                  torch.randn(SHAPE, generator=g).double().numpy())
+               for _ in range(lik.DECODER_DRAWS)]
+        assert float(exact.decoder[i]) == pytest.approx(np.mean(dec), rel=1e-9)
+        assert float(exact.decoder_se[i]) == pytest.approx(
+            np.std(dec, ddof=1) / math.sqrt(len(dec)), rel=1e-6)
         y0, m_y = (x0[i] - x_hat).numpy(), (m - x_hat).numpy()
         total = sum(_reference_kl(ref, s, t, y0, m_y, torch.randn(SHAPE, generator=g).double()
                                   .numpy()) for t in range(1, T))
@@ -318,7 +335,7 @@ def test_stratified_estimate_with_the_documented_draws(K):
     draws = [2] * (S - 1) + [K - 2 * (S - 1)]
     for i, g in enumerate(sample_generators(4, range(B))):
         u = torch.rand(K, generator=g, dtype=F64).tolist()
-        [torch.randn(SHAPE, generator=g) for _ in range(2)]
+        [torch.randn(SHAPE, generator=g) for _ in range(lik.DECODER_DRAWS)]
         y0, m_y = (x0[i] - x_hat).numpy(), (m - x_hat).numpy()
         total, var, j = 0.0, 0.0, 0
         for k in range(S):

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..rng import randn_like_per_sample, sample_generators
 
 DECODERS = ("discrete", "continuous")  # the 8-bit decoder of Ho et al. eq. 13, or a density
+DECODER_DRAWS = 8  # noise draws of the decoder term an image: its noise is the largest a term
 GRID_TOLERANCE = 1e-3  # how far (in levels) a pixel may lie off the 8-bit grid
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -251,7 +252,7 @@ class DiffusionTerms:
     """-L_diff of each image (B,) in its parts, nats, float64 on the CPU, with standard errors.
 
     ``prior``: KL(q(y_T|y0) || N(0, I)), closed form. ``steps``: the estimate of the sum of the
-    T - 1 step KLs. ``decoder``: -log p_theta(x0 | y_1), the mean of two noise draws.
+    T - 1 step KLs. ``decoder``: -log p_theta(x0 | y_1), the mean of DECODER_DRAWS noise draws.
     """
 
     prior: Tensor
@@ -274,6 +275,21 @@ def _predict(eps_fn: EpsFn, y_t: Tensor, t: Tensor) -> Tensor:
     return eps.to(y_t.dtype)
 
 
+def step_terms(eps_fn: EpsFn, schedule: Schedule, y0: Tensor, t: Tensor,
+               generators: Sequence[torch.Generator], var_type: str = "fixedlarge") -> Tensor:
+    """KL_{t_j}(eps_j) of each image and column j of the steps ``t`` (B, K), nats (B, K): one
+    eps_j from each image's generator a column, in column order, y_t = q_sample(y0, t_j, eps_j)
+    and `step_kl` with eps_fn(y_t, t_j). One network call a column."""
+    shape, device, dtype = y0.shape[1:], y0.device, y0.dtype
+    kl = []
+    for k in range(t.shape[1]):
+        eps = randn_like_per_sample(generators, shape, device, dtype)
+        t_k = t[:, k].to(device)
+        y_t = q_sample(schedule, y0, t_k, eps)
+        kl.append(step_kl(schedule, t_k, eps, _predict(eps_fn, y_t, t_k), var_type))
+    return torch.stack(kl, 1)
+
+
 def diffusion_terms(eps_fn: EpsFn, schedule: Schedule, form: Formulation, x0: Tensor,
                     x_hat: Tensor | None = None, *, generators: Sequence[torch.Generator],
                     strata: int = 100, exact: bool = False, var_type: str = "fixedlarge",
@@ -293,10 +309,12 @@ def diffusion_terms(eps_fn: EpsFn, schedule: Schedule, form: Formulation, x0: Te
     (K = 1: nan). ``exact=True`` takes every step once instead (K = T - 1 draws, strata of one
     step each; T - 1 network calls for the batch, plus two for the decoder), still a Monte Carlo
     estimate over eps, its standard error `collapsed_variance`'s (conservative). The decoder
-    term is the mean of two draws, its standard error |d_1 - d_2| / 2.
+    term is the mean of DECODER_DRAWS draws, its standard error their standard deviation over
+    the root of their number.
 
-    Image b's draws come from ``generators[b]`` in this order: the K uniforms (float64), the two
-    decoder noises, then eps_1..eps_K; each drawn alone, so the batch never changes them.
+    Image b's draws come from ``generators[b]`` in this order: the K uniforms (float64), the
+    DECODER_DRAWS decoder noises, then eps_1..eps_K; each drawn alone, so the batch never
+    changes them.
     """
     check_schedule(schedule)
     K = schedule.T - 1 if exact else check_strata(strata, schedule.T)
@@ -313,24 +331,19 @@ def diffusion_terms(eps_fn: EpsFn, schedule: Schedule, form: Formulation, x0: Te
 
     zero = torch.zeros(B, dtype=torch.long, device=device)
     dec = []
-    for _ in range(2):
+    for _ in range(DECODER_DRAWS):
         y_1 = q_sample(schedule, y0, 0, randn_like_per_sample(generators, shape, device, dtype))
         y0_pred = predict_y0(schedule, y_1, 0, _predict(eps_fn, y_1, zero))
         dec.append(decoder_nll(schedule, x0, form.readback(y0_pred, x_hat), var_type, decoder))
+    dec = torch.stack(dec, 1)  # (B, DECODER_DRAWS)
 
-    kl = []
-    for k in range(K):
-        eps = randn_like_per_sample(generators, shape, device, dtype)
-        t_k = t[:, k].to(device)
-        y_t = q_sample(schedule, y0, t_k, eps)
-        kl.append(step_kl(schedule, t_k, eps, _predict(eps_fn, y_t, t_k), var_type))
-    kl = torch.stack(kl, 1)  # (B, K): KL_{t_j}(eps_j)
+    kl = step_terms(eps_fn, schedule, y0, t, generators, var_type)  # (B, K): KL_{t_j}(eps_j)
     weight = n.double() / torch.bincount(owner)[owner].double()  # n_k / m_k of each draw
     variance = (collapsed_variance(kl * sizes.double()) if exact
                 else within_strata_variance(kl, owner, sizes))
     return DiffusionTerms(prior=prior_term(schedule, y0), steps=(kl * weight).sum(1),
-                          steps_se=variance.sqrt(),
-                          decoder=(dec[0] + dec[1]) / 2, decoder_se=(dec[0] - dec[1]).abs() / 2)
+                          steps_se=variance.sqrt(), decoder=dec.mean(1),
+                          decoder_se=dec.std(1) / math.sqrt(DECODER_DRAWS))
 
 
 # --------------------------------------------------------------------------------------------
