@@ -183,6 +183,7 @@ def detection(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, d
 
 def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
+    origin = provenance(torch.device("cpu"))  # the code as it was when the run started
     pipe = DiffuseVAE.from_pretrained(args.run)
     baseline = DiffuseVAE.from_pretrained(args.baseline)
     if pipe.vae is None or pipe.prior is None or baseline.vae is not None:
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{means[name]['bound_gmm']['mean']:.3f} (DiffuseVAE, Ex-PDE), "
             f"{means[name]['ddpm']['mean']:.3f} (DDPM)")
     seconds = time.perf_counter() - t0
-    return {**provenance(pipe.device), "seconds": seconds,
+    return {**origin, "seconds": seconds,
             "settings": {"run": str(args.run), "baseline": str(args.baseline),
                          "data": args.data, "n_id": args.n_id, "n": args.n,
                          "strata": args.strata, "seed": args.seed, "tpr": TPR,

@@ -69,13 +69,15 @@ def step_profile(pipe: DiffuseVAE, x: torch.Tensor, draws: int = 2) -> torch.Ten
 
 def predicted_sd(profile: torch.Tensor, sizes: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """The standard deviation of one image's steps estimate (B,) with strata of ``sizes`` n_k
-    (contiguous from step 1) and ``draws`` m_k a stratum: sqrt(sum_k n_k^2 v_k / m_k), v_k the
-    variance of one draw in stratum k (uniform step, fresh noise), estimated by the variance of
-    the profile's values in it (every step, two noise draws each)."""
+    (contiguous from step 1) and ``draws`` m_k a stratum: sqrt(sum_k n_k^2 v_k / m_k), with v_k
+    the variance of one draw in stratum k (a uniform step, fresh noise): the mean over its steps
+    of the noise's variance (between the profile's draws of a step) plus the variance over its
+    steps of their mean."""
+    noise, mean = profile.var(0), profile.mean(0)  # (B, T - 1) each
     var, start = torch.zeros(profile.shape[1], dtype=torch.float64), 0
     for n, m in zip(sizes.tolist(), draws.tolist()):
-        values = profile[:, :, start:start + n].permute(1, 0, 2).reshape(profile.shape[1], -1)
-        var += n * n * values.var(1) / m
+        v = noise[:, start:start + n].mean(1) + mean[:, start:start + n].var(1, unbiased=False)
+        var += n * n * v / m
         start += n
     return var.sqrt()
 
@@ -143,6 +145,7 @@ def model_bounds(pipe: DiffuseVAE, x: torch.Tensor, request: LikelihoodRequest
 
 def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
+    origin = provenance(torch.device("cpu"))  # the code as it was when the run started
     results, profiles = {}, {}
     for name, folder in (("diffusevae", args.run), ("ddpm", args.baseline)):
         pipe = DiffuseVAE.from_pretrained(folder)
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.profile:
             profiles[name] = profile_report(step_profile(pipe, x[:args.profile]), args.strata)
             log(f"{name}: profile of {args.profile} images in {time.perf_counter() - t3:.0f} s")
-    return {**provenance(torch.device("cpu")), "seconds": time.perf_counter() - t0,
+    return {**origin, "seconds": time.perf_counter() - t0,
             "settings": {"run": str(args.run), "baseline": str(args.baseline),
                          "data": args.data, "split": "test", "images": f"the first {args.n}",
                          "n": args.n, "strata": args.strata, "seed": args.seed,
