@@ -100,9 +100,10 @@ def profile_report(profile: torch.Tensor, strata: int) -> dict:
     return {"images": profile.shape[1], "draws": profile.shape[0],
             "steps_sum_nats": float(total.mean()),
             "first_step_kl_nats": float(mean_t[0]), "share_first_step": cum[0],
-            "share_first_10_steps": cum[9], "share_first_100_steps": cum[99],
+            "share_first_10_steps": cum[min(9, T - 2)],
+            "share_first_100_steps": cum[min(99, T - 2)],
             "kl_nats_at_step": {str(t): float(mean_t[t - 1]) for t in (1, 2, 5, 10, 20, 50,
-                                                                       100, 200, 500)},
+                                                                       100, 200, 500) if t < T},
             "predicted_sd": {name: {"nats": float(sd.mean()),
                                     "relative_to_steps": float((sd / total).mean())}
                              for name, (n, m) in allocations.items()
