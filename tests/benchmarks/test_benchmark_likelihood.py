@@ -110,10 +110,17 @@ def test_predicted_sd_of_a_profile_by_hand():
     assert float(pairs) == pytest.approx(math.sqrt(4 * v1 / 2 + 4 * v2 / 2))
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _smoke(script: str, models, out: Path, *args: str) -> dict:
+    """Run ``benchmarks/SCRIPT.py`` on the tiny models into ``out`` (digits as the data), check
+    that it succeeded and left the committed results alone; its JSON."""
+    committed = {p.name: p.stat().st_mtime_ns for p in RESULTS.glob(f"{script}*")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--run", str(models[0]),
+         "--baseline", str(models[1]), "--data", "digits", "--out", str(out), *args],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in RESULTS.glob(f"{script}*")} == committed
+    return json.loads((out / f"{script}.json").read_text())
 
 
 def _pairwise_auroc(neg, pos) -> float:
@@ -124,15 +131,9 @@ def _pairwise_auroc(neg, pos) -> float:
 
 @pytest.mark.benchmark_smoke
 def test_anomaly_benchmark_smoke(tiny_models, tmp_path):
-    committed = {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("anomaly*")}
-    dvae, ddpm = tiny_models
-    proc = _run("anomaly", "--run", str(dvae), "--baseline", str(ddpm), "--data", "digits",
-                "--n-id", "12", "--n", "6", "--strata", "4", "--batch-size", "5",
-                "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("anomaly*")} == committed
+    r = _smoke("anomaly", tiny_models, tmp_path, "--n-id", "12", "--n", "6", "--strata", "4",
+               "--batch-size", "5")
     assert {p.name for p in tmp_path.iterdir()} == {"anomaly.json", "anomaly.md", "anomaly.png"}
-    r = json.loads((tmp_path / "anomaly.json").read_text())
     keys = [k for k, _, _ in b4.SCORES]
     assert list(r["detection"]) == keys and list(r["scores"]) == keys
     assert set(r["test_split"]) == {"gmm", "normal", "ddpm"}
@@ -154,14 +155,8 @@ def test_anomaly_benchmark_smoke(tiny_models, tmp_path):
 
 @pytest.mark.benchmark_smoke
 def test_likelihood_benchmark_smoke(tiny_models, tmp_path):
-    committed = {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("likelihood*")}
-    dvae, ddpm = tiny_models
-    proc = _run("likelihood", "--run", str(dvae), "--baseline", str(ddpm), "--data", "digits",
-                "--n", "6", "--strata", "4", "--profile", "2", "--batch-size", "6",
-                "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {p.name: p.stat().st_mtime_ns for p in RESULTS.glob("likelihood*")} == committed
-    r = json.loads((tmp_path / "likelihood.json").read_text())
+    r = _smoke("likelihood", tiny_models, tmp_path, "--n", "6", "--strata", "4", "--profile",
+               "2", "--batch-size", "6")
     assert {k: list(v) for k, v in r["comparisons"].items()} == {
         "diffusevae": ["gmm", "normal"], "ddpm": ["none"]}
     for by_prior in r["comparisons"].values():
