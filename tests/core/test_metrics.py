@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 
 from diffusevae.core import metrics as M
 
@@ -218,3 +219,45 @@ def test_stats_cache_round_trip(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
     with pytest.raises(M.MetricError, match="mu"):
         M.load_stats(tmp_path / "bad.npz")
+
+
+# ---- detection: AUROC and FPR at 95% TPR ----------------------------------------------------
+
+def test_auroc_of_known_cases():
+    """Counted by hand: of the 3 x 3 pairs (negative, positive), the positive scores higher in
+    6, ties in 1 (counting 1/2) and lower in 2: AUROC 6.5 / 9. Separated sets give 1, reversed
+    0, identical sets 1/2; the result is scipy's Mann-Whitney U over n_neg n_pos."""
+    neg, pos = [0.1, 0.4, 0.35], [0.8, 0.4, 0.2]
+    # pairs (n, p): (0.1: 0.8 0.4 0.2 -> 3 higher), (0.4: 0.8 higher, 0.4 tie, 0.2 lower),
+    # (0.35: 0.8 0.4 higher, 0.2 lower)
+    assert M.auroc(neg, pos) == pytest.approx(6.5 / 9)
+    assert M.auroc([1, 2, 3], [4, 5]) == 1.0 and M.auroc([4, 5], [1, 2, 3]) == 0.0
+    assert M.auroc([1, 2, 3], [1, 2, 3]) == 0.5
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=50), rng.normal(0.7, 1, size=40).round(1)
+    u = scipy.stats.mannwhitneyu(b, a).statistic
+    assert M.auroc(a, b) == pytest.approx(u / (50 * 40), abs=1e-12)
+
+
+def test_auroc_standard_error_matches_the_spread():
+    """Hanley and McNeil's error against the spread of 400 AUROCs of fresh normal samples."""
+    rng = np.random.default_rng(2)
+    values = [M.auroc(rng.normal(size=60), rng.normal(1.0, 1, size=40)) for _ in range(400)]
+    se = M.auroc_standard_error(float(np.mean(values)), 60, 40)
+    assert 0.8 * np.std(values) < se < 1.25 * np.std(values)
+    assert M.auroc_standard_error(1.0, 10, 10) == 0.0
+
+
+def test_fpr_at_95_tpr_of_known_cases():
+    """20 positives 1..20: the threshold that flags 95% of them (19) is 2, so the negatives at
+    or above 2 count; 10 positives: ceil(9.5) = 10 must be flagged, threshold 1."""
+    pos = np.arange(1, 21)
+    assert M.fpr_at_tpr([0, 1, 1.5, 2, 3], pos) == pytest.approx(2 / 5)
+    assert M.fpr_at_tpr([0, 1, 1.5, 2, 3], np.arange(1, 11)) == pytest.approx(4 / 5)
+    assert M.fpr_at_tpr([-5, -4], pos) == 0.0 and M.fpr_at_tpr([30, 40], pos) == 1.0
+    with pytest.raises(M.MetricError, match="finite"):
+        M.auroc([0.0, float("nan")], [1.0])
+    with pytest.raises(M.MetricError, match="non-empty"):
+        M.fpr_at_tpr([], [1.0])
+    with pytest.raises(M.MetricError, match="tpr must lie"):
+        M.fpr_at_tpr([0.0], [1.0], tpr=0)

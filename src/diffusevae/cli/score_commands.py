@@ -194,10 +194,10 @@ def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include
 @click.option("--n", type=count(MAX_SAMPLES), default=None,
               help="Score the first N images [all].")
 @click.option("--strata", type=count(MAX_TIMESTEPS), default=100, show_default=True,
-              help="Timesteps an image, one drawn in each of this many equal strata "
-                   "(unbiased; a standard error per image).")
+              help="Timesteps an image, two drawn in each of half as many strata "
+                   "equal in log t (unbiased; a standard error per image).")
 @click.option("--exact", is_flag=True,
-              help="Sum every timestep instead: T network calls an image.")
+              help="Sum every timestep instead: T + 7 network calls an image.")
 @click.option("--var-type", type=click.Choice(VAR_TYPES), default="fixedlarge",
               show_default=True, help="The refiner's step variance in the bound.")
 @click.option("--seed", type=SEED, default=0, show_default=True,

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..rng import randn_like_per_sample, sample_generators
 
 DECODERS = ("discrete", "continuous")  # the 8-bit decoder of Ho et al. eq. 13, or a density
+DECODER_DRAWS = 8  # noise draws of the decoder term an image: its noise is the largest a term
 GRID_TOLERANCE = 1e-3  # how far (in levels) a pixel may lie off the 8-bit grid
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -178,14 +179,52 @@ def decoder_nll(schedule: Schedule, x0: Tensor, mean: Tensor, var_type: str = "f
 # --------------------------------------------------------------------------------------------
 
 def strata_bounds(T: int, strata: int) -> tuple[Tensor, Tensor]:
-    """The first step and the size n_k of each of K contiguous strata of the steps 1..T-1,
-    as equal as integers allow: stratum k starts at 1 + floor(k (T - 1) / K)."""
-    edges = torch.tensor([1 + k * (T - 1) // strata for k in range(strata + 1)])
-    return edges[:-1], edges[1:] - edges[:-1]
+    """The first step and the size n_k of each of S = ``strata`` contiguous strata of the steps
+    1..T-1, near a geometric sequence: with N = T - 1 and edges e_0 = 0 < e_1 < ... < e_S = N
+    (stratum k holds the steps e_{k-1} + 1 .. e_k), each edge is the next term of the
+    geometric sequence from e_{k-1} + 1 to N + 1 in the S - k + 1 strata left,
+
+        e_k = min(N - (S - k), max(e_{k-1} + 1, round(a ((N + 1) / a)^(1 / (S - k + 1))) - 1)),
+        a = e_{k-1} + 1,
+
+    at least one step a stratum. So the strata are equal in log t where integers allow: single
+    steps at the start, where the terms are largest and fall fastest (about as 1/t), wide ones
+    at the end, where they are small (docs/likelihood.md#estimator)."""
+    N = T - 1
+    edges = [0]
+    for k in range(1, strata + 1):
+        a = edges[-1] + 1
+        geometric = round(a * ((N + 1) / a) ** (1 / (strata - k + 1))) - 1
+        edges.append(min(N - (strata - k), max(a, geometric)))
+    e = torch.tensor(edges)
+    return 1 + e[:-1], e[1:] - e[:-1]
+
+
+def stratum_of_draws(draws: int) -> Tensor:
+    """The stratum of each of K = ``draws`` timesteps an image: S = max(1, K // 2) strata of two
+    draws each, the last taking three when K is odd (K = 1: one stratum, one draw). Draw j
+    belongs to stratum min(j // 2, S - 1), (K,) LongTensor."""
+    return (torch.arange(draws) // 2).clamp(max=max(1, draws // 2) - 1)
+
+
+def within_strata_variance(values: Tensor, owner: Tensor, sizes: Tensor) -> Tensor:
+    """An unbiased estimate of Var(sum_k n_k mean_j Y_kj) from m_k >= 2 independent draws Y_kj
+    in each stratum k (``values`` (B, K), draw j in stratum ``owner[j]`` of ``sizes`` n_k):
+
+        v = sum_k n_k^2 s_k^2 / m_k,   s_k^2 = sum_j (Y_kj - mean_k Y)^2 / (m_k - 1)
+
+    (a pair: n_k^2 (Y_k1 - Y_k2)^2 / 4). A stratum of one draw gives nan."""
+    B, S = values.shape[0], len(sizes)
+    counts = torch.bincount(owner, minlength=S).to(values.dtype)
+    mean = torch.zeros(B, S, dtype=values.dtype).index_add_(1, owner, values) / counts
+    dev2 = torch.zeros(B, S, dtype=values.dtype).index_add_(
+        1, owner, (values - mean[:, owner]).square())
+    return (sizes.to(values.dtype).square() * dev2 / ((counts - 1) * counts)).sum(1)
 
 
 def collapsed_variance(x: Tensor) -> Tensor:
-    """An estimate of Var(sum_k x_k) from one draw x_k = n_k Y_k per stratum (B, K) -> (B,).
+    """An estimate of Var(sum_k x_k) from one draw x_k = n_k Y_k per stratum (B, K) -> (B,),
+    for the exact sum (one draw at each step).
 
     One draw per stratum says nothing of a stratum's own spread, so neighbouring strata are
     collapsed into groups g (pairs; the last three when K is odd) and each group is treated as
@@ -213,7 +252,7 @@ class DiffusionTerms:
     """-L_diff of each image (B,) in its parts, nats, float64 on the CPU, with standard errors.
 
     ``prior``: KL(q(y_T|y0) || N(0, I)), closed form. ``steps``: the estimate of the sum of the
-    T - 1 step KLs. ``decoder``: -log p_theta(x0 | y_1), the mean of two noise draws.
+    T - 1 step KLs. ``decoder``: -log p_theta(x0 | y_1), the mean of DECODER_DRAWS noise draws.
     """
 
     prior: Tensor
@@ -236,6 +275,21 @@ def _predict(eps_fn: EpsFn, y_t: Tensor, t: Tensor) -> Tensor:
     return eps.to(y_t.dtype)
 
 
+def step_terms(eps_fn: EpsFn, schedule: Schedule, y0: Tensor, t: Tensor,
+               generators: Sequence[torch.Generator], var_type: str = "fixedlarge") -> Tensor:
+    """KL_{t_j}(eps_j) of each image and column j of the steps ``t`` (B, K), nats (B, K): one
+    eps_j from each image's generator a column, in column order, y_t = q_sample(y0, t_j, eps_j)
+    and `step_kl` with eps_fn(y_t, t_j). One network call a column."""
+    shape, device, dtype = y0.shape[1:], y0.device, y0.dtype
+    kl = []
+    for k in range(t.shape[1]):
+        eps = randn_like_per_sample(generators, shape, device, dtype)
+        t_k = t[:, k].to(device)
+        y_t = q_sample(schedule, y0, t_k, eps)
+        kl.append(step_kl(schedule, t_k, eps, _predict(eps_fn, y_t, t_k), var_type))
+    return torch.stack(kl, 1)
+
+
 def diffusion_terms(eps_fn: EpsFn, schedule: Schedule, form: Formulation, x0: Tensor,
                     x_hat: Tensor | None = None, *, generators: Sequence[torch.Generator],
                     strata: int = 100, exact: bool = False, var_type: str = "fixedlarge",
@@ -244,48 +298,52 @@ def diffusion_terms(eps_fn: EpsFn, schedule: Schedule, form: Formulation, x0: Te
 
     ``eps_fn(y_t, t)``: the noise predictor in y (`diffusion.make_eps_fn`), called with steps
     t (B,) of ``schedule``. The step indices 1..T-1 (the paper's t = 2..T) are cut into
-    K = ``strata`` contiguous strata of sizes n_k (`strata_bounds`); image b draws one t_k
-    uniformly in each and one eps_k, and
+    S = K // 2 contiguous strata (`strata_bounds`: single steps at the start, wider ones
+    further on) for K = ``strata`` draws an image, two in each stratum (three in the last when
+    K is odd; `stratum_of_draws`). Image b draws each t_j uniformly in its stratum k(j) and one
+    eps_j, and
 
-        steps = sum_k n_k KL_{t_k}(eps_k),
+        steps = sum_j n_k(j) / m_k(j) KL_{t_j}(eps_j),
 
-    unbiased for sum_t E_eps KL_t; its standard error is sqrt(`collapsed_variance`) of the
-    n_k KL_{t_k}. ``exact=True`` is K = T - 1, strata of one step each: every step once
-    (T - 1 network calls for the batch, plus two for the decoder), each with one noise draw,
-    so it is still a Monte Carlo estimate over eps. The decoder term is the mean of two draws,
-    its standard error |d_1 - d_2| / 2.
+    unbiased for sum_t E_eps KL_t, with the unbiased standard error of `within_strata_variance`
+    (K = 1: nan). ``exact=True`` takes every step once instead (K = T - 1 draws, strata of one
+    step each; T - 1 network calls for the batch, plus two for the decoder), still a Monte Carlo
+    estimate over eps, its standard error `collapsed_variance`'s (conservative). The decoder
+    term is the mean of DECODER_DRAWS draws, its standard error their standard deviation over
+    the root of their number.
 
-    Image b's draws come from ``generators[b]`` in this order: the K uniforms (float64), the two
-    decoder noises, then eps_1..eps_K; each drawn alone, so the batch never changes them.
+    Image b's draws come from ``generators[b]`` in this order: the K uniforms (float64), the
+    DECODER_DRAWS decoder noises, then eps_1..eps_K; each drawn alone, so the batch never
+    changes them.
     """
     check_schedule(schedule)
     K = schedule.T - 1 if exact else check_strata(strata, schedule.T)
     check_choice("var_type", var_type, names.VAR_TYPES)
     check_batch(x0, x_hat, generators, form, decoder)
     B, shape, device, dtype = x0.shape[0], x0.shape[1:], x0.device, x0.dtype
-    starts, sizes = strata_bounds(schedule.T, K)
+    owner = torch.arange(K) if exact else stratum_of_draws(K)
+    starts, sizes = strata_bounds(schedule.T, K if exact else int(owner[-1]) + 1)
     u = torch.stack([torch.rand(K, generator=g, device=g.device, dtype=torch.float64).cpu()
                      for g in generators])
-    t = (starts + (u * sizes).floor().long()).clamp(max=starts + sizes - 1)  # (B, K)
+    first, n = starts[owner], sizes[owner]
+    t = (first + (u * n).floor().long()).clamp(max=first + n - 1)  # (B, K)
     y0 = form.target(x0, x_hat)
 
     zero = torch.zeros(B, dtype=torch.long, device=device)
     dec = []
-    for _ in range(2):
+    for _ in range(DECODER_DRAWS):
         y_1 = q_sample(schedule, y0, 0, randn_like_per_sample(generators, shape, device, dtype))
         y0_pred = predict_y0(schedule, y_1, 0, _predict(eps_fn, y_1, zero))
         dec.append(decoder_nll(schedule, x0, form.readback(y0_pred, x_hat), var_type, decoder))
+    dec = torch.stack(dec, 1)  # (B, DECODER_DRAWS)
 
-    kl = []
-    for k in range(K):
-        eps = randn_like_per_sample(generators, shape, device, dtype)
-        t_k = t[:, k].to(device)
-        y_t = q_sample(schedule, y0, t_k, eps)
-        kl.append(step_kl(schedule, t_k, eps, _predict(eps_fn, y_t, t_k), var_type))
-    weighted = torch.stack(kl, 1) * sizes.double()  # (B, K): n_k KL_{t_k}
-    return DiffusionTerms(prior=prior_term(schedule, y0), steps=weighted.sum(1),
-                          steps_se=collapsed_variance(weighted).sqrt(),
-                          decoder=(dec[0] + dec[1]) / 2, decoder_se=(dec[0] - dec[1]).abs() / 2)
+    kl = step_terms(eps_fn, schedule, y0, t, generators, var_type)  # (B, K): KL_{t_j}(eps_j)
+    weight = n.double() / torch.bincount(owner)[owner].double()  # n_k / m_k of each draw
+    variance = (collapsed_variance(kl * sizes.double()) if exact
+                else within_strata_variance(kl, owner, sizes))
+    return DiffusionTerms(prior=prior_term(schedule, y0), steps=(kl * weight).sum(1),
+                          steps_se=variance.sqrt(), decoder=dec.mean(1),
+                          decoder_se=dec.std(1) / math.sqrt(DECODER_DRAWS))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Sample-quality metrics on features: FID, KID and IS, with streaming statistics in float64.
+"""Sample-quality metrics on features: FID, KID and IS, with streaming statistics in float64;
+and detection metrics for anomaly scores.
 
 - `StatsAccumulator` streams features batch by batch: a running sum and a running sum of outer
   products (of features shifted by the first batch's mean, which keeps the float64 sums well
@@ -11,6 +12,8 @@
   subsets (Binkowski et al. 2018).
 - `ISAccumulator`: exp(E_x KL(p(y|x) || p(y))) over splits (Salimans et al. 2016), streamed,
   combined the same way.
+- `auroc`, `auroc_standard_error` and `fpr_at_tpr`: how well a score (higher: more likely
+  out of distribution) tells two sets of images apart, for the likelihood's anomaly scores.
 - Reference statistics are cached as `.npz` files (`save_stats` / `load_stats`), keyed by
   `stats_key` (dataset, split, image size, extractor and its weights' hash).
 """
@@ -26,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 
 from ..errors import MetricError
 from ..io.arrays import Want, read_npz
@@ -410,3 +414,49 @@ def load_stats(path: str | Path) -> Stats:
         raise MetricError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together; "
                           f"{fix}")
     return Stats(mu, sigma, int(data.get("n", 0)), data.get("features"), meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Detection: scores where higher means "more likely out of distribution"
+# --------------------------------------------------------------------------------------------
+
+def _scores(values, name: str) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(x) == 0 or not np.isfinite(x).all():
+        raise MetricError(f"{name} must be a non-empty list of finite scores; got {len(x)} "
+                          f"values{'' if np.isfinite(x).all() else ', some not finite'}")
+    return x
+
+
+def auroc(negatives, positives) -> float:
+    """The area under the ROC curve of "positive when score >= threshold": the probability
+    that a positive (out of distribution) scores above a negative (in distribution), ties
+    counting one half; the Mann-Whitney U over n_neg n_pos, from midranks. 1: every positive
+    above every negative; 0.5: no better than chance; below 0.5: the score points the wrong
+    way."""
+    neg, pos = _scores(negatives, "negatives"), _scores(positives, "positives")
+    ranks = scipy.stats.rankdata(np.concatenate([neg, pos]))  # ties get their mean rank
+    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(neg) * len(pos)))
+
+
+def auroc_standard_error(area: float, n_negatives: int, n_positives: int) -> float:
+    """The standard error of an AUROC from n_negatives and n_positives scores (Hanley and
+    McNeil 1982, eq. 2, with Q1 = A / (2 - A), Q2 = 2 A^2 / (1 + A))."""
+    a = area
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_positives - 1) * (q1 - a * a)
+           + (n_negatives - 1) * (q2 - a * a)) / (n_negatives * n_positives)
+    return float(np.sqrt(max(var, 0.0)))
+
+
+def fpr_at_tpr(negatives, positives, tpr: float = 0.95) -> float:
+    """The fraction of negatives flagged at the highest threshold that flags at least ``tpr``
+    of the positives: with the positives' scores sorted from the highest, the threshold is the
+    ceil(tpr n_pos)-th, and negatives scoring at or above it count (ties with the threshold
+    are flagged, as positives there are)."""
+    if not 0 < tpr <= 1:
+        raise MetricError(f"tpr must lie in (0, 1]; got {tpr!r}")
+    neg, pos = _scores(negatives, "negatives"), _scores(positives, "positives")
+    threshold = np.sort(pos)[::-1][int(np.ceil(tpr * len(pos) - 1e-9)) - 1]
+    return float((neg >= threshold).mean())

@@ -396,7 +396,7 @@ def image_channels(image: np.ndarray) -> int:
         image[..., 1] == image[..., 2]).all() else 3
 
 
-def _for_model(image: np.ndarray, channels: int, size: int) -> Tensor:
+def image_for_model(image: np.ndarray, channels: int, size: int) -> Tensor:
     """A loaded image (H, W, C) as the model takes it, (channels, size, size) in [-1, 1]:
     gray repeated to RGB or RGB made luma, centre-cropped to a square, resized (bicubic)."""
     im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
@@ -481,7 +481,7 @@ class ImageFolder(Dataset):
             image = _load(self.paths[i], self.limits)
         except UnreadableImageError as exc:
             raise DataError(f"{exc}; was it changed after the dataset was built?") from None
-        return _for_model(image, self.channels, self.image_size), -1
+        return image_for_model(image, self.channels, self.image_size), -1
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,7 +528,7 @@ def read_image(path: str | Path, image_size: int, channels: int, convert: bool =
     error = None if convert else _wrong_channels([path], [image_channels(image)], channels)
     if error:
         raise DataError(error)
-    return _for_model(image, channels, image_size)
+    return image_for_model(image, channels, image_size)
 
 
 # --------------------------------------------------------------------------------------------

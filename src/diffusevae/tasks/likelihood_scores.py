@@ -70,7 +70,7 @@ def likelihood_to_folder(run_dir: str | Path, request: LikelihoodRequest,
     n = len(dataset) if request.n is None else min(request.n, len(dataset))
     out_dir = run.output_dir("likelihood", out_dir)
     with output_folder(out_dir, "likelihood", overwrite, inputs=[request.input_dir]):
-        bound = _score(pipe, dataset, n, request, progress)
+        bound = score_dataset(pipe, dataset, n, request, progress)
         summary = summarize(bound)
         _write_scores(out_dir / LIKELIHOOD_SCORES, bound, names[:n])
         plotted = _histogram(bound, out_dir / LIKELIHOOD_HISTOGRAM, summary)
@@ -94,8 +94,11 @@ def _images(run: RunFolder, request: LikelihoodRequest):
     return dataset, [f"{split}-{i:06d}" for i in range(len(dataset))]
 
 
-def _score(pipe: DiffuseVAE, dataset, n: int, request: LikelihoodRequest,
-           progress: bool) -> LikelihoodBound:
+def score_dataset(pipe: DiffuseVAE, dataset, n: int, request: LikelihoodRequest,
+                  progress: bool = False) -> LikelihoodBound:
+    """The bound of the first ``n`` images of ``dataset`` (items (image, label), images in
+    [-1, 1], `quantized` to 8 bits first) in batches of ``request.batch_size``, image i
+    drawing from the generator of (request.seed, i)."""
     parts = []
     with tqdm(total=n, desc="likelihood", unit="img", disable=not progress) as bar:
         for first in range(0, n, request.batch_size):
