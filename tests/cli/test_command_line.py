@@ -53,6 +53,10 @@ def test_presets_and_dry_run(tmp_path, capsys):
     assert run("presets") == 0
     listing = capsys.readouterr().out
     assert all(name in listing for name in ("cifar10", "celeba64", "celebahq256", "digits"))
+    lines = listing.splitlines()  # aligned columns: each header word starts its column
+    start = lines[0].index("attn")
+    assert all(line[start - 2:start] == "  " and line[start] != " " for line in lines[1:]), \
+        listing
     assert run("train-vae", "--run", tmp_path / "r", "--preset", "cifar10", "--lr", "3e-4",
                "--dry-run") == 0
     printed = capsys.readouterr().out

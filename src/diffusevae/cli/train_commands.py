@@ -22,15 +22,18 @@ def presets(name: str | None) -> None:
     if name:
         show_config(PRESETS[name])
         return
-    click.echo(f"{'preset':<14}{'image':<11}{'dataset':<15}{'z':>5}{'unet ch':>9}  mults    "
-               f"{'attn':<8}{'refiner lr, batch':<18}")
+    rows = [("preset", "image", "dataset", "z", "unet ch", "mults", "attn",
+             "refiner lr, batch")]
     for key, cfg in PRESETS.items():
         d, u, t = cfg.data, cfg.unet, cfg.train_refiner
-        size = f"{d.image_size}x{d.image_size}x{d.channels}"
-        attn = ",".join(map(str, u.attn_resolutions)) or "-"
-        mults = ",".join(map(str, u.channel_mults))
-        click.echo(f"{key:<14}{size:<11}{d.dataset:<15}{cfg.vae.z_dim:>5}{u.base_channels:>9}  "
-                   f"{mults:<9}{attn + '+mid':<8}{t.lr:g}, {t.batch_size}")
+        rows.append((key, f"{d.image_size}x{d.image_size}x{d.channels}", d.dataset,
+                     str(cfg.vae.z_dim), str(u.base_channels), ",".join(map(str, u.channel_mults)),
+                     (",".join(map(str, u.attn_resolutions)) or "-") + "+mid",
+                     f"{t.lr:g}, {t.batch_size}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:  # columns as wide as their widest entry, numbers to the right
+        click.echo("  ".join(v.rjust(w) if i in (3, 4) else v.ljust(w)
+                             for i, (v, w) in enumerate(zip(row, widths))).rstrip())
 
 
 @cli.command("train-vae")
