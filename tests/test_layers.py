@@ -1,8 +1,8 @@
 """The wings of the package, bottom to top, and that a module imports only from its own wing or
 the wings below it:
 
-- the base (config, filenames, names, limits, errors, rng, distributed): settings, the names
-  of the files we write, bounds and randomness;
+- the base (config, filenames, names, limits, errors, rng, distributed, version): settings,
+  the names of the files we write, bounds, randomness and the version;
 - io (files), then presets (which reads config files through io);
 - core (the mathematics and the networks), official (the published checkpoints), model (a
   trained model and `DiffuseVAE`), train, scoring, tasks, app and cli.
@@ -21,10 +21,11 @@ import pytest
 import diffusevae
 
 PACKAGE = Path(diffusevae.__file__).parent
-LAYERS = [{"config", "filenames", "names", "limits", "errors", "rng", "distributed"}, {"io"}, {"presets"},
+LAYERS = [{"config", "filenames", "names", "limits", "errors", "rng", "distributed", "version"},
+          {"io"}, {"presets"},
           {"core"}, {"official"}, {"model"}, {"train"}, {"scoring"}, {"tasks"}, {"app"},
           {"cli"}, {"__main__"}]
-FACE = {"__init__", "__version__"}  # `from .. import __version__` reads the package's face
+FACE = {"__init__"}  # the package's face, which imports every wing: no module imports it
 
 
 def wing_of(module: tuple[str, ...]) -> str:

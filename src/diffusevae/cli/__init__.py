@@ -13,7 +13,7 @@ import warnings
 import click
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..distributed import launched
 from ..errors import CheckpointError, DiffuseVAEError, DiskFullError, cut, exit_status, speak_as
 from ..io.storage import DISK_FULL_ERRNOS

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from ..config import DiffusionConfig, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, quote
+from ..version import __version__
 from .storage import atomic_write, read_checked, save_files
 from .reading import Expect, parse_checked
 from ..filenames import CONFIG_NAME, EMA_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME
@@ -255,8 +256,6 @@ def _git_revision() -> tuple[str | None, bool | None]:
 def environment(device: str | torch.device | None = None, seed: int | None = None) -> dict:
     """What a run or a sampling job ran with: versions, git revision, device, seed, threads."""
     import numpy
-
-    from .. import __version__
 
     revision, dirty = _git_revision()
     return {

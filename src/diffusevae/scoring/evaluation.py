@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..config import DataConfig, SampleConfig
 from ..core import metrics as M
 from ..distributed import Processes

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from ..version import __version__
 from ..config import SampleConfig
 from ..distributed import Processes
 from ..errors import CheckpointError, ConfigError
