@@ -1,8 +1,8 @@
 """DiffuseVAE: a VAE gives a coarse image from a small latent z; a conditional DDPM refines it.
 
 The package's wings, from the bottom up: config.py, filenames.py, names.py, limits.py,
-version.py, errors.py, rng.py and distributed.py are used by everything; `io` reads and writes files
-(presets.py sits just above it); `core` holds the mathematics and the networks; `official`
+version.py, errors.py, rng.py and distributed.py are used by everything; `io` reads and writes
+files (presets.py sits just above it); `core` holds the mathematics and the networks; `official`
 the published checkpoints; `model` a trained model and `DiffuseVAE`; `train` the two training
 stages; `scoring` FID and its kin; `tasks` what the commands produce; `app` the explorer;
 `cli` the command line.

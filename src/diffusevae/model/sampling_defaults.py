@@ -1,7 +1,8 @@
 """How a run's samples are drawn when the caller does not say: its ``sampling_defaults.json``.
 
-A run or model folder may hold this file (`RunFolder.sampling_defaults_path`), a record of the sampling settings it is
-best sampled with (for a shipped model, the cell a benchmark measured best) and the prior of z.
+A run or model folder may hold this file (`RunFolder.sampling_defaults_path`): the sampling
+settings it is best sampled with (for a shipped model, the cell a benchmark measured best) and
+the prior of z.
 Every sampling command and `DiffuseVAE.generate` start from it: a setting the caller gives
 wins, a setting the record leaves out keeps `SampleConfig`'s default. A run without the file
 is sampled with `SampleConfig`'s defaults and z ~ N(0, I)::
