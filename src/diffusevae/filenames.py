@@ -36,7 +36,8 @@ STAGES_PNG = "stages.png"
 SAMPLES_NPZ = "samples.npz"  # images, z, x_hat
 LATENTS_NPZ = "latents.npz"  # z and y_T of inverted images
 SAMPLING_RECORD = "sampling.json"  # settings, environment, samples done, complete
-RECORDS = {"reconstruct": "reconstruct.json", "refine": "refine.json",
+RECORDS = {"sample-vae": "sample-vae.json", "reconstruct": "reconstruct.json",
+           "refine": "refine.json",
            "interpolate": "interpolate.json", "edit": "edit.json"}  # each command's settings
 METRICS_JSON = "metrics.json"  # what `evaluate` measured
 LIKELIHOOD_SCORES = "scores.csv"  # `likelihood`: a row an image

@@ -75,6 +75,8 @@ def test_sample_command_uses_the_record_and_flags_replace_it(recorded_run, tmp_p
 def test_other_sampling_commands_use_the_record(recorded_run, tmp_path, capsys):
     assert run_cli("sample-vae", "--run", recorded_run, "--n", "2", "--out", tmp_path / "v") == 0
     assert "(z ~ Ex-PDE)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "v" / "sample-vae.json").read_text())
+    assert (record["prior"], record["n"], record["batch_size"]) == ("gmm", 2, 256)
     assert run_cli("reconstruct", "--run", recorded_run, "--n", "2", "--out",
                    tmp_path / "r") == 0
     rec = json.loads((tmp_path / "r" / "reconstruct.json").read_text())

@@ -41,7 +41,7 @@ def test_the_record_lists_what_the_command_wrote(trained_run, tmp_path):
     assert run_cli("sample-vae", "--run", trained_run, "--out", out, "--n", 2) == 0
     record = _record(out)
     assert record["command"] == "sample-vae" and record["writing"] is False
-    assert record["entries"] == {"": ["grid.png", "images", "samples.npz"],
+    assert record["entries"] == {"": ["grid.png", "images", "sample-vae.json", "samples.npz"],
                                  "images": ["000000.png", "000001.png"]}
 
 
@@ -65,7 +65,7 @@ def test_our_earlier_outputs_are_removed_and_replaced(trained_run, tmp_path, cap
     assert run_cli("sample-vae", "--run", trained_run, "--out", out, "--n", 5) == 0
     assert run_cli("sample", "--run", trained_run, "--out", out, "--n", 2, "--overwrite",
                    *FAST) == 0
-    assert "removed the 8 earlier output(s) of `sample-vae`" in capsys.readouterr().out
+    assert "removed the 9 earlier output(s) of `sample-vae`" in capsys.readouterr().out
     fresh = tmp_path / "fresh"
     assert run_cli("sample", "--run", trained_run, "--out", fresh, "--n", 2, *FAST) == 0
     assert sorted(_tree(out)) == sorted(_tree(fresh))  # no image of the first run is left
@@ -92,7 +92,7 @@ def test_a_folder_written_before_records_is_refused_naming_its_files(trained_run
     assert run_cli("sample-vae", "--run", trained_run, "--out", out, "--n", 2,
                    "--overwrite") == 2
     err = capsys.readouterr().err
-    assert "older than these records" in err and "grid.png, images, samples.npz" in err
+    assert "older than these records" in err and "grid.png, images, sample-vae.json, samples.npz" in err
     assert _tree(out) == before
 
 

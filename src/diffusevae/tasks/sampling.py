@@ -58,7 +58,7 @@ from ..model.prior_files import run_mixture
 from ..model.run_folder import RunFolder, output_folder
 from .writing import (GRID_SIZE, STAGES_SIZE, Written, check_sample_room, checked_pipeline,
                       processes_of)
-from ..filenames import GRID_PNG, SAMPLES_NPZ, SAMPLING_RECORD, STAGES_PNG
+from ..filenames import GRID_PNG, RECORDS, SAMPLES_NPZ, SAMPLING_RECORD, STAGES_PNG
 
 DIGESTS = "batch_sha256"  # sampling.json's digest of each span of batches written
 DIGEST_ROWS = "batch_sha256_rows"  # and the samples each covers (`digest_span`)
@@ -397,5 +397,7 @@ def sample_vae_to_folder(run_dir: str | Path, request: VAESampleRequest,
                 npz.write(start, images=images, z=z.cpu().numpy())
                 first.extend(images[: max(0, GRID_SIZE - len(first))])
         save_grid(np.stack(first), out_dir / GRID_PNG)
+        atomic_write_json(out_dir / RECORDS["sample-vae"],  # its settings, beside its images
+                          {**dataclasses.asdict(request), "run": str(run), "use_ema": True})
         return Written(out_dir, f"{n} VAE samples written to {out_dir} (z ~ "
                                 f"{'Ex-PDE' if prior == 'gmm' else 'N(0, I)'})")

@@ -9,7 +9,8 @@ function                          command       writes to ``out`` (default: ``RU
 ================================  ============  ===============================================
 `sampling.sample_to_folder`       sample        images/000000.png ..., grid.png, [stages.png],
                                                 samples.npz (images, z, x_hat), sampling.json
-`sampling.sample_vae_to_folder`   sample-vae    images/, grid.png, samples.npz (images, z)
+`sampling.sample_vae_to_folder`   sample-vae    images/, grid.png, samples.npz (images, z),
+                                                sample-vae.json
 `reconstruction.reconstruct_to_folder`  reconstruct  images/, grid.png; refined: also x_hat/
                                                 and reconstruct.json; inverted: also
                                                 inverted/, [latents.npz]
