@@ -111,7 +111,7 @@ class NpzReader:
         if ratio is None:
             raise self.refuse(f"holds {info.filename} compressed in a way numpy never writes "
                               f"(zip method {info.compress_type})")
-        if info.file_size > ratio * info.compress_size + 1024:
+        if overclaims(info):
             raise self.refuse(f"holds {info.filename}, which claims {info.file_size} bytes from "
                               f"{info.compress_size} stored, more than they can give: it is "
                               "corrupt")
@@ -215,6 +215,13 @@ class NpzReader:
             raise
         except _DAMAGED as exc:
             raise self.damaged(exc) from None
+
+
+def overclaims(info: zipfile.ZipInfo) -> bool:
+    """Whether zip member `info` declares more bytes than its stored ones can give (its
+    method's most a byte, `_METHODS`): reading it would allocate what the header claims."""
+    ratio = _METHODS.get(info.compress_type)
+    return ratio is not None and info.file_size > ratio * info.compress_size + 1024
 
 
 def open_part(path: str | Path, rows: int, what: str, error: type[Exception],
