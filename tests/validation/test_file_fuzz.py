@@ -52,6 +52,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import declare_png_size, reseal, run_cli
+from diffusevae.limits import MAX_TEXT_BYTES
 from fuzz_worker import ask, non_finite_arrays, running
 
 EXAMPLES = int(os.environ.get("DIFFUSEVAE_FILE_FUZZ_EXAMPLES", "8"))
@@ -59,7 +60,6 @@ LONG = "DIFFUSEVAE_FILE_FUZZ_EXAMPLES" in os.environ
 MEMORY_LIMIT = 3 * 2**30
 SECONDS = 30.0  # per command: the valid ones take about a second; a named pipe must not hang
 OFFICIAL = Path(__file__).parents[1] / "fixtures" / "official"
-TEXT_LIMIT = 16 * 2**20  # io.text.MAX_TEXT_BYTES: the readers refuse a larger text file
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ def _huge(fmt: str, path: Path, variant: dict) -> None:
         path.write_bytes(_zip_member_size(data, variant["member"], size))
     else:  # a text file past the readers' limit, sparse
         with open(path, "r+b") as fh:
-            fh.truncate(TEXT_LIMIT + 1 + size % 4096)
+            fh.truncate(MAX_TEXT_BYTES + 1 + size % 4096)
 
 
 def _link_target(to: str, here: Path, original: bytes) -> Path:
