@@ -33,6 +33,9 @@ import traceback
 from pathlib import Path
 
 
+ENVIRONMENT = ("disk", "space", "permission", "read-only")  # what exit status 1 may be about
+
+
 class OutOfTime(BaseException):
     """The command ran past its time limit."""
 

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import bomb_png, run_cli
-from fuzz_worker import ask, non_finite_arrays, running
+from fuzz_worker import ENVIRONMENT, ask, non_finite_arrays, running
 
 EXAMPLES = int(os.environ.get("DIFFUSEVAE_FUZZ_EXAMPLES", "40"))
 LONG = "DIFFUSEVAE_FUZZ_EXAMPLES" in os.environ  # a longer profile draws new examples each run
@@ -169,9 +169,6 @@ def _place(words: list[str], files: Path, here: Path) -> list[str]:
              "CLASSIFIER": files / "CLASSIFIER", "JUNK": files / "JUNK",
              "BOMB": files / "BOMB", "DEEPJSON": files / "DEEPJSON"}
     return [str(paths.get(w, w)) for w in words]
-
-
-ENVIRONMENT = ("disk", "space", "permission", "read-only")  # what exit status 1 may be about
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG, database=None,
