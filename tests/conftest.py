@@ -65,14 +65,19 @@ def png_bytes(array, mode: str | None = None) -> bytes:
 
 def bomb_png(width: int, height: int) -> bytes:
     """A real PNG of a few dozen bytes whose header claims width x height pixels (a
-    decompression bomb's header): a 1x1 image's IHDR rewritten, its CRC fixed, so that a
-    reader believes it."""
+    decompression bomb's header): a 1x1 image's IHDR rewritten (`declare_png_size`)."""
+    import numpy as np
+
+    return declare_png_size(png_bytes(np.zeros((1, 1), np.uint8)), width, height)
+
+
+def declare_png_size(png: bytes, width: int, height: int) -> bytes:
+    """The PNG `png` with its IHDR rewritten to claim width x height pixels, its CRC fixed, so
+    that a reader believes it."""
     import struct
     import zlib
 
-    import numpy as np
-
-    data = bytearray(png_bytes(np.zeros((1, 1), np.uint8)))
+    data = bytearray(png)
     ihdr = bytearray(data[16:29])  # after the signature (8), length (4) and type (4)
     ihdr[0:8] = struct.pack(">II", width, height)
     data[16:29] = ihdr

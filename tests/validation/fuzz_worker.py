@@ -1,4 +1,5 @@
-"""Runs `diffusevae` commands for tests/validation/test_fuzz.py, many in one process, under a memory limit.
+"""Runs `diffusevae` commands for the fuzzers (tests/validation/test_fuzz.py, test_file_fuzz.py),
+many in one process, under a memory limit.
 
 Started once by the test (importing torch takes seconds; a command on the tiny test run takes
 a fraction of one), it reads one JSON request per line on stdin, {"argv": [...], "cwd": DIR,
@@ -13,6 +14,8 @@ The limit is set with setrlimit(RLIMIT_DATA) (the heap and every private writabl
 memory a tensor takes), so that a command whose memory grows with a number it was given fails
 here instead of taking the machine. The time limit is a SIGALRM that raises `OutOfTime`, a
 BaseException that no `except Exception` of the library catches.
+
+The tests talk to it through `running` and `ask` (imported from this module).
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ import json
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
+
+
+ENVIRONMENT = ("disk", "space", "permission", "read-only")  # what exit status 1 may be about
 
 
 class OutOfTime(BaseException):
@@ -74,6 +82,56 @@ def serve() -> None:
         request = json.loads(line)
         answer = run(request["argv"], request["cwd"], request["seconds"])
         print(json.dumps(answer), flush=True)
+
+
+def start(memory_limit: int) -> dict:
+    """A worker (this file, run as a script) under `memory_limit` bytes, ready for `ask`."""
+    here = Path(__file__)
+    p = subprocess.Popen([sys.executable, str(here), str(memory_limit)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=here.parent)
+    assert json.loads(p.stdout.readline()) == {"ready": True}
+    return {"p": p, "limit": memory_limit}
+
+
+def ask(worker: dict, argv: list[str], cwd: Path, seconds: float) -> dict:
+    """Run one command in the worker; a worker that died (the kernel's answer to memory past
+    its limit, or a crash) is restarted, and its death reported as the command's result."""
+    p = worker["p"]
+    p.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "seconds": seconds}) + "\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    if line:
+        return json.loads(line)
+    code = p.wait()
+    worker.update(start(worker["limit"]))
+    return {"status": None, "stderr": "", "escaped": f"the worker died (status {code})",
+            "seconds": None}
+
+
+def non_finite_arrays(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """The float arrays of every .npz under `folder` (but in its folders named in `skip`)
+    that hold nan or inf, as FILE:KEY."""
+    import numpy as np
+
+    bad = []
+    for path in folder.rglob("*.npz"):
+        if path.relative_to(folder).parts[0] in skip:
+            continue
+        with np.load(path, allow_pickle=False) as data:
+            bad += [f"{path.name}:{k}" for k in data.files
+                    if data[k].dtype.kind == "f" and not np.isfinite(data[k]).all()]
+    return bad
+
+
+@contextlib.contextmanager
+def running(memory_limit: int):
+    """A worker (`start`) for the block, stopped after it."""
+    worker = start(memory_limit)
+    try:
+        yield worker
+    finally:
+        worker["p"].kill()
+        worker["p"].wait()
 
 
 if __name__ == "__main__":

@@ -22,11 +22,8 @@ draws fresh ones at each run (a failure is shown as drawn, not shrunk):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +32,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from conftest import bomb_png, run_cli
+from fuzz_worker import ENVIRONMENT, ask, non_finite_arrays, running
 
 EXAMPLES = int(os.environ.get("DIFFUSEVAE_FUZZ_EXAMPLES", "40"))
 LONG = "DIFFUSEVAE_FUZZ_EXAMPLES" in os.environ  # a longer profile draws new examples each run
 MEMORY_LIMIT = 3 * 2**30  # the worker's heap and private mappings; torch's import takes ~0.9 GiB
 SECONDS = 20.0  # per command: the valid ones here take about a second
-WORKER = Path(__file__).with_name("fuzz_worker.py")
 
 # The commands fuzzed, each with flags that make its valid runs take about a second (drawn
 # flags come after these, and click keeps the last value of a flag). RUN, OUT, IMAGES, SAMPLES
@@ -161,32 +158,8 @@ def files(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker():
-    proc = _start()
-    yield proc
-    proc["p"].kill()
-    proc["p"].wait()
-
-
-def _start() -> dict:
-    p = subprocess.Popen([sys.executable, str(WORKER), str(MEMORY_LIMIT)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=WORKER.parent)
-    assert json.loads(p.stdout.readline()) == {"ready": True}
-    return {"p": p}
-
-
-def _ask(worker: dict, argv: list[str], cwd: Path) -> dict:
-    """Run one command in the worker; a worker that died (the kernel's answer to memory past
-    its limit, or a crash) is restarted, and its death reported as the command's result."""
-    p = worker["p"]
-    p.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "seconds": SECONDS}) + "\n")
-    p.stdin.flush()
-    line = p.stdout.readline()
-    if line:
-        return json.loads(line)
-    code = p.wait()
-    worker.update(_start())
-    return {"status": None, "stderr": "", "escaped": f"the worker died (status {code})",
-            "seconds": None}
+    with running(MEMORY_LIMIT) as proc:
+        yield proc
 
 
 def _place(words: list[str], files: Path, here: Path) -> list[str]:
@@ -198,20 +171,6 @@ def _place(words: list[str], files: Path, here: Path) -> list[str]:
     return [str(paths.get(w, w)) for w in words]
 
 
-def _non_finite_arrays(folder: Path) -> list[str]:
-    bad = []
-    for path in folder.rglob("*.npz"):
-        if "run" in path.relative_to(folder).parts[:1]:
-            continue  # the run's own files are checked by the commands that read them
-        with np.load(path, allow_pickle=False) as data:
-            bad += [f"{path.name}:{k}" for k in data.files
-                    if data[k].dtype.kind == "f" and not np.isfinite(data[k]).all()]
-    return bad
-
-
-ENVIRONMENT = ("disk", "space", "permission", "read-only")  # what exit status 1 may be about
-
-
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG, database=None,
           phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is shown as drawn
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -221,7 +180,7 @@ def test_every_command_survives_hostile_flags(words, files, worker, tmp_path_fac
     shutil.copytree(files / "RUN", here / "run")
     shutil.copytree(files / "VAERUN", here / "vaerun")
     argv = _place(words, files, here)
-    answer = _ask(worker, argv, here)
+    answer = ask(worker, argv, here, SECONDS)
     shown = " ".join(w if len(w) < 60 else w[:20] + f"...({len(w)} chars)" for w in words)
     err = answer["stderr"].strip()
     assert answer["escaped"] is None, f"`diffusevae {shown}` escaped:\n{answer['escaped']}"
@@ -237,5 +196,5 @@ def test_every_command_survives_hostile_flags(words, files, worker, tmp_path_fac
                 f"{err[:2000]}")
         assert "Traceback" not in err, (  # (at the time limit, the alarm's own may show)
             f"`diffusevae {shown}` printed a traceback:\n{err[-3000:]}")
-    assert not _non_finite_arrays(here), f"`diffusevae {shown}` wrote non-finite numbers"
+    assert not non_finite_arrays(here, skip=("run",)), f"`diffusevae {shown}` wrote non-finite numbers"
     shutil.rmtree(here, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import typing
 
@@ -180,7 +181,7 @@ def build_config(run_dir: str, stage: str, preset: str | None, config_file: str 
     run = RunFolder(run_dir)
     base = None
     init_from = overrides.get(f"{stage}.init_from")
-    if preset is None and run.train_config_path("vae").is_file():
+    if preset is None and os.path.lexists(run.train_config_path("vae")):  # a pipe: refused
         base = run.train_config("vae")  # the run's own data and architecture
     elif preset is None and init_from is not None:
         base = _init_config(init_from, stage)  # the architecture of the weights
@@ -194,7 +195,7 @@ def _init_config(init_from: str, section: str) -> Config | None:
     stage = "vae" if section == "train_vae" else "refiner"
     source = RunFolder(init_from)
     for name in (stage, "vae"):
-        if source.train_config_path(name).is_file():
+        if os.path.lexists(source.train_config_path(name)):  # a pipe or a link: refused
             cfg = source.train_config(name)
             preset = PRESETS.get(cfg.preset, cfg)
             return dataclasses.replace(cfg, train_vae=preset.train_vae,

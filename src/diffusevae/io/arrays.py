@@ -41,7 +41,10 @@ from .reading import check_regular_file
 _READABLE_KINDS = "biufcU"  # bool, integers, floats, complex, text: never objects or records
 _KIND_NAMES = {"b": "booleans", "i": "integers", "u": "unsigned integers", "f": "floats",
                "c": "complex numbers", "U": "text"}
-_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError)
+# what zipfile and numpy raise on a damaged file (NotImplementedError: a version or method
+# field that a flipped byte made one zipfile does not know)
+DAMAGED_ZIP = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError,
+               NotImplementedError)
 _LOCAL_HEADER = 30  # bytes of a zip member's local header before its name and extra field
 _METHODS = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}  # numpy's: the most a byte
 # of stored data can give (DEFLATE expands at most about 1032-fold)
@@ -99,7 +102,7 @@ class NpzReader:
                 return {m.name: m for m in (self._member(zf, i) for i in infos)}
         except DiffuseVAEError:
             raise
-        except _DAMAGED as exc:
+        except DAMAGED_ZIP as exc:
             raise self.damaged(exc) from None
 
     def _member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Member:
@@ -111,7 +114,7 @@ class NpzReader:
         if ratio is None:
             raise self.refuse(f"holds {info.filename} compressed in a way numpy never writes "
                               f"(zip method {info.compress_type})")
-        if info.file_size > ratio * info.compress_size + 1024:
+        if overclaims(info):
             raise self.refuse(f"holds {info.filename}, which claims {info.file_size} bytes from "
                               f"{info.compress_size} stored, more than they can give: it is "
                               "corrupt")
@@ -172,7 +175,7 @@ class NpzReader:
                         fh.read(1)  # at the end: the zip's CRC is checked now
         except DiffuseVAEError:
             raise
-        except _DAMAGED as exc:
+        except DAMAGED_ZIP as exc:
             raise self.damaged(exc) from None
         for name, array in arrays.items():
             if array.dtype.kind in "fc" and not np.isfinite(array).all():
@@ -197,7 +200,7 @@ class NpzReader:
                         stop - start, *member.shape[1:]).copy()
             except DiffuseVAEError:
                 raise
-            except _DAMAGED as exc:
+            except DAMAGED_ZIP as exc:
                 raise self.damaged(exc) from None
 
 
@@ -213,8 +216,15 @@ class NpzReader:
                         shutil.copyfileobj(src, dst, 1 << 20)
         except DiffuseVAEError:
             raise
-        except _DAMAGED as exc:
+        except DAMAGED_ZIP as exc:
             raise self.damaged(exc) from None
+
+
+def overclaims(info: zipfile.ZipInfo) -> bool:
+    """Whether zip member `info` declares more bytes than its stored ones can give (its
+    method's most a byte, `_METHODS`): reading it would allocate what the header claims."""
+    ratio = _METHODS.get(info.compress_type)
+    return ratio is not None and info.file_size > ratio * info.compress_size + 1024
 
 
 def open_part(path: str | Path, rows: int, what: str, error: type[Exception],
@@ -228,7 +238,7 @@ def open_part(path: str | Path, rows: int, what: str, error: type[Exception],
         with open(path, "rb") as fh:
             shape, fortran, dtype = _header(fh)
             start = fh.tell()
-    except _DAMAGED as exc:
+    except DAMAGED_ZIP as exc:
         raise error(f"{what} {path} is not a readable .npy file ({exc}); {fix}") from None
     member = Member(path.stem, shape, dtype, fortran)
     size = os.path.getsize(path)

@@ -107,18 +107,19 @@ def parse_yaml(text: str, where: str) -> Any:
     import yaml
 
     too_big(len(text), where, ConfigError)
-    loader = yaml.SafeLoader(text)
     try:
         _check_yaml_nesting(text, where)
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_yaml_graph(node, where)
-        return loader.construct_document(node)
+        loader = yaml.SafeLoader(text)  # its reader refuses unprintable characters already
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_yaml_graph(node, where)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)  # YAML's own message spans several lines
         why = (f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}" if mark
                else str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise ConfigError(f"cannot parse {where}: {why}") from None
-    finally:
-        loader.dispose()

@@ -102,11 +102,13 @@ class Inversion:
                           fix)
         meta = parse_checked(str(arrays["meta"]), f"{path}:meta", {"decode": dict},
                              ConfigError, fix)
-        y_T, z = torch.from_numpy(arrays["y_T"]), arrays.get("z")
+        # as the networks' float32 (floats of another width or byte order are read as such)
+        y_T, z = (None if a is None else torch.from_numpy(a.astype(np.float32))
+                  for a in (arrays["y_T"], arrays.get("z")))
         if set(meta["decode"]) != set(cls.DECODE_FIELDS) or (z is not None and len(z) != len(y_T)):
             raise ConfigError(f"{path} does not hold the latents of `save_latents` (z, y_T and "
                               f"their settings, one z a y_T); {fix}")
-        return cls(y_T, None if z is None else torch.from_numpy(z)), meta
+        return cls(y_T, z), meta
 
 
 def check_decodes_inversion(sample: SampleConfig) -> None:

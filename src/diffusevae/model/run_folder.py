@@ -387,7 +387,7 @@ class RunFolder:
     def train_config(self, stage: str = "vae") -> Config:
         """The config `stage` was trained with, or an error saying how to train it."""
         path = self.train_config_path(stage)
-        if not path.is_file():
+        if not os.path.lexists(path):  # anything else there (a pipe, a link) is refused by read_json
             raise RunFolderError(f"{path} is missing: {self.stage_dir(stage)} was not trained "
                                  f"here; train it with `diffusevae train-{stage}` on "
                                  f"{self.root}")
@@ -397,7 +397,7 @@ class RunFolder:
         """The data the run was trained on (from the VAE's record, else the refiner's, else
         what `import-official` recorded); None when no stage recorded one."""
         for stage in STAGES:
-            if self.train_config_path(stage).is_file():
+            if os.path.lexists(self.train_config_path(stage)):  # a pipe or a link: refused
                 return self.train_config(stage).data
         return imported_data(self.vae_dir)
 

@@ -18,6 +18,7 @@ seed, the batch size, the weights or the speed settings, which stay the caller's
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -65,7 +66,7 @@ def read_sampling_defaults(folder: str | Path) -> SamplingDefaults:
     """The sampling defaults ``folder`` records, or the library's (`SamplingDefaults()`) when it
     records none; a record that cannot be used is refused, naming the file."""
     path = RunFolder(folder).sampling_defaults_path
-    if not path.exists():
+    if not os.path.lexists(path):  # a link to nothing, a pipe: refused by read_json, not skipped
         return SamplingDefaults()
     fix = "correct the file, or remove it to sample with the library's defaults"
     data = read_json(path, "the sampling defaults", dict, fix=fix,

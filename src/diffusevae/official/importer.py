@@ -42,6 +42,7 @@ import torch
 from ..config import DataConfig, DiffusionConfig, from_dict, to_dict
 from ..errors import ConfigError, OfficialCheckpointError
 from ..filenames import CONFIG_NAME, IMPORT_PARTIAL
+from ..io.arrays import DAMAGED_ZIP, overclaims
 from ..io.checkpoint import save_model_folder, what_was_refused
 from ..io.reading import check_regular_file, read_json
 from ..io.storage import folder_lock, refuse_published, sha256_file
@@ -135,8 +136,15 @@ def check_zip_integrity(path: Path) -> None:
     (loading maps the tensors without checking them)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+            for info in archive.infolist():  # torch.load allocates the size a part claims
+                if overclaims(info) or (info.compress_type == zipfile.ZIP_STORED and
+                                        info.file_size != info.compress_size):
+                    raise OfficialCheckpointError(
+                        f"{path} is corrupt: its part {info.filename} claims {info.file_size} "
+                        f"bytes but stores {info.compress_size} (a damaged download or copy); "
+                        "download it again")
+            bad = archive.testzip()  # (a stored part that claims more passes it unread)
+    except DAMAGED_ZIP as exc:
         raise OfficialCheckpointError(f"cannot read {path}: the file is truncated or corrupt "
                                       f"({_first_line(exc)}); download it again") from None
     if bad is not None:

@@ -10,6 +10,7 @@ what it computes. Each start appends the library versions, git revision, device 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -149,7 +150,7 @@ def _check_resume_settings(folder: Path, stage: str, cfg: Config) -> None:
     """Refuse to resume with settings that change what the run computes (architecture, data,
     lr, batch size, seed...): the result would be neither the old run nor a new one."""
     path = folder / TRAIN_CONFIG_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):  # anything else there (a pipe, a link) is refused by read_json
         return
     old, new = read_json(path, "the training config"), to_dict(cfg)
     changed = []
