@@ -83,6 +83,15 @@ def test_other_sampling_commands_use_the_record(recorded_run, tmp_path, capsys):
     assert (rec["sampler"], rec["spacing"]) == ("dpmpp_2m", "trailing")
 
 
+def test_inversion_decodes_with_ddim_whatever_sampler_the_record_names(recorded_run, tmp_path):
+    """The record's dpmpp_2m is for fresh samples; --invert decodes with deterministic DDIM,
+    taking the record's spacing, without a flag (it was refused for naming dpmpp_2m)."""
+    assert run_cli("reconstruct", "--run", recorded_run, "--n", "2", "--invert",
+                   "--inversion-steps", "3", "--save-latents", "--out", tmp_path / "r") == 0
+    rec = json.loads((tmp_path / "r" / "reconstruct.json").read_text())
+    assert (rec["sampler"], rec["spacing"]) == ("ddim", "trailing")
+
+
 def test_the_explorer_starts_from_the_record(recorded_run, tmp_path):
     from diffusevae.app.explorer import Explorer, Settings
 

@@ -19,6 +19,7 @@ from ..core.prior import PRIORS
 from ..distributed import resolve_device
 from ..errors import ConfigError
 from ..limits import MAX_TIMESTEPS, SEED_MAX
+from ..model.pipeline import INVERSION_SAMPLER
 from ..model.run_folder import RunFolder
 from ..model.sampling_defaults import DRAWING_FIELDS, SamplingDefaults, read_sampling_defaults
 from ..names import DEVICES
@@ -240,8 +241,10 @@ def sampling_options(n: int | None = 64, seed: bool = True, n_help: str | None =
         @functools.wraps(fn)
         def command(*args, **params):
             fields = {name: params.pop(name) for name in SAMPLE_FIELDS if name in params}
-            sample = run_defaults(params.get("run_dir")).apply(
-                SampleConfig(**fields), keep=given(fields))
+            keep = given(fields)
+            if params.get("invert") or params.get("latents"):  # decoded with DDIM, whatever
+                keep += list(INVERSION_SAMPLER)  # sampler the run records for fresh samples
+            sample = run_defaults(params.get("run_dir")).apply(SampleConfig(**fields), keep)
             return fn(*args, sample=sample, **params)
 
         options = [field_option(SampleConfig, name, *SAMPLING_DECLS.get(name, ()),

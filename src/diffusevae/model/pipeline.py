@@ -111,10 +111,15 @@ class Inversion:
         return cls(y_T, z), meta
 
 
+# The sampler settings that decode an inversion: deterministic DDIM with the eps of the clipped
+# prediction, the chain the inversion ran back.
+INVERSION_SAMPLER = {"sampler": "ddim", "eta": 0.0, "keep_eps": False}
+
+
 def check_decodes_inversion(sample: SampleConfig) -> None:
-    """Refuse sampler settings that do not decode an inversion back to its images: only
-    deterministic DDIM (eta 0, the eps of the clipped prediction) is the chain it ran back."""
-    if sample.sampler != "ddim" or sample.eta != 0 or sample.keep_eps:
+    """Refuse sampler settings that do not decode an inversion back to its images
+    (`INVERSION_SAMPLER`)."""
+    if any(getattr(sample, k) != v for k, v in INVERSION_SAMPLER.items()):
         raise ConfigError("inversion runs deterministic DDIM backwards, and only that decodes "
                           f"back to the input; got sampler {sample.sampler} with eta "
                           f"{sample.eta:g}{' and sample.keep_eps' * sample.keep_eps}: use "
