@@ -151,29 +151,34 @@ def ddim(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Seq
     return y
 
 
+def _multistep(chain: Chain) -> tuple[Tensor, Tensor, list[float], list[float], list[float]]:
+    """What the DPM-Solver++ multistep samplers read of the respaced chain: alpha_s and h
+    (tensors), and per step c_y, c_d and the second-order weight w (floats).
+
+    Step i goes from t (alpha_bar'_i) to s (alpha_bar'_{i-1}, = 1 after the last step), with
+    alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log alpha - log sigma (the log-SNR / 2)
+    and h = lambda_s - lambda_t (inf at i = 0). First order (DPM-Solver++ 1 = DDIM eta 0):
+    y_s = c_y y_t + c_d D with c_y = sigma_s / sigma_t, c_d = alpha_s (1 - e^-h) and
+    D = y0_pred; at i = 0 (sigma_s = 0, h = inf) that is y0_pred itself. Second order (Lu et
+    al. 2022, Alg. 2): D = (1 + w) y0_pred - w y0_pred_prev with w = 1/(2r), r = h_prev / h,
+    where h_prev is the step just taken (from i + 1 to i); w is 0, unused, at the first step
+    (no previous prediction) and at the last (h = inf: nothing to extrapolate)."""
+    sub = chain.sub
+    alpha_t, sigma_t = sub.alpha_bar.sqrt(), (1 - sub.alpha_bar).sqrt()
+    alpha_s, sigma_s = sub.alpha_bar_prev.sqrt(), (1 - sub.alpha_bar_prev).sqrt()
+    h = (alpha_s.log() - sigma_s.log()) - (alpha_t.log() - sigma_t.log())
+    w = torch.zeros_like(h)
+    w[1:-1] = h[1:-1] / (2 * h[2:])
+    return (alpha_s, h, (sigma_s / sigma_t).tolist(), (-alpha_s * torch.expm1(-h)).tolist(),
+            w.tolist())
+
+
 def dpmpp_2m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int],
              *, generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
              callback: Callback | None = None) -> Tensor:
     """DPM-Solver++(2M) on the respaced steps (Lu et al. 2022, Alg. 2; data prediction)."""
     chain = prepare(schedule, timesteps, y_T, generators)  # deterministic: no generators
-    sub = chain.sub
-    # Step i goes from t (alpha_bar'_i) to s (alpha_bar'_{i-1}, = 1 after the last step), with
-    # alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log alpha - log sigma (the log-SNR / 2)
-    # and h = lambda_s - lambda_t.
-    alpha_t, sigma_t = sub.alpha_bar.sqrt(), (1 - sub.alpha_bar).sqrt()
-    alpha_s, sigma_s = sub.alpha_bar_prev.sqrt(), (1 - sub.alpha_bar_prev).sqrt()
-    h = (alpha_s.log() - sigma_s.log()) - (alpha_t.log() - sigma_t.log())  # inf at i = 0
-    # First order (DPM-Solver++ 1 = DDIM eta 0): y_s = sigma_s / sigma_t y_t + alpha_s (1 - e^-h) D
-    # with D = y0_pred; at i = 0 (sigma_s = 0, h = inf) that is y0_pred itself.
-    c_y = (sigma_s / sigma_t).tolist()
-    c_d = (-alpha_s * torch.expm1(-h)).tolist()
-    # Second order (Alg. 2): D = (1 + 1/(2r)) y0_pred - 1/(2r) y0_pred_prev with
-    # r = h_prev / h, where h_prev is the step just taken (from i + 1 to i). First order at the
-    # first step (no previous prediction) and at the last (h = inf: nothing to extrapolate).
-    w = torch.zeros_like(h)  # w_i = 1 / (2 r_i); unused (0) at the first and last step
-    w[1:-1] = h[1:-1] / (2 * h[2:])
-    w = w.tolist()
-
+    _, h, c_y, c_d, w = _multistep(chain)
     y, y0_prev, S = y_T, None, chain.S
     for k, i in enumerate(reversed(range(S))):
         _, y0 = _denoise(eps_fn, chain, y, i, clip_fn)
@@ -196,11 +201,7 @@ def dpmpp_3m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
     diffusers' ``lower_order_final`` does below 15 steps). So one step is DDIM and two or three
     steps are `dpmpp_2m`."""
     chain = prepare(schedule, timesteps, y_T, generators)  # deterministic: no generators
-    sub = chain.sub
-    alpha_t, sigma_t = sub.alpha_bar.sqrt(), (1 - sub.alpha_bar).sqrt()
-    alpha_s, sigma_s = sub.alpha_bar_prev.sqrt(), (1 - sub.alpha_bar_prev).sqrt()
-    h = (alpha_s.log() - sigma_s.log()) - (alpha_t.log() - sigma_t.log())  # inf at i = 0
-    c_y = (sigma_s / sigma_t).tolist()
+    alpha_s, h, c_y, c_d, w = _multistep(chain)
     em = torch.expm1(-h)
     # y_s = c_y y + A D0 + B D1 + C D2 (Lu et al. 2022, DPM-Solver++; D0 = the prediction, D1, D2
     # its first and second differences in lambda, scaled by h): A = -alpha_s (e^-h - 1),
@@ -211,20 +212,15 @@ def dpmpp_3m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
     # With r0 = h_{i+1} / h_i, r1 = h_{i+2} / h_i (the steps just taken) and the predictions
     # m0, m1, m2 at i, i + 1, i + 2: D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
     # D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1). Collected
-    # here as one weight per prediction; second order is dpmpp_2m's D1 = (m0 - m1) / (2 r0).
+    # here as one weight per prediction; second order is dpmpp_2m's (`_multistep`'s w).
     S = chain.S
     w3 = [(0.0, 0.0, 0.0)] * S
-    w2 = [(0.0, 0.0)] * S
-    for i in range(1, S - 1):
-        r0 = (h[i + 1] / h[i]).item()
-        w2[i] = (1 + 1 / (2 * r0), -1 / (2 * r0))  # dpmpp_2m's weights on m0 and m1
-        if i < S - 2:
-            r1 = (h[i + 2] / h[i]).item()
-            a, b, c = A[i].item(), B[i].item(), C[i].item()
-            b0 = b * (1 + r0 / (r0 + r1)) + c / (r0 + r1)  # the weight of D1_0
-            b1 = -b * r0 / (r0 + r1) - c / (r0 + r1)  # of D1_1
-            w3[i] = ((a + b0 / r0) / a, (-b0 / r0 + b1 / r1) / a, (-b1 / r1) / a)
-    c_d = A.tolist()
+    for i in range(1, S - 2):
+        r0, r1 = (h[i + 1] / h[i]).item(), (h[i + 2] / h[i]).item()
+        a, b, c = A[i].item(), B[i].item(), C[i].item()
+        b0 = b * (1 + r0 / (r0 + r1)) + c / (r0 + r1)  # the weight of D1_0
+        b1 = -b * r0 / (r0 + r1) - c / (r0 + r1)  # of D1_1
+        w3[i] = ((a + b0 / r0) / a, (-b0 / r0 + b1 / r1) / a, (-b1 / r1) / a)
 
     y, m1, m2 = y_T, None, None
     for k, i in enumerate(reversed(range(S))):
@@ -233,7 +229,7 @@ def dpmpp_3m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
         if order == 1:
             d = m0
         elif order == 2:
-            d = w2[i][0] * m0 + w2[i][1] * m1
+            d = (1 + w[i]) * m0 - w[i] * m1
         else:
             d = w3[i][0] * m0 + w3[i][1] * m1 + w3[i][2] * m2
         y = c_y[i] * y + c_d[i] * d
