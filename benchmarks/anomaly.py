@@ -52,7 +52,8 @@ from diffusevae.io.data import build_dataset, image_for_model
 from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.tasks.likelihood_scores import LikelihoodRequest, quantized, score_dataset
 
-from common import ROOT, fmt, log, provenance, table, warn_if_over, write_results
+from common import (ROOT, fmt, log, provenance, save_figure, table, warn_if_over,
+                    write_results)
 
 DEFAULT_RUN = ROOT / "models" / "fashion-mnist"
 DEFAULT_BASELINE = ROOT / "models" / "fashion-mnist-uncond"
@@ -304,10 +305,7 @@ def plot(r: dict, path: Path) -> None:
         ax.set_ylabel("density")
     axes[0].legend(fontsize=8)
     fig.suptitle("B4: per-image scores of each set (higher = more anomalous)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

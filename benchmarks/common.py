@@ -152,3 +152,13 @@ def write_results(out: Path, stem: str, result: dict, markdown: Callable[[dict],
     each written atomically."""
     atomic_write_json(out / f"{stem}.json", jsonable(result))
     atomic_write_text(out / f"{stem}.md", markdown(result))
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure laid out and written to `path` (its folder made), then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -45,7 +45,7 @@ from diffusevae.io.data import build_dataset
 from diffusevae.io.images import save_grid, side_by_side
 from diffusevae.model.pipeline import DiffuseVAE
 
-from common import ROOT, fmt, log, provenance, sync, table, write_results
+from common import ROOT, fmt, log, provenance, save_figure, sync, table, write_results
 
 DEFAULT_RUN = ROOT / "models" / "fashion-mnist"
 STEPS = (10, 20, 50, 100)
@@ -386,10 +386,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_ylabel("PSNR (dB), mean over images")
     ax.set_title(f"B3: {r['settings']['n']} {r['settings']['dataset']} test images")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
