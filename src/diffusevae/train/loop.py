@@ -298,11 +298,16 @@ def _out_of_memory(state: TrainingState, ctx: StepContext) -> TrainingError:
 # Setting a run up
 # --------------------------------------------------------------------------------------------
 
-def _plan(tc: TrainConfig, n_images: int, procs: Processes) -> tuple[int, int]:
-    """(the global batch, rows per micro-batch), refusing what cannot run before any work."""
-    _autocast(procs.device, tc.mixed_precision)  # refuse a precision the device lacks
+def batches(tc: TrainConfig, n_images: int, world: int) -> tuple[int, int]:
+    """(the global batch, rows per micro-batch) of a run on `n_images` and `world` processes."""
     global_batch = min(tc.batch_size, n_images)
-    return global_batch, micro_batch_size(global_batch, procs.world, tc.grad_accum)
+    return global_batch, micro_batch_size(global_batch, world, tc.grad_accum)
+
+
+def _plan(tc: TrainConfig, n_images: int, procs: Processes) -> tuple[int, int]:
+    """`batches`, refusing what cannot run before any work."""
+    _autocast(procs.device, tc.mixed_precision)  # refuse a precision the device lacks
+    return batches(tc, n_images, procs.world)
 
 
 def _step_context(stage: Stage, model: nn.Module, cfg: Config, tc: TrainConfig,

@@ -29,7 +29,7 @@ from ..model.pipeline import DiffuseVAE
 from ..model.run_folder import RunFolder, save_refiner
 from ..rng import BatchShard
 from ..core.memory import check_training_fits, footprint
-from .loop import Stage, fit, micro_batch_size
+from .loop import Stage, batches, fit
 
 
 def init_weights(model: nn.Module, stage: str, init_from: str | None) -> nn.Module:
@@ -66,7 +66,7 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
     procs = processes(tc.device)
     device = procs.device
     dataset = build_dataset(cfg.data, "train")
-    micro = _micro(cfg, tc, len(dataset), procs.world)
+    _, micro = batches(tc, len(dataset), procs.world)
     fits = footprint(lambda: VAE(cfg.vae), lambda net: net.decode(net.encode(torch.zeros(
         micro, cfg.data.channels, cfg.data.image_size, cfg.data.image_size))[0]))
     check_training_fits(f"training the VAE at {micro} images a step", [fits], device,
@@ -96,11 +96,6 @@ def train_vae(cfg: Config, run_dir: str | Path, resume: bool = False,
 # --------------------------------------------------------------------------------------------
 # Stage 2: the refiner on the frozen VAE
 # --------------------------------------------------------------------------------------------
-
-def _micro(cfg: Config, tc, n_images: int, world: int) -> int:
-    """The rows of one micro-batch, as the training loop will cut them."""
-    return micro_batch_size(min(tc.batch_size, n_images), world, tc.grad_accum)
-
 
 def refiner_unet_config(cfg: Config, vae: VAE | None):
     """The UNet config the refiner of `cfg` needs: 2C inputs when conditioned, z width."""
@@ -133,7 +128,8 @@ def train_refiner(cfg: Config, run_dir: str | Path, resume: bool = False,
             f"{cfg.data.channels}; use the preset the VAE was trained with"
         )
     dataset = build_dataset(cfg.data, "train")
-    unet_cfg, micro = refiner_unet_config(cfg, vae), _micro(cfg, tc, len(dataset), procs.world)
+    unet_cfg = refiner_unet_config(cfg, vae)
+    _, micro = batches(tc, len(dataset), procs.world)
 
     def one_pass(net: UNet) -> torch.Tensor:
         x = torch.zeros(micro, net.in_channels, cfg.data.image_size, cfg.data.image_size)
