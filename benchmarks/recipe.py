@@ -129,7 +129,7 @@ _TINY = {"refiner": {"unet.base_channels": 16, "unet.channel_mults": (1, 2),
          "vae": {"vae.widths": "28:8,14:8,7:8,1:8"}}
 
 BUDGETS = {
-    "standard": Budget(minutes=6, n=2000, bootstrap=200, calibrate=(4, 24), ref_limit=None,
+    "standard": Budget(minutes=6, n=2000, bootstrap=200, calibrate=(8, 48), ref_limit=None,
                        arms={stage: tuple(arms) for stage, arms in ARMS.items()},
                        overrides={"refiner": {}, "vae": {}}),
     "smoke": Budget(minutes=0.05, n=32, bootstrap=10, calibrate=(1, 4), ref_limit=500,
