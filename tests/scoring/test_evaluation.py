@@ -136,6 +136,12 @@ def test_evaluate_a_run_end_to_end(trained_run, classifier_dir, tmp_path, capsys
     again = json.loads((tmp_path / "f" / "metrics.json").read_text())
     assert again["protocol"]["reference"]["cached"] is True
     assert again["fid"] == pytest.approx(m["fid"], rel=1e-9)
+    assert m["fid_ci95"] is None  # no interval unless asked for
+    capsys.readouterr()
+    assert run(*args[:-3], "--out", tmp_path / "g", "--bootstrap", 30, "--quiet") == 0
+    lo, hi = json.loads((tmp_path / "g" / "metrics.json").read_text())["fid_ci95"]
+    assert 0 <= lo <= m["fid"] <= hi  # around the FID measured (metrics.fid_interval)
+    assert f"{m['fid']:.3f} [{lo:.3f}, {hi:.3f}]" in capsys.readouterr().out
 
 
 def test_sets_too_small_for_fid_are_refused_or_warned_about_by_the_rule():
@@ -186,13 +192,14 @@ def test_evaluate_sampled_folders_and_npz(trained_run, classifier_dir, tmp_path,
 
 def test_sweep_writes_json_table_and_plot(trained_run, classifier_dir, tmp_path):
     assert run("sweep", "--run", trained_run, "--samplers", "ddim,ddpm", "--steps", "1,2",
-               "--n", 12, "--extractor", "classifier", "--classifier", classifier_dir,
+               "--n", 12, "--bootstrap", 10, "--extractor", "classifier", "--classifier", classifier_dir,
                "--ref", "digits:test", "--cache-dir", tmp_path / "cache", "--out",
                tmp_path / "sw", "--quiet") == 0
     record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     cells = {(c["sampler"], c["steps"]) for c in record["cells"]}
     assert cells == {("vae", None), ("ddim", 1), ("ddim", 2), ("ddpm", 1), ("ddpm", 2)}
     assert all(np.isfinite(c["fid"]) and c["n"] == 12 for c in record["cells"])
+    assert all(c["fid_ci95"][0] <= c["fid"] <= c["fid_ci95"][1] for c in record["cells"])
     table = (tmp_path / "sw" / "sweep.md").read_text()
     assert "FID (digits classifier features)" in table and "VAE alone" in table
     assert (tmp_path / "sw" / "sweep.png").stat().st_size > 1000

@@ -18,7 +18,7 @@ from ..config import (SETTING, Config, DataConfig, DiffusionConfig, InvertConfig
 from ..core.prior import PRIORS
 from ..distributed import resolve_device
 from ..errors import ConfigError
-from ..limits import MAX_TIMESTEPS, SEED_MAX
+from ..limits import MAX_SUBSETS, MAX_TIMESTEPS, SEED_MAX
 from ..model.pipeline import INVERSION_SAMPLER
 from ..model.run_folder import RunFolder
 from ..model.sampling_defaults import DRAWING_FIELDS, SamplingDefaults, read_sampling_defaults
@@ -355,6 +355,13 @@ def prior_option(fn):
         "--prior", type=click.Choice(PRIORS), default=None,
         help="z ~ N(0, I), or the Ex-PDE mixture of `diffusevae fit-prior`.  [default: normal, "
              "or the run's sampling_defaults.json]")(command)
+bootstrap_option = click.option(
+    "--bootstrap", type=count(MAX_SUBSETS, 0), default=0, show_default=True,
+    help="Rounds of a 95% bootstrap interval of each FID (0: none; 200 is plenty). It says "
+         "how far the FID of this many samples moves when they are drawn again; each round "
+         "takes one matrix square root (milliseconds in classifier features, about a second "
+         "in Inception's).")
+
 overwrite_option = click.option(
     "--overwrite", is_flag=True,
     help="Replace the outputs of an earlier command in the output folder (a folder that holds "

@@ -19,9 +19,9 @@ from ..scoring.features import EXTRACTORS
 from ..scoring.sweep import SweepRequest, sweep_to_folder
 from ..tasks.likelihood_scores import LikelihoodRequest, likelihood_to_folder
 from . import cli
-from .options import (SAMPLE_FIELDS, SAMPLING_DECLS, SEED, Finite, count, device_of,
-                      device_option, field_option, flags_given, overwrite_option, prior_option,
-                      run_option, sampling_options)
+from .options import (SAMPLE_FIELDS, SAMPLING_DECLS, SEED, Finite, bootstrap_option, count,
+                      device_of, device_option, field_option, flags_given, overwrite_option,
+                      prior_option, run_option, sampling_options)
 
 MAX_CELLS = 64  # values of one comma-separated list of a sweep
 
@@ -116,11 +116,13 @@ def train_classifier_cmd(dataset: str | None, run_dir: str | None, out: str | No
 @click.option("--max-kept", type=count(MAX_KEPT, 0), default=10_000, show_default=True,
               help="Features kept (uniform reservoir) per set for KID.")
 @click.option("--is-splits", type=count(MAX_SUBSETS), default=10, show_default=True)
+@bootstrap_option
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for metrics.json [beside the samples, or RUN/eval/SAMPLER-STEPS].")
 def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: str,
              device: str, quiet: bool, out: str | None, kid_subsets: int, kid_subset_size: int,
-             max_kept: int, is_splits: int, sample: SampleConfig, scoring: Scoring) -> None:
+             max_kept: int, is_splits: int, bootstrap: int, sample: SampleConfig,
+             scoring: Scoring) -> None:
     """FID, KID and IS of samples against a reference; writes metrics.json, prints one line.
 
     \b
@@ -139,7 +141,7 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
     request = EvaluateRequest(scoring=scoring, samples=samples, run=run_dir, sample=sample,
                               vae_only=vae_only, prior=prior, kid_subsets=kid_subsets,
                               kid_subset_size=kid_subset_size, max_kept=max_kept,
-                              is_splits=is_splits)
+                              is_splits=is_splits, bootstrap=bootstrap)
     result, out_dir = evaluate_to_folder(request, out, processes=procs, progress=not quiet)
     if procs.is_main:
         click.echo(f"{summary_line(result)} -> {out_dir / 'metrics.json'}")
@@ -163,12 +165,14 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
               help="Also evaluate each run's VAE alone (x_hat) as its own row.")
 @prior_option
 @feature_options
+@bootstrap_option
 @device_option
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for sweep.json, sweep.md, sweep.png [FIRST_RUN/sweep].")
 def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include_vae: bool,
           prior: str, quiet: bool, device: str, out: str | None, scoring: Scoring,
-          seed: int, batch_size: int, eta: float, spacing: str, use_ema: bool) -> None:
+          bootstrap: int, seed: int, batch_size: int, eta: float, spacing: str,
+          use_ema: bool) -> None:
     """Score runs over a grid of samplers and step counts: JSON, markdown table and plot."""
     def show(cell: dict) -> None:
         what = "VAE alone" if cell["sampler"] == "vae" else f"{cell['sampler']} {cell['steps']}"
@@ -178,7 +182,8 @@ def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include
         runs=runs, samplers=[s.strip() for s in samplers.split(",") if s.strip()],
         steps=_int_list(steps_list, "--steps", MAX_TIMESTEPS), n=n,
         base=SampleConfig(seed=seed, batch_size=batch_size, eta=eta, spacing=spacing,
-                          use_ema=use_ema), include_vae=include_vae, prior=prior)
+                          use_ema=use_ema), include_vae=include_vae, prior=prior,
+        bootstrap=bootstrap)
     record, paths = sweep_to_folder(request, scoring, out, device=device_of(device),
                                     progress=not quiet, on_cell=show)
     click.echo(f"{len(record['cells'])} cells ({record['names']['fid']}) written to "

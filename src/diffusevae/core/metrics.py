@@ -250,25 +250,34 @@ def fid(a: Stats, b: Stats) -> float:
 
 def fid_interval(features: np.ndarray, ref: Stats, rounds: int = 200, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float]:
-    """A percentile bootstrap interval of the FID over the generated samples.
+    """A bootstrap interval of the FID over the generated samples: how far the FID of this
+    many samples moves when the samples are drawn again, around the FID measured.
 
     Each round redraws the samples' feature rows with replacement and recomputes the FID
-    against the fixed reference statistics; the interval is the (1 - level)/2 and
-    (1 + level)/2 quantiles of those FIDs. It needs every sample's features (`features` holds
-    all n rows), and it covers the sampling noise of the generated set, not the reference's.
+    against the fixed reference statistics. Redrawing with replacement repeats rows, which
+    shrinks the covariance's spread and raises every round's FID (for 2,000 real images, FID
+    3.7, the rounds averaged 7.5), so the (1 - level)/2 and (1 + level)/2 quantiles of the
+    rounds are moved down by that excess, their mean less the FID of all rows: the
+    bias-corrected percentile interval, floored at 0. It needs every sample's features
+    (`features` holds all n rows), and it covers the sampling noise of the generated set, not
+    the reference's.
     """
     feats = np.asarray(features, np.float64)
     if rounds < 1 or len(feats) < 2:
         raise MetricError(f"a bootstrap needs at least one round and two samples; got "
                           f"{rounds} rounds and {len(feats)} samples")
+    regularize = len(feats) <= feats.shape[1]
+
+    def fid_of(f: np.ndarray) -> float:
+        return frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma,
+                                regularize=regularize)
+
     rng = np.random.default_rng(seed)
-    fids = []
-    for _ in range(rounds):
-        f = feats[rng.integers(0, len(feats), len(feats))]
-        fids.append(frechet_distance(f.mean(0), np.cov(f, rowvar=False), ref.mu, ref.sigma,
-                                     regularize=len(f) <= f.shape[1]))
-    lo, hi = np.quantile(fids, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    fids = np.array([fid_of(feats[rng.integers(0, len(feats), len(feats))])
+                     for _ in range(rounds)])
+    excess = fids.mean() - fid_of(feats)
+    lo, hi = np.quantile(fids, [(1 - level) / 2, (1 + level) / 2]) - excess
+    return max(0.0, float(lo)), max(0.0, float(hi))
 
 
 # --------------------------------------------------------------------------------------------

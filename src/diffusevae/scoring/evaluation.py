@@ -338,7 +338,8 @@ def _jsonable(obj):
 def summary_line(result: dict) -> str:
     """One line: the three numbers with their names, and what was compared with what."""
     names, p = result["names"], result["protocol"]
-    parts = [f"{names['fid']} {result['fid']:.3f}"]
+    ci = result.get("fid_ci95")
+    parts = [f"{names['fid']} {result['fid']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")]
     if result.get("kid") is not None:
         parts.append(f"{names['kid']} {result['kid']:.5f} ± {result['kid_std']:.5f}")
     if result.get("is") is not None:
@@ -462,7 +463,8 @@ class EvaluateRequest:
     or the folder of `sample`), or samples drawn from ``run`` with ``sample`` (default:
     `SampleConfig()`) and z from ``prior`` (its VAE alone with ``vae_only``), against the
     reference of ``scoring``; KID over ``kid_subsets`` subsets of ``kid_subset_size`` of at
-    most ``max_kept`` features a set, IS over ``is_splits`` splits."""
+    most ``max_kept`` features a set, IS over ``is_splits`` splits; with ``bootstrap`` > 0
+    rounds, a 95% interval of the FID (`metrics.fid_interval`)."""
 
     scoring: Scoring = field(default_factory=Scoring)
     samples: str | Path | None = None
@@ -474,6 +476,7 @@ class EvaluateRequest:
     kid_subset_size: int = M.KID_SUBSET_SIZE
     max_kept: int = M.MAX_KEPT
     is_splits: int = M.IS_SPLITS
+    bootstrap: int = 0
 
 
 def evaluate_to_folder(request: EvaluateRequest, out: str | Path | None = None, *,
@@ -508,5 +511,5 @@ def evaluate_to_folder(request: EvaluateRequest, out: str | Path | None = None, 
                           ref_limit=scoring.ref_limit, out=out_dir, progress=progress,
                           processes=procs, kid_subsets=request.kid_subsets,
                           kid_subset_size=request.kid_subset_size, max_kept=request.max_kept,
-                          is_splits=request.is_splits)
+                          is_splits=request.is_splits, bootstrap=request.bootstrap)
     return result, out_dir
