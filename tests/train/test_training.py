@@ -43,6 +43,22 @@ def test_vae_resume_reaches_the_same_weights(tmp_path):
                  _weights(parted / "vae/model.safetensors"))
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A kill after some log rows but before the next checkpoint left rows that the resumed
+    run trains and logs again: they go, and each step has one row."""
+    cfg = {"train_vae.log_every": 1, "train_vae.ckpt_every": 2}
+    train_vae(tiny_config(**cfg, **{"train_vae.steps": 2}), tmp_path, progress=False)
+    log = tmp_path / "vae" / "log.csv"
+    header = log.read_text().splitlines()[0]
+    with log.open("a") as f:  # what the killed run had logged past its checkpoint of step 2
+        f.write(f"3,{','.join(['0.5'] * (header.count(',')))}\n4,0.5")
+    train_vae(tiny_config(**cfg, **{"train_vae.steps": 4}), tmp_path, resume=True,
+              progress=False)
+    lines = log.read_text().splitlines()
+    assert lines[0] == header and [int(r.split(",")[0]) for r in lines[1:]] == [1, 2, 3, 4]
+    assert "0.5,0.5" not in log.read_text()  # step 3's row is the resumed run's
+
+
 def test_refiner_resume_reaches_the_same_weights_and_ema(tmp_path):
     cfg = tiny_config(**{"train_refiner.ema_decay": 0.9})
     runs = {}

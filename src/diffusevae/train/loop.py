@@ -51,7 +51,7 @@ from ..core.unet import CHANNELS_LAST_DEVICES
 from ..distributed import Processes
 from ..errors import ConfigError, OutOfMemoryError, TrainingError, notice
 from ..io.data import random_hflip
-from ..io.storage import atomic_write_json, folder_lock
+from ..io.storage import atomic_write_json, atomic_write_text, folder_lock
 from ..rng import BatchShard
 from .state import EMA, TrainingState, check_resume, record_environment
 from ..filenames import LOG_NAME, TRAINER_STATE_NAME, TRAIN_CONFIG_NAME
@@ -435,6 +435,8 @@ class _Report:
     def __init__(self, folder: Path, name: str, tc: TrainConfig, show: bool, main: bool,
                  steps: int, start: int):
         self.name, self.tc, self.log_path = name, tc, folder / LOG_NAME
+        if main:
+            _cut_log(self.log_path, start)
         self.writer = _tensorboard(folder) if tc.tensorboard and main else None
         self.bar = tqdm(total=steps, initial=start, desc=f"train {name}", disable=not show,
                         dynamic_ncols=True)
@@ -560,6 +562,20 @@ def _eval_mode(model: nn.Module):
             yield
     finally:
         model.train()
+
+
+def _cut_log(path: Path, step: int) -> None:
+    """The log without its rows after `step`: a run resumed from the checkpoint of `step`
+    trains the later steps again, and logs them again (a kill after some log rows but before
+    the next checkpoint left them)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:]
+                        if line.split(",", 1)[0].strip().isdigit()
+                        and int(line.split(",", 1)[0]) <= step and line.endswith("\n")]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(kept))
 
 
 def _append_csv(path: Path, row: dict) -> None:
