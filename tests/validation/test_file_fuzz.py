@@ -481,6 +481,10 @@ FOUND = {  # (target, variant): the exit status, and what its one line says (exi
     ("train config", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
     ("train config", "link to a pipe"): ({"kind": "symlink", "to": "fifo"}, 2,
                                          "is a named pipe (FIFO)"),
+    # a pipe in place of the weights or the attribute names was called missing
+    ("weights", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
+    ("refiner config", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
+    ("attribute names", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
     # a part of a checkpoint claiming 4 GB from a few kB: torch.load allocated it
     ("official vae", "a part claims 4 GB"): ({"kind": "huge", "size": 2**32 - 1, "member": 2},
                                              2, "claims 4294967295 bytes but stores"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import platform
 import subprocess
@@ -36,7 +37,7 @@ from ..config import DiffusionConfig, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, quote
 from ..version import __version__
 from .storage import atomic_write, read_checked, save_files
-from .reading import Expect, parse_checked
+from .reading import Expect, check_regular_file, parse_checked
 from ..filenames import CONFIG_NAME, EMA_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME
 
 CHECKED_FILES = (CONFIG_NAME, WEIGHTS_NAME, EMA_NAME, TRAINER_STATE_NAME)  # in the manifest
@@ -76,8 +77,9 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
 
 def _load_tensors(path: Path, device: str | torch.device, model_folder: bool) -> dict:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path} is missing; the model folder is incomplete")
+    check_regular_file(path, "the weights file", CheckpointError)  # a pipe would block
     data = read_checked(path, require_manifest=model_folder)
     try:
         tensors = load_safetensors_bytes(data)
@@ -96,8 +98,9 @@ def _load_tensors(path: Path, device: str | torch.device, model_folder: bool) ->
 def load_trainer_state(path: str | Path) -> dict:
     """Read trainer state, checked, with ``weights_only=True``: nothing in it can execute code."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path} is missing; there is no trainer state to resume from")
+    check_regular_file(path, "the trainer state", CheckpointError)
     data = read_checked(path, require_manifest=True)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -173,8 +176,9 @@ def read_model_config(folder: str | Path, kind: str, config_cls: type) -> tuple[
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     path = folder / CONFIG_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path} is missing; is this a model folder written by diffusevae?")
+    check_regular_file(path, "the model config", CheckpointError)
     sections = _SECTIONS.get(kind, {})
     meta = read_checked_json(path, {"kind": str, "config": dict, **dict.fromkeys(sections, dict)})
     if meta["kind"] != kind:

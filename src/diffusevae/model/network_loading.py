@@ -8,6 +8,7 @@ weights; a folder written by our training has no "arch" and gets our `VAE` / `UN
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ..core.unet import UNet
 from ..core.vae import VAE
 from ..filenames import CONFIG_NAME
 from ..io import checkpoint as ckpt
+from ..io.reading import check_regular_file
 from ..official.official_unet import OfficialUNetBase, OfficialUNetConfig, build_official_unet
 from ..official.official_vae import OFFICIAL_ARCH, OfficialVAE, OfficialVAEConfig
 
@@ -42,9 +44,10 @@ def load_network(folder: str | Path, kind: str, use_ema: bool = True,
     folder's config.json (which also holds the refiner's diffusion settings)."""
     folder = Path(folder)
     path = folder / CONFIG_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ckpt.CheckpointError(f"{path} is missing; is this a model folder written by "
                                    "diffusevae?")
+    check_regular_file(path, "the model config", ckpt.CheckpointError)
     # checked against the manifest first, so that an edited file is named as such; parsed with
     # limits on size and nesting (a deeply nested file would exhaust the parser's stack)
     meta = ckpt.read_checked_json(path)

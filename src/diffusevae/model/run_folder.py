@@ -371,14 +371,16 @@ class RunFolder:
 
     # ---- what the run holds ---------------------------------------------------------------
 
+    # a stage is there when its config.json is, whatever it is: a pipe or a dangling link in
+    # its place is refused when it is read, with what it is, not taken for no stage
     def has_vae(self) -> bool:
-        return (self.vae_dir / CONFIG_NAME).is_file()
+        return os.path.lexists(self.vae_dir / CONFIG_NAME)
 
     def has_refiner(self) -> bool:
-        return (self.refiner_dir / CONFIG_NAME).is_file()
+        return os.path.lexists(self.refiner_dir / CONFIG_NAME)
 
     def has_classifier(self) -> bool:
-        return (self.classifier_dir / CONFIG_NAME).is_file()
+        return os.path.lexists(self.classifier_dir / CONFIG_NAME)
 
     def has_prior(self) -> bool:
         """A fitted Ex-PDE prior (`fit-prior`): the gmm prior samples with it."""

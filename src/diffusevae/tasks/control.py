@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -283,7 +284,7 @@ def load_directions(run_dir: str | Path) -> tuple[list[str], Tensor]:
     Directions that are not finite are refused (load_tensors), naming the file."""
     run = RunFolder(run_dir)
     folder = run.attributes_dir
-    if not (folder / NAMES_FILE).is_file():
+    if not os.path.lexists(folder / NAMES_FILE):  # anything else there is refused by read_json
         raise CheckpointError(f"{folder} holds no attribute directions; compute them with "
                               f"`diffusevae attributes` on {run_dir}")
     names = read_json(folder / NAMES_FILE, "the attribute names", {"names": list},
