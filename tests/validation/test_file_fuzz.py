@@ -485,6 +485,8 @@ FOUND = {  # (target, variant): the exit status, and what its one line says (exi
     ("weights", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
     ("refiner config", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
     ("attribute names", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
+    # `sample --resume` on a pipe in place of sampling.json said to pass --resume
+    ("sampling record", "named pipe"): ({"kind": "fifo"}, 2, "is a named pipe (FIFO)"),
     # a part of a checkpoint claiming 4 GB from a few kB: torch.load allocated it
     ("official vae", "a part claims 4 GB"): ({"kind": "huge", "size": 2**32 - 1, "member": 2},
                                              2, "claims 4294967295 bytes but stores"),

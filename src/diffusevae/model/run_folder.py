@@ -98,7 +98,7 @@ def output_folder(out_dir: str | Path, command: str, overwrite: bool, resume: bo
     check_apart(out_dir, [p for p in inputs if p is not None], "the input")
     with folder_lock(out_dir, command):  # refuses a published model's folders too
         kept = _clear_earlier(out_dir, command, overwrite,
-                              resume and (out_dir / SAMPLING_RECORD).is_file(), adopt)
+                              resume and os.path.lexists(out_dir / SAMPLING_RECORD), adopt)
         before = _entries(out_dir)
         _write_record(out_dir, command, kept, writing=True)
 

@@ -315,7 +315,7 @@ def _resume_point(out_dir: Path, settings: dict) -> tuple[int, bool, list[str]] 
     complete, and the digest of each batch written (None: there is nothing to resume);
     refuses settings that differ from the recorded ones, and a record without digests."""
     path = out_dir / SAMPLING_RECORD
-    if not path.is_file():
+    if not os.path.lexists(path):  # anything else in its place is refused by read_json
         tqdm.write(f"nothing to resume in {out_dir}; starting from sample 0")
         return None
     again = "sample again with `overwrite` instead of `resume`"
