@@ -47,7 +47,7 @@ def reference(trained_run, tmp_path_factory):
     return _files(out)
 
 
-def _stopped(run, out, monkeypatch, capsys) -> Path:
+def _stopped(run, out, monkeypatch, capsys, *extra) -> Path:
     """A run stopped in its third batch, as a kill leaves it: four samples committed, its
     parts on disk, its output record still saying it was writing."""
     real, calls = DiffuseVAE.generate_batch, []
@@ -60,7 +60,7 @@ def _stopped(run, out, monkeypatch, capsys) -> Path:
 
     with monkeypatch.context() as patch:
         patch.setattr(DiffuseVAE, "generate_batch", generate_batch)
-        assert _sample(run, out) == 2
+        assert _sample(run, out, *extra) == 2
     record = json.loads((out / OUTPUTS_RECORD).read_text())
     (out / OUTPUTS_RECORD).write_text(json.dumps({**record, "writing": True}))
     assert json.loads((out / "sampling.json").read_text())["done"] == 4
@@ -205,3 +205,21 @@ def test_a_kill_within_a_span_redraws_the_span(trained_run, tmp_path, reference,
     assert json.loads((out / "sampling.json").read_text())["batch_sha256"] == []
     _resumes_to_the_reference(trained_run, out, reference, capsys,
                               "drawing again from sample 0, where the last verified")
+
+
+def test_an_image_past_the_batches_in_flight_is_not_taken_for_the_stopped_runs(
+        trained_run, tmp_path, monkeypatch, capsys):
+    """Of 10 samples in batches of 2, the run stopped in its third batch: 4 committed, the
+    batch of samples 4 and 5 in flight. An image numbered 7 is not one it wrote: the resume
+    refuses the folder instead of drawing over it."""
+    out = _stopped(trained_run, tmp_path / "out", monkeypatch, capsys, "--n", 10)
+    (out / "images" / "000007.png").write_bytes(b"the user's")
+    before = _snapshot(out)
+    assert _sample(trained_run, out, "--n", 10, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and "images/000007.png" in err
+    assert _snapshot(out) == before
+    (out / "images" / "000007.png").unlink()  # moved out: the resume goes on
+    (out / "images" / "000005.png").write_bytes(b"half a png")  # what the kill left
+    assert _sample(trained_run, out, "--n", 10, "--resume") == 0
+    assert json.loads((out / "sampling.json").read_text())["complete"] is True

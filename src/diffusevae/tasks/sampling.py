@@ -120,9 +120,9 @@ def sample_to_folder(run_dir: str | Path, request: SampleRequest,
     written = Written(out_dir, f"{sample.n} samples written to {out_dir} ({sample.sampler}, "
                                f"{sample.spacing} spacing, {sample.steps} steps{z})")
     with ExitStack() as held:  # the main process holds the folder's lock until all are done
+        adopt = _writes(sample.n, out_dir)
         start, to_write, digests = procs.on_main(lambda: _plan(held.enter_context(output_folder(
-            out_dir, "sample", overwrite, resume, adopt=_writes(sample.n))), settings, sample,
-            resume))
+            out_dir, "sample", overwrite, resume, adopt=adopt)), settings, sample, resume))
         if start is None:
             if procs.is_main:
                 tqdm.write(f"{out_dir} already holds the {sample.n} samples of these settings")
@@ -168,11 +168,25 @@ def _plan(out_dir: Path, settings: dict, sample: SampleConfig,
     return start, True, digests[:-(-start // digest_span(sample))]  # those before start
 
 
-def _writes(n: int) -> Callable[[str], bool]:
+def _writes(n: int, out_dir: Path) -> Callable[[str], bool]:
     """Whether an entry of an output folder is one that `sample` of `n` samples writes (what
-    a resume adopts of a stopped run's files that its record does not list)."""
+    a resume adopts of a stopped run's files that its record does not list). Of the images,
+    only those up to the batches in flight when the run stopped: the ``done`` its
+    sampling.json counts, plus a batch for each of its processes. An image past them is not
+    one the run wrote, so the resume refuses the folder rather than draw over it."""
     parts = NpzStreamWriter.parts_folder(SAMPLES_NPZ).name
     top = {"images", GRID_PNG, STAGES_PNG, SAMPLES_NPZ, SAMPLING_RECORD, parts}
+    reach: list[int] = []  # read once, when the first image is asked about
+
+    def images_reach() -> int:
+        if not reach:
+            again = "sample again with `overwrite` instead of `resume`"
+            old = read_json(out_dir / SAMPLING_RECORD, "the sampling record",
+                            {"done": int, "batch_size": int}, fix=again,
+                            optional={"processes": int})
+            reach.append(min(n, old["done"] + max(1, old.get("processes", 1)) *
+                             max(1, old["batch_size"])))
+        return reach[0]
 
     def ours(entry: str) -> bool:
         folder, _, name = entry.rpartition("/")
@@ -182,7 +196,8 @@ def _writes(n: int) -> Callable[[str], bool]:
             return name in top
         if folder == "images":
             stem = name.removesuffix(".png")
-            return name.endswith(".png") and stem.isdigit() and len(stem) >= 6 and int(stem) < n
+            return (name.endswith(".png") and stem.isdigit() and len(stem) >= 6
+                    and int(stem) < images_reach())
         return folder == parts and name in ("images.npy", "z.npy", "x_hat.npy")
 
     return ours
