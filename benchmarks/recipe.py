@@ -44,6 +44,7 @@ from diffusevae.scoring.evaluation import evaluate, reference_stats
 from diffusevae.scoring.features import classifier_extractor, record_classifier
 from diffusevae.scoring.sources import dataset_source, run_source, vae_source
 from diffusevae.tasks.prior_fitting import fit_prior
+from diffusevae.train.loop import read_log
 from diffusevae.train.stages import train_refiner, train_vae
 
 from common import ROOT, fmt, jsonable, log, prepare_work, provenance, table, write_results
@@ -197,9 +198,7 @@ def calibrate(budget: Budget, stage: str, arms: list[str], work: Path, seed: int
         cfg = arm_config(budget, stage, arm, seed, steps)
         cfg = replace(cfg, **{section: replace(getattr(cfg, section), log_every=1)}).validate()
         train(cfg, stage, run, progress=False)
-        header, *rows = (run / stage / "log.csv").read_text().strip().splitlines()
-        column = header.split(",").index("seconds")
-        seconds = [float(r.split(",")[column]) for r in rows]
+        seconds = [row["seconds"] for row in read_log(run / stage)]
         costs[arm] = round(statistics.median(b - a for a, b in zip(seconds[skip:],
                                                                    seconds[skip + 1:])), 4)
         log(f"  {arm}: {costs[arm]:.3f} s a step")

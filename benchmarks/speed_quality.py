@@ -40,6 +40,7 @@ from diffusevae.scoring.features import classifier_extractor
 from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.scoring.sources import vae_source
 from diffusevae.scoring.sweep import SweepRequest, plot_fid, sweep
+from diffusevae.train.loop import read_log
 from diffusevae.train.stages import train_refiner, train_vae
 from diffusevae.core.unet import UNet
 from diffusevae.core.vae import VAE
@@ -259,8 +260,7 @@ def vae_report(run: Path, data, device: torch.device) -> dict:
 
 def steps_reached(run: Path, stage: str) -> int:
     """The last step in a stage's log.csv."""
-    rows = (run / stage / "log.csv").read_text().strip().splitlines()
-    return int(rows[-1].split(",")[0])
+    return read_log(run / stage)[-1]["step"]
 
 
 # --------------------------------------------------------------------------------------------

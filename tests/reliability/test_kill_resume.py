@@ -6,7 +6,6 @@ The processes are real `python -m diffusevae` subprocesses. ``DIFFUSEVAE_TEST_SL
 The whole module takes well under a minute on one CPU thread.
 """
 
-import csv
 import json
 import os
 import random
@@ -27,6 +26,7 @@ from diffusevae.filenames import TRAINER_STATE_NAME
 from diffusevae.filenames import MANIFEST_NAME
 from diffusevae.cli import main
 from diffusevae.model.pipeline import DiffuseVAE
+from diffusevae.train.loop import read_log
 from diffusevae.train.stages import train_vae
 
 from conftest import tiny_config
@@ -76,13 +76,8 @@ def _wait_for(condition, proc, timeout: float = 60.0) -> bool:
 
 
 def _log_rows(folder: Path) -> list[int]:
-    """The steps of the rows of log.csv (a resumed run repeats the steps since its checkpoint)."""
-    try:
-        with open(folder / "log.csv") as fh:
-            rows = list(csv.DictReader(fh))
-    except FileNotFoundError:
-        return []
-    return [int(r["step"]) for r in rows if (r.get("step") or "").isdigit()]
+    """The steps of the rows of log.csv."""
+    return [row["step"] for row in read_log(folder)]
 
 
 def _commit_state(folder: Path) -> tuple[set, str]:

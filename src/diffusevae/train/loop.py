@@ -564,6 +564,23 @@ def _eval_mode(model: nn.Module):
         model.train()
 
 
+def read_log(stage_dir: str | Path) -> list[dict[str, float]]:
+    """The rows of a stage's ``log.csv`` (step, the losses, lr, seconds), as numbers; whole
+    rows only (a kill can leave the last one cut short); [] without a log."""
+    path = Path(stage_dir) / LOG_NAME
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for row in rows:
+        try:
+            out.append({k: (int(v) if k == "step" else float(v)) for k, v in row.items()})
+        except (TypeError, ValueError):  # a cut row: a missing or partial value
+            continue
+    return out
+
+
 def _cut_log(path: Path, step: int) -> None:
     """The log without its rows after `step`: a run resumed from the checkpoint of `step`
     trains the later steps again, and logs them again (a kill after some log rows but before
