@@ -44,7 +44,7 @@ from diffusevae.scoring.evaluation import evaluate, reference_stats
 from diffusevae.scoring.features import classifier_extractor, record_classifier
 from diffusevae.scoring.sources import dataset_source, run_source, vae_source
 from diffusevae.tasks.prior_fitting import fit_prior
-from diffusevae.train.loop import read_log
+from diffusevae.train.log import read_log
 from diffusevae.train.stages import train_refiner, train_vae
 
 from common import ROOT, fmt, jsonable, log, prepare_work, provenance, table, write_results

@@ -40,7 +40,7 @@ from diffusevae.scoring.features import classifier_extractor
 from diffusevae.model.pipeline import DiffuseVAE
 from diffusevae.scoring.sources import vae_source
 from diffusevae.scoring.sweep import SweepRequest, plot_fid, sweep
-from diffusevae.train.loop import read_log
+from diffusevae.train.log import read_log
 from diffusevae.train.stages import train_refiner, train_vae
 from diffusevae.core.unet import UNet
 from diffusevae.core.vae import VAE

@@ -320,10 +320,10 @@ def test_interpolate_and_edit_refuse_a_used_folder_without_overwrite(trained_run
 
 
 def test_a_failed_log_row_leaves_the_log_at_its_last_whole_row(tmp_path, monkeypatch):
-    from diffusevae.train import loop as training_loop
+    from diffusevae.train import log as training_log
 
     log = tmp_path / "log.csv"
-    training_loop._append_csv(log, {"step": 1, "loss": 0.5})
+    training_log.append_row(log, {"step": 1, "loss": 0.5})
     whole = log.read_bytes()
     real_write = os.write
 
@@ -332,9 +332,9 @@ def test_a_failed_log_row_leaves_the_log_at_its_last_whole_row(tmp_path, monkeyp
             return real_write(fd, data[:4])
         raise OSError(28, os.strerror(28), str(log))
 
-    monkeypatch.setattr(training_loop.os, "write", half_then_full)
+    monkeypatch.setattr(training_log.os, "write", half_then_full)
     with pytest.raises(OSError):
-        training_loop._append_csv(log, {"step": 2, "loss": 0.25})
+        training_log.append_row(log, {"step": 2, "loss": 0.25})
     assert log.read_bytes() == whole
 
 

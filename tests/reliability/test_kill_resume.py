@@ -26,7 +26,7 @@ from diffusevae.filenames import TRAINER_STATE_NAME
 from diffusevae.filenames import MANIFEST_NAME
 from diffusevae.cli import main
 from diffusevae.model.pipeline import DiffuseVAE
-from diffusevae.train.loop import read_log
+from diffusevae.train.log import read_log
 from diffusevae.train.stages import train_vae
 
 from conftest import tiny_config

@@ -124,7 +124,7 @@ def test_a_full_disk_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
     def full(path, row):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(training_loop, "_append_csv", full)
+    monkeypatch.setattr(training_loop, "append_row", full)
     assert_user_error(capsys, ["train-vae", "--run", tmp_path, "--steps", "1", "--quiet"],
                       "the disk is full: ", code=1)
 

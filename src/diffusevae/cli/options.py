@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import re
 import typing
 
@@ -20,10 +19,10 @@ from ..distributed import resolve_device
 from ..errors import ConfigError
 from ..limits import MAX_SUBSETS, MAX_TIMESTEPS, SEED_MAX
 from ..model.pipeline import INVERSION_SAMPLER
-from ..model.run_folder import RunFolder
 from ..model.sampling_defaults import DRAWING_FIELDS, SamplingDefaults, read_sampling_defaults
 from ..names import DEVICES
-from ..presets import PRESETS, resolve
+from ..train.stages import training_config
+from ..presets import PRESETS
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +123,7 @@ def config_options(stage: str):
     ("train_vae" or "train_refiner"): --preset, --config, --set, the data fields and one per
     `TRAIN_FIELDS`, unset unless given (the preset, file or run then decides), and --resume,
     --dry-run and --quiet. The command is handed ``cfg``, the `Config` they resolve to
-    (`build_config`), in place of them: every option made from a config field (`FieldOption`,
+    (`train.stages.training_config`), in place of them: every option made from a config field (`FieldOption`,
     also the command's own, such as --form) sets the field it names, the training fields
     those of ``stage``."""
     def decorate(fn):
@@ -136,8 +135,8 @@ def config_options(stage: str):
                     section, name = p.field.split(".")
                     overrides[f"{stage if section == 'train' else section}.{name}"] = \
                         params.pop(p.name)
-            cfg = build_config(params["run_dir"], stage, params.pop("preset"),
-                               params.pop("config_file"), overrides, params.pop("sets"))
+            cfg = training_config(params["run_dir"], stage, params.pop("preset"),
+                                  params.pop("config_file"), overrides, params.pop("sets"))
             return fn(*args, cfg=cfg, **params)
 
         for option in reversed(_config_flags()):
@@ -173,35 +172,6 @@ TRAIN_FIELDS = ("steps", "epochs", "time_limit", "batch_size", "grad_accum", "lr
                 "mixed_precision", "num_workers", "sample_every", "ckpt_every", "log_every",
                 "tensorboard", "detect_anomaly", "compile", "channels_last")
 TRAIN_TYPES = {"init_from": {"type": click.Path(file_okay=False)}}
-
-
-def build_config(run_dir: str, stage: str, preset: str | None, config_file: str | None,
-                 overrides: dict, sets: tuple[str, ...]) -> Config:
-    """Preset (or the run's recorded config, or the weights' of ``stage.init_from``), file,
-    ``overrides`` ("section.field": value; None: not given), --set; validated."""
-    run = RunFolder(run_dir)
-    base = None
-    init_from = overrides.get(f"{stage}.init_from")
-    if preset is None and os.path.lexists(run.train_config_path("vae")):  # a pipe: refused
-        base = run.train_config("vae")  # the run's own data and architecture
-    elif preset is None and init_from is not None:
-        base = _init_config(init_from, stage)  # the architecture of the weights
-    return resolve(preset or "digits", config_file, overrides, sets, base=base)
-
-
-def _init_config(init_from: str, section: str) -> Config | None:
-    """The networks the weights of --init-from were trained with (its stage's record), with
-    the training settings of their preset (not that run's steps or time limit), so that a
-    fine-tuning run builds the same networks; None where it records none."""
-    stage = "vae" if section == "train_vae" else "refiner"
-    source = RunFolder(init_from)
-    for name in (stage, "vae"):
-        if os.path.lexists(source.train_config_path(name)):  # a pipe or a link: refused
-            cfg = source.train_config(name)
-            preset = PRESETS.get(cfg.preset, cfg)
-            return dataclasses.replace(cfg, train_vae=preset.train_vae,
-                                       train_refiner=preset.train_refiner)
-    return None
 
 
 def show_config(cfg: Config) -> None:

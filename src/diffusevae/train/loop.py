@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import math
-import os
 import signal
 import threading
 import time
@@ -51,8 +48,9 @@ from ..core.unet import CHANNELS_LAST_DEVICES
 from ..distributed import Processes
 from ..errors import ConfigError, OutOfMemoryError, TrainingError, notice
 from ..io.data import random_hflip
-from ..io.storage import atomic_write_json, atomic_write_text, folder_lock
+from ..io.storage import atomic_write_json, folder_lock
 from ..rng import BatchShard
+from .log import append_row, cut_log
 from .state import EMA, TrainingState, check_resume, record_environment
 from ..filenames import LOG_NAME, TRAINER_STATE_NAME, TRAIN_CONFIG_NAME
 
@@ -436,7 +434,7 @@ class _Report:
                  steps: int, start: int):
         self.name, self.tc, self.log_path = name, tc, folder / LOG_NAME
         if main:
-            _cut_log(self.log_path, start)
+            cut_log(self.log_path, start)
         self.writer = _tensorboard(folder) if tc.tensorboard and main else None
         self.bar = tqdm(total=steps, initial=start, desc=f"train {name}", disable=not show,
                         dynamic_ncols=True)
@@ -449,7 +447,7 @@ class _Report:
         row = {"step": step, **{k: round(v, 6) for k, v in means.items()}, "lr": lr,
                "seconds": round(time.time() - self.t0, 2)}
         self.bar.set_postfix({k: row[k] for k in means})
-        _append_csv(self.log_path, row)
+        append_row(self.log_path, row)
         if self.writer is not None:
             for k, v in means.items():
                 self.writer.add_scalar(f"{self.name}/{k}", v, step)
@@ -562,59 +560,6 @@ def _eval_mode(model: nn.Module):
             yield
     finally:
         model.train()
-
-
-def read_log(stage_dir: str | Path) -> list[dict[str, float]]:
-    """The rows of a stage's ``log.csv`` (step, the losses, lr, seconds), as numbers; whole
-    rows only (a kill can leave the last one cut short); [] without a log."""
-    path = Path(stage_dir) / LOG_NAME
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    out = []
-    for row in rows:
-        try:
-            out.append({k: (int(v) if k == "step" else float(v)) for k, v in row.items()})
-        except (TypeError, ValueError):  # a cut row: a missing or partial value
-            continue
-    return out
-
-
-def _cut_log(path: Path, step: int) -> None:
-    """The log without its rows after `step`: a run resumed from the checkpoint of `step`
-    trains the later steps again, and logs them again (a kill after some log rows but before
-    the next checkpoint left them)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(errors="replace").splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:]
-                        if line.split(",", 1)[0].strip().isdigit()
-                        and int(line.split(",", 1)[0]) <= step and line.endswith("\n")]
-    if len(kept) < len(lines):
-        atomic_write_text(path, "".join(kept))
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    """One row appended to the log, whole or not at all: a failed write (a full disk) cuts the
-    file back to its last whole row before the error goes on."""
-    text = io.StringIO()
-    w = csv.DictWriter(text, fieldnames=list(row))
-    if not path.exists():
-        w.writeheader()
-    w.writerow(row)
-    data = text.getvalue().encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        whole = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-        except OSError:
-            os.ftruncate(fd, whole)
-            raise
-    finally:
-        os.close(fd)
 
 
 def _tensorboard(folder: Path):

@@ -7,8 +7,10 @@ module says *what* each stage trains, train/loop.py *how* any stage is trained.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -27,9 +29,41 @@ from ..io.data import build_dataset
 from ..io.images import save_grid, side_by_side
 from ..model.pipeline import DiffuseVAE
 from ..model.run_folder import RunFolder, save_refiner
+from ..presets import PRESETS, resolve
 from ..rng import BatchShard
 from ..core.memory import check_training_fits, footprint
 from .loop import Stage, batches, fit
+
+
+def training_config(run_dir: str | Path, stage: str, preset: str | None,
+                    config_file: str | None, overrides: dict, sets: Sequence[str]) -> Config:
+    """The config a training command of ``stage`` ("train_vae" or "train_refiner") runs
+    with: the preset (else the run's recorded config, else the networks of the weights of
+    ``stage.init_from``, else 'digits'), then the file, ``overrides`` ("section.field": value;
+    None: not given) and ``sets`` ("section.field=value"); validated."""
+    run = RunFolder(run_dir)
+    base = None
+    init_from = overrides.get(f"{stage}.init_from")
+    if preset is None and os.path.lexists(run.train_config_path("vae")):  # a pipe: refused
+        base = run.train_config("vae")  # the run's own data and architecture
+    elif preset is None and init_from is not None:
+        base = _init_from_config(init_from, stage)  # the architecture of the weights
+    return resolve(preset or "digits", config_file, overrides, sets, base=base)
+
+
+def _init_from_config(init_from: str, section: str) -> Config | None:
+    """The networks the weights of ``init_from`` were trained with (its stage's record), with
+    the training settings of their preset (not that run's steps or time limit), so that a
+    fine-tuning run builds the same networks; None where it records none."""
+    stage = "vae" if section == "train_vae" else "refiner"
+    source = RunFolder(init_from)
+    for name in (stage, "vae"):
+        if os.path.lexists(source.train_config_path(name)):  # a pipe or a link: refused
+            cfg = source.train_config(name)
+            preset = PRESETS.get(cfg.preset, cfg)
+            return replace(cfg, train_vae=preset.train_vae,
+                           train_refiner=preset.train_refiner)
+    return None
 
 
 def init_weights(model: nn.Module, stage: str, init_from: str | None) -> nn.Module:
