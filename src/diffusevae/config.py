@@ -388,8 +388,9 @@ class SampleConfig:
     n: int = setting(64, "Number of samples.", least=0, above=True, most=MAX_SAMPLES)
     steps: int = setting(10, "Sampling steps (respaced from the diffusion's timesteps).",
                          least=0, above=True, most=MAX_TIMESTEPS)
-    sampler: str = setting("ddim", "dpmpp_2m, dpmpp_3m: DPM-Solver++ (2M) or (3M), "
-                                   "deterministic; best with trailing spacing.",
+    sampler: str = setting("ddim", "dpmpp_2m, dpmpp_3m: DPM-Solver++ (2M) or (3M); unipc: "
+                                   "UniPC (bh2, 2M plus a free corrector); all deterministic, "
+                                   "best with trailing spacing.",
                            choices="SAMPLERS")
     eta: float = setting(0.0, "DDIM noise: 0 deterministic, 1 like DDPM.", least=0,
                          most=MAX_ETA)

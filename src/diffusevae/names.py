@@ -17,7 +17,7 @@ from typing import Iterable
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "folder")  # data.build_dataset
 FORMS = ("uncond", "form1", "form2", "form2-official")  # diffusion.FORMULATIONS
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m")  # samplers.SAMPLERS
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "unipc")  # samplers.SAMPLERS
 SPACINGS = ("uniform", "trailing", "quad")  # diffusion.respaced_timesteps
 VAR_TYPES = ("fixedlarge", "fixedsmall")  # samplers.ddpm's step variance
 PRECISIONS = ("no", "fp16", "bf16")  # mixed precision of training

@@ -30,6 +30,7 @@ tensor indexing, no value read back from the device.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -239,6 +240,53 @@ def dpmpp_3m(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor |
     return y
 
 
+def unipc(eps_fn: EpsFn, y_T: Tensor, schedule: Schedule, timesteps: Tensor | Sequence[int], *,
+          generators: Generators = None, clip_fn: Callable[[Tensor], Tensor] | None = None,
+          callback: Callback | None = None) -> Tensor:
+    """UniPC (Zhao et al. 2023), second order, data prediction, B(h) = e^-h - 1 (the "bh2"
+    variant) on the respaced steps: `dpmpp_2m`'s step as the predictor (UniP-2 is that step),
+    then a corrector (UniC) that costs no network call.
+
+    The prediction made at the state a step reached first corrects that state, y_s = c_y y_t +
+    c_d D_c, then starts the next step from it. D_c weighs the prediction m_t the step started
+    from, the new one m_s and (from the third step on) the one before m_t: with r = h_prev / h
+    (the previous step's and this step's h, as in `_multistep`), solve rho_0 + rho_1 = b_1 and
+    -r rho_0 + rho_1 = b_2, b_1 = phi_1 / B(h), b_2 = 2 phi_2 / B(h), where phi_1 =
+    (e^-h - 1) / -h - 1 and phi_2 = phi_1 / -h - 1/2; then D_c = m_t + rho_0 (m_prev - m_t) /
+    -r + rho_1 (m_s - m_t). The first correction is first order, D_c = (m_t + m_s) / 2. The last
+    step returns its prediction uncorrected, and the second to last is second order (as
+    diffusers' ``lower_order_final``); one step is DDIM."""
+    chain = prepare(schedule, timesteps, y_T, generators)  # deterministic: no generators
+    _, h, c_y, c_d, w = _multistep(chain)
+    S = chain.S
+    rho = [(0.5, 0.5)] * S  # step j's corrector weights (rho_0, rho_1); first order: 1/2 each
+    for j in range(1, S - 1):  # second order: step j had a step before it (the last, j = 0,
+        hh = -h[j].item()      # is not corrected)
+        phi_1 = math.expm1(hh)
+        k1 = phi_1 / hh - 1
+        b1, b2 = k1 / phi_1, 2 * (k1 / hh - 0.5) / phi_1
+        rk = -(h[j + 1] / h[j]).item()
+        rho0 = (b1 - b2) / (1 - rk)
+        rho[j] = (rho0 / rk, b1 - rho0)  # rho_0 already divided by -r
+    y, m_prev, last = y_T, None, None  # last: (state, prediction, step) the last step left
+    for k, i in enumerate(reversed(range(S))):
+        _, m = _denoise(eps_fn, chain, y, i, clip_fn)
+        if last is not None:  # correct the state the last step reached, with m made there
+            y_t, m_t, j = last
+            if j == S - 1 or m_prev is None:
+                d = 0.5 * (m_t + m)
+            else:
+                d = m_t + rho[j][0] * (m_prev - m_t) + rho[j][1] * (m - m_t)
+            y = c_y[j] * y_t + c_d[j] * d
+            m_prev = m_t
+        d = m if i in (0, S - 1) else (1 + w[i]) * m - w[i] * m_prev
+        last = (y, m, i)
+        y = c_y[i] * y + c_d[i] * d
+        if callback is not None:
+            callback(k, S, y, m)
+    return y
+
+
 # --------------------------------------------------------------------------------------------
 # Inversion: the deterministic DDIM chain run backwards (docs/method.md#inversion)
 # --------------------------------------------------------------------------------------------
@@ -363,7 +411,7 @@ def _anderson(g: Tensor, r: Tensor, g_prev: Tensor, r_prev: Tensor) -> Tensor:
 # The sampler registry: the functions of the names that names.SAMPLERS declares (config and
 # the command line accept those), checked to agree when this module is imported.
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m,
-                                              "dpmpp_3m": dpmpp_3m}
+                                              "dpmpp_3m": dpmpp_3m, "unipc": unipc}
 names.check_registry("samplers.SAMPLERS", SAMPLERS, names.SAMPLERS)
 _SHARED = ("generators", "clip_fn", "callback")  # the keyword arguments every sampler takes
 
