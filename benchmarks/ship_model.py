@@ -151,10 +151,12 @@ The weights: MIT, like this package. Fashion-MNIST: MIT (Zalando Research).
 """
 
 
-def long_run_card(lr: dict, name: str, model: str, prior: dict | None) -> str:
+def long_run_card(lr: dict, name: str, model: str, prior: dict | None,
+                  b1: dict | None = None) -> str:
     """MODEL.md of the last model `benchmarks/long_run.py` scored (its results `lr`), with the
     first model's numbers beside it: `model` "diffusevae-form2" for the form2 folder,
-    "ddpm-uncond" for the baseline."""
+    "ddpm-uncond" for the baseline; with `b1` (`speed_quality_models.py`'s results) its
+    few-step table and its sampling defaults from there."""
     key, old = list(lr["models"])[-1], list(lr["models"])[0]
     m, s, fl = lr["models"][key], lr["settings"], lr["floor"]
     part = "uncond" if model == "ddpm-uncond" else "form2"
@@ -207,7 +209,7 @@ def long_run_card(lr: dict, name: str, model: str, prior: dict | None) -> str:
         + (f", the 95% intervals {cmp_['gap_between_intervals']:.2f} apart."
            if (cmp_["gap_between_intervals"] or 0) > 0 else ", the 95% intervals overlapping.")
         + "\n")
-    best = best_sampling(lr, model)
+    best = best_sampling(lr, model) if b1 is None else best_b1_sampling(b1, model)
     how = ", ".join(f"{k} {v}" for k, v in best.settings.items()) + (
         f", z from {'the Ex-PDE prior' if best.prior == 'gmm' else 'N(0, I)'}"
         if part == "form2" else "")
@@ -259,14 +261,14 @@ another scale.
 
 Real data, {fl['n']} training images against the test split: {fl['fid']:.2f}
 [{fl['fid_ci95'][0]:.2f}, {fl['fid_ci95'][1]:.2f}], the floor at this sample size.
-{verdict}
+{verdict}{b1_lines(b1, part) if b1 else ""}
 ## Use
 
 ```bash
 diffusevae sample --run {name_path(name)} --n 64 --out my-samples
 ```
 
-samples with the settings of `sampling_defaults.json` ({how}): the cell of lowest FID above.
+samples with the settings of `sampling_defaults.json` ({how}): {"the cell of lowest FID above" if b1 is None else f"our sampler of lowest FID at {B1_STEPS} steps in the table above"}.
 A flag given replaces its setting (`--sampler ddim`{", `--prior normal`" if part == "form2" else ""}). In Python,
 `DiffuseVAE.from_pretrained("{name_path(name)}").generate(64)` starts from the same settings.
 Outputs never go into this folder: each command writes to `--out`, or under `diffusevae-outputs/` in the current
@@ -292,6 +294,58 @@ def best_sampling(lr: dict, model: str) -> SamplingDefaults:
         f"the lowest FID of the {len(cells)} sampling settings benchmarks/long_run.py scored "
         f"on this model: {best['fid']:.2f} [{low:.2f}, {high:.2f}] in the features of "
         f"{lr['settings']['classifier']}, {best['n']} samples (benchmarks/results/long_run.md)")
+
+
+B1_STEPS = 10  # the step count a model's sampling defaults are chosen at: few steps
+
+
+def _b1_cells(b1: dict, part: str) -> list[dict]:
+    prior = "gmm" if part == "form2" else "normal"
+    return [c for c in b1["cells"] if c["part"] == part and c["prior"] == prior
+            and c["sampler"] != "vae"]
+
+
+def best_b1_sampling(b1: dict, model: str) -> SamplingDefaults:
+    """The sampling defaults from `benchmarks/speed_quality_models.py`'s results: our sampler
+    of lowest FID at B1_STEPS steps (the peers are not samplers of ours), its spacing, z from
+    the prior for the form2 model; with a note of the score."""
+    part = "uncond" if model == "ddpm-uncond" else "form2"
+    cells = [c for c in _b1_cells(b1, part) if c["steps"] == B1_STEPS
+             and not c["sampler"].startswith("diffusers-")]
+    best = min(cells, key=lambda c: c["fid"])
+    low, high = best["fid_ci95"]
+    return SamplingDefaults(
+        {"sampler": best["sampler"], "spacing": b1["settings"]["spacing"], "steps": B1_STEPS},
+        best["prior"],
+        f"the lowest FID of our {len(cells)} samplers at {B1_STEPS} steps that "
+        f"benchmarks/speed_quality_models.py scored on this model: {best['fid']:.2f} "
+        f"[{low:.2f}, {high:.2f}] in the features of {b1['settings']['classifier']}, "
+        f"{b1['settings']['n']} samples (benchmarks/results/speed_quality_models.md)")
+
+
+def b1_lines(b1: dict, part: str) -> str:
+    """The card's few-step table: each sampler (ours and the diffusers peers) at 5 and 10
+    steps, FID and interval, from `speed_quality_models.py`'s results."""
+    cells = _b1_cells(b1, part)
+    samplers = list(dict.fromkeys(c["sampler"] for c in cells))
+    counts = [k for k in (2, 5, 10, 50) if any(c["steps"] == k for c in cells)]
+
+    def cell(sampler: str, k: int) -> str:
+        c = next((c for c in cells if (c["sampler"], c["steps"]) == (sampler, k)), None)
+        return "–" if c is None else f"{c['fid']:.2f} [{c['fid_ci95'][0]:.2f}, {c['fid_ci95'][1]:.2f}]"
+
+    z = ", z from the Ex-PDE prior" if part == "form2" else ""
+    fl = b1["floor"]
+    lines = ["", f"### Few steps (`benchmarks/speed_quality_models.py`{z})", "",
+             f"The same features and reference, {b1['settings']['n']} samples a cell, trailing "
+             "spacing; `diffusers-*` are diffusers' schedulers stepping this model's network "
+             f"(`benchmarks/results/speed_quality_models.md`, every step count and z ~ N(0, I)). "
+             f"The real-data floor there: {fl['fid']:.2f} [{fl['fid_ci95'][0]:.2f}, "
+             f"{fl['fid_ci95'][1]:.2f}].", "",
+             "| sampler | " + " | ".join(f"{k} steps" for k in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    lines += [f"| {sa} | " + " | ".join(cell(sa, k) for k in counts) + " |" for sa in samplers]
+    return "\n".join(lines) + "\n"
 
 
 def name_path(name: str) -> str:
@@ -333,12 +387,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--from-long-run", default=None, metavar="JSON",
                         help="Write the cards from benchmarks/long_run.py's results "
                              "(benchmarks/results/long_run.json) instead of B1's")
+    parser.add_argument("--b1", default=None, metavar="JSON",
+                        help="With --from-long-run: add the few-step table of "
+                             "benchmarks/speed_quality_models.py's results to the cards and "
+                             "take the sampling defaults from there")
     parser.add_argument("--no-card", action="store_true",
                         help="Export only, without MODEL.md (to score the export with "
                              "benchmarks/long_run.py before its card can be written)")
     args = parser.parse_args(argv)
     if bool(args.form2_run) != bool(args.uncond_run):
         parser.error("--form2-run and --uncond-run go together")
+    if args.b1 and not args.from_long_run:
+        parser.error("--b1 goes with --from-long-run")
+    b1 = json.loads(Path(args.b1).read_text()) if args.b1 else None
     if args.from_long_run:
         long_run = json.loads(Path(args.from_long_run).read_text())
         results = None
@@ -363,10 +424,11 @@ def main(argv: list[str] | None = None) -> None:
             export_model(source, dest, extras, args.components, args.data_dir, args.device)
         if not args.no_card:
             prior = read_json(RunFolder(dest).prior_dir / PRIOR_JSON) if extras else None
-            card = (long_run_card(long_run, name, model, prior) if long_run
+            card = (long_run_card(long_run, name, model, prior, b1) if long_run
                     else model_card(results, name, model, prior))
             if long_run:  # before the card, which makes the folder a published model
-                write_sampling_defaults(dest, best_sampling(long_run, model))
+                write_sampling_defaults(dest, best_sampling(long_run, model) if b1 is None
+                                        else best_b1_sampling(b1, model))
             (dest / "MODEL.md").write_text(card)
         size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
         print(f"{dest}: {size / 2**20:.1f} MiB")
