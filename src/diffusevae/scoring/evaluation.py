@@ -339,7 +339,8 @@ def summary_line(result: dict) -> str:
     """One line: the three numbers with their names, and what was compared with what."""
     names, p = result["names"], result["protocol"]
     ci = result.get("fid_ci95")
-    parts = [f"{names['fid']} {result['fid']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")]
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    parts = [f"{names['fid']} {result['fid']:.3f}{interval}"]
     if result.get("kid") is not None:
         parts.append(f"{names['kid']} {result['kid']:.5f} ± {result['kid_std']:.5f}")
     if result.get("is") is not None:
