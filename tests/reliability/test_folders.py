@@ -348,3 +348,53 @@ def test_an_export_racing_another_into_the_same_folder_is_refused(trained_run, t
         holder.wait()
     assert f"pid {holder.pid}" in capsys.readouterr().err
     assert sorted(p.name for p in dest.iterdir()) == [LOCK_NAME]  # nothing of ours written
+
+
+def _score_args(classifier_dir, tmp_path):
+    return ["--extractor", "classifier", "--classifier", classifier_dir, "--ref", "digits:test",
+            "--cache-dir", tmp_path / "cache", "--quiet"]
+
+
+def test_evaluate_records_its_metrics_so_overwrite_may_remove_them(trained_run, classifier_dir,
+                                                                   tmp_path):
+    """`evaluate` writes metrics.json beside the samples it scores and adds it to the folder's
+    record: sampling that folder again with --overwrite removes it with the samples, instead of
+    refusing a folder with a file that is not on the record."""
+    out = tmp_path / "s"
+    assert run_cli("sample", "--run", trained_run, "--n", 4, "--steps", 2, "--out", out) == 0
+    assert run_cli("evaluate", "--samples", out, *_score_args(classifier_dir, tmp_path)) == 0
+    record = json.loads((out / OUTPUTS_RECORD).read_text())
+    assert record["command"] == "sample" and "metrics.json" in record["entries"][""]
+    assert run_cli("evaluate", "--samples", out, *_score_args(classifier_dir, tmp_path)) == 0
+    assert run_cli("sample", "--run", trained_run, "--n", 4, "--steps", 2, "--out", out,
+                   "--overwrite") == 0
+    assert not (out / "metrics.json").exists()
+
+
+def test_evaluate_never_replaces_a_metrics_file_it_did_not_write(trained_run, classifier_dir,
+                                                                 tmp_path, capsys):
+    out = tmp_path / "s"
+    assert run_cli("sample", "--run", trained_run, "--n", 4, "--steps", 2, "--out", out) == 0
+    shutil.copytree(out / "images", tmp_path / "mine")  # the user's folder, no record
+    (tmp_path / "mine" / "metrics.json").write_text("the user's notes")
+    capsys.readouterr()
+    assert run_cli("evaluate", "--samples", tmp_path / "mine",
+                   *_score_args(classifier_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json" in err and "no diffusevae command there recorded" in err
+    assert (tmp_path / "mine" / "metrics.json").read_text() == "the user's notes"
+    assert not (tmp_path / "mine" / OUTPUTS_RECORD).exists()
+    assert run_cli("evaluate", "--samples", tmp_path / "mine", "--out", tmp_path / "m",
+                   *_score_args(classifier_dir, tmp_path)) == 0  # elsewhere: fine
+
+
+def test_sweep_refuses_its_used_folder_without_overwrite(trained_run, classifier_dir, tmp_path,
+                                                         capsys):
+    args = ["sweep", "--run", trained_run, "--samplers", "ddim", "--steps", "1", "--n", 4,
+            "--no-vae", "--out", tmp_path / "sw", *_score_args(classifier_dir, tmp_path)]
+    assert run_cli(*args) == 0
+    first = (tmp_path / "sw" / "sweep.json").read_bytes()
+    capsys.readouterr()
+    assert run_cli(*args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "sw" / "sweep.json").read_bytes() == first
+    assert run_cli(*args, "--overwrite") == 0

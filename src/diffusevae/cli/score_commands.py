@@ -169,10 +169,11 @@ def evaluate(samples: str | None, run_dir: str | None, vae_only: bool, prior: st
 @device_option
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for sweep.json, sweep.md, sweep.png [FIRST_RUN/sweep].")
+@overwrite_option
 def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include_vae: bool,
-          prior: str, quiet: bool, device: str, out: str | None, scoring: Scoring,
-          bootstrap: int, seed: int, batch_size: int, eta: float, spacing: str,
-          use_ema: bool) -> None:
+          prior: str, quiet: bool, device: str, out: str | None, overwrite: bool,
+          scoring: Scoring, bootstrap: int, seed: int, batch_size: int, eta: float,
+          spacing: str, use_ema: bool) -> None:
     """Score runs over a grid of samplers and step counts: JSON, markdown table and plot."""
     def show(cell: dict) -> None:
         what = "VAE alone" if cell["sampler"] == "vae" else f"{cell['sampler']} {cell['steps']}"
@@ -185,7 +186,7 @@ def sweep(runs: tuple[str, ...], samplers: str, steps_list: str, n: int, include
                           use_ema=use_ema), include_vae=include_vae, prior=prior,
         bootstrap=bootstrap)
     record, paths = sweep_to_folder(request, scoring, out, device=device_of(device),
-                                    progress=not quiet, on_cell=show)
+                                    progress=not quiet, on_cell=show, overwrite=overwrite)
     click.echo(f"{len(record['cells'])} cells ({record['names']['fid']}) written to "
                f"{', '.join(str(p) for p in paths)}")
 

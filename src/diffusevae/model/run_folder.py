@@ -115,6 +115,34 @@ def output_folder(out_dir: str | Path, command: str, overwrite: bool, resume: bo
         close()
 
 
+@contextmanager
+def added_outputs(out_dir: str | Path, command: str, names: Iterable[str]) -> Iterator[Path]:
+    """`out_dir` locked for `command`, which writes the files `names` in it beside what is
+    there (``evaluate``'s metrics.json beside the samples it scores). A name already there
+    that is not on the folder's record (a file the user made, or one of a diffusevae older
+    than the records) is refused before any work; afterwards the names written are added to
+    the record (a new one where there is none), so that a later `--overwrite` or `resume`
+    knows them for ours."""
+    out_dir, names = Path(out_dir), list(names)
+    with folder_lock(out_dir, command):
+        record = _read_record(out_dir)
+        ours = set() if record is None else record["entries"]
+        theirs = [n for n in names if os.path.lexists(out_dir / n) and n not in ours]
+        if theirs:
+            raise ConfigError(
+                f"{out_dir} holds {_names(theirs)}, which no diffusevae command there recorded "
+                f"writing, and `{command}` would replace it; move it out of the folder, or "
+                "write to another `out` folder")
+        try:
+            yield out_dir
+        finally:
+            written = {n for n in names if os.path.lexists(out_dir / n)} - ours
+            if written:
+                with suppress(OSError):  # a full disk: the block's own error is the one to tell
+                    _write_record(out_dir, record["command"] if record else command,
+                                  ours | written, writing=bool(record and record["writing"]))
+
+
 def check_apart(out_dir: Path, inputs: Iterable[str | Path], what: str) -> None:
     """Refuse an output folder that is one of `inputs`, inside one or holds one: writing it
     (or clearing it) could change what the command reads."""

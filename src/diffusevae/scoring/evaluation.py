@@ -36,8 +36,8 @@ from ..distributed import Processes
 from ..errors import EvaluationError
 from ..io.arrays import npz_members
 from ..io.images import make_grid, save_png
-from ..io.storage import atomic_write_json, folder_lock
-from ..model.run_folder import RunFolder
+from ..io.storage import atomic_write_json
+from ..model.run_folder import RunFolder, added_outputs
 from ..names import DATASETS
 from ..presets import PRESETS, get_preset
 from .classifier import ClassifierConfig, train_classifier
@@ -506,8 +506,10 @@ def evaluate_to_folder(request: EvaluateRequest, out: str | Path | None = None, 
         out_dir = Path(out) if out else RunFolder(run).output_dir("evaluate") / tag
     scoring = request.scoring
     ref, data, extractor = scoring.resolve(run, procs.device)
-    # one writer of the output folder at a time (only the main process writes it)
-    with folder_lock(out_dir, "evaluate") if procs.is_main else contextlib.nullcontext():
+    # one writer of the output folder at a time (only the main process writes it), and
+    # metrics.json on the folder's record of outputs, never over a file that is not
+    with (added_outputs(out_dir, "evaluate", [METRICS_JSON]) if procs.is_main
+          else contextlib.nullcontext()):
         result = evaluate(source, ref, extractor, data=data, cache_dir=scoring.cache_dir,
                           ref_limit=scoring.ref_limit, out=out_dir, progress=progress,
                           processes=procs, kid_subsets=request.kid_subsets,

@@ -16,9 +16,9 @@ import torch
 
 from ..config import DataConfig, SampleConfig
 from ..errors import ConfigError, EvaluationError
-from ..io.storage import atomic_write, atomic_write_json, atomic_write_text, folder_lock
+from ..io.storage import atomic_write, atomic_write_json, atomic_write_text
 from ..model.pipeline import DiffuseVAE
-from ..model.run_folder import RunFolder
+from ..model.run_folder import RunFolder, output_folder
 from .evaluation import Scoring, _jsonable, evaluate, machine, metric_names, reference_stats
 from .features import Extractor
 from .sources import run_source, vae_source
@@ -215,17 +215,20 @@ def write_sweep(record: dict, out_dir: str | Path, stem: str = "sweep",
 
 def sweep_to_folder(request: SweepRequest, scoring: Scoring, out: str | Path | None = None, *,
                     device: torch.device | str = "cpu", progress: bool = True,
-                    on_cell: Callable[[dict], None] | None = None) -> tuple[dict, list[Path]]:
+                    on_cell: Callable[[dict], None] | None = None,
+                    overwrite: bool = False) -> tuple[dict, list[Path]]:
     """What `sweep` does: score the grid of ``request`` against the reference of its first run
     (`Scoring`) and write ``sweep.json``, ``sweep.md``, ``sweep.png`` and the grids to `out`
-    (default: ``FIRST_RUN/sweep``); returns the record and the three paths."""
+    (default: ``FIRST_RUN/sweep``), an output folder like any command's (`output_folder`: one
+    that holds files is refused unless ``overwrite`` and they are the outputs of an earlier
+    command); returns the record and the three paths."""
     require_matplotlib()  # fail before the sampling, not after
     if not request.runs:
         raise ConfigError("a sweep needs at least one run")
     first = request.runs[0]
     ref, data, extractor = scoring.resolve(first, device)
     out_dir = RunFolder(first).output_dir("sweep", out)
-    with folder_lock(out_dir, "sweep"):  # one sweep writes a folder at a time
+    with output_folder(out_dir, "sweep", overwrite, inputs=request.runs):
         record = sweep(request, ref, extractor, data=data, cache_dir=scoring.cache_dir,
                        ref_limit=scoring.ref_limit, grid_dir=out_dir, device=device,
                        progress=progress, on_cell=on_cell)
