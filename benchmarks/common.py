@@ -136,6 +136,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence], align: str | None = N
             + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+def scoring_args(parser, work: Path, work_help: str) -> None:
+    """The flags of the scripts that score trained models: samples a cell, bootstrap rounds,
+    seed, batch size, the data, the device, where the results and the work folder go."""
+    parser.add_argument("--n", type=int, default=2000, help="samples a cell [%(default)s]")
+    parser.add_argument("--bootstrap", type=int, default=200, help="rounds [%(default)s]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--data-dir", default=None,
+                        help="Fashion-MNIST IDX files [/usr/share/datasets/fashion-mnist]")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--work", default=str(work), help=f"{work_help} [%(default)s]")
+
+
 def prepare_work(work: Path, marker: str, script: str) -> None:
     """A fresh work folder; an old one is cleared only if `script` made it (its `marker` file)."""
     if work.exists():

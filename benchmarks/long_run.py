@@ -40,7 +40,7 @@ from diffusevae.scoring.features import classifier_extractor, record_classifier
 from diffusevae.scoring.sources import dataset_source, run_source, vae_source
 from diffusevae.scoring.sweep import SweepRequest, sweep
 
-from common import ROOT, fmt, log, prepare_work, provenance, table, write_results
+from common import ROOT, fmt, log, prepare_work, provenance, scoring_args, table, write_results
 from speed_quality import steps_reached, vae_report
 
 REF = "fashion-mnist:test"
@@ -165,16 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", nargs=3, action="append", metavar=("NAME", "FORM2", "UNCOND"),
                    help="a model to score: its name, form2 folder and uncond baseline folder "
                         "(repeat; the last is the one whose grids are written)")
-    p.add_argument("--n", type=int, default=2000, help="samples a cell [%(default)s]")
-    p.add_argument("--bootstrap", type=int, default=200, help="rounds [%(default)s]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--data-dir", default=None,
-                   help="Fashion-MNIST IDX files [/usr/share/datasets/fashion-mnist]")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--work", default=str(ROOT / "runs" / "long_run"),
-                   help="the reference statistics' cache [%(default)s]")
+    scoring_args(p, ROOT / "runs" / "long_run", "the reference statistics' cache")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     models = args.model or [["shipped-1-epoch", "models/fashion-mnist",

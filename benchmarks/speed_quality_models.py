@@ -31,12 +31,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffusevae.config import DataConfig, SampleConfig
-from diffusevae.core.diffusion import make_eps_fn, respaced_timesteps
-from diffusevae.io.images import make_grid, save_png, to_uint8
+from diffusevae.core.diffusion import make_eps_fn
+from diffusevae.io.images import to_uint8
 from diffusevae.io.reading import read_json
 from diffusevae.io.storage import atomic_write_json
 from diffusevae.model.pipeline import DiffuseVAE
@@ -45,7 +44,8 @@ from diffusevae.scoring.evaluation import evaluate, metric_names, reference_stat
 from diffusevae.scoring.features import classifier_extractor, record_classifier
 from diffusevae.scoring.sources import Source, dataset_source, run_source, vae_source
 
-from common import ROOT, fmt, log, provenance, save_figure, table, write_results
+from common import (ROOT, fmt, log, provenance, save_figure, scoring_args, table,
+                    write_results)
 
 REF = "fashion-mnist:test"
 MARKER = ".speed_quality_models"
@@ -342,18 +342,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--form2", default="models/fashion-mnist")
     p.add_argument("--uncond", default="models/fashion-mnist-uncond")
-    p.add_argument("--n", type=int, default=2000, help="samples a cell [%(default)s]")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
-    p.add_argument("--bootstrap", type=int, default=200, help="rounds [%(default)s]")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-peers", action="store_true", help="our samplers only")
-    p.add_argument("--data-dir", default=None,
-                   help="Fashion-MNIST IDX files [/usr/share/datasets/fashion-mnist]")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--work", default=str(ROOT / "runs" / "speed_quality_models"),
-                   help="the cells scored so far and the reference cache [%(default)s]")
+    scoring_args(p, ROOT / "runs" / "speed_quality_models",
+                 "the cells scored so far and the reference cache")
     args = p.parse_args(argv)
     device, out, work = torch.device(args.device), Path(args.out), Path(args.work)
     folders = {"form2": args.form2, "uncond": args.uncond}

@@ -1,7 +1,10 @@
 """Shared fixtures: tiny configs and a briefly trained run folder on `digits`."""
 
+import importlib.util
 import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +117,18 @@ def classifier_dir(tmp_path_factory):
                      batch_size=16, cfg=ClassifierConfig(image_size=16, channels=1, width=4),
                      progress=False)
     return folder
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py as a module (it imports its `common` from that folder),
+    registered in sys.modules as bench_NAME, where its dataclasses look their module up."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module

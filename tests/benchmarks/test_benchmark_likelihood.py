@@ -2,7 +2,6 @@
 sets and pieces against values known by hand, and both scripts run end to end on tiny random
 models (T = 20) with a one-component Ex-PDE prior, on scikit-learn's digits."""
 
-import importlib.util
 import json
 import math
 import os
@@ -18,27 +17,15 @@ from diffusevae.config import DataConfig
 from diffusevae.core.prior import GaussianMixture
 from diffusevae.tasks.likelihood_scores import LikelihoodRequest
 from oracles import tiny_pipeline
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 DIGITS = DataConfig(dataset="digits", image_size=16, channels=1)
 
 
-def _script(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their `common`
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}",
-                                                      ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
-
-
-b4 = _script("anomaly")
-lk = _script("likelihood")
+b4 = load_benchmark("anomaly")
+lk = load_benchmark("likelihood")
 
 
 def _pipes():

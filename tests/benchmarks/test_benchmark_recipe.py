@@ -8,25 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from diffusevae.scoring.features import record_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _recipe():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import recipe
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return recipe
+recipe = load_benchmark("recipe")
 
 
 @pytest.mark.parametrize("stage, sections", [("refiner", ("train_refiner", "unet")),
                                              ("vae", ("train_vae", "vae"))])
 def test_each_arm_changes_only_what_it_names(stage, sections):
-    recipe = _recipe()
     budget = recipe.BUDGETS["standard"]
     today = recipe.arm_config(budget, stage, "today", 0, 100)
     train = getattr(today, sections[0])

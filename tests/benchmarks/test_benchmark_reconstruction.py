@@ -1,7 +1,6 @@
 """B3 (benchmarks/reconstruction.py): its metrics against values known in closed form, and its
 smoke run on a tiny trained run."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,25 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _b3():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their `common`
-    try:
-        spec = importlib.util.spec_from_file_location("b3_reconstruction",
-                                                      ROOT / "benchmarks" / "reconstruction.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
-
-
-b3 = _b3()
+b3 = load_benchmark("reconstruction")
 C1, C2 = 0.01**2, 0.03**2  # SSIM's constants for intensities in [0, 1]
 
 

@@ -2,7 +2,6 @@
 does, the cells come in the order the targets need them, the targets are judged from the
 cells, and the script runs end to end on the shipped models, resuming where it stopped."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,25 +13,13 @@ import torch
 
 from diffusevae.config import SampleConfig
 from oracles import tiny_pipeline
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _script():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its `common`
-    try:
-        spec = importlib.util.spec_from_file_location("bench_sqm", ROOT / "benchmarks" /
-                                                      "speed_quality_models.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
-
-
-b1 = _script()
+b1 = load_benchmark("speed_quality_models")
 
 
 @pytest.mark.parametrize("clip", [False, True])
