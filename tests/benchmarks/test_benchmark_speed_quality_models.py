@@ -86,6 +86,11 @@ def test_targets_are_judged_from_the_cells_and_missing_ones_are_said():
     assert at50["result"] is None and at50["note"] == "not scored yet"
     peer = got["form2 at 10 steps: our best sampler no worse than the best diffusers peer"]
     assert peer["result"] is False and peer["bound"] == 19.0 and "diffusers-unipc" in peer["note"]
+    tie = [_cell("form2", "gmm", "unipc", 5, 50.6081), _cell("form2", "gmm", "diffusers-unipc", 5,
+                                                             50.6079)]
+    got = {t["target"]: t for t in b1.targets(tie, {"fid": 3.0}, defaults)}
+    assert got["form2 at 5 steps: our best sampler no worse than the best diffusers peer"][
+        "result"] is True  # equal as printed: the same images, rounding in the fourth decimal
 
 
 @pytest.mark.benchmark_smoke
@@ -111,6 +116,13 @@ def test_runs_on_the_shipped_models_and_resumes(tmp_path):
     stamps = {p.name: p.stat().st_mtime_ns for p in (work / "cells").iterdir()}
     subprocess.run(cmd, check=True, capture_output=True, timeout=600, cwd=ROOT)  # resumes
     assert {p.name: p.stat().st_mtime_ns for p in (work / "cells").iterdir()} == stamps
+    fresh = tmp_path / "fresh"
+    subprocess.run(cmd[:-4] + ["--work", str(fresh), "--out", str(tmp_path / "o2"),
+                               "--report-only"], check=True, capture_output=True, timeout=600,
+                   cwd=ROOT)  # scores none: the floor, the wiring check, no cell
+    r2 = json.loads((tmp_path / "o2" / "speed_quality_models.json").read_text())
+    assert r2["cells"] == [] and len(r2["missing"]) == len(r["cells"])
+    assert all(t["result"] is None for t in r2["targets"])
     other = subprocess.run(cmd[:3] + ["32"] + cmd[4:], capture_output=True, text=True,
                            timeout=600, cwd=ROOT)
     assert other.returncode != 0 and "holds cells of other models or settings" in other.stderr
