@@ -203,7 +203,8 @@ def long_run_card(lr: dict, name: str, model: str, prior: dict | None,
     prior_part = extras_lines(prior)
     cmp_ = lr.get("comparison")
     verdict = "" if not cmp_ or part == "uncond" else (
-        f"\nIn the recommended cell (DPM-Solver++(2M), trailing, 10 steps, z from the prior) "
+        f"\nIn the long run's comparison cell (DPM-Solver++(2M), trailing, 10 steps, z from the "
+        f"prior) "
         f"this model scores {cmp_['fid_new']:.2f} against {cmp_['fid_old']:.2f} for the model "
         f"shipped before it ({old}), {cmp_['margin']:.2f} lower"
         + (f", the 95% intervals {cmp_['gap_between_intervals']:.2f} apart."

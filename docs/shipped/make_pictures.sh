@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes the pictures of the shipped model (docs/shipped/*.png, shown in README.md and
-# docs/inversion.md) again, with the command line alone: `make demo`'s four pictures, one
+# docs/inversion.md) again, with the command line alone: 64 samples with the model's sampling
+# defaults (`diffusevae sample --run MODEL --n 64`, no other flag), `make demo`'s four pictures, one
 # real-image edit of four example test images along the Trouser direction, without and with
 # DDIM inversion, and the explorer's page.
 #
@@ -14,6 +15,8 @@ dest=docs/shipped
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+python -m diffusevae sample --run "$model" --n 64 --out "$work/samples"
+cp "$work/samples/grid.png" "$dest/samples.png"
 python -m diffusevae demo --model "$model" --out "$work/demo" --quiet
 cp "$work/demo/samples/stages.png" "$dest/stages.png"
 cp "$work/demo/reconstructions/grid.png" "$dest/reconstructions.png"
@@ -31,7 +34,7 @@ python -m diffusevae "${edit[@]}" --out "$work/fresh"
 python -m diffusevae "${edit[@]}" --invert --out "$work/inverted"
 cp "$work/fresh/Trouser.png" "$dest/edit_real_fresh.png"
 cp "$work/inverted/Trouser.png" "$dest/edit_real_inverted.png"
-echo "wrote $dest/{stages,reconstructions,interpolation,edit,edit_real_fresh,edit_real_inverted}.png"
+echo "wrote $dest/{samples,stages,reconstructions,interpolation,edit,edit_real_fresh,edit_real_inverted}.png"
 
 # the explorer's page in a headless Chromium (needs the `app` extra and chromium-driver)
 if python -c "import gradio, selenium" 2>/dev/null && command -v chromedriver >/dev/null; then
