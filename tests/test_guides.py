@@ -289,8 +289,12 @@ def prose(text: str) -> str:
 
 
 def slug(heading: str) -> str:
-    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as '-'."""
-    heading = re.sub(r"`|\*\*|\*|_(?=\w)|(?<=\w)_", "", heading.strip()).lower()
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as '-'.
+    Emphasis marks go; an underscore inside a word or a code span stays (`speed_quality.py`)."""
+    parts = re.split(r"(`[^`]*`)", heading.strip())
+    heading = "".join(p[1:-1] if p.startswith("`") else
+                      re.sub(r"\*\*|\*|(?<!\w)_(?=\w)|(?<=\w)_(?!\w)", "", p)
+                      for p in parts).lower()
     heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
     kept = "".join(ch for ch in heading
                    if ch in " -_" or unicodedata.category(ch)[0] in "LN")

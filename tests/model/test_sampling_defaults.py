@@ -146,15 +146,17 @@ def test_a_record_sets_only_what_is_drawn():
 
 
 def test_the_shipped_models_record_their_best_measured_cell():
-    results = json.loads((REPO / "benchmarks/results/long_run.json").read_text())
-    last = list(results["models"])[-1]
+    """Each shipped model's defaults are B1's lowest-FID cell of our samplers at 10 steps
+    (the diffusers peers are not ours to name), read from the committed results."""
+    results = json.loads((REPO / "benchmarks/results/speed_quality_models.json").read_text())
     for folder, part in (("fashion-mnist", "form2"), ("fashion-mnist-uncond", "uncond")):
         defaults = read_sampling_defaults(REPO / "models" / folder)
-        cells = [c for c in results["cells"]
-                 if c["model"] == f"{last}/{part}" and c["sampler"] != "vae"]
+        cells = [c for c in results["cells"] if c["part"] == part and c["steps"] == 10
+                 and not c["sampler"].startswith("diffusers-")]
+        assert {c["sampler"] for c in cells} >= {"ddim", "dpmpp_2m", "unipc"}
         best = min(cells, key=lambda c: c["fid"])
-        assert defaults.settings == {"sampler": best["sampler"], "spacing": best["spacing"],
-                                     "steps": best["steps"]}
+        assert defaults.settings == {"sampler": best["sampler"],
+                                     "spacing": results["settings"]["spacing"], "steps": 10}
         assert defaults.prior == best["prior"] and f"{best['fid']:.2f}" in defaults.note
     assert read_sampling_defaults(REPO / "models/fashion-mnist").prior == "gmm"
 
