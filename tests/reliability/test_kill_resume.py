@@ -195,11 +195,13 @@ def test_sample_killed_at_random_moments_resumes_without_gaps_or_repeats(trained
         np.testing.assert_array_equal(parts[:done], expected["images"][:done])
     assert kills >= 1, "sampling finished before any kill"
 
-    # the recorded settings are enforced
+    # the recorded settings are enforced, and the refusal leaves the folder as it was
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exc:
         main([*map(str, SAMPLE[:-4]), "--steps", "9", "--device", "cpu", "--run",
               str(trained_run), "--out", str(out), "--resume"])
     assert exc.value.code == 2 and "cannot resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     proc = _start([*SAMPLE, "--run", trained_run, "--out", out, "--resume"], tmp_path)
     assert proc.wait(timeout=120) == 0, _stderr(proc)

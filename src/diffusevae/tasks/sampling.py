@@ -119,6 +119,8 @@ def sample_to_folder(run_dir: str | Path, request: SampleRequest,
     z = "" if pipe.vae is None else f", z ~ {'Ex-PDE' if prior == 'gmm' else 'N(0, I)'}"
     written = Written(out_dir, f"{sample.n} samples written to {out_dir} ({sample.sampler}, "
                                f"{sample.spacing} spacing, {sample.steps} steps{z})")
+    if resume and procs.is_main and os.path.lexists(out_dir / SAMPLING_RECORD):
+        _resume_point(out_dir, settings)  # other settings: refused with the folder untouched
     with ExitStack() as held:  # the main process holds the folder's lock until all are done
         adopt = _writes(sample.n, out_dir)
         start, to_write, digests = procs.on_main(lambda: _plan(held.enter_context(output_folder(
